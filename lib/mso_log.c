@@ -1,0 +1,42 @@
+#include <stdarg.h>
+#include <stdio.h>
+
+#include <apr_strings.h>
+
+#include "mso_log.h"
+
+static mso_log_cb *log_cb;
+static void *log_baton;
+static mso_log_level_e log_max = MSO_LOG_WARNING;
+
+void mso_log_set(mso_log_cb *cb, void *baton, mso_log_level_e max_level)
+{
+    log_cb = cb;
+    log_baton = baton;
+    log_max = max_level;
+}
+
+int mso_log_is_level(mso_log_level_e level)
+{
+    return level <= log_max;
+}
+
+void mso_log_perror(const char *file, int line, mso_log_level_e level, apr_status_t rv,
+                    const char *fmt, ...)
+{
+    char buf[2048];
+    va_list ap;
+
+    if (!mso_log_is_level(level)) {
+        return;
+    }
+    va_start(ap, fmt);
+    apr_vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    if (log_cb) {
+        log_cb(log_baton, file, line, level, rv, buf);
+    }
+    else {
+        fprintf(stderr, "mso[%d] %s:%d: %s\n", (int)level, file, line, buf);
+    }
+}

@@ -1,0 +1,76 @@
+/* The database: schema and versioned migrations, and the account/token rows,
+ * over apr_dbd. Works the same on SQLite and PostgreSQL; every statement that
+ * carries a value is a prepared statement. */
+#ifndef MSO_STORE_H
+#define MSO_STORE_H
+
+#include <apr_pools.h>
+#include <apr_errno.h>
+#include <apr_dbd.h>
+
+typedef enum { MSO_DB_SQLITE = 1, MSO_DB_PGSQL = 2 } mso_db_kind_e;
+
+typedef struct {
+    apr_pool_t *pool;                 /* lifetime of the handle wrapper */
+    const apr_dbd_driver_t *driver;
+    apr_dbd_t *handle;
+    mso_db_kind_e kind;
+} mso_db_t;
+
+/* Wraps a connection opened elsewhere (mod_dbd, or apr_dbd_open in tests).
+ * APR_ENOTIMPL for drivers other than sqlite3 and pgsql. */
+apr_status_t mso_db_wrap(apr_pool_t *p, const apr_dbd_driver_t *driver, apr_dbd_t *handle,
+                         mso_db_t **db);
+
+/* The schema version this build writes. */
+int mso_store_latest_version(void);
+
+/* The version found in the database, 0 when no schema exists yet. */
+apr_status_t mso_store_schema_version(mso_db_t *db, int *version);
+
+/* Brings the schema to the latest version: creates the tables on an empty
+ * database, applies each missing migration in order, in one transaction,
+ * serialized against other processes/nodes doing the same (PostgreSQL advisory
+ * lock; SQLite BEGIN IMMEDIATE). Running it again is a no-op. A database newer
+ * than this build is refused (APR_EGENERAL, *err says so). *err, when set, is a
+ * sentence for the administrator with the database's own message. */
+apr_status_t mso_store_migrate(mso_db_t *db, int *from_version, int *to_version,
+                               const char **err);
+
+/* One account row (msoauth_accounts). Strings may be NULL. */
+typedef struct {
+    apr_int64_t id;
+    const char *company;
+    const char *mailbox;              /* lower case */
+    const char *display_name;
+    const char *tenant_id;
+    const char *object_id;
+    const char *scopes;
+    const char *state;                /* connected | reconnect_required | disconnected */
+    const char *authority;            /* authority URL used for every token call */
+    apr_int64_t access_expires_at;
+    apr_int64_t last_sync_at;
+    const char *last_error;
+    const char *connected_by;
+    apr_int64_t created_at;
+    apr_int64_t updated_at;
+} mso_account_t;
+
+/* Inserts or updates the account keyed by (company, mailbox) and, in the same
+ * transaction, replaces its sealed tokens (refresh, and the Graph access token
+ * with its expiry). Sets acct->id. Old tokens stay untouched on any failure. */
+apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
+                                       const char *sealed_refresh, const char *sealed_access,
+                                       apr_int64_t now, const char **err);
+
+/* APR_NOTFOUND when no such row. */
+apr_status_t mso_store_account_get(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
+                                   mso_account_t **acct);
+apr_status_t mso_store_account_find(mso_db_t *db, apr_pool_t *p, const char *company,
+                                    const char *mailbox, mso_account_t **acct);
+
+/* Sealed token of one kind for an account: "refresh", "graph", "outlook". */
+apr_status_t mso_store_token_get(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
+                                 const char *kind, const char **sealed, apr_int64_t *expires_at);
+
+#endif

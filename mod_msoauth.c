@@ -1,0 +1,199 @@
+/* mod_msoauth: connects Outlook / Microsoft 365 mailboxes to the web
+ * applications behind httpd. This file is the table of contents: the module
+ * record and its hooks. Configuration lives in mod_msoauth_config.c; protocol
+ * and storage logic in lib/. */
+#include <apr_optional.h>
+#include <apr_strings.h>
+#include <apr_dbd.h>
+
+#include <httpd.h>
+#include <http_config.h>
+#include <http_core.h>
+#include <http_log.h>
+#include <ap_mpm.h>
+#include <mod_dbd.h>
+
+#include "mod_msoauth.h"
+#include "mso_log.h"
+#include "mso_store.h"
+
+
+static APR_OPTIONAL_FN_TYPE(ap_dbd_open) *dbd_open_fn;
+static APR_OPTIONAL_FN_TYPE(ap_dbd_close) *dbd_close_fn;
+
+/* lib/ logs through here, tagged as ours. */
+static void log_from_lib(void *baton, const char *file, int line, mso_log_level_e level,
+                         apr_status_t rv, const char *msg)
+{
+    ap_log_error(file, line, APLOG_MODULE_INDEX, (int)level, rv, (server_rec *)baton,
+                 "%s", msg);
+}
+
+static void retrieve_optional_fns(void)
+{
+    dbd_open_fn = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_open);
+    dbd_close_fn = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_close);
+}
+
+static int server_in_use(server_rec *s);
+
+/* True when some server has a company with credentials: then we need mod_dbd. */
+static int in_use(server_rec *main_s)
+{
+    server_rec *s;
+
+    for (s = main_s; s; s = s->next) {
+        if (server_in_use(s)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Checks that hold across directives, for `apachectl -t` (where post_config does not run). */
+static void msoauth_test_config(apr_pool_t *pconf, server_rec *s)
+{
+    int errors = msoauth_config_finalize(pconf, s, 1, APLOG_WARNING);
+
+    retrieve_optional_fns();
+    if (!errors && in_use(s) && !dbd_open_fn) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(020)
+                     "mod_msoauth stores tokens through mod_dbd, which is not loaded: add "
+                     "'LoadModule dbd_module modules/mod_dbd.so' (Debian: a2enmod dbd) and "
+                     "DBDriver/DBDParams");
+        errors++;
+    }
+    if (errors) {
+        /* configtest has no return code to give; exiting non-zero is how it fails. */
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(021)
+                     "%d configuration error%s in mod_msoauth, see above", errors,
+                     errors == 1 ? "" : "s");
+        exit(1);
+    }
+}
+
+static int msoauth_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp,
+                               server_rec *s)
+{
+    /* httpd reads the configuration twice at start; warn only on the real pass. */
+    int preflight = ap_state_query(AP_SQ_MAIN_STATE) == AP_SQ_MS_CREATE_PRE_CONFIG;
+    int errors = msoauth_config_finalize(pconf, s, !preflight, APLOG_ERR);
+    server_rec *vs;
+
+    mso_log_set(log_from_lib, s, (mso_log_level_e)(s->log.level > APLOG_DEBUG
+                                                   ? APLOG_DEBUG : s->log.level));
+    retrieve_optional_fns();
+    if (errors) {
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    if (!in_use(s)) {
+        return OK;
+    }
+    if (!dbd_open_fn) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(020)
+                     "mod_msoauth stores tokens through mod_dbd, which is not loaded: add "
+                     "'LoadModule dbd_module modules/mod_dbd.so' (Debian: a2enmod dbd) and "
+                     "DBDriver/DBDParams");
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    if (preflight) {
+        return OK;
+    }
+    for (vs = s; vs; vs = vs->next) {
+        msoauth_srv_conf_t *sc = msoauth_srv_conf(vs);
+        if (server_in_use(vs) && sc->keyring) {
+            ap_log_error(APLOG_MARK, APLOG_INFO, 0, vs, MSOLOGNO(022)
+                         "mod_msoauth: %u compan%s, redirect URI %s, %d token key%s "
+                         "(sealing with key id %s)", apr_hash_count(sc->companies),
+                         apr_hash_count(sc->companies) == 1 ? "y" : "ies", sc->redirect_uri,
+                         mso_keyring_count(sc->keyring),
+                         mso_keyring_count(sc->keyring) == 1 ? "" : "s",
+                         mso_keyring_kid(sc->keyring, 0));
+        }
+    }
+    return OK;
+}
+
+/* Brings the schema up to date. Runs in every child: the store serializes
+ * concurrent migrations, and once the schema is current it is one SELECT. */
+static void migrate_server(apr_pool_t *p, server_rec *s)
+{
+    ap_dbd_t *dbd;
+    mso_db_t *db;
+    const char *err = NULL;
+    int from = 0, to = 0;
+    apr_status_t rv;
+
+    dbd = dbd_open_fn(p, s);
+    if (!dbd) {
+        ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(030)
+                     "mod_msoauth: cannot open the database through mod_dbd: check DBDriver "
+                     "and DBDParams for this server (see mod_dbd's messages above), and that "
+                     "the driver package is installed (Debian: libaprutil1-dbd-sqlite3 or "
+                     "libaprutil1-dbd-pgsql)");
+        return;
+    }
+    rv = mso_db_wrap(p, dbd->driver, dbd->handle, &db);
+    if (rv == APR_SUCCESS) {
+        rv = mso_store_migrate(db, &from, &to, &err);
+    }
+    else {
+        err = apr_psprintf(p, "the database driver '%s' is not supported: use sqlite3 or pgsql",
+                           apr_dbd_name(dbd->driver));
+    }
+    if (rv != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(031)
+                     "mod_msoauth: database schema not ready: %s", err ? err : "unknown error");
+    }
+    else if (from != to) {
+        ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(032)
+                     "mod_msoauth: database schema migrated from version %d to %d", from, to);
+    }
+    dbd_close_fn(s, dbd);
+}
+
+static int server_in_use(server_rec *s)
+{
+    apr_hash_index_t *hi;
+
+    for (hi = apr_hash_first(NULL, msoauth_srv_conf(s)->companies); hi; hi = apr_hash_next(hi)) {
+        if (((msoauth_company_t *)apr_hash_this_val(hi))->client_id) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void msoauth_child_init(apr_pool_t *pchild, server_rec *main_s)
+{
+    server_rec *s;
+
+    if (!dbd_open_fn) {
+        return;
+    }
+    for (s = main_s; s; s = s->next) {
+        if (server_in_use(s)) {
+            migrate_server(pchild, s);
+        }
+    }
+}
+
+static void register_hooks(apr_pool_t *p)
+{
+    static const char *const after_dbd[] = {"mod_dbd.c", NULL};
+
+    ap_hook_test_config(msoauth_test_config, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_post_config(msoauth_post_config, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_child_init(msoauth_child_init, after_dbd, NULL, APR_HOOK_MIDDLE);
+}
+
+AP_DECLARE_MODULE(msoauth) = {
+    STANDARD20_MODULE_STUFF,
+    NULL,                       /* per-directory config: all settings are per server */
+    NULL,
+    msoauth_create_srv_conf,
+    msoauth_merge_srv_conf,
+    msoauth_cmds,
+    register_hooks,
+    AP_MODULE_FLAG_NONE
+};

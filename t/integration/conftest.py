@@ -1,0 +1,254 @@
+"""Test harness: a real httpd with the built module, the Microsoft simulator,
+and private SQLite / PostgreSQL databases. Everything listens on 127.0.0.1."""
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD = Path(os.environ.get("MSO_BUILD_DIR", REPO / "build" / "release"))
+MODULE = BUILD / ".libs" / "mod_msoauth.so"
+HTTPD = os.environ.get("MSO_HTTPD", "/usr/sbin/apache2")
+MODDIR = os.environ.get("MSO_HTTPD_MODDIR", "/usr/lib/apache2/modules")
+SANITIZE = os.environ.get("MSO_SANITIZE", "")   # "asan" when the module is built with ASan+UBSan
+IS_ROOT = os.geteuid() == 0
+RUN_USER = "www-data" if IS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
+
+BASE_MODULES = ["mpm_event", "authz_core", "authz_host", "dbd", "alias", "mime", "headers"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=15.0, proc=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode} before listening")
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def give_to_run_user(path):
+    """httpd children run as www-data when the tests run as root."""
+    if IS_ROOT:
+        shutil.chown(path, RUN_USER, RUN_USER)
+
+
+def sanitizer_env(log_dir):
+    env = dict(os.environ)
+    if SANITIZE == "asan":
+        lib = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        env["LD_PRELOAD"] = lib
+        # httpd itself is not built with ASan and keeps its pools until exit:
+        # leak reports would be httpd's, so leaks are checked by the unit tests.
+        env["ASAN_OPTIONS"] = f"detect_leaks=0:log_path={log_dir}/asan:abort_on_error=0"
+        env["UBSAN_OPTIONS"] = f"print_stacktrace=1:log_path={log_dir}/ubsan"
+    return env
+
+
+class Httpd:
+    """One httpd instance in its own server root."""
+
+    def __init__(self, root, name="httpd"):
+        self.root = Path(root) / name
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in ("run", "htdocs", "data", "logs"):
+            (self.root / sub).mkdir(exist_ok=True)
+        give_to_run_user(self.root / "data")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.conf = self.root / "httpd.conf"
+        self.error_log = self.root / "logs" / "error.log"
+        self.modules = list(BASE_MODULES)
+        self.body = ""
+        self.with_msoauth = True
+
+    def file(self, name, content, mode=0o600):
+        """Writes a file into the server root (keys, secrets, included configs)."""
+        p = self.root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content)
+        p.chmod(mode)
+        return p
+
+    def header(self):
+        lines = [
+            f'ServerRoot "{self.root}"',
+            f"ServerName 127.0.0.1:{self.port}",
+            f"Listen 127.0.0.1:{self.port}",
+            f'PidFile "{self.root}/run/httpd.pid"',
+            f'DefaultRuntimeDir "{self.root}/run"',
+            f'ErrorLog "{self.error_log}"',
+            "LogLevel info msoauth:debug dbd:info",
+            f'DocumentRoot "{self.root}/htdocs"',
+            "StartServers 2", "ServerLimit 4", "ThreadsPerChild 8", "MaxRequestWorkers 32",
+            "GracefulShutdownTimeout 5",
+        ]
+        if IS_ROOT:
+            lines += [f"User {RUN_USER}", f"Group {RUN_USER}"]
+        for m in self.modules:
+            lines.append(f"LoadModule {m}_module {MODDIR}/mod_{m}.so")
+        if self.with_msoauth:
+            lines.append(f"LoadModule msoauth_module {MODULE}")
+        return "\n".join(lines) + "\n"
+
+    def write(self, body=None):
+        if body is not None:
+            self.body = body
+        self.conf.write_text(self.header() + self.body + "\n")
+
+    def _run(self, *args, timeout=60):
+        return subprocess.run([HTTPD, "-d", str(self.root), "-f", str(self.conf), *args],
+                              capture_output=True, text=True, timeout=timeout,
+                              env=sanitizer_env(self.root / "logs"))
+
+    def configtest(self, body=None):
+        self.write(body)
+        r = self._run("-t")
+        return r.returncode, r.stdout + r.stderr
+
+    def start(self, body=None):
+        self.write(body)
+        r = self._run("-k", "start")
+        if r.returncode != 0:
+            raise RuntimeError(f"httpd did not start ({r.returncode}):\n{r.stdout}{r.stderr}"
+                               f"\n--- error log ---\n{self.log()}")
+        wait_port(self.port)
+        return r.stdout + r.stderr
+
+    def pid(self):
+        try:
+            return int((self.root / "run" / "httpd.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self):
+        pid = self.pid()
+        if not pid:
+            return
+        self._run("-k", "stop")
+        end = time.time() + 15
+        while time.time() < end:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(pid, 9)
+
+    def graceful(self, body=None, wait_generation=True):
+        self.write(body)
+        before = self.log().count("resuming normal operations")
+        r = self._run("-k", "graceful")
+        assert r.returncode == 0, r.stdout + r.stderr
+        end = time.time() + 15
+        while time.time() < end and wait_generation:
+            if self.log().count("resuming normal operations") > before:
+                return
+            time.sleep(0.05)
+        if wait_generation:
+            raise TimeoutError("httpd did not finish the graceful restart")
+
+    def log(self):
+        try:
+            return self.error_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, needle, timeout=10.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            if needle in self.log():
+                return True
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in the error log:\n{self.log()}")
+
+    def sanitizer_reports(self):
+        return [p for p in (self.root / "logs").glob("*san.*")]
+
+
+@pytest.fixture
+def httpd(tmp_path):
+    """An httpd that the test configures and starts; always stopped afterwards,
+    and the test fails if ASan/UBSan reported anything."""
+    instances = []
+
+    def make(name="httpd"):
+        h = Httpd(tmp_path, name)
+        instances.append(h)
+        return h
+
+    h = make()
+    h.make_another = make
+    yield h
+    for inst in instances:
+        inst.stop()
+    reports = [r for inst in instances for r in inst.sanitizer_reports()]
+    assert not reports, "sanitizer reports:\n" + "\n".join(
+        p.read_text(errors="replace") for p in reports)
+
+
+@pytest.fixture(scope="session")
+def pg_params(tmp_path_factory):
+    """apr_dbd params of a private PostgreSQL cluster: the one scripts/test.sh
+    started (MSO_TEST_PGSQL), or one started here."""
+    params = os.environ.get("MSO_TEST_PGSQL")
+    if params:
+        yield params
+        return
+    d = tmp_path_factory.mktemp("pg")
+    port = free_port()
+    r = subprocess.run(["sh", str(REPO / "t" / "pgcluster.sh"), "start", str(d / "cluster"),
+                        str(port)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    yield r.stdout.strip().splitlines()[-1]
+    subprocess.run(["sh", str(REPO / "t" / "pgcluster.sh"), "stop", str(d / "cluster")])
+
+
+def pg_conninfo(params):
+    """apr_dbd's pgsql params are libpq conninfo: psql takes them as they are."""
+    return params
+
+
+def psql(params, sql):
+    r = subprocess.run(["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d",
+                        pg_conninfo(params), "-c", sql], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+class Simulator:
+    def __init__(self, proc, port):
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def simulator(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("sim") / "sim.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "t" / "sim" / "mssim.py"), "--port",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT)
+    wait_port(port, proc=proc)
+    yield Simulator(proc, port)
+    proc.terminate()
+    proc.wait(10)
