@@ -2,6 +2,8 @@
  * applications behind httpd. This file is the table of contents: the module
  * record and its hooks. Configuration lives in mod_msoauth_config.c; protocol
  * and storage logic in lib/. */
+#include <string.h>
+
 #include <apr_optional.h>
 #include <apr_strings.h>
 #include <apr_dbd.h>
@@ -14,12 +16,23 @@
 #include <mod_dbd.h>
 
 #include "mod_msoauth.h"
+#include "mso_discovery.h"
+#include "mso_http.h"
 #include "mso_log.h"
 #include "mso_store.h"
 
 
+/* Per child process: created in child_init, read by request threads. */
+static mso_discovery_cache_t *discovery_cache;
+
 static APR_OPTIONAL_FN_TYPE(ap_dbd_open) *dbd_open_fn;
 static APR_OPTIONAL_FN_TYPE(ap_dbd_close) *dbd_close_fn;
+static APR_OPTIONAL_FN_TYPE(ap_dbd_acquire) *dbd_acquire_fn;
+
+ap_dbd_t *msoauth_dbd_acquire(request_rec *r)
+{
+    return dbd_acquire_fn ? dbd_acquire_fn(r) : NULL;
+}
 
 /* lib/ logs through here, tagged as ours. */
 static void log_from_lib(void *baton, const char *file, int line, mso_log_level_e level,
@@ -33,6 +46,7 @@ static void retrieve_optional_fns(void)
 {
     dbd_open_fn = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_open);
     dbd_close_fn = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_close);
+    dbd_acquire_fn = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_acquire);
 }
 
 static int server_in_use(server_rec *s);
@@ -99,6 +113,10 @@ static int msoauth_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *
     if (preflight) {
         return OK;
     }
+    if (mso_http_global_init() != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(023) "libcurl initialisation failed");
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
     for (vs = s; vs; vs = vs->next) {
         msoauth_srv_conf_t *sc = msoauth_srv_conf(vs);
         if (server_in_use(vs) && sc->keyring) {
@@ -133,7 +151,7 @@ static void migrate_server(apr_pool_t *p, server_rec *s)
                      "libaprutil1-dbd-pgsql)");
         return;
     }
-    rv = mso_db_wrap(p, dbd->driver, dbd->handle, &db);
+    rv = mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db);
     if (rv == APR_SUCCESS) {
         rv = mso_store_migrate(db, &from, &to, &err);
     }
@@ -164,18 +182,41 @@ static int server_in_use(server_rec *s)
     return 0;
 }
 
+mso_discovery_cache_t *msoauth_discovery_cache(void)
+{
+    return discovery_cache;
+}
+
 static void msoauth_child_init(apr_pool_t *pchild, server_rec *main_s)
 {
     server_rec *s;
 
-    if (!dbd_open_fn) {
+    if (!dbd_open_fn || !in_use(main_s)) {
         return;
+    }
+    if (mso_discovery_cache_create(pchild, &discovery_cache) != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, main_s, MSOLOGNO(033) "cannot create the "
+                     "discovery cache");
     }
     for (s = main_s; s; s = s->next) {
         if (server_in_use(s)) {
             migrate_server(pchild, s);
         }
     }
+}
+
+static int msoauth_handler(request_rec *r)
+{
+    if (!r->handler || strncmp(r->handler, "msoauth-", 8)) {
+        return DECLINED;
+    }
+    if (!strcmp(r->handler, "msoauth-connect")) {
+        return msoauth_connect_handler(r);
+    }
+    if (!strcmp(r->handler, "msoauth-confirm")) {
+        return msoauth_confirm_handler(r);
+    }
+    return DECLINED;
 }
 
 static void register_hooks(apr_pool_t *p)
@@ -185,6 +226,7 @@ static void register_hooks(apr_pool_t *p)
     ap_hook_test_config(msoauth_test_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_post_config(msoauth_post_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_child_init(msoauth_child_init, after_dbd, NULL, APR_HOOK_MIDDLE);
+    ap_hook_handler(msoauth_handler, NULL, NULL, APR_HOOK_MIDDLE);
 }
 
 AP_DECLARE_MODULE(msoauth) = {

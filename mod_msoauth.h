@@ -5,6 +5,8 @@
 
 #include <httpd.h>
 #include <http_config.h>
+#include <apr_dbd.h>
+#include <mod_dbd.h>
 
 #include "mso_config.h"
 #include "mso_crypto.h"
@@ -96,6 +98,17 @@ int msoauth_config_finalize(apr_pool_t *p, server_rec *main_s, int log_warnings,
                             int expired_level);
 
 msoauth_srv_conf_t *msoauth_srv_conf(server_rec *s);
+
+/* Handlers (mod_msoauth_flow.c). */
+int msoauth_connect_handler(request_rec *r);
+int msoauth_confirm_handler(request_rec *r);
+
+/* mod_dbd through its optional functions, so that a missing mod_dbd is our
+ * clear start-up error rather than an unresolved symbol. NULL without mod_dbd. */
+ap_dbd_t *msoauth_dbd_acquire(request_rec *r);
+
+/* The process's cache of discovery documents and signing keys. */
+struct mso_discovery_cache_t *msoauth_discovery_cache(void);
 msoauth_company_t *msoauth_company(server_rec *s, const char *name);
 
 #endif

@@ -73,4 +73,14 @@ apr_status_t mso_store_account_find(mso_db_t *db, apr_pool_t *p, const char *com
 apr_status_t mso_store_token_get(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
                                  const char *kind, const char **sealed, apr_int64_t *expires_at);
 
+/* Records a sign-in state (its digest) as redeemed. APR_EEXIST when it was
+ * already: the callback was hit twice. Rows are purged once expired. */
+apr_status_t mso_store_flow_consume(mso_db_t *db, const char *state_digest,
+                                    apr_int64_t expires_at, apr_int64_t now);
+
+/* The associated data that binds a sealed token to its account and kind, so a
+ * blob copied into another row does not open. */
+const char *mso_token_aad(apr_pool_t *p, const char *company, const char *mailbox,
+                          const char *kind);
+
 #endif

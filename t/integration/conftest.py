@@ -6,13 +6,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD = Path(os.environ.get("MSO_BUILD_DIR", REPO / "build" / "release"))
+BUILD = Path(os.environ.get("MSO_BUILD_DIR", REPO / "build" / "release")).resolve()
 MODULE = BUILD / ".libs" / "mod_msoauth.so"
 HTTPD = os.environ.get("MSO_HTTPD", "/usr/sbin/apache2")
 MODDIR = os.environ.get("MSO_HTTPD_MODDIR", "/usr/lib/apache2/modules")
@@ -97,10 +98,11 @@ class Httpd:
             f'PidFile "{self.root}/run/httpd.pid"',
             f'DefaultRuntimeDir "{self.root}/run"',
             f'ErrorLog "{self.error_log}"',
-            "LogLevel info msoauth:debug dbd:info",
+            "LogLevel info msoauth:debug",
             f'DocumentRoot "{self.root}/htdocs"',
             "StartServers 2", "ServerLimit 4", "ThreadsPerChild 8", "MaxRequestWorkers 32",
             "GracefulShutdownTimeout 5",
+            "TypesConfig /etc/mime.types",
         ]
         if IS_ROOT:
             lines += [f"User {RUN_USER}", f"Group {RUN_USER}"]
@@ -185,14 +187,23 @@ class Httpd:
         return [p for p in (self.root / "logs").glob("*san.*")]
 
 
+def traversable_dir(prefix):
+    """A fresh directory the httpd user (www-data) can reach: pytest's own
+    temporary directories are private to root."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o755)
+    return d
+
+
 @pytest.fixture
-def httpd(tmp_path):
+def httpd():
     """An httpd that the test configures and starts; always stopped afterwards,
     and the test fails if ASan/UBSan reported anything."""
     instances = []
+    base = traversable_dir("msoauth-httpd.")
 
     def make(name="httpd"):
-        h = Httpd(tmp_path, name)
+        h = Httpd(base, name)
         instances.append(h)
         return h
 
@@ -202,8 +213,9 @@ def httpd(tmp_path):
     for inst in instances:
         inst.stop()
     reports = [r for inst in instances for r in inst.sanitizer_reports()]
-    assert not reports, "sanitizer reports:\n" + "\n".join(
-        p.read_text(errors="replace") for p in reports)
+    texts = [p.read_text(errors="replace") for p in reports]
+    shutil.rmtree(base, ignore_errors=True)
+    assert not reports, "sanitizer reports:\n" + "\n".join(texts)
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,12 @@ MSOAuthClientSecret "{SECRET}"
 
 
 def line_of(h, needle):
-    """file:line of the first conf line containing needle."""
-    for i, line in enumerate(h.conf.read_text().splitlines(), 1):
+    """file:line of the conf line that is needle (else the first containing it)."""
+    lines = h.conf.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if line.strip() == needle.strip():
+            return f"{h.conf}:{i}"
+    for i, line in enumerate(lines, 1):
         if needle in line:
             return f"{h.conf}:{i}"
     raise AssertionError(f"{needle!r} not in {h.conf}")

@@ -1,12 +1,12 @@
 """The module creates its tables itself at start-up, on SQLite and on a real
 PostgreSQL server, and later starts and graceful restarts leave them intact."""
 import secrets
-import sqlite3
+import subprocess
 import time
 
 import pytest
 
-from conftest import psql
+from conftest import IS_ROOT, RUN_USER, psql
 
 CLIENT_ID = "6731de76-14a6-49ae-97bc-6eba6914391e"
 
@@ -35,48 +35,46 @@ MSOAuthClientSecret "x~secret-value"
 
 
 class SQLiteDB:
+    """Reads and writes the database as the httpd user, through the sqlite3
+    shell: a file (or WAL/SHM file) created by root would lock httpd out."""
+
     def __init__(self, path):
         self.path = path
 
     def params(self):
         return str(self.path)
 
-    def query(self, sql, args=()):
-        con = sqlite3.connect(self.path, timeout=10)
-        try:
-            return con.execute(sql, args).fetchall()
-        finally:
-            con.close()
-
-    def execute(self, sql, args=()):
-        con = sqlite3.connect(self.path, timeout=10)
-        try:
-            con.execute(sql, args)
-            con.commit()
-        finally:
-            con.close()
+    def query(self, sql):
+        cmd = ["sqlite3", "-batch", "-cmd", ".timeout 10000", str(self.path), sql]
+        if IS_ROOT:
+            cmd = ["runuser", "-u", RUN_USER, "--"] + cmd
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return [line.split("|") for line in r.stdout.splitlines()]
 
     def tables(self):
+        if not self.path.exists():
+            return set()
         return {r[0] for r in self.query("SELECT name FROM sqlite_master WHERE type='table'")}
 
     def columns(self, table):
         return [r[1] for r in self.query(f"PRAGMA table_info({table})")]
 
     def schema_version(self):
-        return self.query("SELECT MAX(version) FROM msoauth_schema")[0][0]
+        return int(self.query("SELECT MAX(version) FROM msoauth_schema")[0][0] or 0)
 
     def count(self, table):
-        return self.query(f"SELECT COUNT(*) FROM {table}")[0][0]
+        return int(self.query(f"SELECT COUNT(*) FROM {table}")[0][0])
 
     def insert_account(self, mailbox):
-        self.execute("INSERT INTO msoauth_accounts (company, mailbox, state, created_at, "
-                     "updated_at) VALUES ('default', ?, 'connected', 1, 1)", (mailbox,))
+        self.query("INSERT INTO msoauth_accounts (company, mailbox, state, created_at, "
+                   f"updated_at) VALUES ('default', '{mailbox}', 'connected', 1, 1)")
 
 
 class PgDB:
     def __init__(self, params):
         self._params = params
-        psql(params, "DROP TABLE IF EXISTS msoauth_tokens, msoauth_sync_folders, "
+        psql(params, "DROP TABLE IF EXISTS msoauth_tokens, msoauth_sync_folders, msoauth_flows_used, "
                      "msoauth_actions, msoauth_messages, msoauth_accounts, msoauth_schema "
                      "CASCADE")
 

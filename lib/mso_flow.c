@@ -1,0 +1,181 @@
+#include <string.h>
+
+#include <apr_strings.h>
+#include <apr_lib.h>
+#include <jansson.h>
+
+#include "mso_flow.h"
+#include "mso_json.h"
+
+#define FLOW_VERSION 1
+
+mso_flow_t *mso_flow_new(apr_pool_t *p, const char *company, const char *mailbox,
+                         const char *return_to, const char *user, long long now)
+{
+    mso_flow_t *f = apr_pcalloc(p, sizeof(*f));
+
+    f->state = mso_random_token(p, 32);
+    f->nonce = mso_random_token(p, 32);
+    f->verifier = mso_random_token(p, 48);     /* 64 characters, RFC 7636 allows 43-128 */
+    f->company = company;
+    f->mailbox = mailbox;
+    f->return_to = return_to;
+    f->user = user;
+    f->created = now;
+    f->expires = now + MSO_FLOW_LIFETIME;
+    return f;
+}
+
+const char *mso_flow_cookie_name(apr_pool_t *p, const char *state)
+{
+    apr_size_t i, n = state ? strlen(state) : 0;
+
+    if (n < 16 || n > 128) {
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        if (!apr_isalnum(state[i]) && state[i] != '-' && state[i] != '_') {
+            return NULL;
+        }
+    }
+    return apr_pstrcat(p, MSO_FLOW_COOKIE_PREFIX, apr_pstrndup(p, state, 16), NULL);
+}
+
+const char *mso_flow_state_digest(apr_pool_t *p, const char *state)
+{
+    return mso_pkce_s256(p, state);     /* base64url(SHA-256(state)) */
+}
+
+static const char *aad_of(apr_pool_t *p, const char *state)
+{
+    return apr_pstrcat(p, "flow:", state, NULL);
+}
+
+apr_status_t mso_flow_seal(apr_pool_t *p, const mso_keyring_t *kr, const mso_flow_t *f,
+                           const char **value)
+{
+    json_t *j = json_object();
+    char *text;
+    apr_status_t rv;
+
+    json_object_set_new(j, "v", json_integer(FLOW_VERSION));
+    json_object_set_new(j, "s", json_string(f->state));
+    json_object_set_new(j, "n", json_string(f->nonce));
+    json_object_set_new(j, "pv", json_string(f->verifier));
+    json_object_set_new(j, "c", json_string(f->company));
+    if (f->mailbox) {
+        json_object_set_new(j, "m", json_string(f->mailbox));
+    }
+    if (f->return_to) {
+        json_object_set_new(j, "rt", json_string(f->return_to));
+    }
+    if (f->user) {
+        json_object_set_new(j, "u", json_string(f->user));
+    }
+    json_object_set_new(j, "iat", json_integer(f->created));
+    json_object_set_new(j, "exp", json_integer(f->expires));
+    text = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    if (!text) {
+        return APR_ENOMEM;
+    }
+    rv = mso_seal(p, kr, MSO_PURPOSE_STATE, aad_of(p, f->state), text, strlen(text), value);
+    free(text);
+    return rv;
+}
+
+static const char *dup_str(apr_pool_t *p, const json_t *j, const char *key)
+{
+    const char *v = mso_json_str(j, key);
+    return v ? apr_pstrdup(p, v) : NULL;
+}
+
+mso_flow_check_e mso_flow_open(apr_pool_t *p, const mso_keyring_t *kr, const char *state,
+                               const char *value, long long now, mso_flow_t **flow)
+{
+    unsigned char *plain;
+    apr_size_t len;
+    json_t *j;
+    apr_int64_t v, iat, exp;
+    mso_flow_t *f;
+
+    if (!state || !value || strlen(value) > 4096
+        || mso_open(p, kr, MSO_PURPOSE_STATE, aad_of(p, state), value, &plain, &len)
+           != APR_SUCCESS) {
+        return MSO_FLOW_INVALID;
+    }
+    j = mso_json_parse(p, (const char *)plain, len, NULL);
+    if (!j || !mso_json_int(j, "v", &v) || v != FLOW_VERSION || !mso_json_int(j, "iat", &iat)
+        || !mso_json_int(j, "exp", &exp)) {
+        return MSO_FLOW_INVALID;
+    }
+    f = apr_pcalloc(p, sizeof(*f));
+    f->state = dup_str(p, j, "s");
+    f->nonce = dup_str(p, j, "n");
+    f->verifier = dup_str(p, j, "pv");
+    f->company = dup_str(p, j, "c");
+    f->mailbox = dup_str(p, j, "m");
+    f->return_to = dup_str(p, j, "rt");
+    f->user = dup_str(p, j, "u");
+    f->created = iat;
+    f->expires = exp;
+    /* The state is bound as associated data already; compare anyway so a
+     * flow can never be used for a state it was not made for. */
+    if (!f->state || !f->nonce || !f->verifier || !f->company
+        || !mso_str_equal_ct(f->state, state)) {
+        return MSO_FLOW_INVALID;
+    }
+    *flow = f;
+    if (now >= exp || exp - iat > MSO_FLOW_LIFETIME || iat > now + 60) {
+        return MSO_FLOW_EXPIRED;
+    }
+    return MSO_FLOW_VALID;
+}
+
+const char *mso_check_return_to(const char *rt)
+{
+    const unsigned char *c;
+
+    if (!rt || rt[0] != '/') {
+        return "return_to must be a path on this site starting with /, such as /mail/settings";
+    }
+    if (rt[1] == '/' || rt[1] == '\\') {
+        return "return_to must not start with // or /\\ (that would leave this site)";
+    }
+    if (strlen(rt) > 2048) {
+        return "return_to is longer than 2048 characters";
+    }
+    for (c = (const unsigned char *)rt; *c; c++) {
+        if (*c < 0x21 || *c == 0x7f || *c == '\\') {
+            return "return_to must not contain spaces, control characters or backslashes";
+        }
+    }
+    return NULL;
+}
+
+const char *mso_check_mailbox(const char *m)
+{
+    const char *at = m ? strchr(m, '@') : NULL;
+    const unsigned char *c;
+
+    if (!at || at == m || !at[1] || strchr(at + 1, '@') || strlen(m) > 254
+        || !strchr(at + 1, '.')) {
+        return "mailbox must be an e-mail address such as someone@example.com";
+    }
+    for (c = (const unsigned char *)m; *c; c++) {
+        if (*c < 0x21 || *c == 0x7f || strchr("<>()[]\\,;:\"", *c)) {
+            return "mailbox must be a plain e-mail address without spaces or quotes";
+        }
+    }
+    return NULL;
+}
+
+char *mso_lower(apr_pool_t *p, const char *s)
+{
+    char *out = apr_pstrdup(p, s), *c;
+
+    for (c = out; *c; c++) {
+        *c = (char)apr_tolower(*c);
+    }
+    return out;
+}

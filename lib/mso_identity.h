@@ -1,0 +1,75 @@
+/* The Microsoft identity platform (v2.0): endpoints of an authority, the
+ * authorize URL, the code and refresh grants, and Microsoft's error bodies
+ * turned into our reason codes. */
+#ifndef MSO_IDENTITY_H
+#define MSO_IDENTITY_H
+
+#include <apr_pools.h>
+#include <apr_errno.h>
+#include <apr_tables.h>
+
+#include "mso_http.h"
+
+/* One app as seen by Microsoft, with the authority it signs in through. */
+typedef struct {
+    const char *authority;      /* https://login.microsoftonline.com/{tenant}, no trailing / */
+    const char *client_id;
+    const char *client_secret;
+    const char *redirect_uri;
+} mso_app_t;
+
+/* authority_base + "/" + tenant. */
+const char *mso_authority(apr_pool_t *p, const char *authority_base, const char *tenant);
+
+/* Scopes of the sign-in: OIDC scopes, offline_access, the edition's mail
+ * scope on the cloud's Graph resource, then extras. Space separated. */
+const char *mso_signin_scopes(apr_pool_t *p, const char *graph_resource, int pro,
+                              const apr_array_header_t *extra);
+/* Scopes of a token request for one resource (Microsoft refuses two in one
+ * request): the OIDC scopes plus the scopes of signin_scopes that belong to
+ * resource ("graph": unprefixed or on graph_resource; otherwise a resource URL
+ * such as https://outlook.office.com). */
+const char *mso_token_scopes(apr_pool_t *p, const char *signin_scopes,
+                             const char *graph_resource, const char *resource);
+
+typedef struct {
+    const char *state, *nonce, *code_challenge, *login_hint, *scope;
+} mso_authorize_req_t;
+
+char *mso_authorize_url(apr_pool_t *p, const mso_app_t *app, const mso_authorize_req_t *req);
+
+typedef struct {
+    int ok;
+    /* success */
+    const char *access_token, *refresh_token, *id_token, *scope;
+    long long expires_in;
+    /* failure */
+    const char *reason;         /* our reason code */
+    const char *error;          /* OAuth error string */
+    long aadsts;                /* first AADSTS code, 0 when none */
+    const char *trace_id, *correlation_id;
+    const char *detail;         /* short text for logs: never a token or secret */
+    int http_status;
+    long retry_after;
+} mso_token_result_t;
+
+/* grant_type=authorization_code with the PKCE verifier. */
+apr_status_t mso_token_from_code(apr_pool_t *p, const mso_http_opts_t *o, const mso_app_t *app,
+                                 const char *code, const char *verifier, const char *scope,
+                                 mso_token_result_t **res);
+/* grant_type=refresh_token for one resource's scopes. */
+apr_status_t mso_token_from_refresh(apr_pool_t *p, const mso_http_opts_t *o,
+                                    const mso_app_t *app, const char *refresh_token,
+                                    const char *scope, mso_token_result_t **res);
+
+/* Reason for an OAuth error (token endpoint or authorize redirect).
+ * during_refresh: invalid_grant means the refresh token is dead. */
+const char *mso_reason_for_error(const char *error, long aadsts, int during_refresh);
+/* The AADSTS number at the start of an error_description, 0 when none. */
+long mso_aadsts_of(const char *description);
+
+/* The trace and correlation IDs of an error_description, for the page and log. */
+void mso_error_ids(apr_pool_t *p, const char *description, const char **trace_id,
+                   const char **correlation_id);
+
+#endif

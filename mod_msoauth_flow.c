@@ -1,0 +1,539 @@
+/* The connect and confirm handlers: a request in, lib/ calls, a response out. */
+#include <string.h>
+
+#include <apr_strings.h>
+#include <apr_lib.h>
+#include <apr_dbd.h>
+
+#include <httpd.h>
+#include <http_config.h>
+#include <http_core.h>
+#include <http_log.h>
+#include <http_protocol.h>
+#include <http_request.h>
+#include <util_cookies.h>
+#include <util_script.h>
+#include <mod_dbd.h>
+
+#include "mod_msoauth.h"
+#include "mso_discovery.h"
+#include "mso_flow.h"
+#include "mso_identity.h"
+#include "mso_reason.h"
+#include "mso_store.h"
+
+APLOG_USE_MODULE(msoauth);
+
+#define CLOCK_SKEW 300
+#define TOKEN_TIMEOUT_MS 30000
+
+/* What went wrong, with what Microsoft said about it. */
+typedef struct {
+    const char *reason;
+    long aadsts;
+    const char *trace_id, *correlation_id;
+    const char *detail;         /* for the log only; never a secret or token */
+    const char *title, *message;/* overrides of the reason's text, rarely */
+} failure_t;
+
+static void no_store(request_rec *r)
+{
+    apr_table_setn(r->err_headers_out, "Cache-Control", "no-store");
+    apr_table_setn(r->err_headers_out, "Pragma", "no-cache");
+    /* The query of confirm holds the code: never let it leak as a Referer. */
+    apr_table_setn(r->err_headers_out, "Referrer-Policy", "no-referrer");
+    apr_table_setn(r->err_headers_out, "X-Content-Type-Options", "nosniff");
+}
+
+static int redirect(request_rec *r, const char *location)
+{
+    no_store(r);
+    apr_table_setn(r->headers_out, "Location", location);
+    r->status = HTTP_MOVED_TEMPORARILY;
+    ap_set_content_length(r, 0);
+    return OK;
+}
+
+/* return_to plus our parameters, after any it already has. */
+static const char *back_to_app(request_rec *r, const char *return_to, const char *params)
+{
+    const char *hash = strchr(return_to, '#');
+    const char *path = hash ? apr_pstrndup(r->pool, return_to, hash - return_to) : return_to;
+
+    return apr_pstrcat(r->pool, path, strchr(path, '?') ? "&" : "?", params,
+                       hash ? hash : "", NULL);
+}
+
+static const char *esc(request_rec *r, const char *s)
+{
+    return ap_escape_html2(r->pool, s ? s : "", 1);
+}
+
+static int page(request_rec *r, int status, const char *title, const char *html_body)
+{
+    no_store(r);
+    apr_table_setn(r->err_headers_out, "Content-Security-Policy",
+                   "default-src 'none'; style-src 'unsafe-inline'");
+    r->status = status;
+    ap_set_content_type(r, "text/html; charset=utf-8");
+    ap_rprintf(r, "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+               "<title>%s</title><style>body{font-family:sans-serif;max-width:42em;"
+               "margin:2em auto;line-height:1.5}code{background:#eee;padding:0 .2em}"
+               "dt{font-weight:bold}</style></head><body>\n<h1>%s</h1>\n%s\n</body></html>\n",
+               esc(r, title), esc(r, title), html_body);
+    return OK;
+}
+
+static int fail(request_rec *r, msoauth_srv_conf_t *sc, const failure_t *f,
+                const char *return_to)
+{
+    const mso_reason_t *rs = mso_reason_get(f->reason);
+    const char *fix, *body, *ids = "";
+
+    if (!rs) {
+        rs = mso_reason_get("bad_request");
+    }
+    ap_log_rerror(APLOG_MARK, rs->status >= 500 ? APLOG_ERR : APLOG_NOTICE, 0, r,
+                  MSOLOGNO(100) "sign-in failed: %s%s%s%s%s%s%s%s%s", rs->code,
+                  f->aadsts ? apr_psprintf(r->pool, " AADSTS%ld", f->aadsts) : "",
+                  f->trace_id ? " trace_id=" : "", f->trace_id ? f->trace_id : "",
+                  f->correlation_id ? " correlation_id=" : "",
+                  f->correlation_id ? f->correlation_id : "",
+                  f->detail ? " (" : "",
+                  f->detail ? ap_escape_logitem(r->pool, f->detail) : "",
+                  f->detail ? ")" : "");
+    if (return_to) {
+        const char *params = apr_pstrcat(r->pool, "msoauth=error&reason=", rs->code,
+                                         f->aadsts ? apr_psprintf(r->pool, "&aadsts=%ld",
+                                                                  f->aadsts) : "", NULL);
+        return redirect(r, back_to_app(r, return_to, params));
+    }
+    fix = esc(r, rs->fix);
+    if (strstr(fix, "%R")) {
+        const char *uri = apr_pstrcat(r->pool, "<code>", esc(r, sc->redirect_uri), "</code>",
+                                      NULL);
+        char *at = strstr(fix, "%R");
+        fix = apr_pstrcat(r->pool, apr_pstrndup(r->pool, fix, at - fix), uri, at + 2, NULL);
+    }
+    if (f->aadsts) {
+        ids = apr_psprintf(r->pool, "<dt>Microsoft error</dt><dd>AADSTS%ld</dd>", f->aadsts);
+    }
+    if (f->trace_id) {
+        ids = apr_pstrcat(r->pool, ids, "<dt>Trace ID</dt><dd>", esc(r, f->trace_id), "</dd>",
+                          NULL);
+    }
+    if (f->correlation_id) {
+        ids = apr_pstrcat(r->pool, ids, "<dt>Correlation ID</dt><dd>",
+                          esc(r, f->correlation_id), "</dd>", NULL);
+    }
+    body = apr_pstrcat(r->pool, "<p>", esc(r, f->message ? f->message : rs->message), "</p>\n",
+                       "<h2>What to do</h2>\n<p>", fix, "</p>\n<dl><dt>Reason</dt><dd><code>",
+                       rs->code, "</code></dd>", ids, "<dt>Redirect URI of this server</dt>"
+                       "<dd><code>", esc(r, sc->redirect_uri), "</code></dd></dl>\n", NULL);
+    return page(r, rs->status, f->title ? f->title : rs->title, body);
+}
+
+static int fail_reason(request_rec *r, msoauth_srv_conf_t *sc, const char *reason,
+                       const char *detail, const char *return_to)
+{
+    failure_t f;
+
+    memset(&f, 0, sizeof(f));
+    f.reason = reason;
+    f.detail = detail;
+    return fail(r, sc, &f, return_to);
+}
+
+/* Query parameters; a parameter given twice is refused (no guessing which). */
+static const char *query(request_rec *r, apr_table_t **args)
+{
+    const apr_array_header_t *arr;
+    const apr_table_entry_t *e;
+    apr_hash_t *seen = apr_hash_make(r->pool);
+    int i;
+
+    ap_args_to_table(r, args);
+    arr = apr_table_elts(*args);
+    e = (const apr_table_entry_t *)arr->elts;
+    for (i = 0; i < arr->nelts; i++) {
+        if (apr_hash_get(seen, e[i].key, APR_HASH_KEY_STRING)) {
+            return apr_psprintf(r->pool, "parameter %s is given more than once", e[i].key);
+        }
+        apr_hash_set(seen, e[i].key, APR_HASH_KEY_STRING, "");
+    }
+    return NULL;
+}
+
+static msoauth_company_t *usable_company(request_rec *r, msoauth_srv_conf_t *sc,
+                                         const char *name, const char **why)
+{
+    msoauth_company_t *c = msoauth_company(r->server, name);
+
+    if (!c) {
+        *why = apr_psprintf(r->pool, "no company '%s' on this server", name);
+    }
+    else if (!c->client_id || !c->client_secret) {
+        *why = apr_psprintf(r->pool, "company '%s' has no client ID or secret", name);
+        c = NULL;
+    }
+    else if (!sc->keyring) {
+        *why = "no MSOAuthTokenKeyFile";
+        c = NULL;
+    }
+    return c;
+}
+
+static mso_app_t *app_of(request_rec *r, msoauth_srv_conf_t *sc, msoauth_company_t *c)
+{
+    mso_app_t *app = apr_pcalloc(r->pool, sizeof(*app));
+
+    app->authority = mso_authority(r->pool, c->authority_url, c->tenant);
+    app->client_id = c->client_id;
+    app->client_secret = c->client_secret;
+    app->redirect_uri = sc->redirect_uri;
+    return app;
+}
+
+static const char *signin_scopes(request_rec *r, msoauth_company_t *c)
+{
+    return mso_signin_scopes(r->pool, mso_cloud_graph(c->cloud), c->edition == MSO_EDITION_PRO,
+                             c->scopes);
+}
+
+static int is_https(msoauth_srv_conf_t *sc)
+{
+    return !strncasecmp(sc->effective_base_url, "https:", 6);
+}
+
+static void set_flow_cookie(request_rec *r, msoauth_srv_conf_t *sc, const char *name,
+                            const char *value, int max_age)
+{
+    apr_table_addn(r->err_headers_out, "Set-Cookie",
+                   apr_psprintf(r->pool, "%s=%s; Path=%s; Max-Age=%d; HttpOnly; SameSite=Lax%s",
+                                name, value, sc->redirect_path, max_age,
+                                is_https(sc) ? "; Secure" : ""));
+}
+
+int msoauth_connect_handler(request_rec *r)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
+    apr_table_t *args;
+    const char *company_name, *mailbox, *return_to, *why, *cookie_value;
+    msoauth_company_t *c;
+    mso_flow_t *flow;
+    mso_authorize_req_t req;
+    apr_status_t rv;
+
+    if (r->method_number != M_GET) {
+        r->allowed = AP_METHOD_BIT << M_GET;
+        return HTTP_METHOD_NOT_ALLOWED;
+    }
+    if ((why = query(r, &args)) != NULL) {
+        return fail_reason(r, sc, "bad_request", why, NULL);
+    }
+    return_to = apr_table_get(args, "return_to");
+    if (return_to && (why = mso_check_return_to(return_to)) != NULL) {
+        return fail_reason(r, sc, "bad_request", why, NULL);
+    }
+    company_name = apr_table_get(args, "company");
+    if (!company_name || !*company_name) {
+        company_name = MSOAUTH_DEFAULT_COMPANY;
+    }
+    if ((why = mso_check_company_name(r->pool, company_name)) != NULL) {
+        return fail_reason(r, sc, "bad_request", "company is not a valid name", NULL);
+    }
+    mailbox = apr_table_get(args, "mailbox");
+    if (mailbox && *mailbox) {
+        if ((why = mso_check_mailbox(mailbox)) != NULL) {
+            return fail_reason(r, sc, "bad_request", why, return_to);
+        }
+        mailbox = mso_lower(r->pool, mailbox);
+    }
+    else {
+        mailbox = NULL;
+    }
+    if (!(c = usable_company(r, sc, company_name, &why))) {
+        return fail_reason(r, sc, "not_configured", why, return_to);
+    }
+
+    flow = mso_flow_new(r->pool, c->name, mailbox, return_to, r->user,
+                        (long long)apr_time_sec(r->request_time));
+    rv = mso_flow_seal(r->pool, sc->keyring, flow, &cookie_value);
+    if (rv != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(101) "sealing the sign-in state "
+                      "failed");
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    set_flow_cookie(r, sc, mso_flow_cookie_name(r->pool, flow->state), cookie_value,
+                    MSO_FLOW_LIFETIME);
+    req.state = flow->state;
+    req.nonce = flow->nonce;
+    req.code_challenge = mso_pkce_s256(r->pool, flow->verifier);
+    req.login_hint = mailbox;
+    req.scope = signin_scopes(r, c);
+    return redirect(r, mso_authorize_url(r->pool, app_of(r, sc, c), &req));
+}
+
+static void http_opts(mso_http_opts_t *o)
+{
+    mso_http_opts_default(o);
+    o->timeout_ms = TOKEN_TIMEOUT_MS;
+}
+
+/* The mailbox the ID token says signed in, lower case; NULL if it names none. */
+static const char *signed_in_mailbox(request_rec *r, const mso_id_claims_t *cl)
+{
+    if (cl->email && !mso_check_mailbox(cl->email)) {
+        return mso_lower(r->pool, cl->email);
+    }
+    if (cl->preferred_username && !mso_check_mailbox(cl->preferred_username)) {
+        return mso_lower(r->pool, cl->preferred_username);
+    }
+    return NULL;
+}
+
+static int same_mailbox(request_rec *r, const char *wanted, const mso_id_claims_t *cl)
+{
+    return (cl->email && !strcasecmp(wanted, cl->email))
+           || (cl->preferred_username && !strcasecmp(wanted, cl->preferred_username));
+}
+
+static const char *jwt_problem(mso_jwt_result_e res)
+{
+    switch (res) {
+    case MSO_JWT_MALFORMED: return "malformed";
+    case MSO_JWT_BAD_ALG: return "algorithm";
+    case MSO_JWT_UNKNOWN_KID: return "unknown signing key";
+    case MSO_JWT_BAD_SIGNATURE: return "signature";
+    case MSO_JWT_BAD_ISSUER: return "issuer";
+    case MSO_JWT_BAD_AUDIENCE: return "audience";
+    case MSO_JWT_BAD_NONCE: return "nonce";
+    case MSO_JWT_EXPIRED: return "expired";
+    case MSO_JWT_NOT_YET_VALID: return "not yet valid";
+    case MSO_JWT_BAD_TENANT: return "tenant";
+    default: return "ok";
+    }
+}
+
+/* Everything after the state checks: code exchange, ID token, storage. */
+static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, const char *code,
+                    mso_db_t *db)
+{
+    const char *why = NULL, *mailbox, *sealed_refresh, *sealed_access, *err = NULL;
+    msoauth_company_t *c;
+    mso_app_t *app;
+    mso_http_opts_t o;
+    mso_token_result_t *tok;
+    mso_id_expect_t expect;
+    mso_id_claims_t *cl = NULL;
+    mso_jwt_result_e jres;
+    mso_account_t acct, *existing = NULL;
+    failure_t f;
+    apr_int64_t now = apr_time_sec(apr_time_now());
+    apr_status_t rv;
+
+    memset(&f, 0, sizeof(f));
+    if (!(c = usable_company(r, sc, flow->company, &why))) {
+        return fail_reason(r, sc, "not_configured", why, flow->return_to);
+    }
+    app = app_of(r, sc, c);
+    http_opts(&o);
+    mso_token_from_code(r->pool, &o, app, code, flow->verifier,
+                        mso_token_scopes(r->pool, signin_scopes(r, c), mso_cloud_graph(c->cloud),
+                                         "graph"), &tok);
+    if (!tok->ok) {
+        f.reason = tok->reason;
+        f.aadsts = tok->aadsts;
+        f.trace_id = tok->trace_id;
+        f.correlation_id = tok->correlation_id;
+        f.detail = tok->detail;
+        return fail(r, sc, &f, flow->return_to);
+    }
+    if (!tok->refresh_token || !tok->id_token) {
+        return fail_reason(r, sc, "consent_required", "the token answer has no refresh token "
+                           "or ID token: offline_access or openid was not granted",
+                           flow->return_to);
+    }
+
+    memset(&expect, 0, sizeof(expect));
+    expect.client_id = c->client_id;
+    expect.nonce = flow->nonce;
+    expect.tenant_id = mso_is_guid(c->tenant) ? c->tenant : NULL;
+    expect.now = now;
+    expect.skew = CLOCK_SKEW;
+    rv = mso_discovery_verify(msoauth_discovery_cache(), r->pool, &o, app->authority,
+                              tok->id_token, &expect, &jres, &cl, &why);
+    if (rv != APR_SUCCESS) {
+        return fail_reason(r, sc, "token_endpoint_unreachable", why, flow->return_to);
+    }
+    if (jres != MSO_JWT_OK) {
+        f.reason = jres == MSO_JWT_BAD_TENANT && expect.tenant_id ? "wrong_tenant"
+                   : "id_token_invalid";
+        f.detail = apr_psprintf(r->pool, "ID token check failed (%s): %s", jwt_problem(jres),
+                                why ? why : "");
+        return fail(r, sc, &f, flow->return_to);
+    }
+
+    if (flow->mailbox && !same_mailbox(r, flow->mailbox, cl)) {
+        f.reason = "mailbox_mismatch";
+        f.detail = apr_psprintf(r->pool, "asked for %s, signed in as %s", flow->mailbox,
+                                cl->preferred_username ? cl->preferred_username : "?");
+        f.message = apr_psprintf(r->pool, "The application asked to connect %s, but %s signed "
+                                 "in at Microsoft.", flow->mailbox,
+                                 cl->preferred_username ? cl->preferred_username
+                                 : "another account");
+        return fail(r, sc, &f, flow->return_to);
+    }
+    mailbox = flow->mailbox ? flow->mailbox : signed_in_mailbox(r, cl);
+    if (!mailbox) {
+        return fail_reason(r, sc, "id_token_invalid", "the ID token names no e-mail address "
+                           "(preferred_username/email); the profile and email scopes are "
+                           "needed", flow->return_to);
+    }
+    /* A reconnect must be the same person: a mailbox name now owned by another
+     * directory object is not silently taken over. */
+    if (mso_store_account_find(db, r->pool, c->name, mailbox, &existing) == APR_SUCCESS
+        && existing->object_id && cl->oid && strcmp(existing->object_id, cl->oid)) {
+        f.reason = "mailbox_mismatch";
+        f.detail = apr_psprintf(r->pool, "account %" APR_INT64_T_FMT " belongs to object %s, "
+                                "the sign-in was object %s", existing->id, existing->object_id,
+                                cl->oid);
+        f.message = apr_psprintf(r->pool, "%s is already connected for another Microsoft "
+                                 "account. Disconnect it first to connect a different one.",
+                                 mailbox);
+        return fail(r, sc, &f, flow->return_to);
+    }
+
+    rv = mso_seal(r->pool, sc->keyring, MSO_PURPOSE_TOKEN,
+                  mso_token_aad(r->pool, c->name, mailbox, "refresh"), tok->refresh_token,
+                  strlen(tok->refresh_token), &sealed_refresh);
+    if (rv == APR_SUCCESS) {
+        rv = mso_seal(r->pool, sc->keyring, MSO_PURPOSE_TOKEN,
+                      mso_token_aad(r->pool, c->name, mailbox, "graph"), tok->access_token,
+                      strlen(tok->access_token), &sealed_access);
+    }
+    if (rv != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(102) "sealing tokens failed");
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    memset(&acct, 0, sizeof(acct));
+    acct.company = c->name;
+    acct.mailbox = mailbox;
+    acct.display_name = cl->name;
+    acct.tenant_id = cl->tid;
+    acct.object_id = cl->oid;
+    acct.scopes = tok->scope;
+    acct.authority = app->authority;
+    acct.access_expires_at = now + tok->expires_in;
+    acct.connected_by = flow->user;
+    rv = mso_store_account_connect(db, &acct, sealed_refresh, sealed_access, now, &err);
+    if (rv != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(103) "storing the account %s of "
+                      "company %s failed: %s", mailbox, c->name, err ? err : "");
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(104) "mailbox %s of company %s "
+                  "%sconnected as account %" APR_INT64_T_FMT " (tenant %s, by %s)", mailbox,
+                  c->name, existing ? "re" : "", acct.id, cl->tid ? cl->tid : "?",
+                  flow->user ? flow->user : "anonymous");
+    if (flow->return_to) {
+        return redirect(r, back_to_app(r, flow->return_to,
+                                       apr_psprintf(r->pool, "msoauth=connected&account=%"
+                                                    APR_INT64_T_FMT, acct.id)));
+    }
+    return page(r, HTTP_OK, "Mailbox connected",
+                apr_psprintf(r->pool, "<p>The mailbox <strong>%s</strong> is connected "
+                             "(account %" APR_INT64_T_FMT "). You can close this window.</p>",
+                             esc(r, mailbox), acct.id));
+}
+
+int msoauth_confirm_handler(request_rec *r)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
+    apr_table_t *args;
+    const char *state, *code, *error, *cookie_name, *cookie_value = NULL, *why;
+    mso_flow_t *flow = NULL;
+    mso_flow_check_e check;
+    ap_dbd_t *dbd;
+    mso_db_t *db;
+    apr_status_t rv;
+    failure_t f;
+
+    if (r->method_number != M_GET) {
+        r->allowed = AP_METHOD_BIT << M_GET;
+        return HTTP_METHOD_NOT_ALLOWED;
+    }
+    if (strcmp(r->uri, sc->redirect_path)) {
+        return fail_reason(r, sc, "not_configured", apr_psprintf(r->pool, "msoauth-confirm "
+                           "is mapped at %s but MSOAuthRedirectPath is %s: map it at exactly "
+                           "MSOAuthRedirectPath", r->uri, sc->redirect_path), NULL);
+    }
+    if ((why = query(r, &args)) != NULL) {
+        return fail_reason(r, sc, "bad_request", why, NULL);
+    }
+    state = apr_table_get(args, "state");
+    cookie_name = mso_flow_cookie_name(r->pool, state);
+    if (!cookie_name) {
+        return fail_reason(r, sc, "state_invalid", "no or malformed state parameter", NULL);
+    }
+    ap_cookie_read(r, cookie_name, &cookie_value, 0);
+    /* The cookie is spent whatever happens next. */
+    set_flow_cookie(r, sc, cookie_name, "", 0);
+    if (!cookie_value || !*cookie_value) {
+        return fail_reason(r, sc, "state_invalid", "no sign-in cookie for this state (used "
+                           "already, expired, another browser, or cookies blocked)", NULL);
+    }
+    check = mso_flow_open(r->pool, sc->keyring, state, cookie_value,
+                          (long long)apr_time_sec(r->request_time), &flow);
+    if (check == MSO_FLOW_INVALID) {
+        return fail_reason(r, sc, "state_invalid", "the sign-in cookie does not open or does "
+                           "not match the state", NULL);
+    }
+    if (check == MSO_FLOW_EXPIRED) {
+        return fail_reason(r, sc, "state_expired", "the sign-in started more than 10 minutes "
+                           "ago", flow->return_to);
+    }
+
+    dbd = msoauth_dbd_acquire(r);
+    if (!dbd || mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r, MSOLOGNO(105) "no database connection "
+                      "from mod_dbd: check DBDriver/DBDParams");
+        return HTTP_SERVICE_UNAVAILABLE;
+    }
+    /* Single use across every node: the first hit records the state. */
+    rv = mso_store_flow_consume(db, mso_flow_state_digest(r->pool, flow->state), flow->expires,
+                                (apr_int64_t)apr_time_sec(r->request_time));
+    if (rv == APR_EEXIST) {
+        memset(&f, 0, sizeof(f));
+        f.reason = "state_invalid";
+        f.detail = "the callback was hit again for a sign-in already handled (reload or "
+                   "double click)";
+        f.title = "This sign-in was already handled";
+        f.message = "The page was reloaded or the link opened twice; the first request "
+                    "already completed this sign-in. Check the mailbox's status in the "
+                    "application; if it is not connected, start again from the Connect link.";
+        return fail(r, sc, &f, NULL);
+    }
+    if (rv != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(106) "recording the sign-in "
+                      "state failed");
+        return HTTP_SERVICE_UNAVAILABLE;
+    }
+
+    error = apr_table_get(args, "error");
+    if (error) {
+        const char *desc = apr_table_get(args, "error_description");
+        memset(&f, 0, sizeof(f));
+        f.aadsts = mso_aadsts_of(desc);
+        f.reason = mso_reason_for_error(error, f.aadsts, 0);
+        mso_error_ids(r->pool, desc, &f.trace_id, &f.correlation_id);
+        f.detail = apr_psprintf(r->pool, "Microsoft redirected back with error=%s",
+                                apr_pstrndup(r->pool, error, 64));
+        return fail(r, sc, &f, flow->return_to);
+    }
+    code = apr_table_get(args, "code");
+    if (!code || !*code || strlen(code) > 4096) {
+        return fail_reason(r, sc, "bad_request", "no code parameter", flow->return_to);
+    }
+    return complete(r, sc, flow, code, db);
+}

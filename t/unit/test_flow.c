@@ -1,0 +1,166 @@
+/* The sealed sign-in state and the checks of Connect parameters (lib/mso_flow). */
+#include <check.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <apr_general.h>
+#include <apr_strings.h>
+
+#include "mso_flow.h"
+
+static apr_pool_t *pool;
+static mso_keyring_t *ring;
+
+static void setup(void)
+{
+    unsigned char key[MSO_KEY_LEN];
+
+    apr_pool_create(&pool, NULL);
+    ring = mso_keyring_create(pool);
+    mso_random_bytes(key, sizeof(key));
+    ck_assert_int_eq(mso_keyring_add(ring, key), APR_SUCCESS);
+}
+
+static void teardown(void) { apr_pool_destroy(pool); }
+
+START_TEST(round_trip)
+{
+    mso_flow_t *f = mso_flow_new(pool, "acme", "a@example.com", "/app?x=1", "admin", 1000);
+    mso_flow_t *g = NULL;
+    const char *v = NULL;
+
+    ck_assert_int_ge(strlen(f->state), 43);
+    ck_assert_int_ge(strlen(f->verifier), 43);
+    ck_assert_int_le(strlen(f->verifier), 128);
+    ck_assert_str_ne(f->state, f->nonce);
+    ck_assert_int_eq(mso_flow_seal(pool, ring, f, &v), APR_SUCCESS);
+    ck_assert_ptr_null(strstr(v, f->verifier));     /* sealed, not merely encoded */
+    ck_assert_int_eq(mso_flow_open(pool, ring, f->state, v, 1001, &g), MSO_FLOW_VALID);
+    ck_assert_str_eq(g->state, f->state);
+    ck_assert_str_eq(g->nonce, f->nonce);
+    ck_assert_str_eq(g->verifier, f->verifier);
+    ck_assert_str_eq(g->company, "acme");
+    ck_assert_str_eq(g->mailbox, "a@example.com");
+    ck_assert_str_eq(g->return_to, "/app?x=1");
+    ck_assert_str_eq(g->user, "admin");
+    ck_assert_int_eq(g->expires, 1000 + MSO_FLOW_LIFETIME);
+}
+END_TEST
+
+START_TEST(optional_fields)
+{
+    mso_flow_t *f = mso_flow_new(pool, "default", NULL, NULL, NULL, 50);
+    mso_flow_t *g = NULL;
+    const char *v = NULL;
+
+    ck_assert_int_eq(mso_flow_seal(pool, ring, f, &v), APR_SUCCESS);
+    ck_assert_int_eq(mso_flow_open(pool, ring, f->state, v, 60, &g), MSO_FLOW_VALID);
+    ck_assert_ptr_null(g->mailbox);
+    ck_assert_ptr_null(g->return_to);
+    ck_assert_ptr_null(g->user);
+}
+END_TEST
+
+START_TEST(rejections)
+{
+    mso_flow_t *f = mso_flow_new(pool, "acme", NULL, NULL, NULL, 1000);
+    mso_flow_t *other = mso_flow_new(pool, "acme", NULL, NULL, NULL, 1000);
+    mso_flow_t *g = NULL;
+    const char *v = NULL, *w = NULL;
+    char *t;
+    mso_keyring_t *ring2 = mso_keyring_create(pool);
+    unsigned char key[MSO_KEY_LEN];
+
+    ck_assert_int_eq(mso_flow_seal(pool, ring, f, &v), APR_SUCCESS);
+    ck_assert_int_eq(mso_flow_seal(pool, ring, other, &w), APR_SUCCESS);
+    /* Another flow's cookie for this state. */
+    ck_assert_int_eq(mso_flow_open(pool, ring, f->state, w, 1001, &g), MSO_FLOW_INVALID);
+    /* Tampered. */
+    t = apr_pstrdup(pool, v);
+    t[strlen(t) / 2] = t[strlen(t) / 2] == 'A' ? 'B' : 'A';
+    ck_assert_int_eq(mso_flow_open(pool, ring, f->state, t, 1001, &g), MSO_FLOW_INVALID);
+    /* Expired, and the clock far behind the cookie. */
+    ck_assert_int_eq(mso_flow_open(pool, ring, f->state, v, 1000 + MSO_FLOW_LIFETIME, &g),
+                     MSO_FLOW_EXPIRED);
+    ck_assert_int_eq(mso_flow_open(pool, ring, f->state, v, 100, &g), MSO_FLOW_EXPIRED);
+    /* Another server's key. */
+    mso_random_bytes(key, sizeof(key));
+    mso_keyring_add(ring2, key);
+    ck_assert_int_eq(mso_flow_open(pool, ring2, f->state, v, 1001, &g), MSO_FLOW_INVALID);
+    /* Garbage. */
+    ck_assert_int_eq(mso_flow_open(pool, ring, f->state, "", 1001, &g), MSO_FLOW_INVALID);
+    ck_assert_int_eq(mso_flow_open(pool, ring, f->state, "!!!", 1001, &g), MSO_FLOW_INVALID);
+    ck_assert_int_eq(mso_flow_open(pool, ring, NULL, v, 1001, &g), MSO_FLOW_INVALID);
+}
+END_TEST
+
+START_TEST(cookie_names)
+{
+    const char *n = mso_flow_cookie_name(pool, "abcdefghijklmnopqrstuvwxyz_-0123456789ABCDEFG");
+
+    ck_assert_str_eq(n, "msoauth_flow_abcdefghijklmnop");
+    ck_assert_ptr_null(mso_flow_cookie_name(pool, NULL));
+    ck_assert_ptr_null(mso_flow_cookie_name(pool, "short"));
+    ck_assert_ptr_null(mso_flow_cookie_name(pool, "abcdefghijklmnop; Path=/; x=y"));
+    ck_assert_ptr_null(mso_flow_cookie_name(pool, "abcdefghijklmnop\r\nSet-Cookie: a"));
+    ck_assert_str_ne(mso_flow_state_digest(pool, "a-state-value-000000"), "a-state-value-000000");
+    ck_assert_str_eq(mso_flow_state_digest(pool, "s1-state-value-00000"),
+                     mso_flow_state_digest(pool, "s1-state-value-00000"));
+}
+END_TEST
+
+START_TEST(return_to_checks)
+{
+    ck_assert_ptr_null(mso_check_return_to("/"));
+    ck_assert_ptr_null(mso_check_return_to("/mail/settings?tab=outlook#top"));
+    ck_assert_ptr_nonnull(mso_check_return_to("https://evil.example/"));
+    ck_assert_ptr_nonnull(mso_check_return_to("//evil.example/"));
+    ck_assert_ptr_nonnull(mso_check_return_to("/\\evil.example/"));
+    ck_assert_ptr_nonnull(mso_check_return_to("/a\\b"));
+    ck_assert_ptr_nonnull(mso_check_return_to("javascript:alert(1)"));
+    ck_assert_ptr_nonnull(mso_check_return_to("mail/settings"));
+    ck_assert_ptr_nonnull(mso_check_return_to("/a\r\nLocation: x"));
+    ck_assert_ptr_nonnull(mso_check_return_to("/a b"));
+    ck_assert_ptr_nonnull(mso_check_return_to(""));
+    ck_assert_ptr_nonnull(mso_check_return_to(NULL));
+}
+END_TEST
+
+START_TEST(mailbox_checks)
+{
+    ck_assert_ptr_null(mso_check_mailbox("someone@example.com"));
+    ck_assert_ptr_null(mso_check_mailbox("first.last+tag@sub.example.co.uk"));
+    ck_assert_ptr_nonnull(mso_check_mailbox("someone"));
+    ck_assert_ptr_nonnull(mso_check_mailbox("@example.com"));
+    ck_assert_ptr_nonnull(mso_check_mailbox("a@b@example.com"));
+    ck_assert_ptr_nonnull(mso_check_mailbox("a@localhost"));
+    ck_assert_ptr_nonnull(mso_check_mailbox("a b@example.com"));
+    ck_assert_ptr_nonnull(mso_check_mailbox("\"a\"@example.com"));
+    ck_assert_ptr_nonnull(mso_check_mailbox(NULL));
+    ck_assert_str_eq(mso_lower(pool, "Some.One@Example.COM"), "some.one@example.com");
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("flow");
+    TCase *tc = tcase_create("flow");
+    SRunner *sr;
+    int failed;
+
+    apr_initialize();
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, round_trip);
+    tcase_add_test(tc, optional_fields);
+    tcase_add_test(tc, rejections);
+    tcase_add_test(tc, cookie_names);
+    tcase_add_test(tc, return_to_checks);
+    tcase_add_test(tc, mailbox_checks);
+    suite_add_tcase(s, tc);
+    sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    apr_terminate();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,638 @@
+/* Checks of the HTTP client (lib/mso_http) against a small HTTP/1.1 server
+ * running in a thread of the test process itself. Each test gets its own
+ * server from the checked fixture, so it works with and without CK_FORK. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* strcasestr */
+#endif
+#include <check.h>
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <apr_date.h>
+#include <apr_general.h>
+#include <apr_strings.h>
+#include <apr_time.h>
+
+#include "mso_http.h"
+
+/* ---- the server ---------------------------------------------------------- */
+
+typedef struct {
+    int lfd;
+    int wake[2];
+    int port;
+    int conns;              /* accepted connections, read with __atomic */
+    pthread_t thread;
+} server_t;
+
+static server_t srv;
+/* The test thread's pool: the server thread never touches it. */
+static apr_pool_t *pool;
+
+/* MSG_NOSIGNAL: the client hangs up on purpose in the max_body tests. */
+static void send_all(int fd, const char *buf, size_t len)
+{
+    ssize_t n;
+
+    while (len) {
+        n = send(fd, buf, len, MSG_NOSIGNAL);
+        if (n <= 0) {
+            return;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+}
+
+static void send_str(int fd, const char *s)
+{
+    send_all(fd, s, strlen(s));
+}
+
+/* Holds the connection open, sending nothing, until the client gives up. */
+static void wait_for_close(int fd)
+{
+    struct pollfd pfd = {fd, POLLIN, 0};
+    char c;
+
+    while (poll(&pfd, 1, 3000) > 0 && recv(fd, &c, 1, 0) > 0) {
+    }
+}
+
+/* Reads one request: header block plus Content-Length bytes of body.
+ * Returns its length, or 0 when the client sent nothing usable. */
+static size_t read_request(int fd, char *buf, size_t size)
+{
+    struct pollfd pfd = {fd, POLLIN, 0};
+    size_t len = 0, want = 0;
+    const char *end, *cl;
+    ssize_t n;
+
+    while (len < size - 1) {
+        if (poll(&pfd, 1, 2000) <= 0) {
+            return 0;
+        }
+        n = recv(fd, buf + len, size - 1 - len, 0);
+        if (n <= 0) {
+            return 0;
+        }
+        len += (size_t)n;
+        buf[len] = '\0';
+        end = strstr(buf, "\r\n\r\n");
+        if (!end) {
+            continue;
+        }
+        if (!want) {
+            cl = strcasestr(buf, "\r\nContent-Length:");
+            want = (size_t)(end + 4 - buf) + (cl && cl < end ? strtoul(cl + 17, NULL, 10) : 0);
+        }
+        if (len >= want) {
+            return len;
+        }
+    }
+    return len;
+}
+
+static void respond(int fd, const char *req, size_t req_len)
+{
+    char path[128] = "";
+    char date[APR_RFC822_DATE_LEN];
+    char big[5000];
+    char head[256];
+    const char *sp = strchr(req, ' ');
+
+    if (sp) {
+        sscanf(sp + 1, "%127s", path);
+    }
+    memset(big, 'x', sizeof(big));
+    if (strcmp(path, "/ok") == 0) {
+        send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Test: yes\r\n"
+                     "X-Multi: a\r\nX-Multi: b\r\nX-Spaces:   padded  \r\n"
+                     "Content-Length: 5\r\nConnection: close\r\n\r\nhello");
+    }
+    else if (strcmp(path, "/empty") == 0) {
+        send_str(fd, "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+    }
+    else if (strcmp(path, "/continue") == 0) {
+        send_str(fd, "HTTP/1.1 100 Continue\r\nX-Early: 1\r\n\r\n"
+                     "HTTP/1.1 201 Created\r\nX-Late: 2\r\nContent-Length: 2\r\n"
+                     "Connection: close\r\n\r\nok");
+    }
+    else if (strcmp(path, "/redirect") == 0) {
+        send_str(fd, "HTTP/1.1 302 Found\r\nLocation: /ok\r\nContent-Length: 0\r\n"
+                     "Connection: close\r\n\r\n");
+    }
+    else if (strncmp(path, "/retry/", 7) == 0) {
+        const char *v = path + 7;
+
+        /* Paths can't hold spaces: "date+N" / "date-N" stand for HTTP dates. */
+        if (strncmp(v, "date", 4) == 0) {
+            apr_rfc822_date(date, apr_time_now() + apr_time_from_sec(atol(v + 4)));
+            v = date;
+        }
+        snprintf(head, sizeof(head), "HTTP/1.1 %s\r\nRetry-After: %s\r\n"
+                 "Content-Length: 0\r\nConnection: close\r\n\r\n",
+                 v == date ? "503 Service Unavailable" : "429 Too Many Requests", v);
+        send_str(fd, head);
+    }
+    else if (strcmp(path, "/big") == 0 || strcmp(path, "/limit") == 0) {
+        size_t n = strcmp(path, "/big") == 0 ? sizeof(big) : 1000;
+
+        snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %lu\r\n"
+                 "Connection: close\r\n\r\n", (unsigned long)n);
+        send_str(fd, head);
+        send_all(fd, big, n);
+    }
+    else if (strcmp(path, "/big-close") == 0) {
+        /* No Content-Length: only the write callback can stop this one. */
+        send_str(fd, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        send_all(fd, big, sizeof(big));
+    }
+    else if (strcmp(path, "/stall") == 0) {
+        wait_for_close(fd);
+    }
+    else if (strcmp(path, "/stall-body") == 0) {
+        send_str(fd, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n"
+                     "0123456789");
+        wait_for_close(fd);
+    }
+    else if (strcmp(path, "/echo") == 0) {
+        snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %lu\r\n"
+                 "Connection: close\r\n\r\n", (unsigned long)req_len);
+        send_str(fd, head);
+        send_all(fd, req, req_len);
+    }
+    else {
+        send_str(fd, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+}
+
+static void *serve(void *arg)
+{
+    struct pollfd pfd[2] = {{srv.lfd, POLLIN, 0}, {srv.wake[0], POLLIN, 0}};
+    static char req[65536];
+    size_t len;
+    int fd;
+
+    for (;;) {
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            break;
+        }
+        if (pfd[1].revents) {
+            break;
+        }
+        fd = accept(srv.lfd, NULL, NULL);
+        if (fd < 0) {
+            continue;
+        }
+        __atomic_add_fetch(&srv.conns, 1, __ATOMIC_SEQ_CST);
+        len = read_request(fd, req, sizeof(req));
+        if (len) {
+            respond(fd, req, len);
+        }
+        close(fd);
+    }
+    return NULL;
+}
+
+static int bound_socket(int *port)
+{
+    struct sockaddr_in sa;
+    socklen_t sl = sizeof(sa);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+    ck_assert_int_ge(fd, 0);
+    memset(&sa, 0, sizeof(sa));
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &sl), 0);
+    *port = ntohs(sa.sin_port);
+    return fd;
+}
+
+static void setup(void)
+{
+    apr_pool_create(&pool, NULL);
+    memset(&srv, 0, sizeof(srv));
+    srv.lfd = bound_socket(&srv.port);
+    ck_assert_int_eq(listen(srv.lfd, 16), 0);
+    ck_assert_int_eq(pipe(srv.wake), 0);
+    ck_assert_int_eq(pthread_create(&srv.thread, NULL, serve, NULL), 0);
+}
+
+static void teardown(void)
+{
+    ck_assert_int_eq(write(srv.wake[1], "x", 1), 1);
+    pthread_join(srv.thread, NULL);
+    close(srv.lfd);
+    close(srv.wake[0]);
+    close(srv.wake[1]);
+    apr_pool_destroy(pool);
+}
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static int conns(void)
+{
+    return __atomic_load_n(&srv.conns, __ATOMIC_SEQ_CST);
+}
+
+static const char *url(const char *path)
+{
+    return apr_psprintf(pool, "http://127.0.0.1:%d%s", srv.port, path);
+}
+
+static mso_http_opts_t fast_opts(void)
+{
+    mso_http_opts_t o;
+
+    mso_http_opts_default(&o);
+    o.connect_timeout_ms = 1000;
+    o.timeout_ms = 2000;
+    o.stall_seconds = 2;
+    o.max_body = 1000;
+    return o;
+}
+
+static apr_array_header_t *hdrs(const char *h1, const char *h2)
+{
+    apr_array_header_t *a = apr_array_make(pool, 2, sizeof(const char *));
+
+    if (h1) {
+        APR_ARRAY_PUSH(a, const char *) = h1;
+    }
+    if (h2) {
+        APR_ARRAY_PUSH(a, const char *) = h2;
+    }
+    return a;
+}
+
+static mso_http_response_t *get(const char *path, apr_status_t want)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url(path), NULL, NULL, 0, &r), want);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_ptr_nonnull(r->body);
+    ck_assert_ptr_nonnull(r->headers);
+    return r;
+}
+
+/* The request body as the server saw it, after the header block. */
+static const char *echoed_body(const mso_http_response_t *r)
+{
+    const char *b = strstr(r->body, "\r\n\r\n");
+
+    ck_assert_ptr_nonnull(b);
+    return b + 4;
+}
+
+static int count_header(const apr_table_t *t, const char *name)
+{
+    const apr_array_header_t *a = apr_table_elts(t);
+    const apr_table_entry_t *e = (const apr_table_entry_t *)a->elts;
+    int i, n = 0;
+
+    for (i = 0; i < a->nelts; i++) {
+        if (strcasecmp(e[i].key, name) == 0) {
+            n++;
+        }
+        ck_assert(strncmp(e[i].key, "HTTP/", 5) != 0);
+    }
+    return n;
+}
+
+/* ---- tests --------------------------------------------------------------- */
+
+START_TEST(ok_with_headers)
+{
+    mso_http_response_t *r = get("/ok", APR_SUCCESS);
+
+    ck_assert_int_eq(r->status, 200);
+    ck_assert_str_eq(r->body, "hello");
+    ck_assert_uint_eq(r->body_len, 5);
+    ck_assert_str_eq(apr_table_get(r->headers, "x-test"), "yes");
+    ck_assert_str_eq(apr_table_get(r->headers, "X-Spaces"), "padded");
+    ck_assert_str_eq(apr_table_get(r->headers, "Content-Type"), "text/plain");
+    ck_assert_int_eq(count_header(r->headers, "X-Multi"), 2);
+    ck_assert_int_eq(r->retry_after, -1);
+    ck_assert_ptr_null(r->error);
+    ck_assert(r->seconds >= 0 && r->seconds < 2);
+
+    r = get("/empty", APR_SUCCESS);
+    ck_assert_int_eq(r->status, 204);
+    ck_assert_str_eq(r->body, "");
+    ck_assert_uint_eq(r->body_len, 0);
+
+    r = get("/nothing-here", APR_SUCCESS);
+    ck_assert_int_eq(r->status, 404);
+}
+END_TEST
+
+START_TEST(last_header_block)
+{
+    mso_http_response_t *r = get("/continue", APR_SUCCESS);
+
+    ck_assert_int_eq(r->status, 201);
+    ck_assert_str_eq(r->body, "ok");
+    ck_assert_ptr_null(apr_table_get(r->headers, "X-Early"));
+    ck_assert_str_eq(apr_table_get(r->headers, "X-Late"), "2");
+}
+END_TEST
+
+START_TEST(no_redirects)
+{
+    mso_http_response_t *r = get("/redirect", APR_SUCCESS);
+
+    ck_assert_int_eq(r->status, 302);
+    ck_assert_str_eq(apr_table_get(r->headers, "Location"), "/ok");
+    ck_assert_int_eq(conns(), 1);
+}
+END_TEST
+
+START_TEST(retry_after)
+{
+    mso_http_response_t *r = get("/retry/7", APR_SUCCESS);
+
+    ck_assert_int_eq(r->status, 429);
+    ck_assert_int_eq(r->retry_after, 7);
+
+    r = get("/retry/date+120", APR_SUCCESS);
+    ck_assert_int_eq(r->status, 503);
+    ck_assert_int_ge(r->retry_after, 115);
+    ck_assert_int_le(r->retry_after, 120);
+
+    ck_assert_int_eq(get("/retry/date-600", APR_SUCCESS)->retry_after, 0);
+    ck_assert_int_eq(get("/retry/date+999999", APR_SUCCESS)->retry_after, 86400);
+    ck_assert_int_eq(get("/retry/0", APR_SUCCESS)->retry_after, 0);
+    ck_assert_int_eq(get("/retry/86401", APR_SUCCESS)->retry_after, 86400);
+    ck_assert_int_eq(get("/retry/99999999999999999999999", APR_SUCCESS)->retry_after, 86400);
+    ck_assert_int_eq(get("/retry/-5", APR_SUCCESS)->retry_after, -1);
+    ck_assert_int_eq(get("/retry/soon", APR_SUCCESS)->retry_after, -1);
+    ck_assert_int_eq(get("/retry/7x", APR_SUCCESS)->retry_after, -1);
+}
+END_TEST
+
+START_TEST(max_body)
+{
+    mso_http_response_t *r;
+
+    /* Content-Length announces too much; then no length at all. */
+    r = get("/big", APR_ENOSPC);
+    ck_assert_ptr_nonnull(r->error);
+    ck_assert_str_eq(r->body, "");
+    r = get("/big-close", APR_ENOSPC);
+    ck_assert_ptr_nonnull(r->error);
+    ck_assert_ptr_null(strstr(r->error, "xxxx"));
+    ck_assert_str_eq(r->body, "");
+    /* Exactly the cap is fine. */
+    r = get("/limit", APR_SUCCESS);
+    ck_assert_uint_eq(r->body_len, 1000);
+    ck_assert_uint_eq(strlen(r->body), 1000);
+}
+END_TEST
+
+START_TEST(timeout)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    apr_time_t start = apr_time_now();
+
+    o.timeout_ms = 300;
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/stall"), NULL, NULL, 0, &r),
+                     APR_TIMEUP);
+    ck_assert_ptr_nonnull(r->error);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert(apr_time_now() - start < apr_time_from_msec(1500));
+    ck_assert(r->seconds >= 0.25 && r->seconds < 1.5);
+}
+END_TEST
+
+START_TEST(stall)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+
+    /* Nothing comes back: the low-speed limit trips long before the overall
+     * timeout. (After some bytes arrived, curl averages speed over a few
+     * seconds, so a mid-body stall is detected later than stall_seconds.) */
+    o.timeout_ms = 4000;
+    o.stall_seconds = 1;
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/stall"), NULL, NULL, 0, &r),
+                     APR_TIMEUP);
+    ck_assert_ptr_nonnull(strstr(r->error, "too slow"));
+    ck_assert(r->seconds < 2.5);
+
+    /* Timeout in the middle of a body: no partial body handed back. */
+    o.timeout_ms = 300;
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/stall-body"), NULL, NULL, 0, &r),
+                     APR_TIMEUP);
+    ck_assert_ptr_nonnull(r->error);
+    ck_assert_int_eq(r->status, 200);
+    ck_assert_str_eq(r->body, "");
+}
+END_TEST
+
+START_TEST(refused)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    int port;
+    /* Bound but not listening: the port is ours, and connecting is refused. */
+    int fd = bound_socket(&port);
+
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET",
+                                      apr_psprintf(pool, "http://127.0.0.1:%d/", port),
+                                      NULL, NULL, 0, &r),
+                     APR_EGENERAL);
+    close(fd);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert_ptr_nonnull(r->error);
+    ck_assert_int_gt(strlen(r->error), 0);
+    ck_assert_str_eq(r->body, "");
+}
+END_TEST
+
+START_TEST(refuse_bad_input)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/ok"),
+                                      hdrs("Accept: text/plain", "X-Bad: a\r\nOrigin: evil"),
+                                      NULL, 0, &r),
+                     APR_EINVAL);
+    ck_assert_ptr_nonnull(r->error);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/ok"), hdrs("X-Bad: a\nb", NULL),
+                                      NULL, 0, &r),
+                     APR_EINVAL);
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/ok"), hdrs("X-Bad: a\rb", NULL),
+                                      NULL, 0, &r),
+                     APR_EINVAL);
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/ok x"), NULL, NULL, 0, &r),
+                     APR_EINVAL);
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/ok\r\nX: y"), NULL, NULL, 0, &r),
+                     APR_EINVAL);
+    ck_assert_int_eq(mso_http_request(pool, &o, "PUT", url("/ok"), NULL, "x", 1, &r),
+                     APR_EINVAL);
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/ok"), NULL, "x", 1, &r),
+                     APR_EINVAL);
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", "file:///etc/passwd", NULL, NULL, 0,
+                                      &r),
+                     APR_EGENERAL);
+    /* None of this reached the server; the next good request is its first. */
+    get("/ok", APR_SUCCESS);
+    ck_assert_int_eq(conns(), 1);
+}
+END_TEST
+
+START_TEST(echo_post_form)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    const char *form = mso_form_encode(pool, "grant_type", "authorization_code",
+                                       "code", "a b&c=d/\xc3\xa9", NULL);
+
+    ck_assert_int_eq(mso_http_request(pool, &o, "POST", url("/echo"),
+                                      hdrs("Content-Type: application/x-www-form-urlencoded",
+                                           "Accept: application/json"),
+                                      form, strlen(form), &r),
+                     APR_SUCCESS);
+    ck_assert_int_eq(r->status, 200);
+    ck_assert(strncmp(r->body, "POST /echo HTTP/1.1\r\n", 21) == 0);
+    ck_assert_str_eq(echoed_body(r), "grant_type=authorization_code&code=a%20b%26c%3Dd%2F%C3%A9");
+    ck_assert_ptr_nonnull(strstr(r->body, "\r\nContent-Type: application/x-www-form-urlencoded\r\n"));
+    ck_assert_ptr_nonnull(strstr(r->body, "\r\nAccept: application/json\r\n"));
+    ck_assert_ptr_nonnull(strstr(r->body, "\r\nUser-Agent: mod_msoauth/"));
+    ck_assert_ptr_null(strcasestr(r->body, "\r\nOrigin:"));
+    ck_assert_ptr_null(strcasestr(r->body, "\r\nExpect:"));
+}
+END_TEST
+
+START_TEST(echo_methods)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    const char *json = "{\"displayName\":\"x\"}";
+
+    o.user_agent = "tester/1";
+    ck_assert_int_eq(mso_http_request(pool, &o, "PATCH", url("/echo"),
+                                      hdrs("Content-Type: application/json", NULL),
+                                      json, strlen(json), &r),
+                     APR_SUCCESS);
+    ck_assert(strncmp(r->body, "PATCH /echo HTTP/1.1\r\n", 22) == 0);
+    ck_assert_str_eq(echoed_body(r), json);
+    ck_assert_ptr_nonnull(strstr(r->body, "\r\nContent-Type: application/json\r\n"));
+    ck_assert_ptr_nonnull(strstr(r->body, "\r\nUser-Agent: tester/1\r\n"));
+    ck_assert_ptr_null(strcasestr(r->body, "\r\nOrigin:"));
+
+    ck_assert_int_eq(mso_http_request(pool, &o, "DELETE", url("/echo"),
+                                      hdrs("Authorization: Bearer t0k", NULL), NULL, 0, &r),
+                     APR_SUCCESS);
+    ck_assert(strncmp(r->body, "DELETE /echo HTTP/1.1\r\n", 23) == 0);
+    ck_assert_ptr_nonnull(strstr(r->body, "\r\nAuthorization: Bearer t0k\r\n"));
+    ck_assert_str_eq(echoed_body(r), "");
+
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/echo"), NULL, NULL, 0, &r),
+                     APR_SUCCESS);
+    ck_assert(strncmp(r->body, "GET /echo HTTP/1.1\r\n", 20) == 0);
+    ck_assert_ptr_null(strcasestr(r->body, "\r\nContent-Length:"));
+    ck_assert_ptr_null(strcasestr(r->body, "\r\nOrigin:"));
+
+    /* POST with no body still sends Content-Length: 0. */
+    ck_assert_int_eq(mso_http_request(pool, &o, "POST", url("/echo"), NULL, NULL, 0, &r),
+                     APR_SUCCESS);
+    ck_assert_ptr_nonnull(strcasestr(r->body, "\r\nContent-Length: 0\r\n"));
+}
+END_TEST
+
+START_TEST(encoding)
+{
+    ck_assert_str_eq(mso_url_encode(pool, "a b&c=d/\xc3\xa9"), "a%20b%26c%3Dd%2F%C3%A9");
+    ck_assert_str_eq(mso_url_encode(pool, "AZaz09-._~"), "AZaz09-._~");
+    ck_assert_str_eq(mso_url_encode(pool, "\x01+%\x7f\xff"), "%01%2B%25%7F%FF");
+    ck_assert_str_eq(mso_url_encode(pool, ""), "");
+
+    ck_assert_str_eq(mso_form_encode(pool, "a", "1", "skip", NULL, "b c", "~x y", NULL),
+                     "a=1&b%20c=~x%20y");
+    ck_assert_str_eq(mso_form_encode(pool, "only", NULL, NULL), "");
+    ck_assert_str_eq(mso_form_encode(pool, NULL), "");
+    ck_assert_str_eq(mso_form_encode(pool, "e", "", NULL), "e=");
+
+    ck_assert_str_eq(mso_url_decode(pool, "a+b%20c%2f%2F"), "a b c//");
+    ck_assert_str_eq(mso_url_decode(pool, "a%20b%26c%3Dd%2F%C3%A9"), "a b&c=d/\xc3\xa9");
+    ck_assert_str_eq(mso_url_decode(pool, "~"), "~");
+    ck_assert_str_eq(mso_url_decode(pool, ""), "");
+    ck_assert_str_eq(mso_url_decode(pool, mso_url_encode(pool, "x+y z~%")), "x+y z~%");
+    ck_assert_ptr_null(mso_url_decode(pool, "%zz"));
+    ck_assert_ptr_null(mso_url_decode(pool, "%0"));
+    ck_assert_ptr_null(mso_url_decode(pool, "%00"));
+    ck_assert_ptr_null(mso_url_decode(pool, "ab%"));
+    ck_assert_ptr_null(mso_url_decode(pool, "%g1"));
+    ck_assert_ptr_null(mso_url_decode(pool, "%1g"));
+    ck_assert_ptr_null(mso_url_decode(pool, NULL));
+}
+END_TEST
+
+START_TEST(defaults)
+{
+    mso_http_opts_t o;
+
+    mso_http_opts_default(&o);
+    ck_assert_int_eq(o.connect_timeout_ms, 10000);
+    ck_assert_int_eq(o.timeout_ms, 30000);
+    ck_assert_int_eq(o.stall_seconds, 15);
+    ck_assert_uint_eq(o.max_body, 4 * 1024 * 1024);
+    ck_assert_ptr_null(o.ca_file);
+    ck_assert(strncmp(o.user_agent, "mod_msoauth/", 12) == 0);
+    ck_assert_int_eq(mso_http_global_init(), APR_SUCCESS);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("http");
+    TCase *tc = tcase_create("client");
+    SRunner *sr;
+    int failed;
+
+    apr_initialize();
+    if (mso_http_global_init() != APR_SUCCESS) {
+        return EXIT_FAILURE;
+    }
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, ok_with_headers);
+    tcase_add_test(tc, last_header_block);
+    tcase_add_test(tc, no_redirects);
+    tcase_add_test(tc, retry_after);
+    tcase_add_test(tc, max_body);
+    tcase_add_test(tc, timeout);
+    tcase_add_test(tc, stall);
+    tcase_add_test(tc, refused);
+    tcase_add_test(tc, refuse_bad_input);
+    tcase_add_test(tc, echo_post_form);
+    tcase_add_test(tc, echo_methods);
+    tcase_add_test(tc, encoding);
+    tcase_add_test(tc, defaults);
+    suite_add_tcase(s, tc);
+    sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    apr_terminate();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,762 @@
+/* The database layer (lib/mso_store) against real databases: every test runs
+ * once on SQLite (a temporary file) and once on PostgreSQL (MSO_TEST_PGSQL,
+ * the apr_dbd params of a cluster started by t/pgcluster.sh). */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <apr_dbd.h>
+#include <apr_general.h>
+#include <apr_strings.h>
+
+#include "mso_store.h"
+
+#define BACKEND_SQLITE 0
+#define BACKEND_PGSQL 1
+
+static apr_pool_t *pool;
+static char tmpdir[64];
+static char sqlite_path[128];
+
+static void setup(void)
+{
+    apr_pool_create(&pool, NULL);
+    tmpdir[0] = sqlite_path[0] = '\0';
+}
+
+static void teardown(void)
+{
+    static const char *const suffix[] = {"", "-wal", "-shm", "-journal"};
+    char path[160];
+    size_t i;
+
+    apr_pool_destroy(pool);
+    if (!tmpdir[0]) {
+        return;
+    }
+    for (i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
+        snprintf(path, sizeof(path), "%s%s", sqlite_path, suffix[i]);
+        unlink(path);
+    }
+    rmdir(tmpdir);
+}
+
+typedef struct {
+    const apr_dbd_driver_t *driver;
+    apr_dbd_t *handle;
+} conn_t;
+
+static apr_status_t close_conn(void *data)
+{
+    conn_t *c = data;
+
+    apr_dbd_close(c->driver, c->handle);
+    return APR_SUCCESS;
+}
+
+/* A new connection of its own (each forked process needs one), closed with p. */
+static mso_db_t *connect_db(int backend, apr_pool_t *p)
+{
+    const apr_dbd_driver_t *driver;
+    apr_dbd_t *handle = NULL;
+    const char *params, *error = NULL;
+    mso_db_t *db;
+    apr_status_t rv;
+
+    if (backend == BACKEND_PGSQL) {
+        params = getenv("MSO_TEST_PGSQL");
+        ck_assert_msg(params && *params,
+                      "MSO_TEST_PGSQL is not set: run scripts/test.sh or t/pgcluster.sh");
+    }
+    else {
+        if (!sqlite_path[0]) {     /* one database file per test */
+            strcpy(tmpdir, "/tmp/mso-store-XXXXXX");
+            ck_assert_ptr_nonnull(mkdtemp(tmpdir));
+            snprintf(sqlite_path, sizeof(sqlite_path), "%s/msoauth.db", tmpdir);
+        }
+        params = sqlite_path;
+    }
+    rv = apr_dbd_get_driver(p, backend == BACKEND_PGSQL ? "pgsql" : "sqlite3", &driver);
+    ck_assert_msg(rv == APR_SUCCESS, "apr_dbd driver %s not available (rv %d): install "
+                  "libaprutil1-dbd-sqlite3 / libaprutil1-dbd-pgsql",
+                  backend == BACKEND_PGSQL ? "pgsql" : "sqlite3", rv);
+    rv = apr_dbd_open_ex(driver, p, params, &handle, &error);
+    ck_assert_msg(rv == APR_SUCCESS, "cannot open database '%s': %s", params,
+                  error ? error : "(no message)");
+    {
+        conn_t *c = apr_palloc(p, sizeof(*c));
+
+        c->driver = driver;
+        c->handle = handle;
+        apr_pool_cleanup_register(p, c, close_conn, apr_pool_cleanup_null);
+    }
+    /* The wrapper in a subpool: it must not outlive the connection. */
+    {
+        apr_pool_t *wp;
+
+        apr_pool_create(&wp, p);
+        ck_assert_int_eq(mso_db_wrap(wp, driver, handle, &db), APR_SUCCESS);
+    }
+    return db;
+}
+
+static void exec_ok(mso_db_t *db, const char *sql)
+{
+    int n = 0;
+    int rc = apr_dbd_query(db->driver, db->handle, &n, sql);
+
+    ck_assert_msg(rc == 0, "%s: %s", sql, apr_dbd_error(db->driver, db->handle, rc));
+}
+
+/* A clean database for the test: the SQLite file is new; on PostgreSQL the
+ * tables of an earlier test are dropped. */
+static mso_db_t *fresh_db(int backend)
+{
+    mso_db_t *db = connect_db(backend, pool);
+
+    if (backend == BACKEND_PGSQL) {
+        exec_ok(db, "DROP TABLE IF EXISTS msoauth_tokens, msoauth_sync_folders, "
+                    "msoauth_flows_used, msoauth_actions, msoauth_messages, msoauth_accounts, msoauth_schema "
+                    "CASCADE");
+    }
+    return db;
+}
+
+/* Runs a select without values; returns 0 and the first column as a number,
+ * or the driver's error code. */
+static int select_num(mso_db_t *db, const char *sql, long long *value)
+{
+    apr_dbd_results_t *res = NULL;
+    apr_dbd_row_t *row = NULL;
+    const char *v;
+    int rc;
+
+    *value = -1;
+    rc = apr_dbd_select(db->driver, pool, db->handle, &res, sql, 1);
+    if (rc != 0) {
+        return rc;
+    }
+    if (apr_dbd_get_row(db->driver, pool, res, &row, -1) == 0) {
+        v = apr_dbd_get_entry(db->driver, row, 0);
+        *value = (v && *v) ? atoll(v) : 0;
+        while (apr_dbd_get_row(db->driver, pool, res, &row, -1) == 0) {
+        }
+    }
+    return 0;
+}
+
+static long long num(mso_db_t *db, const char *sql)
+{
+    long long v;
+    int rc = select_num(db, sql, &v);
+
+    ck_assert_msg(rc == 0, "%s: %s", sql, apr_dbd_error(db->driver, db->handle, rc));
+    return v;
+}
+
+/* A prepared statement with binary args, run once; returns the driver code. */
+static int pexec(mso_db_t *db, const char *sql, const void **args)
+{
+    apr_dbd_prepared_t *st = NULL;
+    int n = 0, rc;
+
+    rc = apr_dbd_prepare(db->driver, pool, db->handle, sql, NULL, &st);
+    if (rc != 0) {
+        return rc;
+    }
+    return apr_dbd_pbquery(db->driver, pool, db->handle, &n, st, args);
+}
+
+static void migrate_ok(mso_db_t *db)
+{
+    int from = -1, to = -1;
+    const char *err = NULL;
+    apr_status_t rv = mso_store_migrate(db, &from, &to, &err);
+
+    ck_assert_msg(rv == APR_SUCCESS, "migrate: %s", err ? err : "(no message)");
+    ck_assert_int_eq(to, mso_store_latest_version());
+}
+
+static mso_account_t sample(const char *company, const char *mailbox)
+{
+    mso_account_t a;
+
+    memset(&a, 0, sizeof(a));
+    a.company = company;
+    a.mailbox = mailbox;
+    a.display_name = "Alice Example";
+    a.tenant_id = "0f3b8a52-1c1e-4d1b-9a7e-2b9f6c1d4e5a";
+    a.object_id = "11111111-2222-3333-4444-555555555555";
+    a.scopes = "openid profile email offline_access Mail.Read";
+    a.authority = "https://login.microsoftonline.com/common";
+    a.access_expires_at = 1700003600;
+    a.connected_by = "admin";
+    return a;
+}
+
+static void connect_ok(mso_db_t *db, mso_account_t *a, const char *refresh, const char *access,
+                       apr_int64_t now)
+{
+    const char *err = NULL;
+    apr_status_t rv = mso_store_account_connect(db, a, refresh, access, now, &err);
+
+    ck_assert_msg(rv == APR_SUCCESS, "account_connect: %s", err ? err : "(no message)");
+    ck_assert_int_gt(a->id, 0);
+}
+
+static void token_is(mso_db_t *db, apr_int64_t id, const char *kind, const char *sealed,
+                     apr_int64_t expires)
+{
+    const char *got = NULL;
+    apr_int64_t exp = -1;
+
+    ck_assert_int_eq(mso_store_token_get(db, pool, id, kind, &got, &exp), APR_SUCCESS);
+    ck_assert_str_eq(got, sealed);
+    ck_assert_int_eq(exp, expires);
+}
+
+/* ------------------------------------------------------------------------- */
+
+static const char *const schema_columns[][20] = {
+    {"msoauth_schema", "version", "applied_at", NULL},
+    {"msoauth_accounts", "id", "company", "mailbox", "display_name", "tenant_id", "object_id",
+     "scopes", "state", "authority", "access_expires_at", "last_sync_at", "last_error",
+     "connected_by", "created_at", "updated_at", NULL},
+    {"msoauth_tokens", "account_id", "kind", "sealed", "expires_at", "updated_at", NULL},
+    {"msoauth_messages", "id", "account_id", "graph_id", "folder", "internet_message_id",
+     "conversation_id", "subject", "from_address", "from_name", "to_json", "received_at",
+     "is_read", "has_attachments", "importance", "body_preview", "body_type", "body",
+     "web_link", NULL},
+    {"msoauth_messages", "removed", "updated_at", NULL},
+    {"msoauth_actions", "id", "account_id", "graph_id", "action", "destination", "state",
+     "attempts", "last_error", "created_at", "updated_at", NULL},
+    {"msoauth_sync_folders", "account_id", "folder", "delta_link", "next_link", "phase",
+     "updated_at", NULL},
+};
+
+START_TEST(migrate_creates_schema)
+{
+    mso_db_t *db = fresh_db(_i);
+    int from = -1, to = -1, version = -1;
+    const char *err = NULL;
+    long long v;
+    size_t t, c;
+
+    ck_assert_int_eq(mso_store_schema_version(db, &version), APR_SUCCESS);
+    ck_assert_int_eq(version, 0);
+    ck_assert_int_eq(mso_store_migrate(db, &from, &to, &err), APR_SUCCESS);
+    ck_assert_ptr_null(err);
+    ck_assert_int_eq(from, 0);
+    ck_assert_int_eq(to, mso_store_latest_version());
+    ck_assert_int_ge(mso_store_latest_version(), 1);
+    ck_assert_int_eq(mso_store_schema_version(db, &version), APR_SUCCESS);
+    ck_assert_int_eq(version, mso_store_latest_version());
+
+    /* Every column answers by name (a missing one is an error). */
+    for (t = 0; t < sizeof(schema_columns) / sizeof(schema_columns[0]); t++) {
+        for (c = 1; schema_columns[t][c]; c++) {
+            const char *sql = apr_psprintf(pool, "SELECT %s FROM %s WHERE 1 = 0",
+                                           schema_columns[t][c], schema_columns[t][0]);
+            int rc = select_num(db, sql, &v);
+
+            ck_assert_msg(rc == 0, "%s: %s", sql, apr_dbd_error(db->driver, db->handle, rc));
+        }
+    }
+    ck_assert_int_ne(select_num(db, "SELECT no_such_column FROM msoauth_accounts WHERE 1 = 0",
+                                &v), 0);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_schema"),
+                     mso_store_latest_version());
+
+    if (_i == BACKEND_SQLITE) {
+        ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND "
+                                 "name IN ('msoauth_messages_recent', 'msoauth_actions_queue')"),
+                         2);
+    }
+    else {
+        ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM pg_indexes WHERE indexname IN "
+                                 "('msoauth_messages_recent', 'msoauth_actions_queue')"), 2);
+    }
+
+    /* Defaults and checks an application relies on when it queues an action. */
+    {
+        mso_account_t a = sample("default", "alice@example.com");
+        const void *args[2];
+
+        connect_ok(db, &a, "sealed-r", "sealed-a", 1700000000);
+        args[0] = &a.id;
+        args[1] = "AAMkAD-1";
+        ck_assert_int_eq(pexec(db, "INSERT INTO msoauth_actions (account_id, graph_id, action) "
+                                   "VALUES (%lld, %s, 'mark_read')", args), 0);
+        ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_actions WHERE state = 'queued' "
+                                 "AND attempts = 0 AND created_at > 1600000000"), 1);
+        ck_assert_int_ne(pexec(db, "INSERT INTO msoauth_actions (account_id, graph_id, action) "
+                                   "VALUES (%lld, %s, 'explode')", args), 0);
+    }
+}
+END_TEST
+
+START_TEST(migrate_again_is_noop)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t a = sample("default", "alice@example.com");
+    mso_account_t *got;
+    int from = -1, to = -1;
+    const char *err = NULL;
+
+    migrate_ok(db);
+    connect_ok(db, &a, "sealed-r", "sealed-a", 1700000000);
+    ck_assert_int_eq(mso_store_migrate(db, &from, &to, &err), APR_SUCCESS);
+    ck_assert_int_eq(from, mso_store_latest_version());
+    ck_assert_int_eq(to, mso_store_latest_version());
+
+    /* A second connection (another child) finds nothing to do either. */
+    db = connect_db(_i, pool);
+    ck_assert_int_eq(mso_store_migrate(db, &from, &to, &err), APR_SUCCESS);
+    ck_assert_int_eq(from, mso_store_latest_version());
+    ck_assert_int_eq(to, mso_store_latest_version());
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_schema"),
+                     mso_store_latest_version());
+    ck_assert_int_eq(mso_store_account_get(db, pool, a.id, &got), APR_SUCCESS);
+    ck_assert_str_eq(got->mailbox, "alice@example.com");
+    token_is(db, a.id, "refresh", "sealed-r", 0);
+}
+END_TEST
+
+START_TEST(newer_schema_refused)
+{
+    mso_db_t *db = fresh_db(_i);
+    int newer = mso_store_latest_version() + 1, version = -1, from = -1, to = -1;
+    apr_int64_t now = 1700000000;
+    const void *args[2] = {&newer, &now};
+    const char *err = NULL;
+
+    migrate_ok(db);
+    ck_assert_int_eq(pexec(db, "INSERT INTO msoauth_schema (version, applied_at) "
+                               "VALUES (%d, %lld)", args), 0);
+    ck_assert_int_eq(mso_store_schema_version(db, &version), APR_SUCCESS);
+    ck_assert_int_eq(version, newer);
+
+    ck_assert_int_eq(mso_store_migrate(db, &from, &to, &err), APR_EGENERAL);
+    ck_assert_ptr_nonnull(err);
+    ck_assert_msg(strstr(err, "older than the schema") != NULL, "message: %s", err);
+    ck_assert_msg(strstr(err, apr_itoa(pool, newer)) != NULL, "message: %s", err);
+    ck_assert_int_eq(from, newer);
+    ck_assert_int_eq(to, newer);
+    /* Nothing was changed, and the connection is usable (no open transaction). */
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_schema"), 2);
+    {
+        mso_account_t a = sample("default", "x@example.com");
+
+        connect_ok(db, &a, "r", "a", now);
+    }
+}
+END_TEST
+
+#define RACERS 3
+
+START_TEST(concurrent_migrations)
+{
+    mso_db_t *db = fresh_db(_i);
+    pid_t pids[RACERS];
+    int go[2], i, status;
+    char c;
+
+    ck_assert_int_eq(pipe(go), 0);
+    for (i = 0; i < RACERS; i++) {
+        pids[i] = fork();
+        ck_assert_int_ge(pids[i], 0);
+        if (pids[i] == 0) {
+            apr_pool_t *p;
+            mso_db_t *mine;
+            int from = -1, to = -1;
+            const char *err = NULL;
+            apr_status_t rv;
+
+            close(go[1]);
+            apr_pool_create(&p, NULL);
+            mine = connect_db(_i, p);
+            /* Start together: wait until the parent closes the pipe. */
+            if (read(go[0], &c, 1) < 0) {
+                _exit(3);
+            }
+            rv = mso_store_migrate(mine, &from, &to, &err);
+            if (rv != APR_SUCCESS) {
+                fprintf(stderr, "racer %d: %s\n", i, err ? err : "(no message)");
+                _exit(1);
+            }
+            _exit(to == mso_store_latest_version() ? 0 : 2);
+        }
+    }
+    close(go[0]);
+    usleep(200000);
+    close(go[1]);
+    for (i = 0; i < RACERS; i++) {
+        ck_assert_int_eq(waitpid(pids[i], &status, 0), pids[i]);
+        ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                      "migration %d failed (status %d)", i, status);
+    }
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_schema"),
+                     mso_store_latest_version());
+    ck_assert_int_eq(num(db, "SELECT COUNT(DISTINCT version) FROM msoauth_schema"),
+                     mso_store_latest_version());
+    ck_assert_int_eq(num(db, "SELECT MAX(version) FROM msoauth_schema"),
+                     mso_store_latest_version());
+}
+END_TEST
+
+START_TEST(connect_insert_then_update)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t a = sample("default", "Alice@Example.COM");
+    mso_account_t b, *got;
+    apr_int64_t first_id, big = APR_INT64_C(5000000000);
+    const void *args[1];
+
+    migrate_ok(db);
+    a.access_expires_at = big;      /* does not fit 32 bits */
+    connect_ok(db, &a, "sealed-refresh-1", "sealed-access-1", 1700000000);
+    first_id = a.id;
+    ck_assert_str_eq(a.state, "connected");
+
+    ck_assert_int_eq(mso_store_account_get(db, pool, first_id, &got), APR_SUCCESS);
+    ck_assert_int_eq(got->id, first_id);
+    ck_assert_str_eq(got->company, "default");
+    ck_assert_str_eq(got->mailbox, "alice@example.com");
+    ck_assert_str_eq(got->display_name, "Alice Example");
+    ck_assert_str_eq(got->tenant_id, "0f3b8a52-1c1e-4d1b-9a7e-2b9f6c1d4e5a");
+    ck_assert_str_eq(got->object_id, "11111111-2222-3333-4444-555555555555");
+    ck_assert_str_eq(got->scopes, "openid profile email offline_access Mail.Read");
+    ck_assert_str_eq(got->state, "connected");
+    ck_assert_str_eq(got->authority, "https://login.microsoftonline.com/common");
+    ck_assert_int_eq(got->access_expires_at, big);
+    ck_assert_int_eq(got->last_sync_at, 0);
+    ck_assert_ptr_null(got->last_error);
+    ck_assert_str_eq(got->connected_by, "admin");
+    ck_assert_int_eq(got->created_at, 1700000000);
+    ck_assert_int_eq(got->updated_at, 1700000000);
+    token_is(db, first_id, "refresh", "sealed-refresh-1", 0);
+    token_is(db, first_id, "graph", "sealed-access-1", big);
+
+    /* The job later marks it and caches an Outlook token. */
+    args[0] = &first_id;
+    ck_assert_int_eq(pexec(db, "UPDATE msoauth_accounts SET state = 'reconnect_required', "
+                               "last_error = 'reconnect_required', last_sync_at = 1700000500 "
+                               "WHERE id = %lld", args), 0);
+    ck_assert_int_eq(pexec(db, "INSERT INTO msoauth_tokens (account_id, kind, sealed, "
+                               "updated_at) VALUES (%lld, 'outlook', 'old-outlook', 1)", args),
+                     0);
+
+    /* Reconnect: same row, new tokens, created_at kept. */
+    b = sample("default", "alice@EXAMPLE.com");
+    b.display_name = "Alice Renamed";
+    b.tenant_id = NULL;             /* not given this time: kept */
+    b.scopes = "openid profile email offline_access Mail.ReadWrite";
+    b.access_expires_at = 1700007200;
+    b.connected_by = "bob";
+    connect_ok(db, &b, "sealed-refresh-2", "sealed-access-2", 1700003000);
+    ck_assert_int_eq(b.id, first_id);
+    ck_assert_int_eq(b.created_at, 1700000000);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_accounts"), 1);
+
+    ck_assert_int_eq(mso_store_account_get(db, pool, first_id, &got), APR_SUCCESS);
+    ck_assert_str_eq(got->display_name, "Alice Renamed");
+    ck_assert_str_eq(got->tenant_id, "0f3b8a52-1c1e-4d1b-9a7e-2b9f6c1d4e5a");
+    ck_assert_str_eq(got->scopes, "openid profile email offline_access Mail.ReadWrite");
+    ck_assert_str_eq(got->state, "connected");
+    ck_assert_ptr_null(got->last_error);
+    ck_assert_int_eq(got->last_sync_at, 1700000500);
+    ck_assert_str_eq(got->connected_by, "bob");
+    ck_assert_int_eq(got->created_at, 1700000000);
+    ck_assert_int_eq(got->updated_at, 1700003000);
+    ck_assert_int_eq(got->access_expires_at, 1700007200);
+    token_is(db, first_id, "refresh", "sealed-refresh-2", 0);
+    token_is(db, first_id, "graph", "sealed-access-2", 1700007200);
+    {
+        const char *s = NULL;
+
+        ck_assert_int_eq(mso_store_token_get(db, pool, first_id, "outlook", &s, NULL),
+                         APR_NOTFOUND);
+    }
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_tokens"), 2);
+}
+END_TEST
+
+START_TEST(connect_rejects_missing_values)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t a = sample("default", "alice@example.com");
+    mso_account_t b, *got;
+    const char *err = NULL;
+
+    migrate_ok(db);
+    connect_ok(db, &a, "sealed-r", "sealed-a", 1700000000);
+
+    b = sample("default", "alice@example.com");
+    b.display_name = "Changed";
+    ck_assert_int_eq(mso_store_account_connect(db, &b, NULL, "new-a", 1700000100, &err),
+                     APR_EINVAL);
+    ck_assert_ptr_nonnull(err);
+    err = NULL;
+    ck_assert_int_eq(mso_store_account_connect(db, &b, "", "new-a", 1700000100, &err),
+                     APR_EINVAL);
+    ck_assert_ptr_nonnull(err);
+    b.mailbox = NULL;
+    err = NULL;
+    ck_assert_int_eq(mso_store_account_connect(db, &b, "r", "a", 1700000100, &err),
+                     APR_EINVAL);
+    ck_assert_ptr_nonnull(err);
+
+    token_is(db, a.id, "refresh", "sealed-r", 0);
+    token_is(db, a.id, "graph", "sealed-a", 1700003600);
+    ck_assert_int_eq(mso_store_account_get(db, pool, a.id, &got), APR_SUCCESS);
+    ck_assert_str_eq(got->display_name, "Alice Example");
+    ck_assert_int_eq(got->updated_at, 1700000000);
+}
+END_TEST
+
+START_TEST(connect_rolls_back_on_db_error)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t a = sample("default", "alice@example.com");
+    mso_account_t b, c, *got;
+    const char *err = NULL;
+
+    migrate_ok(db);
+    connect_ok(db, &a, "sealed-r", "sealed-a", 1700000000);
+
+    /* Make the second token insert fail inside the transaction, after the
+     * account row was updated and the old tokens deleted. */
+    if (_i == BACKEND_SQLITE) {
+        exec_ok(db, "CREATE TRIGGER msoauth_test_fail BEFORE INSERT ON msoauth_tokens "
+                    "WHEN NEW.sealed = 'FAIL' BEGIN SELECT RAISE(ABORT, 'forced failure'); "
+                    "END");
+    }
+    else {
+        exec_ok(db, "CREATE OR REPLACE FUNCTION msoauth_test_fail() RETURNS trigger "
+                    "LANGUAGE plpgsql AS $$ BEGIN IF NEW.sealed = 'FAIL' THEN "
+                    "RAISE EXCEPTION 'forced failure'; END IF; RETURN NEW; END $$");
+        exec_ok(db, "CREATE TRIGGER msoauth_test_fail BEFORE INSERT ON msoauth_tokens "
+                    "FOR EACH ROW EXECUTE FUNCTION msoauth_test_fail()");
+    }
+
+    b = sample("default", "alice@example.com");
+    b.display_name = "Should Not Stick";
+    ck_assert_int_eq(mso_store_account_connect(db, &b, "new-r", "FAIL", 1700000100, &err),
+                     APR_EGENERAL);
+    ck_assert_ptr_nonnull(err);
+    ck_assert_msg(strstr(err, "forced failure") != NULL, "message: %s", err);
+    token_is(db, a.id, "refresh", "sealed-r", 0);
+    token_is(db, a.id, "graph", "sealed-a", 1700003600);
+    ck_assert_int_eq(mso_store_account_get(db, pool, a.id, &got), APR_SUCCESS);
+    ck_assert_str_eq(got->display_name, "Alice Example");
+    ck_assert_int_eq(got->updated_at, 1700000000);
+
+    /* A new account whose tokens fail leaves no row behind. */
+    c = sample("default", "carol@example.com");
+    err = NULL;
+    ck_assert_int_eq(mso_store_account_connect(db, &c, "r", "FAIL", 1700000100, &err),
+                     APR_EGENERAL);
+    ck_assert_int_eq(mso_store_account_find(db, pool, "default", "carol@example.com", &got),
+                     APR_NOTFOUND);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_accounts"), 1);
+
+    /* The connection is still usable, also after more schema changes. */
+    exec_ok(db, _i == BACKEND_SQLITE ? "DROP TRIGGER msoauth_test_fail"
+                                     : "DROP TRIGGER msoauth_test_fail ON msoauth_tokens");
+    connect_ok(db, &c, "r", "a", 1700000200);
+    connect_ok(db, &b, "new-r", "new-a", 1700000200);
+    token_is(db, a.id, "graph", "new-a", 1700003600);
+}
+END_TEST
+
+START_TEST(mailbox_case_and_uniqueness)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t a = sample("acme", "Bob@X.COM");
+    mso_account_t b = sample("acme", "bob@x.com");
+    mso_account_t c = sample("other", "BOB@x.com");
+    mso_account_t *got;
+    apr_int64_t now = 1;
+
+    migrate_ok(db);
+    connect_ok(db, &a, "r1", "a1", 1700000000);
+    connect_ok(db, &b, "r2", "a2", 1700000001);
+    connect_ok(db, &c, "r3", "a3", 1700000002);
+    ck_assert_int_eq(a.id, b.id);
+    ck_assert_int_ne(a.id, c.id);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_accounts"), 2);
+    ck_assert_int_eq(mso_store_account_find(db, pool, "acme", "BOB@x.Com", &got), APR_SUCCESS);
+    ck_assert_int_eq(got->id, a.id);
+    ck_assert_str_eq(got->mailbox, "bob@x.com");
+    ck_assert_int_eq(mso_store_account_find(db, pool, "other", "bob@x.com", &got), APR_SUCCESS);
+    ck_assert_int_eq(got->id, c.id);
+    ck_assert_int_eq(mso_store_account_find(db, pool, "ACME", "bob@x.com", &got),
+                     APR_NOTFOUND);
+
+    /* The table itself refuses a second row with the same key. */
+    ck_assert_int_ne(pexec(db, "INSERT INTO msoauth_accounts (company, mailbox, created_at, "
+                               "updated_at) VALUES (%s, %s, %lld, %lld)",
+                           (const void *[]){"acme", "bob@x.com", &now, &now}), 0);
+    /* ...and a state outside the list. */
+    ck_assert_int_ne(pexec(db, "INSERT INTO msoauth_accounts (company, mailbox, state, "
+                               "created_at, updated_at) VALUES (%s, 'new@x.com', 'bogus', "
+                               "%lld, %lld)", (const void *[]){"acme", &now, &now}), 0);
+}
+END_TEST
+
+START_TEST(values_with_sql_metacharacters)
+{
+    static const char nasty[] = "o'brien@x.com'; DROP TABLE msoauth_accounts;--";
+    static const char nasty2[] = "Zo\xc3\xab \"Q\" \\ %s %d %lld $1 ? :x ''";
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t a = sample(nasty2, nasty);
+    mso_account_t *got;
+
+    migrate_ok(db);
+    a.display_name = nasty;
+    a.connected_by = nasty2;
+    a.scopes = nasty;
+    connect_ok(db, &a, nasty, nasty2, 1700000000);
+
+    ck_assert_int_eq(mso_store_account_get(db, pool, a.id, &got), APR_SUCCESS);
+    ck_assert_str_eq(got->company, nasty2);
+    ck_assert_str_eq(got->mailbox, "o'brien@x.com'; drop table msoauth_accounts;--");
+    ck_assert_str_eq(got->display_name, nasty);
+    ck_assert_str_eq(got->connected_by, nasty2);
+    ck_assert_str_eq(got->scopes, nasty);
+    ck_assert_int_eq(mso_store_account_find(db, pool, nasty2, nasty, &got), APR_SUCCESS);
+    ck_assert_int_eq(got->id, a.id);
+    token_is(db, a.id, "refresh", nasty, 0);
+    token_is(db, a.id, "graph", nasty2, 1700003600);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_accounts"), 1);
+}
+END_TEST
+
+START_TEST(not_found)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t a = sample("default", "alice@example.com");
+    mso_account_t *got = (mso_account_t *)1;
+    const char *sealed = "x";
+    apr_int64_t exp = 7;
+
+    migrate_ok(db);
+    ck_assert_int_eq(mso_store_account_get(db, pool, 424242, &got), APR_NOTFOUND);
+    ck_assert_ptr_null(got);
+    ck_assert_int_eq(mso_store_account_find(db, pool, "default", "nobody@example.com", &got),
+                     APR_NOTFOUND);
+    connect_ok(db, &a, "r", NULL, 1700000000);     /* no access token given */
+    ck_assert_int_eq(mso_store_token_get(db, pool, a.id, "graph", &sealed, &exp),
+                     APR_NOTFOUND);
+    ck_assert_ptr_null(sealed);
+    ck_assert_int_eq(mso_store_token_get(db, pool, a.id + 1, "refresh", &sealed, &exp),
+                     APR_NOTFOUND);
+    ck_assert_int_eq(mso_store_token_get(db, pool, a.id, "refresh", &sealed, &exp),
+                     APR_SUCCESS);
+}
+END_TEST
+
+START_TEST(flow_states_are_single_use)
+{
+    mso_db_t *db = fresh_db(_i);
+
+    migrate_ok(db);
+    ck_assert_int_eq(mso_store_flow_consume(db, "digest-one", 2000, 1000), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_flow_consume(db, "digest-one", 2000, 1001), APR_EEXIST);
+    ck_assert_int_eq(mso_store_flow_consume(db, "digest-two", 2000, 1001), APR_SUCCESS);
+    /* Once expired the digest is purged, so the table does not grow forever;
+     * the cookie's own expiry already refuses such a late replay. */
+    ck_assert_int_eq(mso_store_flow_consume(db, "digest-three", 3000, 2500), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_flow_consume(db, "digest-one", 3000, 2501), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_flow_consume(db, "", 3000, 2501), APR_EINVAL);
+    ck_assert_str_eq(mso_token_aad(pool, "acme", "A@Example.com", "refresh"),
+                     "token:refresh:acme:a@example.com");
+}
+END_TEST
+
+START_TEST(wrap_reuses_wrapper)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_db_t *again = NULL;
+
+    ck_assert_int_eq(db->kind, _i == BACKEND_SQLITE ? MSO_DB_SQLITE : MSO_DB_PGSQL);
+    ck_assert_int_eq(mso_db_wrap(db->pool, db->driver, db->handle, &again), APR_SUCCESS);
+    ck_assert_ptr_eq(again, db);
+    migrate_ok(again);
+}
+END_TEST
+
+/* SQLite only: the error names the cause and what the administrator checks. */
+START_TEST(sqlite_readonly_error)
+{
+    mso_db_t *db = fresh_db(BACKEND_SQLITE);
+    const apr_dbd_driver_t *driver = db->driver;
+    apr_dbd_t *handle = NULL;
+    const char *error = NULL, *err = NULL;
+    mso_db_t *ro;
+    int from = -1, to = -1;
+
+    exec_ok(db, "CREATE TABLE unrelated (a INTEGER)");  /* make the file exist */
+    ck_assert_int_eq(apr_dbd_open_ex(driver, pool,
+                                     apr_pstrcat(pool, "file:", sqlite_path, "?mode=ro", NULL),
+                                     &handle, &error), APR_SUCCESS);
+    ck_assert_int_eq(mso_db_wrap(pool, driver, handle, &ro), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_migrate(ro, &from, &to, &err), APR_EGENERAL);
+    ck_assert_ptr_nonnull(err);
+    ck_assert_msg(strstr(err, "msoauth_") && strstr(err, "readonly") &&
+                  strstr(err, "check that the httpd user can write"), "message: %s", err);
+    ck_assert_int_eq(from, 0);
+    ck_assert_int_eq(to, 0);
+    apr_dbd_close(driver, handle);
+}
+END_TEST
+
+static TCase *backend_case(const char *name, int backend)
+{
+    TCase *tc = tcase_create(name);
+
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, migrate_creates_schema, backend, backend + 1);
+    tcase_add_loop_test(tc, migrate_again_is_noop, backend, backend + 1);
+    tcase_add_loop_test(tc, newer_schema_refused, backend, backend + 1);
+    tcase_add_loop_test(tc, concurrent_migrations, backend, backend + 1);
+    tcase_add_loop_test(tc, connect_insert_then_update, backend, backend + 1);
+    tcase_add_loop_test(tc, connect_rejects_missing_values, backend, backend + 1);
+    tcase_add_loop_test(tc, connect_rolls_back_on_db_error, backend, backend + 1);
+    tcase_add_loop_test(tc, mailbox_case_and_uniqueness, backend, backend + 1);
+    tcase_add_loop_test(tc, values_with_sql_metacharacters, backend, backend + 1);
+    tcase_add_loop_test(tc, not_found, backend, backend + 1);
+    tcase_add_loop_test(tc, wrap_reuses_wrapper, backend, backend + 1);
+    tcase_add_loop_test(tc, flow_states_are_single_use, backend, backend + 1);
+    if (backend == BACKEND_SQLITE) {
+        tcase_add_test(tc, sqlite_readonly_error);
+    }
+    return tc;
+}
+
+int main(void)
+{
+    Suite *s = suite_create("store");
+    SRunner *sr;
+    apr_pool_t *p;
+    int failed;
+
+    apr_initialize();
+    /* Load the drivers once here, before the test processes fork. */
+    apr_pool_create(&p, NULL);
+    apr_dbd_init(p);
+    suite_add_tcase(s, backend_case("sqlite", BACKEND_SQLITE));
+    suite_add_tcase(s, backend_case("pgsql", BACKEND_PGSQL));
+    sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    apr_pool_destroy(p);
+    apr_terminate();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
