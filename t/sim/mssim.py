@@ -1,0 +1,2415 @@
+#!/usr/bin/env python3
+"""mssim: a Microsoft identity platform (Entra ID v2.0) + Microsoft Graph mail simulator.
+
+One loopback port serves both halves, so mod_msoauth is pointed at it with
+MSOAuthAuthorityURL http://127.0.0.1:PORT and MSOAuthGraphURL http://127.0.0.1:PORT:
+
+  /{tenant}/v2.0/.well-known/openid-configuration    discovery
+  /{tenant}/discovery/v2.0/keys                      JWKS
+  /{tenant}/oauth2/v2.0/authorize | token | logout   sign-in page, code + PKCE, refresh
+  /v1.0/me, /v1.0/me/mailFolders/..., /v1.0/me/messages/...   Graph mail
+  /_sim/...                                          control API (tests only)
+
+Behaviour and error bodies follow the platform reference used by the project
+(shared/reference/microsoft-platform.md). Standard library + `cryptography` only.
+Run:  python3 t/sim/mssim.py --port 8081 [--host 127.0.0.1] [--state-file F] [--demo]
+"""
+import argparse
+import base64
+import hashlib
+import hmac
+import html
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlencode, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+MSA_TENANT = "9188040d-6c67-4c5b-b112-36a304b66dad"   # personal Microsoft accounts
+GRAPH = "https://graph.microsoft.com"
+OUTLOOK = "https://outlook.office.com"
+# Resource identifiers a scope prefix may use -> canonical resource.
+RESOURCES = {
+    "https://graph.microsoft.com": GRAPH,
+    "00000003-0000-0000-c000-000000000000": GRAPH,
+    "https://outlook.office.com": OUTLOOK,
+    "https://outlook.office365.com": OUTLOOK,
+    "00000002-0000-0ff1-ce00-000000000000": OUTLOOK,
+}
+OIDC_SCOPES = ("openid", "profile", "email", "offline_access")
+# Canonical spelling for the Graph scopes the module may ask for (case-insensitive input).
+GRAPH_SCOPES = ["User.Read", "User.ReadBasic.All", "Mail.Read", "Mail.ReadBasic", "Mail.ReadWrite",
+                "Mail.Send", "Mail.Read.Shared", "Mail.ReadWrite.Shared", "Mail.Send.Shared",
+                "MailboxSettings.Read", "MailboxSettings.ReadWrite"]
+OUTLOOK_SCOPES = ["IMAP.AccessAsUser.All", "POP.AccessAsUser.All", "SMTP.Send",
+                  "EWS.AccessAsUser.All"]
+
+DEFAULT_TENANT = "b3a8f1e2-5c47-4d1a-9e36-2f0c8d7a6b51"
+DEFAULT_CLIENT_ID = "5f3c2a1b-8d7e-4f6a-9b0c-1d2e3f4a5b6c"
+DEFAULT_USERS = [
+    {"oid": "6e2b8f3a-1c4d-4e5f-8a9b-0c1d2e3f4a5b", "upn": "adele@contoso.com",
+     "name": "Adele Vance"},
+    {"oid": "7f3c9a4b-2d5e-4f60-9bac-1d2e3f4a5b6c", "upn": "megan@contoso.com",
+     "name": "Megan Bowen"},
+]
+
+DEFAULT_CONFIG = {
+    "access_token_lifetime": 3600,      # expires_in (and ext_expires_in)
+    "id_token_lifetime": 3600,
+    "code_lifetime": 600,               # authorization codes: ~10 minutes
+    "refresh_max_inactive": 90 * 86400,  # RT inactivity window -> AADSTS700082
+    "strict_rotation": False,           # True: an RT dies as soon as it was rotated
+    "refresh_grace_uses": None,         # None: rotated RTs keep working (as Microsoft does)
+    "auto_approve": False,              # answer authorize with 302 when login_hint names a user
+    "auto_approve_user": None,          # oid or upn: always sign in as this user, no page
+    "default_user_read": True,          # Graph grants include User.Read, as new registrations do
+    "latency_ms": 0,                    # added to every non-control request
+    "graph_concurrency_limit": 4,       # per app + mailbox, as Outlook's limit
+    "throttle_retry_after": 1,          # Retry-After seconds on concurrency 429s
+    "default_page_size": 10,            # Graph's default page size for message delta
+    "max_page_size": 1000,
+}
+
+WELL_KNOWN_FOLDERS = [  # (well-known name, display name, hidden)
+    ("msgfolderroot", "Top of Information Store", True),
+    ("inbox", "Inbox", False), ("sentitems", "Sent Items", False),
+    ("deleteditems", "Deleted Items", False), ("drafts", "Drafts", False),
+    ("archive", "Archive", False), ("junkemail", "Junk Email", False),
+    ("outbox", "Outbox", False),
+    ("recoverableitemsdeletions", "Deletions", True),   # where Graph DELETE puts items
+]
+MESSAGE_PROPS = ["createdDateTime", "lastModifiedDateTime", "changeKey", "categories",
+                 "receivedDateTime", "sentDateTime", "hasAttachments", "internetMessageId",
+                 "subject", "bodyPreview", "importance", "parentFolderId", "conversationId",
+                 "conversationIndex", "isDeliveryReceiptRequested", "isReadReceiptRequested",
+                 "isRead", "isDraft", "webLink", "inferenceClassification", "body", "sender",
+                 "from", "toRecipients", "ccRecipients", "bccRecipients", "replyTo", "flag",
+                 "uniqueBody", "internetMessageHeaders"]
+DEFAULT_MESSAGE_PROPS = [p for p in MESSAGE_PROPS if p not in ("uniqueBody", "internetMessageHeaders")]
+BASIC_HIDDEN = {"body", "bodyPreview", "uniqueBody"}           # not visible with Mail.ReadBasic
+PATCHABLE = {"isRead", "categories", "flag", "importance", "inferenceClassification"}
+SECRET_PARAMS = {"code", "client_secret", "refresh_token", "access_token", "code_verifier",
+                 "client_assertion", "id_token"}
+SENDERS = [("Contoso Billing", "billing@contoso.com"), ("Lee Gu", "lee.gu@fabrikam.com"),
+           ("Nestor Wilke", "nestor@northwind.example"), ("Alex Wilber", "alex@adatum.example"),
+           ("Patti Fernandez", "patti@contoso.com")]
+TOPICS = ["Quarterly report", "Invoice", "Meeting notes", "Travel plans", "Project update",
+          "Welcome aboard", "Budget review", "Support ticket"]
+
+GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def int_b64url(n):
+    return b64url(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+
+def guid():
+    return str(uuid.uuid4())
+
+
+def iso(ts):
+    """Graph timestamps: ISO 8601 UTC with Z."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def aad_timestamp(ts):
+    """The token endpoint's timestamp format, e.g. 2016-01-09 02:02:12Z."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def parse_time(value):
+    """Epoch seconds from a number or an ISO 8601 string (control API input)."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    v = value.strip().replace("Z", "+00:00")
+    if len(v) == 10:
+        v += "T00:00:00+00:00"
+    dt = datetime.fromisoformat(v)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def graph_item_id(prefix):
+    """Exchange-looking ids: long, URL-safe base64, '=' padded, case-sensitive."""
+    return prefix + base64.urlsafe_b64encode(secrets.token_bytes(45)).decode() + "AAA="
+
+
+def add_query(uri, params):
+    """Append response parameters to a redirect URI (which may carry its own query)."""
+    parts = urlsplit(uri)
+    if not parts.path:          # a URI without path comes back with '/' appended
+        uri = uri + "/"
+    return uri + ("&" if parts.query else "?") + urlencode(params)
+
+
+def redact_query(query):
+    if not query:
+        return ""
+    pairs = parse_qs(query, keep_blank_values=True)
+    return urlencode([(k, "***" if k in SECRET_PARAMS else v) for k, vs in pairs.items() for v in vs])
+
+
+def strip_tags(text):
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)).strip()
+
+
+# ---------------------------------------------------------------------------
+# Signing keys (generated at start-up; never written anywhere)
+# ---------------------------------------------------------------------------
+
+class SigningKey:
+    def __init__(self):
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "accounts.accesscontrol.windows.net")])
+        now = datetime.now(timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(self.private.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=365))
+                .sign(self.private, hashes.SHA256()))
+        self.der = cert.public_bytes(serialization.Encoding.DER)
+        # Microsoft's kid is the certificate's SHA-1 thumbprint, as x5t.
+        self.kid = b64url(hashlib.sha1(self.der).digest())
+        self.created = time.time()
+
+    def jwk(self, issuer):
+        nums = self.private.public_key().public_numbers()
+        return {"kty": "RSA", "use": "sig", "kid": self.kid, "x5t": self.kid,
+                "n": int_b64url(nums.n), "e": int_b64url(nums.e),
+                "x5c": [base64.b64encode(self.der).decode()], "issuer": issuer}
+
+    def sign_jwt(self, claims):
+        header = {"typ": "JWT", "alg": "RS256", "kid": self.kid}
+        signing_input = (b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
+                         + b64url(json.dumps(claims, separators=(",", ":")).encode()))
+        sig = self.private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return signing_input + "." + b64url(sig)
+
+
+class KeyRing:
+    """Published keys; one of them signs. Rollover = add, activate, remove old."""
+
+    def __init__(self):
+        self.keys = [SigningKey()]
+        self.signing = self.keys[0]
+
+    def add(self):
+        key = SigningKey()
+        self.keys.append(key)
+        return key
+
+    def activate(self, kid=None):
+        key = next((k for k in self.keys if k.kid == kid), None) if kid else self.keys[-1]
+        if key is None:
+            raise KeyError(kid)
+        self.signing = key
+        return key
+
+    def remove_old(self):
+        self.keys = [k for k in self.keys if k is self.signing]
+
+    def describe(self):
+        return {"signing_kid": self.signing.kid, "kids": [k.kid for k in self.keys]}
+
+
+# ---------------------------------------------------------------------------
+# Errors raised by handlers and rendered by the HTTP layer
+# ---------------------------------------------------------------------------
+
+class AadError(Exception):
+    """A token-endpoint style JSON error (reference 4.1)."""
+
+    def __init__(self, error, code, text, status=None, headers=None):
+        super().__init__(f"{error} AADSTS{code}")
+        self.error, self.code, self.text = error, code, text
+        self.status = status or (401 if error == "invalid_client" else 400)
+        self.headers = headers or {}
+
+
+class PageError(Exception):
+    """An error Microsoft shows on its own sign-in page instead of redirecting."""
+
+    def __init__(self, code, text, status=400):
+        super().__init__(f"AADSTS{code}")
+        self.code, self.text, self.status = code, text, status
+
+
+class GraphError(Exception):
+    def __init__(self, status, code, message, headers=None):
+        super().__init__(f"{status} {code}")
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+class Response:
+    def __init__(self, status, body=b"", content_type="application/json; charset=utf-8",
+                 headers=None):
+        self.status = status
+        self.body = body if isinstance(body, bytes) else body.encode()
+        self.headers = dict(headers or {})
+        if self.body or status not in (204, 302):
+            self.headers.setdefault("Content-Type", content_type)
+
+
+def json_response(status, obj, headers=None, content_type="application/json; charset=utf-8"):
+    return Response(status, json.dumps(obj, indent=None), content_type, headers)
+
+
+def html_response(status, body, headers=None):
+    return Response(status, body, "text/html; charset=utf-8", headers)
+
+
+def redirect(location):
+    return Response(302, b"", headers={"Location": location, "Cache-Control": "no-store"})
+
+
+# ---------------------------------------------------------------------------
+# Scopes
+# ---------------------------------------------------------------------------
+
+def parse_scopes(scope_string):
+    """-> (oidc scopes in request order, {resource: [scope names]}) or AadError.
+
+    Bare scopes are Graph scopes; prefixed ones name their resource by URL."""
+    oidc, by_resource = [], {}
+    for word in scope_string.split():
+        if word.lower() in OIDC_SCOPES and "/" not in word:
+            if word.lower() not in oidc:
+                oidc.append(word.lower())
+            continue
+        if "/" in word:
+            prefix, name = word.rsplit("/", 1)
+            resource = RESOURCES.get(prefix.lower().rstrip("/"))
+            if resource is None:
+                raise AadError("invalid_resource", 500011,
+                               f"The resource principal named {prefix} was not found in the tenant. "
+                               "This can happen if the application has not been installed by the "
+                               "administrator of the tenant or consented to by any user in the tenant. "
+                               "You might have sent your authentication request to the wrong tenant.")
+        else:
+            resource, name = GRAPH, word
+        known = GRAPH_SCOPES if resource == GRAPH else OUTLOOK_SCOPES
+        name = next((k for k in known if k.lower() == name.lower()), name)
+        names = by_resource.setdefault(resource, [])
+        if name not in names:
+            names.append(name)
+    for resource, names in by_resource.items():
+        if ".default" in names and len(names) > 1:
+            raise AadError("invalid_scope", 70011,
+                           f"The provided value for the input parameter 'scope' is not valid. "
+                           f"The scope '{scope_string}' is not valid. static scope limit exceeded.")
+    return oidc, by_resource
+
+
+def full_scope(resource, name):
+    return name if resource == GRAPH and False else f"{resource}/{name}"
+
+
+def scope_response_form(resource, names):
+    """Graph scopes come back short (Mail.Read), other resources keep their prefix."""
+    return [n if resource == GRAPH else f"{resource}/{n}" for n in names]
+
+
+# ---------------------------------------------------------------------------
+# Mailbox model
+# ---------------------------------------------------------------------------
+
+class Mailbox:
+    """One user's mailbox with a change sequence, so delta rounds can be computed.
+
+    Every message has a stable immutable id (`imm`) and a rest id (`rest`) that
+    changes when the message moves, as Exchange ids do."""
+
+    def __init__(self, oid, data=None):
+        self.oid = oid
+        self.seq = 0
+        self.counter = 0            # numbering for generated messages
+        self.folders = {}           # folder id -> {id, wk, displayName, parentFolderId, hidden}
+        self.messages = {}          # immutable id -> message record
+        self.removals = []          # [seq, folder id, immutable id, rest id at removal]
+        if data:
+            self.__dict__.update(data)
+        else:
+            root = None
+            for wk, display, hidden in WELL_KNOWN_FOLDERS:
+                fid = graph_item_id("AAMkAGI2TG93AAA")
+                self.folders[fid] = {"id": fid, "wk": wk, "displayName": display,
+                                     "parentFolderId": root or fid, "hidden": hidden}
+                root = root or fid
+        self.rest = {m["rest"]: imm for imm, m in self.messages.items()}
+
+    def to_json(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("rest", "oid")}
+
+    def next_seq(self):
+        self.seq += 1
+        return self.seq
+
+    def folder(self, name_or_id):
+        """Well-known names are case-insensitive, folder ids are not."""
+        if name_or_id in self.folders:
+            return self.folders[name_or_id]
+        low = name_or_id.lower()
+        return next((f for f in self.folders.values() if f["wk"] == low), None)
+
+    def find(self, any_id, include_hidden=False):
+        imm = any_id if any_id in self.messages else self.rest.get(any_id)
+        msg = self.messages.get(imm) if imm else None
+        if msg and not include_hidden and self.folders[msg["folder"]]["hidden"]:
+            return None
+        return msg
+
+    def in_folder(self, fid):
+        return [m for m in self.messages.values() if m["folder"] == fid]
+
+    def add(self, fid, props):
+        seq = self.next_seq()
+        imm = graph_item_id("AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A")
+        rest = graph_item_id("AAMkAGI2THVSAAA")
+        now = props.get("receivedDateTime") or iso(time.time())
+        p = {"createdDateTime": now, "lastModifiedDateTime": now, "changeKey": b64url(secrets.token_bytes(12)),
+             "categories": [], "receivedDateTime": now, "sentDateTime": now, "hasAttachments": False,
+             "internetMessageId": f"<{secrets.token_hex(8)}@sim.contoso.com>", "subject": "",
+             "importance": "normal", "conversationId": graph_item_id("AAQkAGI2T"),
+             "conversationIndex": base64.b64encode(secrets.token_bytes(22)).decode(),
+             "isDeliveryReceiptRequested": False, "isReadReceiptRequested": False,
+             "isRead": False, "isDraft": False, "inferenceClassification": "focused",
+             "body": {"contentType": "html", "content": "<html><body><p></p></body></html>"},
+             "toRecipients": [], "ccRecipients": [], "bccRecipients": [], "replyTo": [],
+             "flag": {"flagStatus": "notFlagged"}, "internetMessageHeaders": []}
+        p.update({k: v for k, v in props.items() if k in MESSAGE_PROPS})
+        p.setdefault("from", {"emailAddress": {"name": "Sender", "address": "sender@example.com"}})
+        p.setdefault("sender", p["from"])
+        p["bodyPreview"] = strip_tags(p["body"]["content"])[:255]
+        msg = {"imm": imm, "rest": rest, "folder": fid, "entered": seq, "created": seq,
+               "changed": {}, "props": p}
+        self.messages[imm] = msg
+        self.rest[rest] = imm
+        return msg
+
+    def update(self, msg, changes):
+        """Apply property changes; record which properties changed at which seq."""
+        seq = self.next_seq()
+        for k, v in changes.items():
+            if msg["props"].get(k) != v:
+                msg["props"][k] = v
+                msg["changed"][k] = seq
+        msg["props"]["changeKey"] = b64url(secrets.token_bytes(12))
+        msg["props"]["lastModifiedDateTime"] = iso(time.time())
+        msg["changed"]["changeKey"] = msg["changed"]["lastModifiedDateTime"] = seq
+
+    def move(self, msg, fid):
+        """A move removes the item from one folder and creates it in another:
+        a new rest id, the same immutable id."""
+        if msg["folder"] == fid:
+            return msg
+        seq = self.next_seq()
+        self.removals.append([seq, msg["folder"], msg["imm"], msg["rest"]])
+        del self.rest[msg["rest"]]
+        msg["rest"] = graph_item_id("AAMkAGI2THVSAAA")
+        self.rest[msg["rest"]] = msg["imm"]
+        msg["folder"], msg["entered"], msg["changed"] = fid, seq, {}
+        msg["props"]["changeKey"] = b64url(secrets.token_bytes(12))
+        msg["props"]["lastModifiedDateTime"] = iso(time.time())
+        return msg
+
+    def purge(self, msg):
+        """Gone for good (control API): only the removal record remains."""
+        seq = self.next_seq()
+        self.removals.append([seq, msg["folder"], msg["imm"], msg["rest"]])
+        del self.rest[msg["rest"]]
+        del self.messages[msg["imm"]]
+
+    def render(self, msg, select=None, immutable=False, text_body=False, basic=False, only=None):
+        """A message as Graph returns it. `only` limits to changed properties (delta updates)."""
+        p = dict(msg["props"])
+        p["parentFolderId"] = msg["folder"]
+        p["webLink"] = ("https://outlook.office365.com/owa/?ItemID=" + quote(msg["rest"], safe="")
+                        + "&exvsurl=1&viewmodel=ReadMessageItem")
+        if text_body and p["body"]["contentType"] == "html":
+            p["body"] = {"contentType": "text", "content": strip_tags(p["body"]["content"])}
+        names = select or DEFAULT_MESSAGE_PROPS
+        if only is not None:
+            names = [n for n in names if n in only]
+        out = {"@odata.etag": f'W/"{p["changeKey"]}"', "id": msg["imm"] if immutable else msg["rest"]}
+        for n in names:
+            if n in p and not (basic and n in BASIC_HIDDEN):
+                out[n] = p[n]
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Simulator state
+# ---------------------------------------------------------------------------
+
+class Sim:
+    def __init__(self, base, state_file=None, latency_ms=0, demo=False):
+        self.lock = threading.RLock()
+        self.base = base
+        self.state_file = state_file
+        self.demo = demo
+        self.keys = KeyRing()
+        # The default app's secret is made up per process: it is a simulator value.
+        self.default_secret = {"value": "Sim8Q~" + secrets.token_urlsafe(27), "id": guid(),
+                               "expires_at": time.time() + 180 * 86400}
+        self.start_latency = latency_ms
+        self.dirty = False
+        self.reset()
+        if state_file and os.path.exists(state_file):
+            self.load(state_file)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def reset(self):
+        with self.lock:
+            self.config = dict(DEFAULT_CONFIG, latency_ms=self.start_latency)
+            self.clock_offset = 0.0
+            self.tenants = {}       # tid -> {id, name, domains}
+            self.users = {}         # oid -> {oid, tenant_id, upn, mail, name}
+            self.apps = {}          # client_id -> app
+            self.codes = {}         # authorization code -> grant record
+            self.flows = {}         # sign-in page flow id -> authorize parameters
+            self.rts = {}           # refresh token -> record
+            self.ats = {}           # access token -> record
+            self.mailboxes = {}     # oid -> Mailbox
+            self.cursors = {}       # $skiptoken / $deltatoken -> delta cursor
+            self.scenarios = []
+            self.inflight = {}      # (client_id, oid) -> in-flight Graph requests
+            self.log = []
+            self.counters = {"calls": {}, "token_grants": {}, "token_errors": {},
+                             "refresh_tokens_issued": 0, "access_tokens_issued": 0,
+                             "codes_issued": 0, "graph_writes": {}, "graph_writes_total": 0,
+                             "throttled": 0, "concurrency_violations": 0, "max_inflight": 0,
+                             "scenarios_fired": 0}
+            self.add_tenant({"id": MSA_TENANT, "name": "Microsoft Accounts", "domains": []})
+            self.add_tenant({"id": DEFAULT_TENANT, "name": "Contoso",
+                             "domains": ["contoso.onmicrosoft.com", "contoso.com"]})
+            for u in DEFAULT_USERS:
+                self.add_user(dict(u, tenant_id=DEFAULT_TENANT))
+            self.add_app({"client_id": DEFAULT_CLIENT_ID, "display_name": "mod_msoauth demo",
+                          "secrets": [dict(self.default_secret)],
+                          "redirect_uris": ["http://127.0.0.1/microsoft_outlook/confirm",
+                                            "http://localhost/microsoft_outlook/confirm"],
+                          "sign_in_audience": "AzureADandPersonalMicrosoftAccount",
+                          "home_tenant": DEFAULT_TENANT})
+            if self.demo:
+                for u in DEFAULT_USERS:
+                    self.seed(self.mailbox(u["oid"]), "inbox", 12, unread_every=3)
+            self.dirty = True
+
+    def now(self):
+        return time.time() + self.clock_offset
+
+    def save(self):
+        if not self.state_file:
+            return
+        with self.lock:
+            state = {"config": self.config, "clock_offset": self.clock_offset,
+                     "tenants": self.tenants, "users": self.users, "apps": self.apps,
+                     "rts": self.rts, "ats": self.ats,
+                     "mailboxes": {oid: mb.to_json() for oid, mb in self.mailboxes.items()},
+                     "cursors": {k: v for k, v in self.cursors.items() if v["type"] == "delta"}}
+            self.dirty = False
+            tmp = self.state_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, self.state_file)
+
+    def load(self, path):
+        with open(path) as f:
+            state = json.load(f)
+        with self.lock:
+            for k in ("config", "clock_offset", "tenants", "users", "apps", "rts", "ats", "cursors"):
+                setattr(self, k, state.get(k, getattr(self, k)))
+            self.mailboxes = {oid: Mailbox(oid, d) for oid, d in state.get("mailboxes", {}).items()}
+
+    # -- directory -------------------------------------------------------------
+
+    def add_tenant(self, t):
+        tid = t.get("id") or guid()
+        self.tenants[tid.lower()] = {"id": tid.lower(), "name": t.get("name", tid),
+                                     "domains": [d.lower() for d in t.get("domains", [])]}
+        return self.tenants[tid.lower()]
+
+    def add_user(self, u):
+        tid = (u.get("tenant_id") or DEFAULT_TENANT).lower()
+        if tid == "consumers":
+            tid = MSA_TENANT
+        if tid not in self.tenants:
+            raise ValueError(f"unknown tenant {tid}")
+        upn = u.get("upn") or u.get("mail")
+        if not upn:
+            raise ValueError("upn or mail is required")
+        # Personal accounts get an oid with the 16-hex-digit Graph id embedded (reference 6.8).
+        default_oid = ("00000000-0000-0000-" + secrets.token_hex(2) + "-" + secrets.token_hex(6)
+                       if tid == MSA_TENANT else guid())
+        user = {"oid": (u.get("oid") or default_oid).lower(), "tenant_id": tid, "upn": upn,
+                "mail": u.get("mail", upn), "name": u.get("name", upn.split("@")[0])}
+        self.users[user["oid"]] = user
+        return user
+
+    def find_user(self, key):
+        if not key:
+            return None
+        key = key.lower()
+        return self.users.get(key) or next(
+            (u for u in self.users.values() if key in (u["upn"].lower(), (u["mail"] or "").lower())), None)
+
+    def add_app(self, a):
+        audience = a.get("sign_in_audience", "AzureADMultipleOrgs")
+        if audience not in ("AzureADMyOrg", "AzureADMultipleOrgs", "AzureADandPersonalMicrosoftAccount"):
+            raise ValueError(f"unknown sign_in_audience {audience}")
+        app_secrets = []
+        for s in a.get("secrets") or [{}]:
+            app_secrets.append({"value": s.get("value") or "Sim8Q~" + secrets.token_urlsafe(27),
+                                "id": s.get("id") or guid(),
+                                "expires_at": parse_time(s.get("expires_at"))
+                                or self.now() + 180 * 86400})
+        app = {"client_id": (a.get("client_id") or guid()).lower(),
+               "display_name": a.get("display_name", "mssim app"),
+               "secrets": app_secrets, "redirect_uris": list(a.get("redirect_uris", [])),
+               "sign_in_audience": audience,
+               "home_tenant": (a.get("home_tenant") or DEFAULT_TENANT).lower()}
+        self.apps[app["client_id"]] = app
+        return app
+
+    def mailbox(self, oid):
+        if oid not in self.mailboxes:
+            self.mailboxes[oid] = Mailbox(oid)
+        return self.mailboxes[oid]
+
+    def seed(self, mb, folder, count, unread_every=1, newest=None, spacing=37 * 60,
+             subject_prefix=None):
+        """Deterministic subjects, receivedDateTime spread back in time from `newest`."""
+        f = mb.folder(folder)
+        if f is None:
+            raise ValueError(f"unknown folder {folder}")
+        newest = parse_time(newest) or self.now()
+        made = []
+        for i in range(count):
+            mb.counter += 1
+            n = mb.counter
+            name, addr = SENDERS[n % len(SENDERS)]
+            topic = TOPICS[n % len(TOPICS)]
+            subject = f"{subject_prefix or 'Message'} {n:04d}: {topic}"
+            received = newest - (count - 1 - i) * spacing
+            body = (f"<html><body><p>Hello,</p><p>This is simulated message {n} about "
+                    f"{topic.lower()}.</p><p>Regards, {name}</p></body></html>")
+            made.append(mb.add(f["id"], {
+                "subject": subject, "receivedDateTime": iso(received),
+                "sentDateTime": iso(received - 30), "createdDateTime": iso(received),
+                "lastModifiedDateTime": iso(received),
+                "from": {"emailAddress": {"name": name, "address": addr}},
+                "toRecipients": [{"emailAddress": {"name": self.users.get(mb.oid, {}).get("name", ""),
+                                                   "address": self.users.get(mb.oid, {}).get("mail", "")}}],
+                "isRead": unread_every == 0 or (n % unread_every) != 0,
+                "hasAttachments": n % 5 == 0, "importance": "high" if n % 7 == 0 else "normal",
+                "body": {"contentType": "html", "content": body}}))
+        return made
+
+    # -- scenarios -------------------------------------------------------------
+
+    def take_scenario(self, endpoint, **facts):
+        """First injected scenario for this endpoint whose `match` fits; consumes one use."""
+        with self.lock:
+            for sc in self.scenarios:
+                if sc["endpoint"] != endpoint:
+                    continue
+                match = sc.get("match") or {}
+                if any(not self._matches(k, v, facts) for k, v in match.items()):
+                    continue
+                if sc.get("times", 1) > 0:
+                    sc["times"] = sc.get("times", 1) - 1
+                    if sc["times"] == 0:
+                        self.scenarios.remove(sc)
+                sc["fired"] = sc.get("fired", 0) + 1
+                self.counters["scenarios_fired"] += 1
+                return dict(sc)
+        return None
+
+    @staticmethod
+    def _matches(key, want, facts):
+        have = facts.get(key)
+        if have is None:
+            return False
+        if key == "path":
+            return str(want) in have
+        return str(want).lower() == str(have).lower()
+
+    # -- accounting --------------------------------------------------------------
+
+    def count(self, bucket, key, n=1):
+        with self.lock:
+            d = self.counters[bucket]
+            d[key] = d.get(key, 0) + n
+
+    def rt_usable(self, rec):
+        """Is this refresh token accepted right now? -> None or an AadError."""
+        if rec.get("revoked"):
+            return revoked_error(rec, rec["revoked"])
+        if self.now() - rec["last_used"] > self.config["refresh_max_inactive"]:
+            return revoked_error(rec, 700082)
+        if rec.get("rotated"):
+            grace = self.config["refresh_grace_uses"]
+            if self.config["strict_rotation"] or (grace is not None and rec["grace_used"] >= grace):
+                return AadError("invalid_grant", 70000,
+                                "Provided grant is invalid or malformed. The refresh token was "
+                                "already exchanged for a newer one.")
+        return None
+
+    def counters_view(self):
+        with self.lock:
+            out = json.loads(json.dumps(self.counters))
+            out["refresh_tokens_valid"] = sum(1 for r in self.rts.values() if self.rt_usable(r) is None)
+            out["access_tokens_valid"] = sum(1 for a in self.ats.values()
+                                             if a["expires_at"] > self.now() and not a.get("revoked"))
+            out["inflight"] = sum(self.inflight.values())
+            return out
+
+
+def revoked_error(rec, code):
+    issued = aad_timestamp(rec["issued_at"])
+    texts = {
+        700082: ("invalid_grant", f"The refresh token has expired due to inactivity. The token was "
+                 f"issued on {issued} and was inactive for 90.00:00:00."),
+        50173: ("invalid_grant", f"The provided grant has expired due to it being revoked, a fresh "
+                f"auth token is needed. The user might have changed or reset their password. The grant "
+                f"was issued on '{issued}' and the TokensValidFrom date (before which tokens are not "
+                f"valid) for this user is '{aad_timestamp(time.time())}'."),
+        70043: ("invalid_grant", f"The refresh token has expired or is invalid due to sign-in "
+                f"frequency checks by conditional access. The token was issued on {issued} and the "
+                f"maximum allowed lifetime for this request is 43200."),
+        50076: ("interaction_required", "Due to a configuration change made by your administrator, "
+                "or because you moved to a new location, you must use multi-factor authentication to "
+                "access 'https://graph.microsoft.com'."),
+        70008: ("invalid_grant", "The provided authorization code or refresh token has expired due to "
+                "inactivity. Send a new interactive authorization request for this user and resource."),
+        50078: ("interaction_required", "Presented multi-factor authentication has expired due to "
+                "policies configured by your administrator, you must refresh your multi-factor "
+                "authentication to access 'https://graph.microsoft.com'."),
+    }
+    error, text = texts.get(int(code), ("invalid_grant", "Provided grant is invalid or malformed."))
+    return AadError(error, int(code), text)
+
+
+# ---------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------
+
+ROUTES = []   # (method, compiled path regex, kind, handler)
+
+
+def route(method, pattern, kind):
+    def deco(fn):
+        ROUTES.append((method, re.compile(pattern + r"\Z"), kind, fn))
+        return fn
+    return deco
+
+
+class Request:
+    def __init__(self, method, raw_path, headers, body):
+        parts = urlsplit(raw_path)
+        self.method = method
+        self.path = unquote(parts.path)
+        self.query_string = parts.query
+        self.query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        self.headers = headers
+        self.body = body
+        self.log_extra = {}
+        self.graph_user = None       # set by /users/{x}/ rewriting
+
+    def header(self, name, default=None):
+        return self.headers.get(name, default)
+
+    def form(self):
+        try:
+            text = self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        return {k: v[0] for k, v in parse_qs(text, keep_blank_values=True).items()}
+
+    def json(self):
+        try:
+            return json.loads(self.body or b"{}")
+        except ValueError:
+            raise GraphError(400, "BadRequest", "Unable to read JSON request payload.")
+
+    def prefer(self):
+        """Prefer header -> {name: value}, e.g. {'odata.maxpagesize': '50', 'idtype': 'ImmutableId'}."""
+        out = {}
+        for part in (self.header("Prefer") or "").split(","):
+            if "=" in part:
+                k, v = part.split("=", 1)
+                out[k.strip().lower()] = v.strip().strip('"')
+            elif part.strip():
+                out[part.strip().lower()] = ""
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Identity: tenants, discovery, JWKS
+# ---------------------------------------------------------------------------
+
+def resolve_tenant(sim, segment):
+    """Tenant segment -> (kind, tenant or None); kind: common|organizations|consumers|tenant."""
+    s = segment.lower()
+    if s in ("common", "organizations"):
+        return s, None
+    if s == "consumers":
+        return "consumers", sim.tenants[MSA_TENANT]
+    tenant = sim.tenants.get(s) if GUID_RE.match(s) else next(
+        (t for t in sim.tenants.values() if s in t["domains"]), None)
+    if tenant is None:
+        raise AadError("invalid_request", 90002,
+                       f"Tenant '{segment}' not found. Check to make sure you have the correct tenant "
+                       "ID and are signing into the correct cloud. Check with your subscription "
+                       "administrator, this may happen if there are no active subscriptions for the "
+                       "tenant.")
+    return "tenant", tenant
+
+
+def issuer_for(sim, kind, tenant):
+    if kind in ("common", "organizations"):
+        return f"{sim.base}/{{tenantid}}/v2.0"
+    return f"{sim.base}/{tenant['id']}/v2.0"
+
+
+@route("GET", r"/([^/]+)/v2\.0/\.well-known/openid-configuration", "discovery")
+def discovery(sim, req, segment):
+    kind, tenant = resolve_tenant(sim, segment)
+    # Endpoints keep common/organizations/consumers; a domain is replaced by the tenant id.
+    seg = segment.lower() if kind != "tenant" else tenant["id"]
+    root = f"{sim.base}/{seg}"
+    doc = {
+        "token_endpoint": f"{root}/oauth2/v2.0/token",
+        "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
+                                                  "client_secret_basic"],
+        "jwks_uri": f"{root}/discovery/v2.0/keys",
+        "response_modes_supported": ["query", "fragment", "form_post"],
+        "subject_types_supported": ["pairwise"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+        "scopes_supported": ["openid", "profile", "email", "offline_access"],
+        "issuer": issuer_for(sim, kind, tenant),
+        "request_uri_parameter_supported": False,
+        "userinfo_endpoint": f"{sim.base}/oidc/userinfo",
+        "authorization_endpoint": f"{root}/oauth2/v2.0/authorize",
+        "device_authorization_endpoint": f"{root}/oauth2/v2.0/devicecode",
+        "http_logout_supported": True,
+        "frontchannel_logout_supported": True,
+        "end_session_endpoint": f"{root}/oauth2/v2.0/logout",
+        "claims_supported": ["sub", "iss", "cloud_instance_name", "cloud_instance_host_name",
+                             "cloud_graph_host_name", "msgraph_host", "aud", "exp", "iat", "auth_time",
+                             "acr", "nonce", "preferred_username", "name", "tid", "ver", "at_hash",
+                             "c_hash", "email"],
+        "kerberos_endpoint": f"{root}/kerberos",
+        "tenant_region_scope": "WW" if kind == "tenant" else None,
+        "cloud_instance_name": "microsoftonline.com",
+        "cloud_graph_host_name": "graph.windows.net",
+        "msgraph_host": urlsplit(sim.base).netloc,
+        "rbac_url": "https://pas.windows.net",
+    }
+    return json_response(200, doc, {"Cache-Control": "max-age=86400, private"})
+
+
+@route("GET", r"/([^/]+)/discovery/v2\.0/keys", "keys")
+def jwks(sim, req, segment):
+    kind, tenant = resolve_tenant(sim, segment)
+    issuer = issuer_for(sim, kind, tenant)
+    with sim.lock:
+        keys = [k.jwk(issuer) for k in sim.keys.keys]
+    return json_response(200, {"keys": keys}, {"Cache-Control": "max-age=86400, private"})
+
+
+def check_app_segment(app, kind, tenant):
+    """Can this app registration be used on this tenant segment? -> None or AadError."""
+    aud = app["sign_in_audience"]
+    if aud == "AzureADMyOrg":
+        if kind in ("common", "organizations"):
+            return AadError("invalid_request", 50194,
+                            f"Application '{app['client_id']}'({app['display_name']}) is not configured "
+                            "as a multi-tenant application. Usage of the /common endpoint is not "
+                            "supported for such applications created after '10/15/2018'. Use a "
+                            "tenant-specific endpoint or configure the application to be multi-tenant.")
+        if tenant["id"] != app["home_tenant"]:
+            return app_not_found(app["client_id"], tenant["id"])
+    elif aud == "AzureADMultipleOrgs" and (kind == "consumers" or (tenant and tenant["id"] == MSA_TENANT)):
+        return AadError("unauthorized_client", 700016,
+                        f"Application with identifier '{app['client_id']}' was not found in the "
+                        "directory 'Microsoft Accounts'. The client does not exist or is not enabled "
+                        "for consumers.")
+    return None
+
+
+def app_not_found(client_id, where):
+    return AadError("unauthorized_client", 700016,
+                    f"Application with identifier '{client_id}' was not found in the directory "
+                    f"'{where}'. This can happen if the application has not been installed by the "
+                    "administrator of the tenant or consented to by any user in the tenant. You may "
+                    "have sent your authentication request to the wrong tenant.")
+
+
+def user_allowed(app, kind, tenant, user):
+    tid = user["tenant_id"]
+    if kind == "tenant" and tid != tenant["id"]:
+        return False
+    if kind == "organizations" and tid == MSA_TENANT:
+        return False
+    if kind == "consumers" and tid != MSA_TENANT:
+        return False
+    aud = app["sign_in_audience"]
+    if aud == "AzureADMyOrg":
+        return tid == app["home_tenant"]
+    if aud == "AzureADMultipleOrgs":
+        return tid != MSA_TENANT
+    return True
+
+
+def redirect_registered(app, uri):
+    """Exact match; for http loopback hosts the port is ignored (reference 2.2)."""
+    if uri in app["redirect_uris"]:
+        return True
+    u = urlsplit(uri)
+    if u.scheme != "http" or u.hostname not in ("127.0.0.1", "localhost"):
+        return False
+    for reg in app["redirect_uris"]:
+        r = urlsplit(reg)
+        if (r.scheme, r.hostname, r.path, r.query) == (u.scheme, u.hostname, u.path, u.query):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Identity: authorize (sign-in page, auto-approval, redirects)
+# ---------------------------------------------------------------------------
+
+AUTHORIZE_PRESETS = {  # scenario `error` -> (OAuth error, AADSTS code, text)
+    "consent_required": ("consent_required", 65001,
+                         "The user or administrator has not consented to use the application with ID "
+                         "'{client_id}' named '{app_name}'. Send an interactive authorization request "
+                         "for this user and resource."),
+    "admin_consent_required": ("consent_required", 90094, "The grant requires admin permission."),
+    "access_denied": ("access_denied", 65004, "User declined to consent to access the app."),
+    "server_error": ("server_error", 50000,
+                     "There was an error issuing a token or an issue with our sign-in service."),
+    "temporarily_unavailable": ("temporarily_unavailable", 90033,
+                                "A transient error has occurred. Please try again."),
+    "login_required": ("login_required", 50058,
+                       "A silent sign-in request was sent but no user is signed in."),
+    "interaction_required": ("interaction_required", 50076,
+                             "Due to a configuration change made by your administrator, or because "
+                             "you moved to a new location, you must use multi-factor authentication "
+                             "to access 'https://graph.microsoft.com'."),
+    "invalid_resource": ("invalid_resource", 500011,
+                         "The resource principal named https://outlook.office.com was not found in "
+                         "the tenant."),
+    "user_blocked": ("access_denied", 53003,
+                     "Access has been blocked by Conditional Access policies. The access policy does "
+                     "not allow token issuance."),
+}
+
+
+def described(code, text, correlation=None, ts=None):
+    """error_description with the trailer Microsoft appends."""
+    return (f"AADSTS{code}: {text}\r\nTrace ID: {guid()}\r\nCorrelation ID: {correlation or guid()}"
+            f"\r\nTimestamp: {aad_timestamp(ts or time.time())}")
+
+
+def error_page(code, text, status=400):
+    rid, cid = guid(), guid()
+    ts = iso(time.time())
+    body = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Sign in to your account</title></head>
+<body>
+<h1>Sign in</h1>
+<p>Sorry, but we're having trouble signing you in.</p>
+<p id="error">AADSTS{code}: {html.escape(text)}</p>
+<dl>
+<dt>Request Id</dt><dd>{rid}</dd>
+<dt>Correlation Id</dt><dd>{cid}</dd>
+<dt>Timestamp</dt><dd>{ts}</dd>
+<dt>Message</dt><dd>AADSTS{code}: {html.escape(text)}</dd>
+</dl>
+</body></html>
+"""
+    return html_response(status, body, {"x-ms-request-id": rid, "Cache-Control": "no-store"})
+
+
+def respond_to_client(flow, params):
+    """Send authorize results back to the app per response_mode."""
+    params = {k: v for k, v in params.items() if v is not None}
+    if flow.get("state") is not None:
+        params["state"] = flow["state"]
+    uri = flow["redirect_uri"]
+    mode = flow.get("response_mode", "query")
+    if mode == "form_post":
+        inputs = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}" />'
+                         for k, v in params.items())
+        body = (f'<html><head><title>Working...</title></head><body>'
+                f'<form method="POST" name="hiddenform" action="{html.escape(uri)}">{inputs}'
+                f'<noscript><p>Script is disabled. Click Submit to continue.</p>'
+                f'<input type="submit" value="Submit" /></noscript></form>'
+                f'<script language="javascript">document.forms[0].submit();</script></body></html>')
+        return html_response(200, body, {"Cache-Control": "no-store"})
+    if mode == "fragment":
+        return redirect(uri + "#" + urlencode(params))
+    return redirect(add_query(uri, params))
+
+
+def authorize_error(flow, error, code, text, subcode=None):
+    return respond_to_client(flow, {"error": error, "error_subcode": subcode,
+                                    "error_description": described(code, text)})
+
+
+def validate_authorize(sim, segment, params):
+    """Checks Microsoft makes before it trusts the redirect URI (errors are pages), then
+    the ones it reports back to the app. -> (flow, app, kind, tenant) or a Response."""
+    try:
+        kind, tenant = resolve_tenant(sim, segment)
+    except AadError as e:
+        raise PageError(e.code, e.text)
+    client_id = (params.get("client_id") or "").lower()
+    if not client_id:
+        raise PageError(900144, "The request body must contain the following parameter: 'client_id'.")
+    app = sim.apps.get(client_id)
+    if app is None:
+        raise PageError(700016, app_not_found(client_id, tenant["name"] if tenant else segment).text)
+    err = check_app_segment(app, kind, tenant)
+    if err:
+        raise PageError(err.code, err.text)
+    redirect_uri = params.get("redirect_uri") or (app["redirect_uris"] or [""])[0]
+    if not redirect_registered(app, redirect_uri):
+        raise PageError(50011, f"The redirect URI '{redirect_uri}' specified in the request does not "
+                        f"match the redirect URIs configured for the application '{client_id}'. Make "
+                        "sure the redirect URI sent in the request matches one added to your "
+                        "application in the Azure portal. Navigate to https://aka.ms/redirectUriMismatchError "
+                        "to learn more about how to fix this.")
+    flow = {"client_id": client_id, "redirect_uri": redirect_uri, "state": params.get("state"),
+            "response_mode": params.get("response_mode") or "query", "segment": segment.lower(),
+            "scope": params.get("scope", ""), "nonce": params.get("nonce"),
+            "code_challenge": params.get("code_challenge"),
+            "code_challenge_method": params.get("code_challenge_method"),
+            "login_hint": params.get("login_hint"), "prompt": params.get("prompt"),
+            "created": sim.now()}
+    if flow["response_mode"] not in ("query", "fragment", "form_post"):
+        flow["response_mode"] = "query"
+        return authorize_error(flow, "invalid_request", 900144,
+                               "The provided value for the input parameter 'response_mode' is not valid.")
+    rtype = params.get("response_type", "")
+    if rtype != "code":
+        if not rtype:
+            return authorize_error(flow, "invalid_request", 900144,
+                                   "The request body must contain the following parameter: 'response_type'.")
+        return authorize_error(flow, "unsupported_response_type", 700054,
+                               f"response_type '{rtype}' is not enabled for the application.")
+    if not flow["scope"].strip():
+        return authorize_error(flow, "invalid_request", 900144,
+                               "The request body must contain the following parameter: 'scope'.")
+    try:
+        parse_scopes(flow["scope"])
+    except AadError as e:
+        return authorize_error(flow, e.error, e.code, e.text)
+    if not flow["code_challenge"]:
+        return authorize_error(flow, "invalid_request", 900144,
+                               "The request body must contain the following parameter: 'code_challenge'. "
+                               "This simulator requires PKCE.")
+    method = flow["code_challenge_method"] or "plain"
+    if method not in ("S256", "plain"):
+        return authorize_error(flow, "invalid_request", 9002313,
+                               "Invalid request. Request is malformed or invalid. "
+                               f"Unsupported code_challenge_method '{method}'.")
+    if method == "S256" and not re.fullmatch(r"[A-Za-z0-9_-]{43}", flow["code_challenge"]):
+        return authorize_error(flow, "invalid_request", 501491,
+                               "Invalid size of Code_Challenge parameter.")
+    flow["code_challenge_method"] = method
+    return flow, app, kind, tenant
+
+
+def finish_sign_in(sim, flow, app, user):
+    """The user signed in (page or auto-approval): scenario errors or a code."""
+    sc = sim.take_scenario("authorize", client_id=flow["client_id"], user=user["upn"])
+    if sc:
+        if sc.get("hang"):
+            time.sleep(float(sc["hang"]))
+        name = sc.get("error", "server_error")
+        error, code, text = AUTHORIZE_PRESETS.get(name, (name, sc.get("code", 50000), "Error."))
+        code = sc.get("code", code)
+        text = sc.get("description", text).format(client_id=app["client_id"], app_name=app["display_name"])
+        return authorize_error(flow, error, code, text)
+    with sim.lock:
+        code = "0.A" + secrets.token_urlsafe(96)
+        sim.codes[code] = {"client_id": flow["client_id"], "redirect_uri": flow["redirect_uri"],
+                           "scope": flow["scope"], "nonce": flow["nonce"],
+                           "code_challenge": flow["code_challenge"],
+                           "code_challenge_method": flow["code_challenge_method"],
+                           "segment": flow["segment"], "oid": user["oid"], "tid": user["tenant_id"],
+                           "expires_at": sim.now() + sim.config["code_lifetime"], "used": False}
+        sim.counters["codes_issued"] += 1
+    return respond_to_client(flow, {"code": code, "session_state": guid()})
+
+
+def sign_in_page(sim, flow_id, flow, app, users):
+    hint = (flow.get("login_hint") or "").lower()
+    users = sorted(users, key=lambda u: (u["upn"].lower() != hint, u["name"]))
+    buttons = "\n".join(
+        f'<li><button type="submit" name="user" value="{html.escape(u["oid"])}"'
+        f'{" autofocus class=selected" if u["upn"].lower() == hint else ""}>'
+        f'{html.escape(u["name"])} &lt;{html.escape(u["upn"])}&gt;</button></li>' for u in users)
+    scopes = "".join(f"<li>{html.escape(s)}</li>" for s in flow["scope"].split())
+    body = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Sign in to your account</title></head>
+<body>
+<h1>Sign in</h1>
+<p><b>{html.escape(app['display_name'])}</b> ({html.escape(app['client_id'])}) wants to:</p>
+<ul>{scopes}</ul>
+<form method="POST" action="/{html.escape(flow['segment'])}/oauth2/v2.0/authorize">
+<input type="hidden" name="flow" value="{flow_id}">
+<p>Pick an account (simulator: no password needed):</p>
+<ul>
+{buttons or '<li>No account can sign in here.</li>'}
+</ul>
+<button type="submit" name="cancel" value="1">Cancel</button>
+</form>
+</body></html>
+"""
+    return html_response(200, body, {"Cache-Control": "no-store"})
+
+
+@route("GET", r"/([^/]+)/oauth2/v2\.0/authorize", "authorize")
+def authorize(sim, req, segment):
+    with sim.lock:
+        checked = validate_authorize(sim, segment, req.query)
+        if isinstance(checked, Response):
+            return checked
+        flow, app, kind, tenant = checked
+        eligible = [u for u in sim.users.values() if user_allowed(app, kind, tenant, u)]
+        # Automated tests: sign in without a page.
+        user = None
+        if sim.config["auto_approve_user"]:
+            user = sim.find_user(sim.config["auto_approve_user"])
+        elif sim.config["auto_approve"] and flow["login_hint"]:
+            user = sim.find_user(flow["login_hint"])
+        if user is not None and user not in eligible:
+            raise PageError(50020, f"User account '{user['upn']}' from identity provider "
+                            f"'{sim.base}/{user['tenant_id']}/' does not exist in tenant "
+                            f"'{tenant['name'] if tenant else segment}' and cannot access the application "
+                            f"'{app['client_id']}'({app['display_name']}) in that tenant.")
+        if user is None and flow["prompt"] == "none":
+            error, code, text = AUTHORIZE_PRESETS["login_required"]
+            return authorize_error(flow, error, code, text)
+        if user is None:
+            flow_id = secrets.token_urlsafe(16)
+            sim.flows[flow_id] = flow
+            return sign_in_page(sim, flow_id, flow, app, eligible)
+    return finish_sign_in(sim, flow, app, user)
+
+
+@route("POST", r"/([^/]+)/oauth2/v2\.0/authorize(?:/submit)?", "authorize_submit")
+def authorize_submit(sim, req, segment):
+    form = req.form()
+    with sim.lock:
+        flow = sim.flows.pop(form.get("flow", ""), None)
+        if flow is None or sim.now() - flow["created"] > 1800:
+            raise PageError(50089, "Flow token expired - Authentication Failed. Have the user try "
+                            "signing-in again with username -password")
+        app = sim.apps.get(flow["client_id"])
+        kind, tenant = resolve_tenant(sim, flow["segment"])
+        if form.get("cancel") or app is None:
+            error, code, text = AUTHORIZE_PRESETS["access_denied"]
+            return authorize_error(flow, error, code, text, subcode="cancel")
+        user = sim.users.get(form.get("user", "").lower())
+        if user is None or not user_allowed(app, kind, tenant, user):
+            raise PageError(50020, "User account does not exist in the tenant and cannot access the "
+                            f"application '{flow['client_id']}' in that tenant.")
+    return finish_sign_in(sim, flow, app, user)
+
+
+@route("GET", r"/([^/]+)/oauth2/v2\.0/logout", "logout")
+def logout(sim, req, segment):
+    target = req.query.get("post_logout_redirect_uri")
+    if target:
+        return redirect(target)
+    return html_response(200, "<!DOCTYPE html><title>Sign out</title><p>You signed out of your account.</p>")
+
+
+# ---------------------------------------------------------------------------
+# Identity: token endpoint
+# ---------------------------------------------------------------------------
+
+TOKEN_PRESETS = {  # scenario `error` -> (status, AADSTS code, text)
+    "server_error": (500, 50000, "There was an error issuing a token or an issue with our sign-in service."),
+    "temporarily_unavailable": (503, 90033, "A transient error has occurred. Please try again."),
+    "throttled": (429, 90055, "The request is throttled temporarily. Please try after some time."),
+}
+STATUS_ERRORS = {429: "temporarily_unavailable", 500: "server_error", 502: "server_error",
+                 503: "temporarily_unavailable", 504: "temporarily_unavailable"}
+
+
+def token_scenario(sim, grant_type, client_id):
+    sc = sim.take_scenario("token", grant_type=grant_type, client_id=client_id)
+    if not sc:
+        return
+    if sc.get("hang"):
+        time.sleep(float(sc["hang"]))           # then answer normally: the client should have given up
+        if not (sc.get("status") or sc.get("error")):
+            return
+    name = sc.get("error") or STATUS_ERRORS.get(sc.get("status"), "server_error")
+    status, code, text = TOKEN_PRESETS.get(name, (None, None, None))
+    if name == "temporarily_unavailable" and sc.get("status") == 429:
+        status, code, text = TOKEN_PRESETS["throttled"]
+    status = sc.get("status") or status
+    code = sc.get("code") or code or 50000
+    text = sc.get("description") or (text if text else "Injected error.")
+    headers = {}
+    if sc.get("retry_after") is not None:
+        headers["Retry-After"] = str(sc["retry_after"])
+    raise AadError(name, int(code), text, status=status, headers=headers)
+
+
+def client_credentials(req, form):
+    """client_secret_basic (RFC 6749 2.3.1, form-encoded parts) or client_secret_post."""
+    auth = req.header("Authorization") or ""
+    if auth[:6].lower() == "basic ":
+        try:
+            raw = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8")
+            cid, secret = raw.split(":", 1)
+        except (ValueError, UnicodeDecodeError):
+            raise AadError("invalid_client", 7000215, "Invalid client secret provided. The "
+                           "Authorization header could not be decoded.")
+        cid, secret = unquote_plus(cid), unquote_plus(secret)
+        if form.get("client_id") and form["client_id"].lower() != cid.lower():
+            raise AadError("invalid_request", 9002313, "Invalid request. Request is malformed or "
+                           "invalid. client_id in the body differs from the Authorization header.")
+        req.log_extra["client_auth"] = "client_secret_basic"
+        return cid.lower(), secret
+    if "client_secret" in form:
+        req.log_extra["client_auth"] = "client_secret_post"
+    return (form.get("client_id") or "").lower(), form.get("client_secret")
+
+
+def authenticate_client(sim, app, secret):
+    if not secret:
+        raise AadError("invalid_client", 7000218, "The request body must contain the following "
+                       "parameter: 'client_assertion' or 'client_secret'.")
+    match = next((s for s in app["secrets"]
+                  if hmac.compare_digest(s["value"].encode(), secret.encode())), None)
+    if match is None:
+        raise AadError("invalid_client", 7000215,
+                       "Invalid client secret provided. Ensure the secret being sent in the request "
+                       "is the client secret value, not the client secret ID, for a secret added to "
+                       f"app '{app['client_id']}'.")
+    if match["expires_at"] <= sim.now():
+        raise AadError("invalid_client", 7000222,
+                       f"The provided client secret keys for app '{app['client_id']}' are expired. "
+                       "Visit the Azure portal to create new keys for your app: "
+                       "https://aka.ms/NewClientSecret, or consider using certificate credentials for "
+                       "added security: https://aka.ms/certCreds.")
+
+
+def pick_resource(app, requested, consented):
+    """One resource per token (+ OIDC scopes). -> (resource, granted names, oidc requested)."""
+    oidc, by_res = parse_scopes(requested)
+    _, consented_by_res = parse_scopes(consented)
+    if len(by_res) > 1:
+        raise AadError("invalid_scope", 700022,
+                       "The provided value for the input parameter scope is not valid because it "
+                       f"contains more than one resource. Scope {requested} is not valid.")
+    if not by_res:      # only OIDC scopes (or none): the first consented resource
+        resource = next(iter(consented_by_res), GRAPH)
+        names = []
+    else:
+        resource, names = next(iter(by_res.items()))
+    have = consented_by_res.get(resource, [])
+    missing = [n for n in names if n != ".default" and n.lower() not in {h.lower() for h in have}]
+    if missing:
+        raise AadError("invalid_grant", 65001,
+                       f"The user or administrator has not consented to use the application with ID "
+                       f"'{app['client_id']}' named '{app['display_name']}'. Send an interactive "
+                       f"authorization request for this user and resource.")
+    # Microsoft grants every consented scope of that resource, not only the ones asked for.
+    return resource, list(have), oidc
+
+
+def issue_tokens(sim, app, user, consented, requested, nonce, family=None):
+    resource, names, oidc_req = pick_resource(app, requested, consented)
+    oidc_consented, _ = parse_scopes(consented)
+    if resource == GRAPH and sim.config["default_user_read"] and "User.Read" not in names:
+        names.append("User.Read")
+    if not names:
+        raise AadError("invalid_scope", 70011, "The provided request must include a 'scope' input "
+                       "parameter. The provided value for the input parameter 'scope' is not valid.")
+    now = sim.now()
+    lifetime = int(sim.config["access_token_lifetime"])
+    at = "EwA" + secrets.token_urlsafe(90)
+    sim.ats[at] = {"oid": user["oid"], "tid": user["tenant_id"], "client_id": app["client_id"],
+                   "resource": resource, "scopes": names, "issued_at": now, "expires_at": now + lifetime}
+    sim.counters["access_tokens_issued"] += 1
+    granted_oidc = [s for s in OIDC_SCOPES if s in oidc_req and s in oidc_consented]
+    body = {"token_type": "Bearer",
+            "scope": " ".join(scope_response_form(resource, names) + granted_oidc),
+            "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": at}
+    if "offline_access" in oidc_consented:
+        rt = "0.AX" + secrets.token_urlsafe(160)
+        sim.rts[rt] = {"client_id": app["client_id"], "oid": user["oid"], "tid": user["tenant_id"],
+                       "scope": consented, "family": family or guid(), "issued_at": now,
+                       "last_used": now, "rotated": False, "grace_used": 0, "revoked": None}
+        sim.counters["refresh_tokens_issued"] += 1
+        body["refresh_token"] = rt
+    if "openid" in oidc_req and "openid" in oidc_consented:
+        body["id_token"] = id_token(sim, app, user, oidc_consented, nonce)
+    return body
+
+
+def id_token(sim, app, user, oidc, nonce):
+    now = int(sim.now())
+    claims = {"aud": app["client_id"], "iss": f"{sim.base}/{user['tenant_id']}/v2.0",
+              "iat": now, "nbf": now, "exp": now + int(sim.config["id_token_lifetime"]),
+              "sub": b64url(hashlib.sha256(f"{app['client_id']}|{user['oid']}".encode()).digest()),
+              "tid": user["tenant_id"], "uti": b64url(secrets.token_bytes(16)), "ver": "2.0"}
+    if nonce:
+        claims["nonce"] = nonce
+    if "profile" in oidc:
+        claims.update(oid=user["oid"], name=user["name"], preferred_username=user["upn"])
+    if "email" in oidc and user.get("mail"):
+        claims["email"] = user["mail"]
+    return sim.keys.signing.sign_jwt(claims)
+
+
+@route("POST", r"/([^/]+)/oauth2/v2\.0/token", "token")
+def token(sim, req, segment):
+    ctype = (req.header("Content-Type") or "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise AadError("invalid_request", 900144,
+                       "The request body must contain the following parameter: 'grant_type'.")
+    form = req.form()
+    grant_type = form.get("grant_type")
+    req.log_extra["grant_type"] = grant_type
+    origin = req.header("Origin")
+    if origin:
+        raise AadError("invalid_request", 9002326,
+                       "Cross-origin token redemption is permitted only for the 'Single-Page "
+                       f"Application' client-type. Request origin: '{origin}'.")
+    client_id, secret = client_credentials(req, form)
+    token_scenario(sim, grant_type, client_id)
+    with sim.lock:
+        kind, tenant = resolve_tenant(sim, segment)
+        if not grant_type:
+            raise AadError("invalid_request", 900144,
+                           "The request body must contain the following parameter: 'grant_type'.")
+        if not client_id:
+            raise AadError("invalid_request", 900144,
+                           "The request body must contain the following parameter: 'client_id'.")
+        app = sim.apps.get(client_id)
+        if app is None:
+            raise app_not_found(client_id, tenant["name"] if tenant else segment)
+        err = check_app_segment(app, kind, tenant)
+        if err:
+            raise err
+        if grant_type not in ("authorization_code", "refresh_token"):
+            raise AadError("unsupported_grant_type", 70003,
+                           f"The app requested an unsupported grant type '{grant_type}'.")
+        authenticate_client(sim, app, secret)
+        if grant_type == "authorization_code":
+            body = redeem_code(sim, app, segment, form)
+        else:
+            body = redeem_refresh(sim, app, form)
+        sim.count("token_grants", grant_type)
+    return json_response(200, body, {"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+def redeem_code(sim, app, segment, form):
+    code = form.get("code")
+    if not code:
+        raise AadError("invalid_request", 900144, "The request body must contain the following "
+                       "parameter: 'code'.")
+    rec = sim.codes.get(code)
+    if rec is None:
+        raise AadError("invalid_grant", 70000, "The provided value for the 'code' parameter is not valid.")
+    if rec["used"]:
+        raise AadError("invalid_grant", 54005, "OAuth2 Authorization code was already redeemed, "
+                       "please retry with a new valid code or use an existing refresh token.")
+    if rec["expires_at"] <= sim.now():
+        raise AadError("invalid_grant", 70008, "The provided authorization code or refresh token has "
+                       "expired due to inactivity. Send a new interactive authorization request for "
+                       "this user and resource.")
+    if rec["client_id"] != app["client_id"]:
+        raise AadError("invalid_grant", 70000, "The provided value for the 'code' parameter is not "
+                       "valid. The code was issued to a different client.")
+    rec["used"] = True      # any redemption attempt past this point burns the code
+    if rec["segment"] != segment.lower():
+        raise AadError("invalid_grant", 700005, "Provided Authorization Code is intended to use "
+                       "against other tenant, thus rejected.")
+    redirect_uri = form.get("redirect_uri")
+    if redirect_uri != rec["redirect_uri"]:
+        raise AadError("invalid_grant", 50011,
+                       f"The redirect URI '{redirect_uri}' specified in the request does not match the "
+                       f"redirect URI '{rec['redirect_uri']}' used to request the authorization code.")
+    if not pkce_ok(rec, form.get("code_verifier")):
+        raise AadError("invalid_grant", 501481, "The Code_Verifier does not match the "
+                       "code_challenge supplied in the authorization request.")
+    user = sim.users.get(rec["oid"])
+    if user is None:
+        raise AadError("invalid_grant", 50034, "The user account does not exist in the directory.")
+    requested = form.get("scope") or rec["scope"]
+    return issue_tokens(sim, app, user, rec["scope"], requested, rec["nonce"])
+
+
+def pkce_ok(rec, verifier):
+    if not rec.get("code_challenge"):
+        return True
+    if not verifier or not re.fullmatch(r"[A-Za-z0-9._~-]{43,128}", verifier):
+        return False
+    if rec["code_challenge_method"] == "S256":
+        expected = b64url(hashlib.sha256(verifier.encode()).digest())
+    else:
+        expected = verifier
+    return hmac.compare_digest(expected, rec["code_challenge"])
+
+
+def redeem_refresh(sim, app, form):
+    rt = form.get("refresh_token")
+    if not rt:
+        raise AadError("invalid_request", 900144, "The request body must contain the following "
+                       "parameter: 'refresh_token'.")
+    rec = sim.rts.get(rt)
+    if rec is None:
+        raise AadError("invalid_grant", 9002313, "Invalid request. Request is malformed or invalid.")
+    if rec["client_id"] != app["client_id"]:
+        raise AadError("invalid_grant", 70000, "Provided grant is invalid or malformed. The refresh "
+                       "token was issued to a different client.")
+    err = sim.rt_usable(rec)
+    if err:
+        raise err
+    user = sim.users.get(rec["oid"])
+    if user is None:
+        raise revoked_error(rec, 50173)
+    body = issue_tokens(sim, app, user, rec["scope"], form.get("scope") or rec["scope"], None,
+                        family=rec["family"])
+    # Rotation: the new RT replaces this one; the old one keeps working unless configured not to.
+    if rec["rotated"]:
+        rec["grace_used"] += 1
+    rec["rotated"] = True
+    rec["last_used"] = sim.now()
+    return body
+
+
+# ---------------------------------------------------------------------------
+# Graph: authentication, throttling, errors
+# ---------------------------------------------------------------------------
+
+class GraphCtx:
+    def __init__(self, sim, req, at):
+        self.sim, self.req, self.at = sim, req, at
+        self.user = sim.users[at["oid"]]
+        self.mb = sim.mailbox(at["oid"])
+        prefer = req.prefer()
+        self.immutable = prefer.get("idtype", "").lower() == "immutableid"
+        self.text_body = prefer.get("outlook.body-content-type", "").lower() == "text"
+        self.prefer = prefer
+        self.applied = []            # Preference-Applied values
+        if self.immutable:
+            self.applied.append('IdType="ImmutableId"')
+
+    def has(self, *scopes):
+        have = {s.lower() for s in self.at["scopes"]}
+        return any(s.lower() in have for s in scopes)
+
+    def need_read(self):
+        if not self.has("Mail.Read", "Mail.ReadWrite", "Mail.ReadBasic", "Mail.Read.Shared",
+                        "Mail.ReadWrite.Shared"):
+            raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+        return not self.has("Mail.Read", "Mail.ReadWrite", "Mail.Read.Shared", "Mail.ReadWrite.Shared")
+
+    def need_write(self):
+        if not self.has("Mail.ReadWrite", "Mail.ReadWrite.Shared"):
+            raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+
+    def message(self, any_id):
+        msg = self.mb.find(any_id)
+        if msg is None:
+            raise GraphError(404, "itemNotFound", "The specified object was not found in the store., "
+                             "The process failed to get the correct properties.")
+        return msg
+
+    def folder(self, name_or_id):
+        f = self.mb.folder(name_or_id)
+        if f is None:
+            raise GraphError(404, "itemNotFound", "The specified folder could not be found in the store.")
+        return f
+
+    def render(self, msg, select=None, only=None):
+        return self.mb.render(msg, select, self.immutable, self.text_body, self.basic, only)
+
+
+def graph_auth(sim, req):
+    auth = req.header("Authorization") or ""
+    if not auth[:7].lower() == "bearer " or not auth[7:].strip():
+        raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.",
+                         {"WWW-Authenticate": www_authenticate(sim)})
+    with sim.lock:
+        at = sim.ats.get(auth[7:].strip())
+        if at is None:
+            raise GraphError(401, "InvalidAuthenticationToken",
+                             "IDX14100: JWT is not well formed, there are no dots (.).",
+                             {"WWW-Authenticate": www_authenticate(sim)})
+        if at.get("revoked"):
+            raise GraphError(401, "InvalidAuthenticationToken", "Access token has been revoked.",
+                             {"WWW-Authenticate": www_authenticate(sim)})
+        if at["expires_at"] <= sim.now():
+            raise GraphError(401, "InvalidAuthenticationToken",
+                             "Lifetime validation failed, the token is expired.",
+                             {"WWW-Authenticate": www_authenticate(sim)})
+        if at["resource"] != GRAPH:
+            raise GraphError(401, "InvalidAuthenticationToken",
+                             "Access token validation failure. Invalid audience.",
+                             {"WWW-Authenticate": www_authenticate(sim)})
+        if at["oid"] not in sim.users:
+            raise GraphError(404, "ErrorInvalidUser", "The requested user is invalid.")
+        if req.graph_user:     # /users/{id|upn}/...: only the signed-in user's own mailbox here
+            u = sim.users[at["oid"]]
+            graph_id = graph_user_id(u)
+            if req.graph_user.lower() not in (u["oid"], graph_id, u["upn"].lower(), u["mail"].lower()):
+                raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+        return at
+
+
+def www_authenticate(sim):
+    return (f'Bearer realm="", authorization_uri="{sim.base}/common/oauth2/authorize", '
+            'client_id="00000003-0000-0000-c000-000000000000"')
+
+
+def graph_user_id(user):
+    """Work/school: id == oid. Personal accounts: the 16 hex digits embedded in the oid."""
+    if user["tenant_id"] == MSA_TENANT and user["oid"].startswith("00000000-0000-0000-"):
+        return user["oid"][19:].replace("-", "")
+    return user["oid"]
+
+
+class ConcurrencySlot:
+    """At most N in-flight requests per app + mailbox (Outlook's limit); over -> 429."""
+
+    def __init__(self, sim, at):
+        self.sim, self.key = sim, (at["client_id"], at["oid"])
+
+    def __enter__(self):
+        sim = self.sim
+        with sim.lock:
+            n = sim.inflight.get(self.key, 0) + 1
+            if n > sim.config["graph_concurrency_limit"]:
+                sim.counters["concurrency_violations"] += 1
+                sim.counters["throttled"] += 1
+                raise GraphError(429, "ApplicationThrottled",
+                                 "Application is over its MailboxConcurrency limit.",
+                                 {"Retry-After": str(sim.config["throttle_retry_after"])})
+            sim.inflight[self.key] = n
+            sim.counters["max_inflight"] = max(sim.counters["max_inflight"], n)
+        return self
+
+    def __exit__(self, *exc):
+        with self.sim.lock:
+            self.sim.inflight[self.key] -= 1
+
+
+def graph_scenario(sim, req, at):
+    sc = sim.take_scenario("graph", path=req.path, method=req.method,
+                           user=sim.users[at["oid"]]["upn"], oid=at["oid"])
+    if not sc or sc.get("action") == "replay":
+        return sc
+    if sc.get("hang"):
+        time.sleep(float(sc["hang"]))
+        if not (sc.get("status") or sc.get("code")):
+            return None
+    status = int(sc.get("status", 503))
+    headers = {}
+    if sc.get("retry_after") is not None:
+        headers["Retry-After"] = str(sc["retry_after"])
+    default_code = {429: "TooManyRequests", 503: "serviceNotAvailable", 504: "UnknownError",
+                    500: "generalException", 401: "InvalidAuthenticationToken",
+                    403: "ErrorAccessDenied", 404: "itemNotFound"}.get(status, "generalException")
+    if status == 429:
+        sim.counters["throttled"] += 1
+    raise GraphError(status, sc.get("code", default_code),
+                     sc.get("message", "Injected by the simulator."), headers)
+
+
+def graph_handler(fn):
+    """Wraps Graph handlers: token check, throttling, scenarios, latency."""
+    def wrapper(sim, req, *groups):
+        at = graph_auth(sim, req)
+        with ConcurrencySlot(sim, at):
+            sc = graph_scenario(sim, req, at)
+            ctx = GraphCtx(sim, req, at)
+            ctx.replay = sc if sc and sc.get("action") == "replay" else None
+            ctx.basic = False
+            with sim.lock:
+                resp = fn(ctx, *groups)
+            if ctx.applied:
+                resp.headers["Preference-Applied"] = ", ".join(ctx.applied)
+            return resp
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def select_param(req, allowed):
+    raw = req.query.get("$select")
+    if not raw:
+        return None
+    names = [s.strip() for s in raw.split(",") if s.strip()]
+    lookup = {a.lower(): a for a in allowed}
+    out = []
+    for n in names:
+        if n.lower() == "id":
+            continue
+        if n.lower() not in lookup:
+            raise GraphError(400, "RequestBroker--ParseUri",
+                             f"Could not find a property named '{n}' on type 'microsoft.graph.message'.")
+        out.append(lookup[n.lower()])
+    return out
+
+
+def odata(sim, path):
+    return f"{sim.base}/v1.0/$metadata#{path}"
+
+
+# ---------------------------------------------------------------------------
+# Graph: user, folders, messages
+# ---------------------------------------------------------------------------
+
+@route("GET", r"/v1\.0/me", "graph_me")
+@graph_handler
+def graph_me(ctx):
+    if not ctx.has("User.Read", "User.ReadWrite", "User.ReadBasic.All", "User.Read.All"):
+        raise GraphError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+    u = ctx.user
+    name = u["name"].split(" ", 1)
+    full = {"businessPhones": [], "displayName": u["name"], "givenName": name[0],
+            "jobTitle": None, "mail": u["mail"], "mobilePhone": None, "officeLocation": None,
+            "preferredLanguage": "en-US", "surname": name[1] if len(name) > 1 else None,
+            "userPrincipalName": u["upn"], "id": graph_user_id(u)}
+    sel = ctx.req.query.get("$select")
+    if sel:
+        keys = {s.strip().lower() for s in sel.split(",")}
+        full = {k: v for k, v in full.items() if k.lower() in keys or k == "id"}
+    return json_response(200, dict({"@odata.context": odata(ctx.sim, "users/$entity")}, **full))
+
+
+@route("GET", r"/oidc/userinfo", "userinfo")
+@graph_handler
+def userinfo(ctx):
+    u = ctx.user
+    name = u["name"].split(" ", 1)
+    return json_response(200, {"sub": b64url(hashlib.sha256(f"{ctx.at['client_id']}|{u['oid']}".encode()).digest()),
+                               "name": u["name"], "given_name": name[0],
+                               "family_name": name[1] if len(name) > 1 else "", "email": u["mail"]})
+
+
+@route("GET", r"/v1\.0/me/mailboxSettings", "graph_mailbox_settings")
+@graph_handler
+def mailbox_settings(ctx):
+    return json_response(200, {"@odata.context": odata(ctx.sim, "users('me')/mailboxSettings"),
+                               "timeZone": "UTC", "language": {"locale": "en-US", "displayName": "English (United States)"},
+                               "automaticRepliesSetting": {"status": "disabled"}, "userPurpose": "user",
+                               "dateFormat": "yyyy-MM-dd", "timeFormat": "HH:mm"})
+
+
+def render_folder(mb, f):
+    msgs = mb.in_folder(f["id"])
+    return {"id": f["id"], "displayName": f["displayName"], "parentFolderId": f["parentFolderId"],
+            "childFolderCount": 0, "unreadItemCount": sum(1 for m in msgs if not m["props"]["isRead"]),
+            "totalItemCount": len(msgs), "isHidden": f["hidden"]}
+
+
+@route("GET", r"/v1\.0/me/mailFolders", "graph_folders")
+@graph_handler
+def list_folders(ctx):
+    ctx.need_read()
+    value = [render_folder(ctx.mb, f) for f in ctx.mb.folders.values() if not f["hidden"]]
+    return json_response(200, {"@odata.context": odata(ctx.sim, "users('me')/mailFolders"), "value": value})
+
+
+FOLDER = r"/v1\.0/me/mailFolders(?:/([^/()]+)|\('([^']+)'\))"
+
+
+@route("GET", FOLDER, "graph_folder")
+@graph_handler
+def get_folder(ctx, fid, fid_quoted):
+    ctx.need_read()
+    f = ctx.folder(fid or fid_quoted)
+    return json_response(200, dict({"@odata.context": odata(ctx.sim, "users('me')/mailFolders/$entity")},
+                                   **render_folder(ctx.mb, f)))
+
+
+@route("GET", FOLDER + r"/messages", "graph_list")
+@graph_handler
+def list_messages(ctx, fid, fid_quoted):
+    ctx.basic = ctx.need_read()
+    f = ctx.folder(fid or fid_quoted)
+    select = select_param(ctx.req, MESSAGE_PROPS)
+    msgs = sorted(ctx.mb.in_folder(f["id"]), key=lambda m: m["props"]["receivedDateTime"], reverse=True)
+    top = min(int(ctx.req.query.get("$top", 10)), 1000)
+    skip = int(ctx.req.query.get("$skip", 0))
+    body = {"@odata.context": odata(ctx.sim, f"users('me')/mailFolders('{f['id']}')/messages"),
+            "value": [ctx.render(m, select) for m in msgs[skip:skip + top]]}
+    if skip + top < len(msgs):
+        q = dict(ctx.req.query, **{"$skip": str(skip + top), "$top": str(top)})
+        body["@odata.nextLink"] = (f"{ctx.sim.base}/v1.0/me/mailFolders('{f['id']}')/messages?"
+                                   + urlencode(q, safe="$,"))
+    return json_response(200, body)
+
+
+MESSAGE = r"/v1\.0/me/messages/([^/]+)"
+
+
+@route("GET", MESSAGE, "graph_get")
+@graph_handler
+def get_message(ctx, mid):
+    ctx.basic = ctx.need_read()
+    msg = ctx.message(mid)
+    select = select_param(ctx.req, MESSAGE_PROPS)
+    return json_response(200, dict({"@odata.context": odata(ctx.sim, "users('me')/messages/$entity")},
+                                   **ctx.render(msg, select)))
+
+
+def count_write(ctx, msg):
+    sim = ctx.sim
+    w = sim.counters["graph_writes"]
+    w[msg["imm"]] = w.get(msg["imm"], 0) + 1
+    sim.counters["graph_writes_total"] += 1
+
+
+@route("PATCH", MESSAGE, "graph_patch")
+@graph_handler
+def patch_message(ctx, mid):
+    ctx.need_write()
+    msg = ctx.message(mid)
+    changes = ctx.req.json()
+    if not isinstance(changes, dict):
+        raise GraphError(400, "BadRequest", "Unable to read JSON request payload.")
+    bad = [k for k in changes if k not in PATCHABLE and not (msg["props"]["isDraft"] and k in MESSAGE_PROPS)]
+    if bad:
+        raise GraphError(400, "ErrorInvalidPropertyUpdateSentMessage",
+                         f"Update operation is not supported for property '{bad[0]}' of a sent message.")
+    if "isRead" in changes and not isinstance(changes["isRead"], bool):
+        raise GraphError(400, "BadRequest", "Cannot convert the literal to the expected type 'Edm.Boolean'.")
+    ctx.mb.update(msg, changes)
+    count_write(ctx, msg)
+    if "return=minimal" in ctx.req.header("Prefer", ""):
+        return Response(204)
+    return json_response(200, dict({"@odata.context": odata(ctx.sim, "users('me')/messages/$entity")},
+                                   **ctx.render(msg)))
+
+
+@route("POST", MESSAGE + r"/move", "graph_move")
+@graph_handler
+def move_message(ctx, mid):
+    ctx.need_write()
+    msg = ctx.message(mid)
+    dest = ctx.req.json().get("destinationId") if ctx.req.body else None
+    if not dest:
+        raise GraphError(400, "ErrorInvalidIdMalformed", "Id is malformed.")
+    f = ctx.folder(dest)
+    ctx.mb.move(msg, f["id"])
+    count_write(ctx, msg)
+    return json_response(201, dict({"@odata.context": odata(ctx.sim, "users('me')/messages/$entity")},
+                                   **ctx.render(msg)))
+
+
+@route("DELETE", MESSAGE, "graph_delete")
+@graph_handler
+def delete_message(ctx, mid):
+    ctx.need_write()
+    msg = ctx.message(mid)
+    # Soft delete into Recoverable Items: gone from every visible folder.
+    ctx.mb.move(msg, ctx.mb.folder("recoverableitemsdeletions")["id"])
+    count_write(ctx, msg)
+    return Response(204)
+
+
+# ---------------------------------------------------------------------------
+# Graph: message delta
+# ---------------------------------------------------------------------------
+
+FILTER_RE = re.compile(r"^\s*receivedDateTime\s+(ge|gt)\s+(\S+)\s*$", re.I)
+
+
+def delta_items(mb, cur, since, replay):
+    """The entries of one delta round: ("full"|"update"|"removed", imm, extra)."""
+    fid = cur["folder"]
+    lower = cur.get("filter")
+
+    def passes(msg):
+        if not lower:
+            return True
+        op, ts = lower
+        t = parse_time(msg["props"]["receivedDateTime"])
+        return t >= ts if op == "ge" else t > ts
+
+    msgs = [m for m in mb.in_folder(fid) if passes(m)]
+    if since is None:
+        if cur.get("orderby"):
+            msgs.sort(key=lambda m: m["props"]["receivedDateTime"], reverse=True)
+        else:           # no $orderby: order not guaranteed; insertion order keeps clients honest
+            msgs.sort(key=lambda m: m["entered"])
+        return [("full", m["imm"], None) for m in msgs]
+    entries = []        # (seq, entry)
+    ct = cur.get("change_type")
+    for m in msgs:
+        if m["entered"] > since:
+            if ct in (None, "created"):
+                entries.append((m["entered"], ("full", m["imm"], None)))
+        else:
+            changed = [p for p, s in m["changed"].items() if s > since]
+            if changed and ct in (None, "updated"):
+                entries.append((max(m["changed"][p] for p in changed), ("update", m["imm"], changed)))
+    if ct in (None, "deleted"):
+        for seq, f, imm, rest in mb.removals:
+            if f == fid and seq > since:
+                entries.append((seq, ("removed", imm, rest)))
+    entries.sort(key=lambda e: e[0])
+    items = [e for _, e in entries]
+    if replay:          # Graph may send an item again; clients must be idempotent
+        newest = sorted(msgs, key=lambda m: m["props"]["receivedDateTime"], reverse=True)
+        items += [("full", m["imm"], None) for m in newest[:int(replay.get("count", 3))]]
+    return items
+
+
+def delta_url(sim, fid, key, token):
+    return f"{sim.base}/v1.0/me/mailFolders('{fid}')/messages/delta?{key}={token}"
+
+
+def initial_options_query(cur):
+    q = {}
+    if cur.get("select"):
+        q["$select"] = ",".join(cur["select"])
+    if cur.get("filter_raw"):
+        q["$filter"] = cur["filter_raw"]
+    if cur.get("orderby"):
+        q["$orderby"] = "receivedDateTime desc"
+    if cur.get("change_type"):
+        q["changeType"] = cur["change_type"]
+    return urlencode(q, safe="$,")
+
+
+@route("GET", FOLDER + r"/messages/delta", "graph_delta")
+@graph_handler
+def message_delta(ctx, fid, fid_quoted):
+    sim, req, mb = ctx.sim, ctx.req, ctx.mb
+    ctx.basic = ctx.need_read()
+    f = ctx.folder(fid or fid_quoted)
+    skip, delta = req.query.get("$skiptoken"), req.query.get("$deltatoken")
+    if skip is not None:                         # next page of a round in progress
+        state = sim.cursors.get(skip)
+        if state is None or state["type"] != "skip" or state["cursor"]["oid"] != ctx.user["oid"]:
+            raise GraphError(400, "syncStateNotFound", "The sync state generation is not found.")
+        cur, items, pos = state["cursor"], state["items"], state["pos"]
+    elif delta:                                  # a new round from a stored deltaLink
+        cur = sim.cursors.get(delta)
+        if cur is None or cur["type"] != "delta" or cur["oid"] != ctx.user["oid"]:
+            raise GraphError(400, "syncStateNotFound", "The sync state generation is not found.")
+        if cur.get("expired") == "gone":
+            location = (f"{sim.base}/v1.0/me/mailFolders('{cur['folder']}')/messages/delta?$deltatoken="
+                        + ("&" + initial_options_query(cur) if initial_options_query(cur) else ""))
+            raise GraphError(410, "resyncRequired", "The delta token is no longer valid, and the "
+                             "app must reset the sync state.", {"Location": location})
+        if cur.get("expired"):
+            raise GraphError(400, cur["expired"], "The sync state generation is not found.")
+        items = delta_items(mb, cur, cur["since"], ctx.replay)
+        cur = dict(cur, type="round", round_seq=mb.seq)
+        pos = 0
+    else:                                        # initial round: options are read only here
+        cur = {"type": "round", "oid": ctx.user["oid"], "folder": f["id"],
+               "select": select_param(req, MESSAGE_PROPS), "round_seq": mb.seq}
+        flt = req.query.get("$filter")
+        if flt:
+            m = FILTER_RE.match(flt)
+            if not m:
+                raise GraphError(400, "ErrorInvalidUrlQueryFilter",
+                                 "The query filter contains one or more invalid nodes.")
+            cur["filter"], cur["filter_raw"] = (m.group(1).lower(), parse_time(m.group(2))), flt
+        orderby = req.query.get("$orderby")
+        if orderby:
+            if orderby.strip().lower() != "receiveddatetime desc":
+                raise GraphError(400, "ErrorInvalidUrlQuery",
+                                 "The query parameter '$orderby' is invalid for delta: only "
+                                 "receivedDateTime desc is supported.")
+            cur["orderby"] = True
+        if req.query.get("changeType"):
+            cur["change_type"] = req.query["changeType"].lower()
+        cur["page_size"] = req.query.get("$top")
+        items = delta_items(mb, cur, None, ctx.replay)
+        pos = 0
+    # Page size: the Prefer header of this request, else the initial $top, else the default.
+    size = ctx.prefer.get("odata.maxpagesize") or cur.get("page_size") or sim.config["default_page_size"]
+    size = max(1, min(int(size), int(sim.config["max_page_size"])))
+    if "odata.maxpagesize" in ctx.prefer:
+        ctx.applied.append(f"odata.maxpagesize={size}")
+    value, end = [], pos
+    while end < len(items) and len(value) < size:
+        kind, imm, extra = items[end]
+        end += 1
+        if kind == "removed":
+            value.append({"@odata.type": "#microsoft.graph.message",
+                          "id": imm if ctx.immutable else extra, "@removed": {"reason": "deleted"}})
+            continue
+        msg = mb.messages.get(imm)
+        if msg is None or msg["folder"] != cur["folder"]:
+            continue        # changed again since the round started; the next round reports it
+        only = extra if kind == "update" else None
+        value.append(dict({"@odata.type": "#microsoft.graph.message"},
+                          **ctx.render(msg, cur.get("select"), only)))
+    body = {"@odata.context": odata(sim, f"Collection(message)"), "value": value}
+    if end < len(items):
+        token = secrets.token_urlsafe(24)
+        sim.cursors[token] = {"type": "skip", "cursor": cur, "items": items, "pos": end}
+        body["@odata.nextLink"] = delta_url(sim, cur["folder"], "$skiptoken", token)
+    else:
+        token = secrets.token_urlsafe(32)
+        sim.cursors[token] = {k: v for k, v in cur.items() if k not in ("type", "round_seq")}
+        sim.cursors[token].update(type="delta", since=cur["round_seq"], created=sim.now())
+        body["@odata.deltaLink"] = delta_url(sim, cur["folder"], "$deltatoken", token)
+    return json_response(200, body)
+
+
+# ---------------------------------------------------------------------------
+# Control API (/_sim/...): JSON in, JSON out
+# ---------------------------------------------------------------------------
+
+def control_body(req):
+    try:
+        data = json.loads(req.body or b"{}")
+    except ValueError:
+        raise GraphError(400, "BadRequest", "body is not JSON")
+    if not isinstance(data, dict):
+        raise GraphError(400, "BadRequest", "body must be a JSON object")
+    return data
+
+
+def public_app(app):
+    return dict(app, secrets=[dict(s, expires_at=iso(s["expires_at"])) for s in app["secrets"]])
+
+
+def control_user(sim, key):
+    user = sim.find_user(key)
+    if user is None:
+        raise GraphError(404, "NotFound", f"no user {key}")
+    return user
+
+
+@route("GET", r"/_sim/state", "control")
+def ctl_state(sim, req):
+    with sim.lock:
+        return json_response(200, {
+            "base_url": sim.base, "config": sim.config, "clock_offset": sim.clock_offset,
+            "default": {"client_id": DEFAULT_CLIENT_ID, "client_secret": sim.default_secret["value"],
+                        "tenant_id": DEFAULT_TENANT, "users": [u["upn"] for u in DEFAULT_USERS]},
+            "tenants": list(sim.tenants.values()), "users": list(sim.users.values()),
+            "apps": [public_app(a) for a in sim.apps.values()], "keys": sim.keys.describe(),
+            "scenarios": sim.scenarios})
+
+
+@route("POST", r"/_sim/reset", "control")
+def ctl_reset(sim, req):
+    sim.reset()
+    return json_response(200, {"ok": True})
+
+
+@route("POST", r"/_sim/config", "control")
+def ctl_config(sim, req):
+    data = control_body(req)
+    unknown = [k for k in data if k not in DEFAULT_CONFIG]
+    if unknown:
+        raise GraphError(400, "BadRequest", f"unknown config keys: {unknown}")
+    with sim.lock:
+        sim.config.update(data)
+        return json_response(200, sim.config)
+
+
+@route("POST", r"/_sim/clock", "control")
+def ctl_clock(sim, req):
+    data = control_body(req)
+    with sim.lock:
+        if "offset" in data:
+            sim.clock_offset = float(data["offset"])
+        sim.clock_offset += float(data.get("advance", 0))
+        return json_response(200, {"clock_offset": sim.clock_offset, "now": iso(sim.now())})
+
+
+@route("POST", r"/_sim/tenants", "control")
+def ctl_add_tenant(sim, req):
+    with sim.lock:
+        return json_response(201, sim.add_tenant(control_body(req)))
+
+
+@route("POST", r"/_sim/apps", "control")
+def ctl_add_app(sim, req):
+    try:
+        with sim.lock:
+            return json_response(201, public_app(sim.add_app(control_body(req))))
+    except ValueError as e:
+        raise GraphError(400, "BadRequest", str(e))
+
+
+@route("DELETE", r"/_sim/apps/([^/]+)", "control")
+def ctl_delete_app(sim, req, client_id):
+    with sim.lock:
+        sim.apps.pop(client_id.lower(), None)
+    return Response(204)
+
+
+@route("POST", r"/_sim/apps/([^/]+)/secrets", "control")
+def ctl_add_secret(sim, req, client_id):
+    data = control_body(req)
+    with sim.lock:
+        app = sim.apps.get(client_id.lower())
+        if app is None:
+            raise GraphError(404, "NotFound", f"no app {client_id}")
+        s = {"value": data.get("value") or "Sim8Q~" + secrets.token_urlsafe(27), "id": data.get("id") or guid(),
+             "expires_at": parse_time(data.get("expires_at")) or sim.now() + 180 * 86400}
+        app["secrets"].append(s)
+        return json_response(201, dict(s, expires_at=iso(s["expires_at"])))
+
+
+@route("DELETE", r"/_sim/apps/([^/]+)/secrets/([^/]+)", "control")
+def ctl_delete_secret(sim, req, client_id, secret_id):
+    with sim.lock:
+        app = sim.apps.get(client_id.lower())
+        if app:
+            app["secrets"] = [s for s in app["secrets"] if s["id"] != secret_id]
+    return Response(204)
+
+
+@route("POST", r"/_sim/users", "control")
+def ctl_add_user(sim, req):
+    try:
+        with sim.lock:
+            return json_response(201, sim.add_user(control_body(req)))
+    except ValueError as e:
+        raise GraphError(400, "BadRequest", str(e))
+
+
+@route("DELETE", r"/_sim/users/([^/]+)", "control")
+def ctl_delete_user(sim, req, key):
+    with sim.lock:
+        user = control_user(sim, key)
+        del sim.users[user["oid"]]
+    return Response(204)
+
+
+@route("GET", r"/_sim/scenarios", "control")
+def ctl_scenarios(sim, req):
+    with sim.lock:
+        return json_response(200, {"scenarios": sim.scenarios})
+
+
+@route("POST", r"/_sim/scenarios", "control")
+def ctl_add_scenarios(sim, req):
+    data = control_body(req)
+    items = data.get("scenarios", [data])
+    for sc in items:
+        if sc.get("endpoint") not in ("authorize", "token", "graph"):
+            raise GraphError(400, "BadRequest", "endpoint must be authorize, token or graph")
+        sc.setdefault("times", 1)
+    with sim.lock:
+        sim.scenarios.extend(items)
+        return json_response(201, {"scenarios": sim.scenarios})
+
+
+@route("DELETE", r"/_sim/scenarios", "control")
+def ctl_clear_scenarios(sim, req):
+    with sim.lock:
+        sim.scenarios.clear()
+    return Response(204)
+
+
+@route("POST", r"/_sim/revoke", "control")
+def ctl_revoke(sim, req):
+    """Kill a user's refresh tokens with a given AADSTS reason (700082, 50173, 70043, 50076...)."""
+    data = control_body(req)
+    code = int(data.get("code", 50173))
+    with sim.lock:
+        user = control_user(sim, data.get("user") or data.get("oid"))
+        n = 0
+        for rec in sim.rts.values():
+            if rec["oid"] == user["oid"] and data.get("client_id", rec["client_id"]).lower() == rec["client_id"]:
+                rec["revoked"] = code
+                n += 1
+        if data.get("access_tokens"):
+            for at in sim.ats.values():
+                if at["oid"] == user["oid"]:
+                    at["revoked"] = True
+        return json_response(200, {"revoked": n, "code": code})
+
+
+@route("POST", r"/_sim/tokens/expire", "control")
+def ctl_expire_tokens(sim, req):
+    """Expire access tokens (and/or outstanding codes) now, e.g. to force a refresh."""
+    data = control_body(req)
+    kinds = data.get("kinds", ["access"])
+    with sim.lock:
+        user = control_user(sim, data["user"]) if data.get("user") else None
+        n = 0
+        if "access" in kinds:
+            for at in sim.ats.values():
+                if user is None or at["oid"] == user["oid"]:
+                    at["expires_at"] = sim.now() - 1
+                    n += 1
+        if "code" in kinds:
+            for c in sim.codes.values():
+                c["expires_at"] = sim.now() - 1
+                n += 1
+        return json_response(200, {"expired": n})
+
+
+@route("POST", r"/_sim/keys/rotate", "control")
+def ctl_rotate_keys(sim, req):
+    """mode: add (publish a new key), activate (newest or kid signs), remove_old, full (all three)."""
+    data = control_body(req)
+    mode = data.get("mode", "full")
+    with sim.lock:
+        if mode in ("add", "full"):
+            sim.keys.add()
+        if mode in ("activate", "full"):
+            try:
+                sim.keys.activate(data.get("kid"))
+            except KeyError:
+                raise GraphError(404, "NotFound", f"no key {data.get('kid')}")
+        if mode in ("remove_old", "full"):
+            sim.keys.remove_old()
+        return json_response(200, sim.keys.describe())
+
+
+@route("GET", r"/_sim/counters", "control")
+def ctl_counters(sim, req):
+    return json_response(200, sim.counters_view())
+
+
+@route("GET", r"/_sim/log", "control")
+def ctl_log(sim, req):
+    with sim.lock:
+        return json_response(200, {"requests": list(sim.log)})
+
+
+@route("DELETE", r"/_sim/log", "control")
+def ctl_clear_log(sim, req):
+    with sim.lock:
+        sim.log.clear()
+    return Response(204)
+
+
+def summarize(mb, msg, immutable=True):
+    return {"id": msg["imm"], "rest_id": msg["rest"], "folder": mb.folders[msg["folder"]]["wk"] or msg["folder"],
+            "subject": msg["props"]["subject"], "isRead": msg["props"]["isRead"],
+            "receivedDateTime": msg["props"]["receivedDateTime"]}
+
+
+@route("GET", r"/_sim/mailbox/([^/]+)", "control")
+def ctl_mailbox(sim, req, key):
+    with sim.lock:
+        user = control_user(sim, key)
+        mb = sim.mailbox(user["oid"])
+        folders = {f["wk"] or f["id"]: {"id": f["id"], "count": len(mb.in_folder(f["id"]))}
+                   for f in mb.folders.values()}
+        msgs = sorted(mb.messages.values(), key=lambda m: m["props"]["receivedDateTime"], reverse=True)
+        return json_response(200, {"user": user, "folders": folders,
+                                   "messages": [summarize(mb, m) for m in msgs]})
+
+
+@route("POST", r"/_sim/mailbox/([^/]+)/messages", "control")
+def ctl_add_messages(sim, req, key):
+    """{"folder":"inbox","count":N,"unread_every":1,"newest":ISO,"spacing_minutes":37}
+    or {"folder":"inbox","messages":[{subject, from, receivedDateTime, isRead, body, ...}]}."""
+    data = control_body(req)
+    with sim.lock:
+        user = control_user(sim, key)
+        mb = sim.mailbox(user["oid"])
+        folder = data.get("folder", "inbox")
+        try:
+            if "messages" in data:
+                f = mb.folder(folder)
+                if f is None:
+                    raise ValueError(f"unknown folder {folder}")
+                made = []
+                for m in data["messages"]:
+                    m = dict(m)
+                    if isinstance(m.get("from"), str):
+                        m["from"] = {"emailAddress": {"name": m["from"], "address": m["from"]}}
+                    if isinstance(m.get("body"), str):
+                        m["body"] = {"contentType": "html", "content": m["body"]}
+                    made.append(mb.add(f["id"], m))
+            else:
+                made = sim.seed(mb, folder, int(data.get("count", 1)),
+                                unread_every=int(data.get("unread_every", 1)),
+                                newest=data.get("newest"),
+                                spacing=float(data.get("spacing_minutes", 37)) * 60,
+                                subject_prefix=data.get("subject_prefix"))
+        except ValueError as e:
+            raise GraphError(400, "BadRequest", str(e))
+        return json_response(201, {"messages": [summarize(mb, m) for m in made]})
+
+
+@route("POST", r"/_sim/mailbox/([^/]+)/messages/([^/]+)", "control")
+def ctl_change_message(sim, req, key, mid):
+    """{"isRead": bool, ...props} and/or {"move_to": folder}: changes as if made in Outlook."""
+    data = control_body(req)
+    with sim.lock:
+        user = control_user(sim, key)
+        mb = sim.mailbox(user["oid"])
+        msg = mb.find(mid)
+        if msg is None:
+            raise GraphError(404, "NotFound", f"no message {mid}")
+        props = {k: v for k, v in data.items() if k in MESSAGE_PROPS}
+        if props:
+            mb.update(msg, props)
+        if data.get("move_to"):
+            f = mb.folder(data["move_to"])
+            if f is None:
+                raise GraphError(400, "BadRequest", f"unknown folder {data['move_to']}")
+            mb.move(msg, f["id"])
+        return json_response(200, summarize(mb, msg))
+
+
+@route("DELETE", r"/_sim/mailbox/([^/]+)/messages/([^/]+)", "control")
+def ctl_delete_message(sim, req, key, mid):
+    with sim.lock:
+        user = control_user(sim, key)
+        mb = sim.mailbox(user["oid"])
+        msg = mb.find(mid, include_hidden=True)
+        if msg is None:
+            raise GraphError(404, "NotFound", f"no message {mid}")
+        mb.purge(msg)
+    return Response(204)
+
+
+@route("POST", r"/_sim/delta/expire", "control")
+def ctl_expire_delta(sim, req):
+    """mode: "gone" (410 + Location), "syncStateNotFound" or "resyncRequired" (400)."""
+    data = control_body(req)
+    mode = data.get("mode", "gone")
+    with sim.lock:
+        user = control_user(sim, data["user"]) if data.get("user") else None
+        n = 0
+        for cur in sim.cursors.values():
+            if cur["type"] == "delta" and (user is None or cur["oid"] == user["oid"]):
+                cur["expired"] = mode
+                n += 1
+        return json_response(200, {"expired": n, "mode": mode})
+
+
+# ---------------------------------------------------------------------------
+# HTTP plumbing
+# ---------------------------------------------------------------------------
+
+def graph_error_response(e, req):
+    body = {"error": {"code": e.code, "message": e.message,
+                      "innerError": {"date": iso(time.time()), "request-id": req.request_id,
+                                     "client-request-id": req.client_request_id}}}
+    return json_response(e.status, body, e.headers)
+
+
+def aad_error_response(sim, e, req):
+    now = time.time()
+    corr = req.header("client-request-id")
+    corr = corr if corr and GUID_RE.match(corr) else guid()
+    trace = guid()
+    body = {"error": e.error,
+            "error_description": (f"AADSTS{e.code}: {e.text}\r\nTrace ID: {trace}\r\n"
+                                  f"Correlation ID: {corr}\r\nTimestamp: {aad_timestamp(now)}"),
+            "error_codes": [e.code], "timestamp": aad_timestamp(now), "trace_id": trace,
+            "correlation_id": corr, "error_uri": f"https://login.microsoftonline.com/error?code={e.code}"}
+    sim.count("token_errors", str(e.code))
+    return json_response(e.status, body, dict(e.headers, **{"Cache-Control": "no-store"}))
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mssim"
+    sys_version = ""
+
+    def log_message(self, fmt, *args):     # the request log lives in /_sim/log
+        if self.server.verbose:
+            sys.stderr.write("mssim: " + fmt % args + "\n")
+
+    def read_body(self):
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n > 0 else b""
+
+    def dispatch(self):
+        sim = self.server.sim
+        started = time.time()
+        req = Request(self.command, self.path, self.headers, self.read_body())
+        req.request_id = guid()
+        req.client_request_id = req.header("client-request-id") or req.request_id
+        m = re.match(r"/v1\.0/users/([^/]+)(/.*)?\Z", req.path)
+        if m:       # /users/{id|upn}/... is /me/... for the signed-in user
+            req.graph_user, req.path = m.group(1), "/v1.0/me" + (m.group(2) or "")
+        kind, resp = "unknown", None
+        try:
+            handler, groups, kind = self.find_route(req)
+            if handler is None:
+                resp = self.not_found(req, kind)
+            else:
+                if kind != "control" and sim.config.get("latency_ms"):
+                    time.sleep(float(sim.config["latency_ms"]) / 1000)
+                resp = handler(sim, req, *groups)
+        except AadError as e:
+            resp = aad_error_response(sim, e, req)
+        except PageError as e:
+            resp = error_page(e.code, e.text, e.status)
+        except GraphError as e:
+            resp = graph_error_response(e, req)
+        except Exception as e:      # a simulator bug: say so loudly, keep serving
+            import traceback
+            traceback.print_exc()
+            resp = json_response(500, {"error": {"code": "simulatorBug", "message": repr(e)}})
+        if req.path.startswith(("/v1.0/", "/oidc/")):
+            resp.headers.setdefault("request-id", req.request_id)
+            resp.headers.setdefault("client-request-id", req.client_request_id)
+            resp.headers.setdefault("x-ms-ags-diagnostic",
+                                    '{"ServerInfo":{"DataCenter":"Simulated","Slice":"E","Ring":"5"}}')
+        elif kind != "control":
+            resp.headers.setdefault("x-ms-request-id", req.request_id)
+        self.record(req, kind, resp, started)
+        self.send(resp)
+
+    def find_route(self, req):
+        path_matched = False
+        for method, rx, kind, fn in ROUTES:
+            m = rx.match(req.path)
+            if m:
+                path_matched = True
+                if method == req.method:
+                    return fn, m.groups(), kind
+        return None, (), "method_not_allowed" if path_matched else "not_found"
+
+    def not_found(self, req, kind):
+        status = 405 if kind == "method_not_allowed" else 404
+        if req.path.startswith("/v1.0/"):
+            code = "BadRequest" if status == 405 else "UnknownError"
+            raise GraphError(status if status == 405 else 400, code,
+                             f"Unsupported request: {req.method} {req.path}" if status == 405
+                             else f"Resource not found for the segment '{req.path.rsplit('/', 1)[-1]}'.")
+        return json_response(status, {"error": "not_found", "path": req.path, "method": req.method})
+
+    def record(self, req, kind, resp, started):
+        sim = self.server.sim
+        with sim.lock:
+            if kind != "control":
+                sim.count("calls", kind)
+                sim.dirty = True
+                entry = {"t": round(started, 3), "method": req.method, "path": req.path,
+                         "query": redact_query(req.query_string), "status": resp.status, "kind": kind,
+                         "ms": round((time.time() - started) * 1000, 1)}
+                if req.path.startswith("/v1.0/"):
+                    entry.update(client_request_id=req.header("client-request-id"),
+                                 prefer=req.header("Prefer"))
+                entry.update(req.log_extra)
+                if req.header("Origin"):
+                    entry["origin"] = req.header("Origin")
+                sim.log.append(entry)
+                del sim.log[:-5000]
+
+    def send(self, resp):
+        try:
+            self.send_response(resp.status)
+            for k, v in resp.headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(resp.body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(resp.body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass        # the client gave up (e.g. a timeout test)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = dispatch
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def save_loop(sim):
+    while True:
+        time.sleep(1)
+        if sim.dirty:
+            try:
+                sim.save()
+            except OSError as e:
+                print(f"mssim: cannot save state: {e}", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Microsoft identity platform + Graph mail simulator")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1", help="loopback only (127.0.0.1 or localhost)")
+    ap.add_argument("--state-file", help="keep apps, users, tokens and mailboxes across restarts")
+    ap.add_argument("--latency-ms", type=float, default=0, help="delay added to every non-control call")
+    ap.add_argument("--demo", action="store_true",
+                    help="seed the default mailboxes and print the default app's credentials")
+    ap.add_argument("--verbose", action="store_true", help="log each request to stderr")
+    args = ap.parse_args(argv)
+    if args.host not in ("127.0.0.1", "localhost"):
+        ap.error("mssim listens on loopback only: --host 127.0.0.1")
+
+    httpd = Server(("127.0.0.1", args.port), Handler)
+    port = httpd.server_address[1]
+    base = f"http://127.0.0.1:{port}"
+    httpd.sim = Sim(base, args.state_file, args.latency_ms, args.demo)
+    httpd.verbose = args.verbose
+    if args.state_file:
+        threading.Thread(target=save_loop, args=(httpd.sim,), daemon=True).start()
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, stop)
+
+    if args.demo:
+        print(f"demo client_id: {DEFAULT_CLIENT_ID}")
+        print(f"demo client_secret: {httpd.sim.default_secret['value']}")
+        print(f"demo tenant: {DEFAULT_TENANT} (users: {', '.join(u['upn'] for u in DEFAULT_USERS)})")
+    print(f"mssim listening on {base}", flush=True)
+    try:
+        httpd.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        httpd.sim.save()
+        httpd.server_close()
+
+
+if __name__ == "__main__":
+    main()
