@@ -195,11 +195,27 @@ static const char *set_company(cmd_parms *cmd, void *dummy, const char *arg)
     return err;
 }
 
-static const char *set_client_id(cmd_parms *cmd, void *dummy, const char *arg)
+/* One word of a RAW_ARGS line, which may be "" (TAKE1 refuses an empty one). */
+static const char *one_word(cmd_parms *cmd, const char *args, const char **word)
+{
+    *word = ap_getword_conf(cmd->pool, &args);
+    while (*args == ' ' || *args == '\t') {
+        args++;
+    }
+    if (*args) {
+        return fail(cmd, "takes one value (quote it if it contains spaces)");
+    }
+    return NULL;
+}
+
+static const char *set_client_id(cmd_parms *cmd, void *dummy, const char *args)
 {
     msoauth_settings_t *st = target(cmd);
-    const char *msg;
+    const char *msg, *arg;
 
+    if ((msg = one_word(cmd, args, &arg)) != NULL) {
+        return msg;
+    }
     if (!*arg) {
         return NULL;    /* empty: fall back to the main server's credentials */
     }
@@ -211,10 +227,14 @@ static const char *set_client_id(cmd_parms *cmd, void *dummy, const char *arg)
     return NULL;
 }
 
-static const char *set_client_secret(cmd_parms *cmd, void *dummy, const char *arg)
+static const char *set_client_secret(cmd_parms *cmd, void *dummy, const char *args)
 {
     msoauth_settings_t *st = target(cmd);
+    const char *msg, *arg;
 
+    if ((msg = one_word(cmd, args, &arg)) != NULL) {
+        return msg;
+    }
     if (!*arg) {
         return NULL;
     }
@@ -460,10 +480,10 @@ const command_rec msoauth_cmds[] = {
     AP_INIT_RAW_ARGS("<MSOAuthCompany", set_company, NULL, RSRC_CONF,
         "<MSOAuthCompany NAME> ... </MSOAuthCompany>: a named set of Microsoft app "
         "credentials and settings; NAME is 1-64 of A-Z a-z 0-9 _ . -"),
-    AP_INIT_TAKE1("MSOAuthClientID", set_client_id, NULL, RSRC_CONF,
+    AP_INIT_RAW_ARGS("MSOAuthClientID", set_client_id, NULL, RSRC_CONF,
         "Application (client) ID of the app registration (a GUID); empty falls back to "
         "the main server's"),
-    AP_INIT_TAKE1("MSOAuthClientSecret", set_client_secret, NULL, RSRC_CONF,
+    AP_INIT_RAW_ARGS("MSOAuthClientSecret", set_client_secret, NULL, RSRC_CONF,
         "the client secret Value (not its Secret ID); prefer ${ENV} or "
         "MSOAuthClientSecretFile to keep it out of the configuration"),
     AP_INIT_TAKE1("MSOAuthClientSecretFile", set_client_secret_file, NULL, RSRC_CONF,

@@ -12,7 +12,6 @@
 #include <http_protocol.h>
 #include <http_request.h>
 #include <util_cookies.h>
-#include <util_script.h>
 #include <mod_dbd.h>
 
 #include "mod_msoauth.h"
@@ -144,24 +143,9 @@ static int fail_reason(request_rec *r, msoauth_srv_conf_t *sc, const char *reaso
     return fail(r, sc, &f, return_to);
 }
 
-/* Query parameters; a parameter given twice is refused (no guessing which). */
 static const char *query(request_rec *r, apr_table_t **args)
 {
-    const apr_array_header_t *arr;
-    const apr_table_entry_t *e;
-    apr_hash_t *seen = apr_hash_make(r->pool);
-    int i;
-
-    ap_args_to_table(r, args);
-    arr = apr_table_elts(*args);
-    e = (const apr_table_entry_t *)arr->elts;
-    for (i = 0; i < arr->nelts; i++) {
-        if (apr_hash_get(seen, e[i].key, APR_HASH_KEY_STRING)) {
-            return apr_psprintf(r->pool, "parameter %s is given more than once", e[i].key);
-        }
-        apr_hash_set(seen, e[i].key, APR_HASH_KEY_STRING, "");
-    }
-    return NULL;
+    return mso_query_parse(r->pool, r->args, args);
 }
 
 static msoauth_company_t *usable_company(request_rec *r, msoauth_srv_conf_t *sc,

@@ -10,7 +10,9 @@
 #include "mso_log.h"
 
 #define DOC_TTL apr_time_from_sec(86400)
-#define KEYS_MIN_REFETCH apr_time_from_sec(300)
+/* An unknown kid fetches the keys again at once (Microsoft rolled them), but
+ * the same unknown kid only once per 5 minutes. */
+#define SAME_MISS_INTERVAL apr_time_from_sec(300)
 
 typedef struct {
     apr_pool_t *pool;           /* owns everything below; replaced as a whole */
@@ -18,6 +20,8 @@ typedef struct {
     const char *jwks_uri;
     mso_jwks_t *jwks;
     apr_time_t fetched;
+    const char *missed_kid;     /* last kid not found, and when */
+    apr_time_t missed_at;
 } entry_t;
 
 struct mso_discovery_cache_t {
@@ -157,9 +161,13 @@ apr_status_t mso_discovery_verify(mso_discovery_cache_t *c, apr_pool_t *p,
         return rv;
     }
     if (mso_jwt_kid(p, id_token, &kid) == APR_SUCCESS && !mso_jwks_has_kid(e->jwks, kid)
-        && apr_time_now() - e->fetched > KEYS_MIN_REFETCH) {
-        /* A key we have not seen: Microsoft rolled its keys. */
+        && (!e->missed_kid || strcmp(e->missed_kid, kid)
+            || apr_time_now() - e->missed_at > SAME_MISS_INTERVAL)) {
+        e->missed_kid = apr_pstrndup(e->pool, kid, 128);
+        e->missed_at = apr_time_now();
         if (fetch_entry(c, p, o, authority, &fresh, &err) == APR_SUCCESS) {
+            fresh->missed_kid = apr_pstrdup(fresh->pool, e->missed_kid);
+            fresh->missed_at = e->missed_at;
             replace(c, authority, e, fresh);
             e = fresh;
         }

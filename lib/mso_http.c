@@ -495,3 +495,38 @@ char *mso_form_encode(apr_pool_t *p, ...)
     va_end(ap);
     return apr_array_pstrcat(p, parts, '\0');
 }
+
+const char *mso_query_parse(apr_pool_t *p, const char *query, apr_table_t **params)
+{
+    char *copy, *pair, *last, *eq;
+    const char *name, *value;
+
+    *params = apr_table_make(p, 8);
+    if (!query || !*query) {
+        return NULL;
+    }
+    if (strlen(query) > 16384) {
+        return "the query string is longer than 16384 bytes";
+    }
+    copy = apr_pstrdup(p, query);
+    for (pair = apr_strtok(copy, "&", &last); pair; pair = apr_strtok(NULL, "&", &last)) {
+        eq = strchr(pair, '=');
+        if (eq) {
+            *eq = '\0';
+        }
+        name = mso_url_decode(p, pair);
+        value = mso_url_decode(p, eq ? eq + 1 : "");
+        if (!name || !value) {
+            return "a query parameter has a bad %-escape";
+        }
+        if (!*name) {
+            continue;
+        }
+        if (apr_table_get(*params, name)) {
+            return apr_psprintf(p, "parameter %s is given more than once",
+                                strlen(name) > 40 ? "(long name)" : name);
+        }
+        apr_table_setn(*params, name, value);
+    }
+    return NULL;
+}

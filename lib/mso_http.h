@@ -50,4 +50,8 @@ char *mso_url_encode(apr_pool_t *p, const char *s);
 /* Decodes one query/form component (+ is space). NULL on bad escapes or NUL bytes. */
 char *mso_url_decode(apr_pool_t *p, const char *s);
 
+/* Parses a query string (a=1&b=2) into params. Returns NULL, or why it is
+ * refused: a bad escape, or a parameter given twice (no guessing which one). */
+const char *mso_query_parse(apr_pool_t *p, const char *query, apr_table_t **params);
+
 #endif

@@ -71,6 +71,7 @@ class Httpd:
         for sub in ("run", "htdocs", "data", "logs"):
             (self.root / sub).mkdir(exist_ok=True)
         give_to_run_user(self.root / "data")
+        give_to_run_user(self.root / "logs")     # sanitizer reports come from the children
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.conf = self.root / "httpd.conf"
@@ -264,3 +265,96 @@ def simulator(tmp_path_factory):
     yield Simulator(proc, port)
     proc.terminate()
     proc.wait(10)
+
+
+# --- talking to the module and the simulator as a browser would ---
+
+import base64 as _b64
+import http.cookiejar
+import json as _json
+import urllib.error
+import urllib.parse
+import urllib.request
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *a, **k):
+        return None
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.text = body.decode("utf-8", "replace")
+
+    @property
+    def location(self):
+        return self.headers.get("Location")
+
+    def query(self):
+        """Parameters of the Location's query."""
+        return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.location).query))
+
+
+class Browser:
+    """A cookie jar and one request at a time; redirects are returned, not followed,
+    so each hop can be checked."""
+
+    def __init__(self):
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar),
+                                                  _NoRedirect())
+
+    def request(self, url, method="GET", data=None, headers=None):
+        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+        try:
+            with self.opener.open(req, timeout=60) as r:
+                return Response(r.status, r.headers, r.read())
+        except urllib.error.HTTPError as e:
+            return Response(e.code, e.headers, e.read())
+
+    def get(self, url, **kw):
+        return self.request(url, **kw)
+
+    def follow(self, url, max_hops=10):
+        """GET and follow redirects; returns every response on the way."""
+        hops = []
+        for _ in range(max_hops):
+            r = self.get(url)
+            hops.append(r)
+            if r.status not in (301, 302, 303, 307, 308):
+                return hops
+            url = urllib.parse.urljoin(url, r.location)
+        raise AssertionError("too many redirects")
+
+    def cookies(self, prefix=""):
+        return [c for c in self.jar if c.name.startswith(prefix)]
+
+
+def sim_call(sim, method, path, body=None):
+    data = _json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(sim.url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"simulator {method} {path}: {e.code} {e.read()!r}")
+    return _json.loads(raw) if raw else None
+
+
+def open_sealed(key_hex, blob, aad, purpose=1):
+    """Opens a sealed blob the way lib/mso_crypto does, with Python's own
+    cryptography: proves the format is plain AES-256-GCM under an HKDF key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = b"mso-token-v1" if purpose == 1 else b"mso-state-v1"
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+               info=info).derive(bytes.fromhex(key_hex))
+    raw = _b64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
+    header, nonce, ct = raw[:5], raw[5:17], raw[17:]
+    return AESGCM(key).decrypt(nonce, ct, header + bytes([purpose]) + aad.encode()).decode()

@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import uuid
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,6 +85,8 @@ DEFAULT_CONFIG = {
     "throttle_retry_after": 1,          # Retry-After seconds on concurrency 429s
     "default_page_size": 10,            # Graph's default page size for message delta
     "max_page_size": 1000,
+    # Tests of the relying party's checks: issue ID tokens that must be refused.
+    "id_token_tamper": None,            # signature | audience | issuer | nonce | expired | tenant
 }
 
 WELL_KNOWN_FOLDERS = [  # (well-known name, display name, hidden)
@@ -325,10 +328,6 @@ def parse_scopes(scope_string):
     return oidc, by_resource
 
 
-def full_scope(resource, name):
-    return name if resource == GRAPH and False else f"{resource}/{name}"
-
-
 def scope_response_form(resource, names):
     """Graph scopes come back short (Mail.Read), other resources keep their prefix."""
     return [n if resource == GRAPH else f"{resource}/{n}" for n in names]
@@ -500,7 +499,7 @@ class Sim:
             self.scenarios = []
             self.inflight = {}      # (client_id, oid) -> in-flight Graph requests
             self.log = []
-            self.counters = {"calls": {}, "token_grants": {}, "token_errors": {},
+            self.counters = {"calls": {}, "token_grants": {}, "aad_errors": {},
                              "refresh_tokens_issued": 0, "access_tokens_issued": 0,
                              "codes_issued": 0, "graph_writes": {}, "graph_writes_total": 0,
                              "throttled": 0, "concurrency_violations": 0, "max_inflight": 0,
@@ -546,6 +545,10 @@ class Sim:
             for k in ("config", "clock_offset", "tenants", "users", "apps", "rts", "ats", "cursors"):
                 setattr(self, k, state.get(k, getattr(self, k)))
             self.mailboxes = {oid: Mailbox(oid, d) for oid, d in state.get("mailboxes", {}).items()}
+            # Keep printing (and resetting to) the secret the saved default app really has.
+            saved = self.apps.get(DEFAULT_CLIENT_ID, {}).get("secrets")
+            if saved:
+                self.default_secret = dict(saved[0])
 
     # -- directory -------------------------------------------------------------
 
@@ -1056,9 +1059,10 @@ def finish_sign_in(sim, flow, app, user):
         if sc.get("hang"):
             time.sleep(float(sc["hang"]))
         name = sc.get("error", "server_error")
-        error, code, text = AUTHORIZE_PRESETS.get(name, (name, sc.get("code", 50000), "Error."))
+        error, code, text = AUTHORIZE_PRESETS.get(name, (name, 50000, "Injected error."))
         code = sc.get("code", code)
-        text = sc.get("description", text).format(client_id=app["client_id"], app_name=app["display_name"])
+        text = sc.get("description") or text.format(client_id=app["client_id"],
+                                                    app_name=app["display_name"])
         return authorize_error(flow, error, code, text)
     with sim.lock:
         code = "0.A" + secrets.token_urlsafe(96)
@@ -1231,9 +1235,11 @@ def authenticate_client(sim, app, secret):
 
 
 def pick_resource(app, requested, consented):
-    """One resource per token (+ OIDC scopes). -> (resource, granted names, oidc requested)."""
-    oidc, by_res = parse_scopes(requested)
-    _, consented_by_res = parse_scopes(consented)
+    """One resource per token (+ OIDC scopes). -> (resource, granted names, oidc requested).
+
+    Without a requested scope the token is for the first consented resource."""
+    oidc_consented, consented_by_res = parse_scopes(consented)
+    oidc, by_res = parse_scopes(requested) if requested else (oidc_consented, {})
     if len(by_res) > 1:
         raise AadError("invalid_scope", 700022,
                        "The provided value for the input parameter scope is not valid because it "
@@ -1296,7 +1302,25 @@ def id_token(sim, app, user, oidc, nonce):
         claims.update(oid=user["oid"], name=user["name"], preferred_username=user["upn"])
     if "email" in oidc and user.get("mail"):
         claims["email"] = user["mail"]
-    return sim.keys.signing.sign_jwt(claims)
+    tamper = sim.config.get("id_token_tamper")
+    if tamper == "audience":
+        claims["aud"] = guid()
+    elif tamper == "issuer":
+        claims["iss"] = f"{sim.base}/{guid()}/v2.0"
+    elif tamper == "nonce":
+        claims["nonce"] = b64url(secrets.token_bytes(32))
+    elif tamper == "expired":
+        claims.update(iat=now - 7200, nbf=now - 7200, exp=now - 3600)
+    elif tamper == "tenant":
+        claims["tid"] = guid()
+        claims["iss"] = f"{sim.base}/{claims['tid']}/v2.0"
+    token = sim.keys.signing.sign_jwt(claims)
+    if tamper == "signature":
+        head, payload, sig = token.split(".")
+        raw = bytearray(base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)))
+        raw[len(raw) // 2] ^= 0x01
+        token = f"{head}.{payload}.{b64url(bytes(raw))}"
+    return token
 
 
 @route("POST", r"/([^/]+)/oauth2/v2\.0/token", "token")
@@ -1374,8 +1398,7 @@ def redeem_code(sim, app, segment, form):
     user = sim.users.get(rec["oid"])
     if user is None:
         raise AadError("invalid_grant", 50034, "The user account does not exist in the directory.")
-    requested = form.get("scope") or rec["scope"]
-    return issue_tokens(sim, app, user, rec["scope"], requested, rec["nonce"])
+    return issue_tokens(sim, app, user, rec["scope"], form.get("scope"), rec["nonce"])
 
 
 def pkce_ok(rec, verifier):
@@ -1407,8 +1430,7 @@ def redeem_refresh(sim, app, form):
     user = sim.users.get(rec["oid"])
     if user is None:
         raise revoked_error(rec, 50173)
-    body = issue_tokens(sim, app, user, rec["scope"], form.get("scope") or rec["scope"], None,
-                        family=rec["family"])
+    body = issue_tokens(sim, app, user, rec["scope"], form.get("scope"), None, family=rec["family"])
     # Rotation: the new RT replaces this one; the old one keeps working unless configured not to.
     if rec["rotated"]:
         rec["grace_used"] += 1
@@ -1430,6 +1452,8 @@ class GraphCtx:
         self.immutable = prefer.get("idtype", "").lower() == "immutableid"
         self.text_body = prefer.get("outlook.body-content-type", "").lower() == "text"
         self.prefer = prefer
+        self.basic = False           # Mail.ReadBasic only: no body
+        self.replay = None           # a delta "replay" scenario for this request
         self.applied = []            # Preference-Applied values
         if self.immutable:
             self.applied.append('IdType="ImmutableId"')
@@ -1561,11 +1585,12 @@ def graph_handler(fn):
     def wrapper(sim, req, *groups):
         at = graph_auth(sim, req)
         with ConcurrencySlot(sim, at):
+            if sim.config.get("latency_ms"):     # inside the slot: a slow call stays in flight
+                time.sleep(float(sim.config["latency_ms"]) / 1000)
             sc = graph_scenario(sim, req, at)
-            ctx = GraphCtx(sim, req, at)
-            ctx.replay = sc if sc and sc.get("action") == "replay" else None
-            ctx.basic = False
             with sim.lock:
+                ctx = GraphCtx(sim, req, at)
+                ctx.replay = sc if sc and sc.get("action") == "replay" else None
                 resp = fn(ctx, *groups)
             if ctx.applied:
                 resp.headers["Preference-Applied"] = ", ".join(ctx.applied)
@@ -1728,7 +1753,8 @@ def patch_message(ctx, mid):
 def move_message(ctx, mid):
     ctx.need_write()
     msg = ctx.message(mid)
-    dest = ctx.req.json().get("destinationId") if ctx.req.body else None
+    data = ctx.req.json() if ctx.req.body else {}
+    dest = data.get("destinationId") if isinstance(data, dict) else None
     if not dest:
         raise GraphError(400, "ErrorInvalidIdMalformed", "Id is malformed.")
     f = ctx.folder(dest)
@@ -1881,7 +1907,7 @@ def message_delta(ctx, fid, fid_quoted):
         only = extra if kind == "update" else None
         value.append(dict({"@odata.type": "#microsoft.graph.message"},
                           **ctx.render(msg, cur.get("select"), only)))
-    body = {"@odata.context": odata(sim, f"Collection(message)"), "value": value}
+    body = {"@odata.context": odata(sim, "Collection(message)"), "value": value}
     if end < len(items):
         token = secrets.token_urlsafe(24)
         sim.cursors[token] = {"type": "skip", "cursor": cur, "items": items, "pos": end}
@@ -2120,7 +2146,7 @@ def ctl_clear_log(sim, req):
     return Response(204)
 
 
-def summarize(mb, msg, immutable=True):
+def summarize(mb, msg):
     return {"id": msg["imm"], "rest_id": msg["rest"], "folder": mb.folders[msg["folder"]]["wk"] or msg["folder"],
             "subject": msg["props"]["subject"], "isRead": msg["props"]["isRead"],
             "receivedDateTime": msg["props"]["receivedDateTime"]}
@@ -2240,14 +2266,15 @@ def aad_error_response(sim, e, req):
                                   f"Correlation ID: {corr}\r\nTimestamp: {aad_timestamp(now)}"),
             "error_codes": [e.code], "timestamp": aad_timestamp(now), "trace_id": trace,
             "correlation_id": corr, "error_uri": f"https://login.microsoftonline.com/error?code={e.code}"}
-    sim.count("token_errors", str(e.code))
+    sim.count("aad_errors", str(e.code))
     return json_response(e.status, body, dict(e.headers, **{"Cache-Control": "no-store"}))
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "mssim"
-    sys_version = ""
+
+    def version_string(self):
+        return "mssim"
 
     def log_message(self, fmt, *args):     # the request log lives in /_sim/log
         if self.server.verbose:
@@ -2282,7 +2309,8 @@ class Handler(BaseHTTPRequestHandler):
             if handler is None:
                 resp = self.not_found(req, kind)
             else:
-                if kind != "control" and sim.config.get("latency_ms"):
+                if (kind != "control" and sim.config.get("latency_ms")
+                        and not req.path.startswith(("/v1.0/", "/oidc/"))):
                     time.sleep(float(sim.config["latency_ms"]) / 1000)
                 resp = handler(sim, req, *groups)
         except AadError as e:
@@ -2292,7 +2320,6 @@ class Handler(BaseHTTPRequestHandler):
         except GraphError as e:
             resp = graph_error_response(e, req)
         except Exception as e:      # a simulator bug: say so loudly, keep serving
-            import traceback
             traceback.print_exc()
             resp = json_response(500, {"error": {"code": "simulatorBug", "message": repr(e)}})
         if req.path.startswith(("/v1.0/", "/oidc/")):

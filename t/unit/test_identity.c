@@ -104,6 +104,26 @@ START_TEST(reasons_for_errors)
 }
 END_TEST
 
+START_TEST(query_parsing)
+{
+    apr_table_t *t = NULL;
+
+    ck_assert_ptr_null(mso_query_parse(pool, "a=1&b=x%20y+z&c=&d", &t));
+    ck_assert_str_eq(apr_table_get(t, "a"), "1");
+    ck_assert_str_eq(apr_table_get(t, "b"), "x y z");
+    ck_assert_str_eq(apr_table_get(t, "c"), "");
+    ck_assert_str_eq(apr_table_get(t, "d"), "");
+    ck_assert_ptr_null(mso_query_parse(pool, NULL, &t));
+    ck_assert_int_eq(apr_table_elts(t)->nelts, 0);
+    ck_assert_ptr_nonnull(strstr(mso_query_parse(pool, "company=a&company=b", &t),
+                                 "more than once"));
+    ck_assert_ptr_nonnull(strstr(mso_query_parse(pool, "company=a&compan%79=b", &t),
+                                 "more than once"));
+    ck_assert_ptr_nonnull(mso_query_parse(pool, "a=%zz", &t));
+    ck_assert_ptr_nonnull(mso_query_parse(pool, "a=x%00y", &t));
+}
+END_TEST
+
 START_TEST(every_reason_has_text)
 {
     static const char *const contract[] = {
@@ -147,6 +167,7 @@ int main(void)
     tcase_add_test(tc, authorize_url);
     tcase_add_test(tc, aadsts_and_ids);
     tcase_add_test(tc, reasons_for_errors);
+    tcase_add_test(tc, query_parsing);
     tcase_add_test(tc, every_reason_has_text);
     suite_add_tcase(s, tc);
     sr = srunner_create(s);
