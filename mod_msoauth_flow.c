@@ -11,7 +11,6 @@
 #include <http_log.h>
 #include <http_protocol.h>
 #include <http_request.h>
-#include <util_cookies.h>
 #include <mod_dbd.h>
 
 #include "mod_msoauth.h"
@@ -189,13 +188,26 @@ static int is_https(msoauth_srv_conf_t *sc)
     return !strncasecmp(sc->effective_base_url, "https:", 6);
 }
 
+/* The folder of the redirect path (/microsoft_outlook/ for the default):
+ * narrow, yet connect sees the flows in flight when mapped beside confirm. */
+static const char *cookie_path(request_rec *r, msoauth_srv_conf_t *sc)
+{
+    const char *slash = strrchr(sc->redirect_path, '/');
+    return apr_pstrndup(r->pool, sc->redirect_path, slash - sc->redirect_path + 1);
+}
+
 static void set_flow_cookie(request_rec *r, msoauth_srv_conf_t *sc, const char *name,
                             const char *value, int max_age)
 {
     apr_table_addn(r->err_headers_out, "Set-Cookie",
                    apr_psprintf(r->pool, "%s=%s; Path=%s; Max-Age=%d; HttpOnly; SameSite=Lax%s",
-                                name, value, sc->redirect_path, max_age,
+                                name, value, cookie_path(r, sc), max_age,
                                 is_https(sc) ? "; Secure" : ""));
+}
+
+static apr_array_header_t *flow_cookies(request_rec *r)
+{
+    return mso_flow_cookies(r->pool, apr_table_get(r->headers_in, "Cookie"));
 }
 
 int msoauth_connect_handler(request_rec *r)
@@ -206,7 +218,9 @@ int msoauth_connect_handler(request_rec *r)
     msoauth_company_t *c;
     mso_flow_t *flow;
     mso_authorize_req_t req;
+    apr_array_header_t *drop;
     apr_status_t rv;
+    int i;
 
     if (r->method_number != M_GET) {
         r->allowed = AP_METHOD_BIT << M_GET;
@@ -248,8 +262,13 @@ int msoauth_connect_handler(request_rec *r)
                       "failed");
         return HTTP_INTERNAL_SERVER_ERROR;
     }
-    set_flow_cookie(r, sc, mso_flow_cookie_name(r->pool, flow->state), cookie_value,
-                    MSO_FLOW_LIFETIME);
+    /* Abandoned sign-ins must not pile up until requests get too large. */
+    drop = mso_flow_cookies_to_drop(r->pool, flow_cookies(r), flow->created);
+    for (i = 0; i < drop->nelts; i++) {
+        set_flow_cookie(r, sc, APR_ARRAY_IDX(drop, i, const char *), "", 0);
+    }
+    set_flow_cookie(r, sc, mso_flow_cookie_name(r->pool, flow->state, flow->created),
+                    cookie_value, MSO_FLOW_LIFETIME);
     req.state = flow->state;
     req.nonce = flow->nonce;
     req.code_challenge = mso_pkce_s256(r->pool, flow->verifier);
@@ -435,7 +454,8 @@ int msoauth_confirm_handler(request_rec *r)
 {
     msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
     apr_table_t *args;
-    const char *state, *code, *error, *cookie_name, *cookie_value = NULL, *why;
+    const char *state, *code, *error, *cookie_value = NULL, *why;
+    const mso_flow_cookie_t *fc;
     mso_flow_t *flow = NULL;
     mso_flow_check_e check;
     ap_dbd_t *dbd;
@@ -456,13 +476,15 @@ int msoauth_confirm_handler(request_rec *r)
         return fail_reason(r, sc, "bad_request", why, NULL);
     }
     state = apr_table_get(args, "state");
-    cookie_name = mso_flow_cookie_name(r->pool, state);
-    if (!cookie_name) {
+    if (!mso_flow_cookie_name(r->pool, state, 0)) {
         return fail_reason(r, sc, "state_invalid", "no or malformed state parameter", NULL);
     }
-    ap_cookie_read(r, cookie_name, &cookie_value, 0);
-    /* The cookie is spent whatever happens next. */
-    set_flow_cookie(r, sc, cookie_name, "", 0);
+    fc = mso_flow_cookie_for(flow_cookies(r), state);
+    if (fc) {
+        cookie_value = fc->value;
+        /* The cookie is spent whatever happens next. */
+        set_flow_cookie(r, sc, fc->name, "", 0);
+    }
     if (!cookie_value || !*cookie_value) {
         return fail_reason(r, sc, "state_invalid", "no sign-in cookie for this state (used "
                            "already, expired, another browser, or cookies blocked)", NULL);

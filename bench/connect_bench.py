@@ -93,10 +93,14 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="msoauth-bench."))
     os.chmod(tmp, 0o755)
     h = Httpd(tmp)
-    h.modules += ["auth_openidc"]
+    h.modules += ["authn_core", "authz_user", "auth_openidc"]
     h.file("k.hex", secrets.token_hex(32))
+    # As Debian's stock apache2.conf: no .htaccess lookups.
     h.body = f"""
 LogLevel warn
+<Directory />
+  AllowOverride None
+</Directory>
 DBDriver sqlite3
 DBDParams "{h.root}/data/msoauth.db"
 MSOAuthTokenKeyFile k.hex

@@ -38,7 +38,27 @@ typedef struct {
 struct mso_keyring_t {
     int count;
     keyring_entry_t keys[MSO_KEYRING_MAX];
+    /* Fetched once: an implicit fetch per call takes a lock that request
+     * threads would contend on. */
+    EVP_CIPHER *gcm;
 };
+
+static CRYPTO_ONCE sha256_once = CRYPTO_ONCE_STATIC_INIT;
+static EVP_MD *sha256_md;
+
+static void sha256_fetch(void)
+{
+    sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
+/* SHA-256, fetched once per process and then shared read-only. */
+static const EVP_MD *sha256(void)
+{
+    if (!CRYPTO_THREAD_run_once(&sha256_once, sha256_fetch) || !sha256_md) {
+        return EVP_sha256();
+    }
+    return sha256_md;
+}
 
 /* ------------------------------------------------------------------------ */
 /* Random values                                                             */
@@ -221,7 +241,7 @@ char *mso_pkce_s256(apr_pool_t *p, const char *verifier)
     if (!verifier) {
         return NULL;
     }
-    if (EVP_Digest(verifier, strlen(verifier), md, &mdlen, EVP_sha256(), NULL) != 1) {
+    if (EVP_Digest(verifier, strlen(verifier), md, &mdlen, sha256(), NULL) != 1) {
         return NULL;
     }
     return mso_b64url_encode(p, md, mdlen);
@@ -468,6 +488,8 @@ static apr_status_t keyring_cleanup(void *data)
 
     OPENSSL_cleanse(kr->keys, sizeof(kr->keys));
     kr->count = 0;
+    EVP_CIPHER_free(kr->gcm);
+    kr->gcm = NULL;
     return APR_SUCCESS;
 }
 
@@ -507,6 +529,7 @@ mso_keyring_t *mso_keyring_create(apr_pool_t *p)
 {
     mso_keyring_t *kr = apr_pcalloc(p, sizeof(*kr));
 
+    kr->gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
     apr_pool_cleanup_register(p, kr, keyring_cleanup, apr_pool_cleanup_null);
     return kr;
 }
@@ -638,7 +661,7 @@ apr_status_t mso_seal(apr_pool_t *p, const mso_keyring_t *kr, mso_purpose_e purp
     if (!(ctx = EVP_CIPHER_CTX_new())) {
         return APR_ENOMEM;
     }
-    ok = EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL) == 1
+    ok = EVP_EncryptInit_ex(ctx, kr->gcm ? kr->gcm : EVP_aes_256_gcm(), NULL, NULL, NULL) == 1
          && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, NONCE_LEN, NULL) == 1
          && EVP_EncryptInit_ex(ctx, NULL, NULL, key, blob + 1 + KID_LEN) == 1
          && feed_aad(ctx, blob, purpose, aad)
@@ -696,7 +719,7 @@ apr_status_t mso_open(apr_pool_t *p, const mso_keyring_t *kr, mso_purpose_e purp
     if (!(ctx = EVP_CIPHER_CTX_new())) {
         return APR_ENOMEM;
     }
-    ok = EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL) == 1
+    ok = EVP_DecryptInit_ex(ctx, kr->gcm ? kr->gcm : EVP_aes_256_gcm(), NULL, NULL, NULL) == 1
          && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, NONCE_LEN, NULL) == 1
          && EVP_DecryptInit_ex(ctx, NULL, NULL, key, blob + 1 + KID_LEN) == 1
          && feed_aad(ctx, blob, purpose, aad)

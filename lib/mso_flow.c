@@ -1,3 +1,4 @@
+#include <stdlib.h>
 #include <string.h>
 
 #include <apr_strings.h>
@@ -26,19 +27,128 @@ mso_flow_t *mso_flow_new(apr_pool_t *p, const char *company, const char *mailbox
     return f;
 }
 
-const char *mso_flow_cookie_name(apr_pool_t *p, const char *state)
+static int is_state_char(char c)
 {
+    return apr_isalnum(c) || c == '-' || c == '_';
+}
+
+const char *mso_flow_cookie_name(apr_pool_t *p, const char *state, long long created)
+{
+    static const char digits[] = "0123456789abcdefghijklmnopqrstuvwxyz";
+    char when[16], *w = when + sizeof(when) - 1;
     apr_size_t i, n = state ? strlen(state) : 0;
 
-    if (n < 16 || n > 128) {
+    if (n < 16 || n > 128 || created < 0) {
         return NULL;
     }
     for (i = 0; i < n; i++) {
-        if (!apr_isalnum(state[i]) && state[i] != '-' && state[i] != '_') {
+        if (!is_state_char(state[i])) {
             return NULL;
         }
     }
-    return apr_pstrcat(p, MSO_FLOW_COOKIE_PREFIX, apr_pstrndup(p, state, 16), NULL);
+    *w = '\0';
+    do {
+        *--w = digits[created % 36];
+        created /= 36;
+    } while (created > 0 && w > when);
+    return apr_pstrcat(p, MSO_FLOW_COOKIE_PREFIX, w, "_", apr_pstrndup(p, state, 16), NULL);
+}
+
+/* Parses "msoauth_flow_<base36>_<16 state chars>". */
+static int parse_cookie_name(const char *name, apr_size_t len, long long *created,
+                             const char **state_part)
+{
+    apr_size_t plen = strlen(MSO_FLOW_COOKIE_PREFIX), i;
+    long long t = 0;
+
+    if (len < plen + 2 + 16 || strncmp(name, MSO_FLOW_COOKIE_PREFIX, plen)) {
+        return 0;
+    }
+    for (i = plen; i < len && name[i] != '_'; i++) {
+        int d = apr_isdigit(name[i]) ? name[i] - '0'
+                : (name[i] >= 'a' && name[i] <= 'z') ? name[i] - 'a' + 10 : -1;
+        if (d < 0 || i - plen >= 12) {
+            return 0;
+        }
+        t = t * 36 + d;
+    }
+    if (i == plen || i + 1 + 16 != len) {
+        return 0;
+    }
+    for (i = i + 1; i < len; i++) {
+        if (!is_state_char(name[i])) {
+            return 0;
+        }
+    }
+    *created = t;
+    *state_part = name + len - 16;
+    return 1;
+}
+
+static int by_created(const void *a, const void *b)
+{
+    const mso_flow_cookie_t *x = a, *y = b;
+    return x->created < y->created ? -1 : x->created > y->created;
+}
+
+apr_array_header_t *mso_flow_cookies(apr_pool_t *p, const char *header)
+{
+    apr_array_header_t *out = apr_array_make(p, 4, sizeof(mso_flow_cookie_t));
+    const char *c = header;
+
+    while (c && *c) {
+        const char *name, *eq, *end;
+        mso_flow_cookie_t fc;
+
+        while (*c == ' ' || *c == ';' || *c == ',') {
+            c++;
+        }
+        name = c;
+        end = c + strcspn(c, ";,");
+        eq = memchr(name, '=', end - name);
+        if (eq && parse_cookie_name(name, eq - name, &fc.created, &fc.state_part)) {
+            fc.name = apr_pstrndup(p, name, eq - name);
+            fc.state_part = apr_pstrndup(p, fc.state_part, 16);
+            fc.value = apr_pstrndup(p, eq + 1, end - eq - 1);
+            APR_ARRAY_PUSH(out, mso_flow_cookie_t) = fc;
+        }
+        c = end;
+    }
+    qsort(out->elts, out->nelts, sizeof(mso_flow_cookie_t), by_created);
+    return out;
+}
+
+const mso_flow_cookie_t *mso_flow_cookie_for(const apr_array_header_t *cookies,
+                                             const char *state)
+{
+    int i;
+
+    if (!state || strlen(state) < 16) {
+        return NULL;
+    }
+    for (i = cookies->nelts - 1; i >= 0; i--) {
+        const mso_flow_cookie_t *fc = &APR_ARRAY_IDX(cookies, i, mso_flow_cookie_t);
+        if (!strncmp(fc->state_part, state, 16)) {
+            return fc;
+        }
+    }
+    return NULL;
+}
+
+apr_array_header_t *mso_flow_cookies_to_drop(apr_pool_t *p, const apr_array_header_t *cookies,
+                                             long long now)
+{
+    apr_array_header_t *drop = apr_array_make(p, 2, sizeof(const char *));
+    int i, keep = MSO_FLOW_MAX_COOKIES - 1;
+
+    for (i = 0; i < cookies->nelts; i++) {
+        const mso_flow_cookie_t *fc = &APR_ARRAY_IDX(cookies, i, mso_flow_cookie_t);
+        /* Oldest first: drop while too many remain, and every expired one. */
+        if (cookies->nelts - i > keep || fc->created + MSO_FLOW_LIFETIME <= now) {
+            APR_ARRAY_PUSH(drop, const char *) = fc->name;
+        }
+    }
+    return drop;
 }
 
 const char *mso_flow_state_digest(apr_pool_t *p, const char *state)

@@ -6,11 +6,13 @@
 
 #include <apr_pools.h>
 #include <apr_errno.h>
+#include <apr_tables.h>
 
 #include "mso_crypto.h"
 
 #define MSO_FLOW_LIFETIME 600       /* seconds: a sign-in must finish in 10 minutes */
 #define MSO_FLOW_COOKIE_PREFIX "msoauth_flow_"
+#define MSO_FLOW_MAX_COOKIES 5      /* sign-ins in flight per browser; older ones are dropped */
 
 typedef struct {
     const char *state;          /* random, echoed by Microsoft */
@@ -28,9 +30,28 @@ typedef struct {
 mso_flow_t *mso_flow_new(apr_pool_t *p, const char *company, const char *mailbox,
                          const char *return_to, const char *user, long long now);
 
-/* Cookie name for a flow: prefix + a part of the state, so several sign-ins
- * can run in one browser at once. NULL for a state that cannot be ours. */
-const char *mso_flow_cookie_name(apr_pool_t *p, const char *state);
+/* Cookie name for a flow: prefix, creation time (base 36) and a part of the
+ * state, so several sign-ins can run in one browser at once and the oldest can
+ * be found without opening any. NULL for a state that cannot be ours. */
+const char *mso_flow_cookie_name(apr_pool_t *p, const char *state, long long created);
+
+typedef struct {
+    const char *name, *value;
+    long long created;
+    const char *state_part;     /* the first 16 characters of its state */
+} mso_flow_cookie_t;
+
+/* Our flow cookies in a Cookie header (mso_flow_cookie_t), oldest first;
+ * anything else in the header is ignored. */
+apr_array_header_t *mso_flow_cookies(apr_pool_t *p, const char *cookie_header);
+/* The cookie of state among them, or NULL. */
+const mso_flow_cookie_t *mso_flow_cookie_for(const apr_array_header_t *cookies,
+                                             const char *state);
+/* Names of the cookies to drop before one more is added: the expired ones and
+ * the oldest beyond MSO_FLOW_MAX_COOKIES - 1 (each cookie is a few hundred
+ * bytes; too many make the browser's requests too large for the server). */
+apr_array_header_t *mso_flow_cookies_to_drop(apr_pool_t *p, const apr_array_header_t *cookies,
+                                             long long now);
 
 /* A one-way digest of a state, recorded to make each state single-use
  * without storing the state itself. */

@@ -2,19 +2,22 @@
 # Installs the Debian 12 packages mod_msoauth needs.
 #   scripts/install-deps.sh build   -> to build the module and run it (demo)
 #   scripts/install-deps.sh test    -> build + everything the test suite uses
+#   scripts/install-deps.sh bench   -> test + the load generator and the reference module
 set -eu
 what=${1:-build}
 BUILD_PKGS="build-essential autoconf automake libtool pkg-config
   apache2 apache2-dev libapr1-dev libaprutil1-dev
   libaprutil1-dbd-sqlite3 libaprutil1-dbd-pgsql
   libcurl4-openssl-dev libjansson-dev libssl-dev
-  python3 python3-cryptography sqlite3 ca-certificates curl"
+  python3 python3-cryptography sqlite3 openssl ca-certificates curl"
 TEST_PKGS="check python3-pytest postgresql postgresql-client
-  libclang-rt-14-dev clang"
+  chromium chromium-driver python3-selenium"
+BENCH_PKGS="wrk libapache2-mod-auth-openidc"
 case "$what" in
   build) pkgs=$BUILD_PKGS ;;
   test)  pkgs="$BUILD_PKGS $TEST_PKGS" ;;
-  *) echo "usage: $0 build|test" >&2; exit 2 ;;
+  bench) pkgs="$BUILD_PKGS $TEST_PKGS $BENCH_PKGS" ;;
+  *) echo "usage: $0 build|test|bench" >&2; exit 2 ;;
 esac
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: run as root (apt-get needs it), or install these yourself:" >&2

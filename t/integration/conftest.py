@@ -104,6 +104,7 @@ class Httpd:
             "StartServers 2", "ServerLimit 4", "ThreadsPerChild 8", "MaxRequestWorkers 32",
             "GracefulShutdownTimeout 5",
             "TypesConfig /etc/mime.types",
+            "<Directory />", "  AllowOverride None", "</Directory>",
         ]
         if IS_ROOT:
             lines += [f"User {RUN_USER}", f"Group {RUN_USER}"]

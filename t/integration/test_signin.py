@@ -167,8 +167,8 @@ def test_full_flow_connects_the_mailbox(httpd, simulator, pg_params, db):
                                   "https://graph.microsoft.com/Mail.Read"]
     assert r1.headers["Cache-Control"] == "no-store"
     cookie = r1.headers["Set-Cookie"]
-    assert cookie.startswith("msoauth_flow_" + q["state"][:16] + "=")
-    for attr in ("Path=/microsoft_outlook/confirm", "Max-Age=600", "HttpOnly", "SameSite=Lax"):
+    assert re.match(r"msoauth_flow_[0-9a-z]+_" + re.escape(q["state"][:16]) + "=", cookie)
+    for attr in ("Path=/microsoft_outlook/", "Max-Age=600", "HttpOnly", "SameSite=Lax"):
         assert attr in cookie
     assert "Secure" not in cookie          # http://127.0.0.1 base URL
 
@@ -294,11 +294,18 @@ def seal_state(key_hex, state, payload):
     return base64.urlsafe_b64encode(header + nonce + ct).decode().rstrip("=")
 
 
-def confirm_with_cookie(s, state, value, code="abc"):
+def confirm_with_cookie(s, state, value, code="abc", created=None):
     import http.client
+    created = int(time.time()) if created is None else created
+    when = ""
+    while True:
+        when = "0123456789abcdefghijklmnopqrstuvwxyz"[created % 36] + when
+        created //= 36
+        if not created:
+            break
     conn = http.client.HTTPConnection("127.0.0.1", s.h.port, timeout=30)
     conn.request("GET", f"/microsoft_outlook/confirm?code={code}&state={state}",
-                 headers={"Cookie": f"msoauth_flow_{state[:16]}={value}"})
+                 headers={"Cookie": f"msoauth_flow_{when}_{state[:16]}={value}"})
     r = conn.getresponse()
     return r.status, dict(r.getheaders()), r.read().decode()
 
@@ -310,6 +317,20 @@ def test_tampered_state_cookie(setup):
     bad = value[:40] + ("A" if value[40] != "A" else "B") + value[41:]
     status, headers, body = confirm_with_cookie(setup, state, bad)
     assert status == 400 and "state_invalid" in body and "Start again" in body
+
+
+def test_abandoned_sign_ins_do_not_pile_up(setup):
+    """Connect clicked many times without finishing: at most 5 flow cookies live,
+    so the browser's requests never grow past the server's header limit."""
+    b = setup.browser
+    for i in range(30):
+        r = b.get(setup.connect_url(mailbox=ADELE[0], return_to="/a"))
+        assert r.status == 302
+        assert len(b.cookies("msoauth_flow_")) <= 5
+    last = r
+    # The newest flow still completes.
+    r3 = b.get(b.get(last.location).location)
+    assert r3.query()["msoauth"] == "connected"
 
 
 def test_missing_cookie_and_missing_state(setup):

@@ -96,16 +96,54 @@ END_TEST
 
 START_TEST(cookie_names)
 {
-    const char *n = mso_flow_cookie_name(pool, "abcdefghijklmnopqrstuvwxyz_-0123456789ABCDEFG");
+    const char *st = "abcdefghijklmnopqrstuvwxyz_-0123456789ABCDEFG";
+    const char *n = mso_flow_cookie_name(pool, st, 1700000000);
+    apr_array_header_t *cs;
+    const mso_flow_cookie_t *fc;
 
-    ck_assert_str_eq(n, "msoauth_flow_abcdefghijklmnop");
-    ck_assert_ptr_null(mso_flow_cookie_name(pool, NULL));
-    ck_assert_ptr_null(mso_flow_cookie_name(pool, "short"));
-    ck_assert_ptr_null(mso_flow_cookie_name(pool, "abcdefghijklmnop; Path=/; x=y"));
-    ck_assert_ptr_null(mso_flow_cookie_name(pool, "abcdefghijklmnop\r\nSet-Cookie: a"));
+    ck_assert_str_eq(n, "msoauth_flow_s44we8_abcdefghijklmnop");
+    ck_assert_ptr_null(mso_flow_cookie_name(pool, NULL, 1));
+    ck_assert_ptr_null(mso_flow_cookie_name(pool, "short", 1));
+    ck_assert_ptr_null(mso_flow_cookie_name(pool, "abcdefghijklmnop; Path=/; x=y", 1));
+    ck_assert_ptr_null(mso_flow_cookie_name(pool, "abcdefghijklmnop\r\nSet-Cookie: a", 1));
+
+    cs = mso_flow_cookies(pool, "other=1; msoauth_flow_s44we9_BBBBBBBBBBBBBBBB=v2; "
+                          "msoauth_flow_s44we8_abcdefghijklmnop=v1;msoauth_flow_x_short=v; "
+                          "msoauth_flow_zzzzzzzzzzzzz_abcdefghijklmnop=toolong; "
+                          "msoauth_flow_s44wea_bad!chars!here!!=x");
+    ck_assert_int_eq(cs->nelts, 2);
+    ck_assert_str_eq(APR_ARRAY_IDX(cs, 0, mso_flow_cookie_t).value, "v1");   /* oldest first */
+    ck_assert_int_eq(APR_ARRAY_IDX(cs, 0, mso_flow_cookie_t).created, 1700000000);
+    fc = mso_flow_cookie_for(cs, st);
+    ck_assert_ptr_nonnull(fc);
+    ck_assert_str_eq(fc->value, "v1");
+    ck_assert_ptr_null(mso_flow_cookie_for(cs, "CCCCCCCCCCCCCCCCCCCCCCCC"));
+    ck_assert_int_eq(mso_flow_cookies(pool, NULL)->nelts, 0);
+
     ck_assert_str_ne(mso_flow_state_digest(pool, "a-state-value-000000"), "a-state-value-000000");
     ck_assert_str_eq(mso_flow_state_digest(pool, "s1-state-value-00000"),
                      mso_flow_state_digest(pool, "s1-state-value-00000"));
+}
+END_TEST
+
+START_TEST(cookie_cap)
+{
+    char header[4096] = "";
+    apr_array_header_t *drop;
+    int i;
+
+    /* Seven in flight, one expired: the expired one and the two oldest go. */
+    for (i = 0; i < 7; i++) {
+        const char *name = mso_flow_cookie_name(pool, apr_psprintf(pool, "%c%s", 'a' + i,
+                                                "123456789012345678"), 1000 + i * 60);
+        strcat(header, apr_psprintf(pool, "%s=x; ", name));
+    }
+    drop = mso_flow_cookies_to_drop(pool, mso_flow_cookies(pool, header), 1000 + 601);
+    ck_assert_int_eq(drop->nelts, 3);
+    ck_assert_ptr_nonnull(strstr(APR_ARRAY_IDX(drop, 0, const char *), "_a1234"));
+    ck_assert_ptr_nonnull(strstr(APR_ARRAY_IDX(drop, 2, const char *), "_c1234"));
+    drop = mso_flow_cookies_to_drop(pool, mso_flow_cookies(pool, "a=b"), 5000);
+    ck_assert_int_eq(drop->nelts, 0);
 }
 END_TEST
 
@@ -154,6 +192,7 @@ int main(void)
     tcase_add_test(tc, optional_fields);
     tcase_add_test(tc, rejections);
     tcase_add_test(tc, cookie_names);
+    tcase_add_test(tc, cookie_cap);
     tcase_add_test(tc, return_to_checks);
     tcase_add_test(tc, mailbox_checks);
     suite_add_tcase(s, tc);
