@@ -70,13 +70,30 @@ MSOAuthTokenKeyFile token.key
 MSOAuthClientID $client_id
 MSOAuthClientSecretFile secret.txt
 $endpoints
+
+<Location /microsoft_outlook/connect>
+  SetHandler msoauth-connect
+</Location>
+<Location /microsoft_outlook/confirm>
+  SetHandler msoauth-confirm
+</Location>
 CONF
 
 cat > "$run/htdocs/index.html" <<HTML
 <!doctype html><meta charset="utf-8"><title>mod_msoauth demo</title>
+<style>body{font-family:sans-serif;max-width:40em;margin:2em auto;line-height:1.5}</style>
 <h1>mod_msoauth demo</h1>
-<p>httpd runs mod_msoauth with SQLite ($run/data/msoauth.db) against $where.</p>
+<p id="result"></p>
+<p><a href="/microsoft_outlook/connect?return_to=/">Connect Outlook</a></p>
+<p>httpd runs mod_msoauth with SQLite ($run/data/msoauth.db) against $where.
+Connected mailboxes are rows of the table msoauth_accounts.</p>
 <p>Redirect URI to register in Azure: <code>http://127.0.0.1:$port/microsoft_outlook/confirm</code></p>
+<script>
+var q = new URLSearchParams(location.search);
+if (q.get("msoauth")) document.getElementById("result").textContent =
+  q.get("msoauth") === "connected" ? "Connected: account " + q.get("account")
+                                   : "Not connected: " + q.get("reason");
+</script>
 HTML
 
 $httpd -d "$run" -f "$run/httpd.conf" -t
