@@ -24,6 +24,7 @@
 
 /* Per child process: created in child_init, read by request threads. */
 static mso_discovery_cache_t *discovery_cache;
+static const char *process_owner;
 
 static APR_OPTIONAL_FN_TYPE(ap_dbd_open) *dbd_open_fn;
 static APR_OPTIONAL_FN_TYPE(ap_dbd_close) *dbd_close_fn;
@@ -49,7 +50,6 @@ static void retrieve_optional_fns(void)
     dbd_acquire_fn = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_acquire);
 }
 
-static int server_in_use(server_rec *s);
 
 /* True when some server has a company with credentials: then we need mod_dbd. */
 static int in_use(server_rec *main_s)
@@ -57,7 +57,7 @@ static int in_use(server_rec *main_s)
     server_rec *s;
 
     for (s = main_s; s; s = s->next) {
-        if (server_in_use(s)) {
+        if (msoauth_server_in_use(s)) {
             return 1;
         }
     }
@@ -117,9 +117,12 @@ static int msoauth_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *
         ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(023) "libcurl initialisation failed");
         return HTTP_INTERNAL_SERVER_ERROR;
     }
+    if (msoauth_job_register(pconf, s) != APR_SUCCESS) {
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
     for (vs = s; vs; vs = vs->next) {
         msoauth_srv_conf_t *sc = msoauth_srv_conf(vs);
-        if (server_in_use(vs) && sc->keyring) {
+        if (msoauth_server_in_use(vs) && sc->keyring) {
             ap_log_error(APLOG_MARK, APLOG_INFO, 0, vs, MSOLOGNO(022)
                          "mod_msoauth: %u compan%s, redirect URI %s, %d token key%s "
                          "(sealing with key id %s)", apr_hash_count(sc->companies),
@@ -170,7 +173,7 @@ static void migrate_server(apr_pool_t *p, server_rec *s)
     dbd_close_fn(s, dbd);
 }
 
-static int server_in_use(server_rec *s)
+int msoauth_server_in_use(server_rec *s)
 {
     apr_hash_index_t *hi;
 
@@ -187,6 +190,11 @@ mso_discovery_cache_t *msoauth_discovery_cache(void)
     return discovery_cache;
 }
 
+const char *msoauth_process_owner(void)
+{
+    return process_owner;
+}
+
 static void msoauth_child_init(apr_pool_t *pchild, server_rec *main_s)
 {
     server_rec *s;
@@ -194,12 +202,13 @@ static void msoauth_child_init(apr_pool_t *pchild, server_rec *main_s)
     if (!dbd_open_fn || !in_use(main_s)) {
         return;
     }
+    process_owner = msoauth_lease_owner(pchild);
     if (mso_discovery_cache_create(pchild, &discovery_cache) != APR_SUCCESS) {
         ap_log_error(APLOG_MARK, APLOG_CRIT, 0, main_s, MSOLOGNO(033) "cannot create the "
                      "discovery cache");
     }
     for (s = main_s; s; s = s->next) {
-        if (server_in_use(s)) {
+        if (msoauth_server_in_use(s)) {
             migrate_server(pchild, s);
         }
     }
@@ -215,6 +224,12 @@ static int msoauth_handler(request_rec *r)
     }
     if (!strcmp(r->handler, "msoauth-confirm")) {
         return msoauth_confirm_handler(r);
+    }
+    if (!strcmp(r->handler, "msoauth-token")) {
+        return msoauth_token_handler(r);
+    }
+    if (!strcmp(r->handler, "msoauth-admin")) {
+        return msoauth_admin_handler(r);
     }
     return DECLINED;
 }

@@ -10,6 +10,8 @@
 
 #include "mso_config.h"
 #include "mso_crypto.h"
+#include "mso_http.h"
+#include "mso_refresh.h"
 
 extern module AP_MODULE_DECLARE_DATA msoauth_module;
 
@@ -20,6 +22,9 @@ extern module AP_MODULE_DECLARE_DATA msoauth_module;
 #define MSOAUTH_DEFAULT_REDIRECT_PATH "/microsoft_outlook/confirm"
 #define MSOAUTH_DEFAULT_INTERVAL 60
 #define MSOAUTH_SECRET_WARN_DAYS 30
+#define MSOAUTH_REFRESH_MARGIN 600      /* refresh 10 minutes before the access token expires */
+#define MSOAUTH_KEEPALIVE (14 * 86400)  /* and every 14 days at least: 90-day inactivity limit */
+#define MSOAUTH_LEASE_SECONDS 90        /* longer than a token call may take (30 s) */
 
 /* What a company can set. NULL / -1 mean "not given here": the value is then
  * inherited (company <- virtual host <- main server). Each value remembers
@@ -99,7 +104,21 @@ int msoauth_config_finalize(apr_pool_t *p, server_rec *main_s, int log_warnings,
 
 msoauth_srv_conf_t *msoauth_srv_conf(server_rec *s);
 
-/* Handlers (mod_msoauth_flow.c). */
+/* True when the server has a company with credentials. */
+int msoauth_server_in_use(server_rec *s);
+
+/* The background job (mod_msoauth_job.c). */
+apr_status_t msoauth_job_register(apr_pool_t *pconf, server_rec *main_s);
+const char *msoauth_lease_owner(apr_pool_t *p);
+/* This child process's lease owner (request handlers). */
+const char *msoauth_process_owner(void);
+/* What a refresh of one of company c's accounts needs. */
+void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
+                         const char *owner, mso_http_opts_t *http, mso_refresh_ctx_t *ctx);
+
+/* Handlers (mod_msoauth_flow.c, mod_msoauth_admin.c). */
+int msoauth_token_handler(request_rec *r);
+int msoauth_admin_handler(request_rec *r);
 int msoauth_connect_handler(request_rec *r);
 int msoauth_confirm_handler(request_rec *r);
 

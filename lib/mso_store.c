@@ -34,6 +34,7 @@
 
 #include <apr_hash.h>
 #include <apr_strings.h>
+#include <apr_tables.h>
 #include <apr_time.h>
 
 #include "mso_log.h"
@@ -169,8 +170,37 @@ static const mso_ddl_t schema_v1[] = {
     {NULL, NULL, NULL}
 };
 
+/* Version 2: the background job's bookkeeping on the account row. One column
+ * per ALTER TABLE (SQLite adds only one at a time). Accounts connected under
+ * version 1 become due when their access token expires (or at once), so the
+ * job picks them up. */
+static const mso_ddl_t schema_v2[] = {
+    {"add column msoauth_accounts.refresh_due_at",
+     "ALTER TABLE msoauth_accounts ADD COLUMN refresh_due_at BIGINT", NULL},
+    {"add column msoauth_accounts.retry_at",
+     "ALTER TABLE msoauth_accounts ADD COLUMN retry_at BIGINT", NULL},
+    {"add column msoauth_accounts.error_runs",
+     "ALTER TABLE msoauth_accounts ADD COLUMN error_runs INTEGER NOT NULL DEFAULT 0", NULL},
+    {"add column msoauth_accounts.reason",
+     "ALTER TABLE msoauth_accounts ADD COLUMN reason TEXT", NULL},
+    {"add column msoauth_accounts.aadsts",
+     "ALTER TABLE msoauth_accounts ADD COLUMN aadsts INTEGER", NULL},
+    {"add column msoauth_accounts.last_refresh_at",
+     "ALTER TABLE msoauth_accounts ADD COLUMN last_refresh_at BIGINT", NULL},
+    {"add column msoauth_accounts.lease_owner",
+     "ALTER TABLE msoauth_accounts ADD COLUMN lease_owner TEXT", NULL},
+    {"add column msoauth_accounts.lease_until",
+     "ALTER TABLE msoauth_accounts ADD COLUMN lease_until BIGINT", NULL},
+    {"create index msoauth_accounts_due",
+     "CREATE INDEX msoauth_accounts_due ON msoauth_accounts (state, refresh_due_at)", NULL},
+    {"schedule the existing accounts",
+     "UPDATE msoauth_accounts SET refresh_due_at = COALESCE(access_expires_at, 0)", NULL},
+    {NULL, NULL, NULL}
+};
+
 static const mso_migration_t migrations[] = {
     {1, schema_v1},
+    {2, schema_v2},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))
@@ -202,7 +232,9 @@ static const mso_stmt_t ST_MIGRATE_LOCK = {
 
 #define ACCOUNT_COLUMNS \
     "id, company, mailbox, display_name, tenant_id, object_id, scopes, state, authority, " \
-    "access_expires_at, last_sync_at, last_error, connected_by, created_at, updated_at"
+    "access_expires_at, last_sync_at, last_error, connected_by, created_at, updated_at, " \
+    "refresh_due_at, retry_at, error_runs, reason, aadsts, last_refresh_at, lease_owner, " \
+    "lease_until"
 
 static const mso_stmt_t ST_ACCOUNT_KEY = {
     "account_key",
@@ -211,8 +243,9 @@ static const mso_stmt_t ST_ACCOUNT_KEY = {
 static const mso_stmt_t ST_ACCOUNT_INSERT = {
     "account_insert",
     "INSERT INTO msoauth_accounts (company, mailbox, display_name, tenant_id, object_id, "
-    "scopes, state, authority, access_expires_at, connected_by, created_at, updated_at) "
-    "VALUES (%s, %s, %s, %s, %s, %s, 'connected', %s, %lld, %s, %lld, %lld)", NULL
+    "scopes, state, authority, access_expires_at, connected_by, created_at, updated_at, "
+    "refresh_due_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s, 'connected', %s, %lld, %s, %lld, %lld, %lld)", NULL
 };
 /* A reconnect describes the account afresh, except that identity facts the
  * new sign-in did not supply are kept rather than blanked. */
@@ -221,7 +254,9 @@ static const mso_stmt_t ST_ACCOUNT_UPDATE = {
     "UPDATE msoauth_accounts SET display_name = COALESCE(%s, display_name), "
     "tenant_id = COALESCE(%s, tenant_id), object_id = COALESCE(%s, object_id), "
     "scopes = %s, state = 'connected', authority = %s, access_expires_at = %lld, "
-    "last_error = NULL, connected_by = %s, updated_at = %lld WHERE id = %lld", NULL
+    "last_error = NULL, connected_by = %s, updated_at = %lld, refresh_due_at = %lld, "
+    "retry_at = NULL, error_runs = 0, reason = NULL, aadsts = NULL, lease_owner = NULL, "
+    "lease_until = NULL WHERE id = %lld", NULL
 };
 static const mso_stmt_t ST_ACCOUNT_GET = {
     "account_get", "SELECT " ACCOUNT_COLUMNS " FROM msoauth_accounts WHERE id = %lld", NULL
@@ -243,6 +278,69 @@ static const mso_stmt_t ST_TOKEN_GET = {
     "token_get",
     "SELECT sealed, expires_at FROM msoauth_tokens WHERE account_id = %lld AND kind = %s",
     NULL
+};
+
+/* The job's leases. A lease is a row's lease_owner/lease_until pair; it can
+ * be taken when there is none, when it ran out, or by its own owner (which
+ * extends it). Each take is one conditional UPDATE, which both databases apply
+ * to a row one writer at a time, re-checking the condition: the affected-row
+ * count says who won. */
+static const mso_stmt_t ST_DUE_IDS = {
+    "due_ids",
+    "SELECT id FROM msoauth_accounts WHERE state = 'connected' "
+    "AND COALESCE(refresh_due_at, 0) <= %lld AND COALESCE(retry_at, 0) <= %lld "
+    "AND (lease_until IS NULL OR lease_until < %lld) "
+    "ORDER BY COALESCE(refresh_due_at, 0), id LIMIT %d", NULL
+};
+/* Repeats the due condition: between the select and this update another node
+ * may have refreshed the account and released it. */
+static const mso_stmt_t ST_CLAIM = {
+    "claim",
+    "UPDATE msoauth_accounts SET lease_owner = %s, lease_until = %lld WHERE id = %lld "
+    "AND state = 'connected' AND COALESCE(refresh_due_at, 0) <= %lld "
+    "AND COALESCE(retry_at, 0) <= %lld "
+    "AND (lease_until IS NULL OR lease_until < %lld OR lease_owner = %s)", NULL
+};
+static const mso_stmt_t ST_LEASE = {
+    "lease",
+    "UPDATE msoauth_accounts SET lease_owner = %s, lease_until = %lld WHERE id = %lld "
+    "AND (lease_until IS NULL OR lease_until < %lld OR lease_owner = %s)", NULL
+};
+static const mso_stmt_t ST_ACCOUNT_EXISTS = {
+    "account_exists", "SELECT 1 FROM msoauth_accounts WHERE id = %lld", NULL
+};
+static const mso_stmt_t ST_RELEASE = {
+    "release",
+    "UPDATE msoauth_accounts SET lease_owner = NULL, lease_until = NULL "
+    "WHERE id = %lld AND lease_owner = %s", NULL
+};
+/* Only while the lease is still ours: a reconnect or disconnect meanwhile
+ * cleared it, and a lease that ran out may have been taken by another node. */
+static const mso_stmt_t ST_REFRESHED = {
+    "refreshed",
+    "UPDATE msoauth_accounts SET access_expires_at = COALESCE(%lld, access_expires_at), "
+    "scopes = COALESCE(%s, scopes), refresh_due_at = %lld, last_refresh_at = %lld, "
+    "last_error = NULL, reason = NULL, aadsts = NULL, error_runs = 0, retry_at = NULL, "
+    "lease_owner = NULL, lease_until = NULL, updated_at = %lld "
+    "WHERE id = %lld AND lease_owner = %s", NULL
+};
+static const mso_stmt_t ST_TOKEN_DELETE_KIND = {
+    "token_delete_kind", "DELETE FROM msoauth_tokens WHERE account_id = %lld AND kind = %s",
+    NULL
+};
+static const mso_stmt_t ST_REFRESH_FAILED = {
+    "refresh_failed",
+    "UPDATE msoauth_accounts SET state = %s, reason = %s, aadsts = %lld, last_error = %s, "
+    "error_runs = error_runs + 1, retry_at = %lld, lease_owner = NULL, lease_until = NULL, "
+    "updated_at = %lld WHERE id = %lld AND (lease_owner = %s OR lease_owner IS NULL)", NULL
+};
+static const mso_stmt_t ST_DISCONNECT = {
+    "disconnect",
+    "UPDATE msoauth_accounts SET state = 'disconnected', retry_at = NULL, "
+    "lease_owner = NULL, lease_until = NULL, updated_at = %lld WHERE id = %lld", NULL
+};
+static const mso_stmt_t ST_ACCOUNTS = {
+    "accounts", "SELECT " ACCOUNT_COLUMNS " FROM msoauth_accounts ORDER BY id", NULL
 };
 
 static const mso_stmt_t ST_FLOW_PURGE = {
@@ -698,7 +796,7 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
     apr_pool_t *tmp;
     apr_dbd_results_t *res = NULL;
     apr_dbd_row_t *row;
-    const void *args[12];
+    const void *args[13];
     const char *mailbox, *step, *msg;
     apr_int64_t id = 0, created_at = now, expires;
     int rc;
@@ -743,7 +841,8 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
         args[5] = opt_i64(&acct->access_expires_at);
         args[6] = acct->connected_by;
         args[7] = &now;
-        args[8] = &id;
+        args[8] = opt_i64(&acct->refresh_due_at);
+        args[9] = &id;
         step = "update the account";
         rc = stmt_run(db, tmp, &ST_ACCOUNT_UPDATE, args, NULL, NULL);
         if (rc != 0) {
@@ -762,6 +861,7 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
         args[8] = acct->connected_by;
         args[9] = &now;
         args[10] = &now;
+        args[11] = opt_i64(&acct->refresh_due_at);
         step = "insert the account";
         rc = stmt_run(db, tmp, &ST_ACCOUNT_INSERT, args, NULL, NULL);
         if (rc != 0) {
@@ -826,6 +926,12 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
     acct->id = id;
     acct->state = "connected";
     acct->last_error = NULL;
+    acct->retry_at = 0;
+    acct->error_runs = 0;
+    acct->reason = NULL;
+    acct->aadsts = 0;
+    acct->lease_owner = NULL;
+    acct->lease_until = 0;
     acct->created_at = created_at;
     acct->updated_at = now;
     apr_pool_destroy(tmp);
@@ -865,6 +971,14 @@ static mso_account_t *account_from_row(mso_db_t *db, apr_pool_t *p, apr_dbd_row_
     a->connected_by = col_str(db, p, row, 12);
     a->created_at = col_i64(db, row, 13);
     a->updated_at = col_i64(db, row, 14);
+    a->refresh_due_at = col_i64(db, row, 15);
+    a->retry_at = col_i64(db, row, 16);
+    a->error_runs = (int)col_i64(db, row, 17);
+    a->reason = col_str(db, p, row, 18);
+    a->aadsts = (long)col_i64(db, row, 19);
+    a->last_refresh_at = col_i64(db, row, 20);
+    a->lease_owner = col_str(db, p, row, 21);
+    a->lease_until = col_i64(db, row, 22);
     return a;
 }
 
@@ -961,6 +1075,363 @@ apr_status_t mso_store_token_get(mso_db_t *db, apr_pool_t *p, apr_int64_t accoun
         }
         if (!*sealed) {
             rv = APR_NOTFOUND;
+        }
+    }
+    apr_pool_destroy(tmp);
+    return rv;
+}
+
+/* ------------------------------------------------------------------------- */
+/* The background job: leases, refresh results, disconnect */
+
+/* Logs a failed statement outside a transaction: what we tried, the
+ * database's message, and what to check. */
+static void log_failure(mso_db_t *db, apr_pool_t *p, int rc, const char *what,
+                        apr_int64_t id, int write)
+{
+    mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_EGENERAL,
+                   "mod_msoauth: cannot %s (account %" APR_INT64_T_FMT ") in %s: %s; %s",
+                   what, id, db_name(db), db_error(db, p, rc),
+                   write ? write_hint(db) : read_hint(db));
+}
+
+apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                 apr_int64_t now, int lease_seconds, int max,
+                                 apr_array_header_t **accounts)
+{
+    apr_pool_t *tmp;
+    apr_dbd_results_t *res = NULL;
+    apr_dbd_row_t *row = NULL;
+    apr_array_header_t *ids;
+    apr_int64_t until = now + lease_seconds;
+    const void *args[7];
+    apr_status_t rv = APR_SUCCESS;
+    int rc, i, n;
+
+    *accounts = apr_array_make(p, max > 0 ? max : 1, sizeof(mso_account_t *));
+    if (!owner || !*owner) {
+        return APR_EINVAL;
+    }
+    if (max <= 0) {
+        return APR_SUCCESS;
+    }
+    apr_pool_create(&tmp, db->pool);
+    ids = apr_array_make(tmp, max, sizeof(apr_int64_t));
+    args[0] = &now;
+    args[1] = &now;
+    args[2] = &now;
+    args[3] = &max;
+    rc = stmt_run(db, tmp, &ST_DUE_IDS, args, NULL, &res);
+    if (rc != 0) {
+        log_failure(db, tmp, rc, "look for accounts whose refresh is due", 0, 0);
+        apr_pool_destroy(tmp);
+        return APR_EGENERAL;
+    }
+    while (apr_dbd_get_row(db->driver, tmp, res, &row, -1) == 0) {
+        APR_ARRAY_PUSH(ids, apr_int64_t) = col_i64(db, row, 0);
+    }
+
+    for (i = 0; i < ids->nelts; i++) {
+        apr_int64_t id = APR_ARRAY_IDX(ids, i, apr_int64_t);
+        mso_account_t *a = NULL;
+
+        args[0] = owner;
+        args[1] = &until;
+        args[2] = &id;
+        args[3] = &now;
+        args[4] = &now;
+        args[5] = &now;
+        args[6] = owner;
+        n = 0;
+        rc = stmt_run(db, tmp, &ST_CLAIM, args, &n, NULL);
+        if (rc != 0) {
+            /* Hand back what is already leased; the rest waits for the next run. */
+            log_failure(db, tmp, rc, "lease an account for its refresh", id, 1);
+            if ((*accounts)->nelts == 0) {
+                rv = APR_EGENERAL;
+            }
+            break;
+        }
+        if (n != 1) {
+            continue;       /* another process or node was faster */
+        }
+        args[0] = &id;
+        if (account_select(db, p, &ST_ACCOUNT_GET, args, &a) == APR_SUCCESS) {
+            APR_ARRAY_PUSH(*accounts, mso_account_t *) = a;
+        }
+    }
+    apr_pool_destroy(tmp);
+    return rv;
+}
+
+apr_status_t mso_store_lease(mso_db_t *db, apr_int64_t id, const char *owner, apr_int64_t now,
+                             int lease_seconds)
+{
+    apr_pool_t *tmp;
+    apr_dbd_results_t *res = NULL;
+    apr_int64_t until = now + lease_seconds;
+    const void *args[5];
+    apr_status_t rv = APR_SUCCESS;
+    int rc, n = 0;
+
+    if (!owner || !*owner) {
+        return APR_EINVAL;
+    }
+    apr_pool_create(&tmp, db->pool);
+    args[0] = owner;
+    args[1] = &until;
+    args[2] = &id;
+    args[3] = &now;
+    args[4] = owner;
+    rc = stmt_run(db, tmp, &ST_LEASE, args, &n, NULL);
+    if (rc != 0) {
+        log_failure(db, tmp, rc, "lease an account", id, 1);
+        rv = APR_EGENERAL;
+    }
+    else if (n != 1) {
+        args[0] = &id;
+        rc = stmt_run(db, tmp, &ST_ACCOUNT_EXISTS, args, NULL, &res);
+        if (rc != 0) {
+            log_failure(db, tmp, rc, "read msoauth_accounts", id, 0);
+            rv = APR_EGENERAL;
+        }
+        else {
+            rv = first_row(db, tmp, res) ? APR_EBUSY : APR_NOTFOUND;
+        }
+    }
+    apr_pool_destroy(tmp);
+    return rv;
+}
+
+apr_status_t mso_store_release(mso_db_t *db, apr_int64_t id, const char *owner)
+{
+    apr_pool_t *tmp;
+    const void *args[2];
+    apr_status_t rv = APR_SUCCESS;
+    int rc;
+
+    if (!owner || !*owner) {
+        return APR_EINVAL;
+    }
+    apr_pool_create(&tmp, db->pool);
+    args[0] = &id;
+    args[1] = owner;
+    rc = stmt_run(db, tmp, &ST_RELEASE, args, NULL, NULL);
+    if (rc != 0) {
+        log_failure(db, tmp, rc, "release the lease of an account", id, 1);
+        rv = APR_EGENERAL;
+    }
+    apr_pool_destroy(tmp);
+    return rv;
+}
+
+/* Replaces the token of one kind: delete, then insert. */
+static int token_replace(mso_db_t *db, apr_pool_t *p, apr_int64_t id, const char *kind,
+                         const char *sealed, apr_int64_t *expires, apr_int64_t *now)
+{
+    const void *args[5];
+    int rc;
+
+    args[0] = &id;
+    args[1] = kind;
+    rc = stmt_run(db, p, &ST_TOKEN_DELETE_KIND, args, NULL, NULL);
+    if (rc != 0) {
+        return rc;
+    }
+    args[0] = &id;
+    args[1] = kind;
+    args[2] = sealed;
+    args[3] = opt_i64(expires);
+    args[4] = now;
+    return stmt_run(db, p, &ST_TOKEN_INSERT, args, NULL, NULL);
+}
+
+apr_status_t mso_store_refreshed(mso_db_t *db, apr_int64_t id, const char *owner,
+                                 const mso_refreshed_t *r, apr_int64_t now, const char **err)
+{
+    apr_pool_t *tmp;
+    apr_int64_t expires, due;
+    int kind_graph;
+    const void *args[7];
+    const char *step;
+    int rc, n = 0;
+
+    *err = NULL;
+    if (!owner || !*owner || !r || !r->kind
+        || (strcmp(r->kind, "graph") && strcmp(r->kind, "outlook"))
+        || !r->sealed_access || !*r->sealed_access
+        || (r->sealed_refresh && !*r->sealed_refresh)) {
+        *err = "cannot store the refreshed tokens: the lease owner, the token kind (graph or "
+               "outlook) or the access token is missing";
+        return APR_EINVAL;
+    }
+    kind_graph = !strcmp(r->kind, "graph");
+    expires = r->access_expires_at;
+    due = r->refresh_due_at;
+
+    apr_pool_create(&tmp, db->pool);
+    rc = tx_begin(db);
+    if (rc != 0) {
+        *err = apr_psprintf(db->pool, "cannot start a transaction to store the refreshed "
+                            "tokens of account %" APR_INT64_T_FMT " in %s: %s; %s", id,
+                            db_name(db), db_error(db, tmp, rc), write_hint(db));
+        apr_pool_destroy(tmp);
+        return APR_EGENERAL;
+    }
+
+    /* First, so that the lease check and the write are one step. */
+    args[0] = kind_graph ? opt_i64(&expires) : NULL;
+    args[1] = r->scopes;
+    args[2] = opt_i64(&due);
+    args[3] = &now;
+    args[4] = &now;
+    args[5] = &id;
+    args[6] = owner;
+    step = "update the account";
+    rc = stmt_run(db, tmp, &ST_REFRESHED, args, &n, NULL);
+    if (rc != 0) {
+        goto fail;
+    }
+    if (n != 1) {
+        tx_rollback(db, tmp);
+        *err = apr_psprintf(db->pool, "the refreshed tokens of account %" APR_INT64_T_FMT
+                            " were not stored: this process (%s) no longer holds the "
+                            "account's lease (it ran out and another process took it, or the "
+                            "mailbox was reconnected or disconnected meanwhile)", id, owner);
+        apr_pool_destroy(tmp);
+        return APR_EBUSY;
+    }
+    step = apr_pstrcat(tmp, "store the ", r->kind, " access token", NULL);
+    rc = token_replace(db, tmp, id, r->kind, r->sealed_access, &expires, &now);
+    if (rc != 0) {
+        goto fail;
+    }
+    if (r->sealed_refresh) {
+        apr_int64_t none = 0;
+
+        step = "store the new refresh token";
+        rc = token_replace(db, tmp, id, "refresh", r->sealed_refresh, &none, &now);
+        if (rc != 0) {
+            goto fail;
+        }
+    }
+    step = "commit the refreshed tokens";
+    rc = tx_commit(db);
+    if (rc != 0) {
+        goto fail;
+    }
+    apr_pool_destroy(tmp);
+    return APR_SUCCESS;
+
+fail:
+    *err = apr_psprintf(db->pool, "cannot %s of account %" APR_INT64_T_FMT " in %s: %s; %s",
+                        step, id, db_name(db), db_error(db, tmp, rc), write_hint(db));
+    tx_rollback(db, tmp);
+    apr_pool_destroy(tmp);
+    return APR_EGENERAL;
+}
+
+apr_status_t mso_store_refresh_failed(mso_db_t *db, apr_int64_t id, const char *owner,
+                                      const char *state, const char *reason, long aadsts,
+                                      const char *last_error, apr_int64_t retry_at,
+                                      apr_int64_t now)
+{
+    apr_pool_t *tmp;
+    apr_int64_t code = aadsts;
+    const void *args[8];
+    apr_status_t rv = APR_SUCCESS;
+    int rc, n = 0;
+
+    if (!owner || !*owner || !state
+        || (strcmp(state, "connected") && strcmp(state, "reconnect_required"))) {
+        return APR_EINVAL;
+    }
+    apr_pool_create(&tmp, db->pool);
+    args[0] = state;
+    args[1] = reason;
+    args[2] = opt_i64(&code);
+    args[3] = last_error;
+    args[4] = opt_i64(&retry_at);
+    args[5] = &now;
+    args[6] = &id;
+    args[7] = owner;
+    rc = stmt_run(db, tmp, &ST_REFRESH_FAILED, args, &n, NULL);
+    if (rc != 0) {
+        log_failure(db, tmp, rc, "record a failed refresh", id, 1);
+        rv = APR_EGENERAL;
+    }
+    else if (n != 1) {
+        rv = APR_EBUSY;     /* another owner holds it now, or there is no such account */
+    }
+    apr_pool_destroy(tmp);
+    return rv;
+}
+
+apr_status_t mso_store_disconnect(mso_db_t *db, apr_int64_t id, apr_int64_t now)
+{
+    apr_pool_t *tmp;
+    const void *args[2];
+    const char *step;
+    int rc, n = 0;
+
+    apr_pool_create(&tmp, db->pool);
+    rc = tx_begin(db);
+    if (rc != 0) {
+        log_failure(db, tmp, rc, "start a transaction to disconnect a mailbox", id, 1);
+        apr_pool_destroy(tmp);
+        return APR_EGENERAL;
+    }
+    args[0] = &now;
+    args[1] = &id;
+    step = "mark a mailbox disconnected";
+    rc = stmt_run(db, tmp, &ST_DISCONNECT, args, &n, NULL);
+    if (rc != 0) {
+        goto fail;
+    }
+    if (n != 1) {
+        tx_rollback(db, tmp);
+        apr_pool_destroy(tmp);
+        return APR_NOTFOUND;
+    }
+    args[0] = &id;
+    step = "remove the tokens of a disconnected mailbox";
+    rc = stmt_run(db, tmp, &ST_TOKENS_DELETE, args, NULL, NULL);
+    if (rc != 0) {
+        goto fail;
+    }
+    step = "commit the disconnection of a mailbox";
+    rc = tx_commit(db);
+    if (rc != 0) {
+        goto fail;
+    }
+    apr_pool_destroy(tmp);
+    return APR_SUCCESS;
+
+fail:
+    log_failure(db, tmp, rc, step, id, 1);
+    tx_rollback(db, tmp);
+    apr_pool_destroy(tmp);
+    return APR_EGENERAL;
+}
+
+apr_status_t mso_store_accounts(mso_db_t *db, apr_pool_t *p, apr_array_header_t **accounts)
+{
+    apr_pool_t *tmp;
+    apr_dbd_results_t *res = NULL;
+    apr_dbd_row_t *row = NULL;
+    apr_status_t rv = APR_SUCCESS;
+    int rc;
+
+    *accounts = apr_array_make(p, 8, sizeof(mso_account_t *));
+    apr_pool_create(&tmp, db->pool);
+    rc = stmt_run(db, tmp, &ST_ACCOUNTS, NULL, NULL, &res);
+    if (rc != 0) {
+        log_failure(db, tmp, rc, "list msoauth_accounts", 0, 0);
+        rv = APR_EGENERAL;
+    }
+    else {
+        while (apr_dbd_get_row(db->driver, tmp, res, &row, -1) == 0) {
+            APR_ARRAY_PUSH(*accounts, mso_account_t *) = account_from_row(db, p, row);
         }
     }
     apr_pool_destroy(tmp);

@@ -6,6 +6,7 @@
 
 #include <apr_pools.h>
 #include <apr_errno.h>
+#include <apr_tables.h>
 #include <apr_dbd.h>
 
 typedef enum { MSO_DB_SQLITE = 1, MSO_DB_PGSQL = 2 } mso_db_kind_e;
@@ -54,11 +55,21 @@ typedef struct {
     const char *connected_by;
     apr_int64_t created_at;
     apr_int64_t updated_at;
+    /* Schema v2: the background job's bookkeeping. */
+    apr_int64_t refresh_due_at;       /* when the job refreshes next */
+    apr_int64_t retry_at;             /* backoff after a transient failure (0: none) */
+    int error_runs;                   /* consecutive failed refreshes */
+    const char *reason;               /* reason code of last_error */
+    long aadsts;                      /* Microsoft's code with it, 0 if none */
+    apr_int64_t last_refresh_at;
+    const char *lease_owner;
+    apr_int64_t lease_until;
 } mso_account_t;
 
 /* Inserts or updates the account keyed by (company, mailbox) and, in the same
  * transaction, replaces its sealed tokens (refresh, and the Graph access token
- * with its expiry). Sets acct->id. Old tokens stay untouched on any failure. */
+ * with its expiry). Sets acct->id. Old tokens stay untouched on any failure.
+ * Also sets refresh_due_at from acct and clears the job's error state. */
 apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
                                        const char *sealed_refresh, const char *sealed_access,
                                        apr_int64_t now, const char **err);
@@ -72,6 +83,53 @@ apr_status_t mso_store_account_find(mso_db_t *db, apr_pool_t *p, const char *com
 /* Sealed token of one kind for an account: "refresh", "graph", "outlook". */
 apr_status_t mso_store_token_get(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
                                  const char *kind, const char **sealed, apr_int64_t *expires_at);
+
+/* --- schema v2: the background job --- */
+
+/* Claims up to max accounts whose refresh is due (state connected,
+ * refresh_due_at <= now, retry_at <= now), most overdue first, each with a
+ * lease for owner until now + lease_seconds. A row leased by another owner
+ * whose lease has not run out is skipped; claiming is atomic per row, so two
+ * nodes never hold the same account. *accounts: mso_account_t* in p. */
+apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                 apr_int64_t now, int lease_seconds, int max,
+                                 apr_array_header_t **accounts);
+
+/* Leases one account (the token handler). APR_EBUSY when another owner holds
+ * a live lease, APR_NOTFOUND when there is no such account. */
+apr_status_t mso_store_lease(mso_db_t *db, apr_int64_t id, const char *owner, apr_int64_t now,
+                             int lease_seconds);
+apr_status_t mso_store_release(mso_db_t *db, apr_int64_t id, const char *owner);
+
+typedef struct {
+    const char *kind;                 /* token kind refreshed: graph | outlook */
+    const char *sealed_access;
+    apr_int64_t access_expires_at;
+    const char *sealed_refresh;       /* NULL when Microsoft sent none: keep the stored one */
+    const char *scopes;               /* NULL: keep */
+    apr_int64_t refresh_due_at;
+} mso_refreshed_t;
+
+/* Stores a successful refresh in one transaction, only while owner still
+ * holds the lease (APR_EBUSY: nothing written). Clears last_error, reason,
+ * error_runs and retry_at, sets last_refresh_at and, for graph,
+ * access_expires_at; releases the lease. */
+apr_status_t mso_store_refreshed(mso_db_t *db, apr_int64_t id, const char *owner,
+                                 const mso_refreshed_t *r, apr_int64_t now, const char **err);
+
+/* Records a failed refresh: the state (connected or reconnect_required),
+ * reason, aadsts and last_error (a sentence, no secrets), error_runs + 1 and
+ * retry_at; releases the lease. Tokens are not touched. */
+apr_status_t mso_store_refresh_failed(mso_db_t *db, apr_int64_t id, const char *owner,
+                                      const char *state, const char *reason, long aadsts,
+                                      const char *last_error, apr_int64_t retry_at,
+                                      apr_int64_t now);
+
+/* Drops every token of the account and marks it disconnected. */
+apr_status_t mso_store_disconnect(mso_db_t *db, apr_int64_t id, apr_int64_t now);
+
+/* Every account (mso_account_t*), ordered by id. */
+apr_status_t mso_store_accounts(mso_db_t *db, apr_pool_t *p, apr_array_header_t **accounts);
 
 /* Records a sign-in state (its digest) as redeemed. APR_EEXIST when it was
  * already: the callback was hit twice. Rows are purged once expired. */

@@ -12,6 +12,7 @@
 #include <apr_dbd.h>
 #include <apr_general.h>
 #include <apr_strings.h>
+#include <apr_tables.h>
 
 #include "mso_store.h"
 
@@ -226,6 +227,9 @@ static const char *const schema_columns[][20] = {
     {"msoauth_accounts", "id", "company", "mailbox", "display_name", "tenant_id", "object_id",
      "scopes", "state", "authority", "access_expires_at", "last_sync_at", "last_error",
      "connected_by", "created_at", "updated_at", NULL},
+    /* schema v2 */
+    {"msoauth_accounts", "refresh_due_at", "retry_at", "error_runs", "reason", "aadsts",
+     "last_refresh_at", "lease_owner", "lease_until", NULL},
     {"msoauth_tokens", "account_id", "kind", "sealed", "expires_at", "updated_at", NULL},
     {"msoauth_messages", "id", "account_id", "graph_id", "folder", "internet_message_id",
      "conversation_id", "subject", "from_address", "from_name", "to_json", "received_at",
@@ -252,7 +256,7 @@ START_TEST(migrate_creates_schema)
     ck_assert_ptr_null(err);
     ck_assert_int_eq(from, 0);
     ck_assert_int_eq(to, mso_store_latest_version());
-    ck_assert_int_ge(mso_store_latest_version(), 1);
+    ck_assert_int_eq(mso_store_latest_version(), 2);
     ck_assert_int_eq(mso_store_schema_version(db, &version), APR_SUCCESS);
     ck_assert_int_eq(version, mso_store_latest_version());
 
@@ -273,12 +277,13 @@ START_TEST(migrate_creates_schema)
 
     if (_i == BACKEND_SQLITE) {
         ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND "
-                                 "name IN ('msoauth_messages_recent', 'msoauth_actions_queue')"),
-                         2);
+                                 "name IN ('msoauth_messages_recent', 'msoauth_actions_queue', "
+                                 "'msoauth_accounts_due')"), 3);
     }
     else {
         ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM pg_indexes WHERE indexname IN "
-                                 "('msoauth_messages_recent', 'msoauth_actions_queue')"), 2);
+                                 "('msoauth_messages_recent', 'msoauth_actions_queue', "
+                                 "'msoauth_accounts_due')"), 3);
     }
 
     /* Defaults and checks an application relies on when it queues an action. */
@@ -347,7 +352,8 @@ START_TEST(newer_schema_refused)
     ck_assert_int_eq(from, newer);
     ck_assert_int_eq(to, newer);
     /* Nothing was changed, and the connection is usable (no open transaction). */
-    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_schema"), 2);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_schema"),
+                     mso_store_latest_version() + 1);
     {
         mso_account_t a = sample("default", "x@example.com");
 
@@ -690,6 +696,526 @@ START_TEST(wrap_reuses_wrapper)
 }
 END_TEST
 
+/* ---- schema v2: the background job ------------------------------------- */
+
+static const char *const v2_columns[] = {
+    "refresh_due_at", "retry_at", "error_runs", "reason", "aadsts", "last_refresh_at",
+    "lease_owner", "lease_until", NULL
+};
+
+START_TEST(migrate_from_v1)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t a = sample("default", "alice@example.com");
+    mso_account_t b = sample("default", "bob@example.com");
+    mso_account_t *got;
+    int from = -1, to = -1;
+    const char *err = NULL;
+    long long v;
+    size_t i;
+
+    /* A version 1 database with accounts: the latest schema taken back to 1. */
+    migrate_ok(db);
+    b.access_expires_at = 0;
+    connect_ok(db, &a, "r-a", "a-a", 1700000000);
+    connect_ok(db, &b, "r-b", NULL, 1700000000);
+    exec_ok(db, "DROP INDEX msoauth_accounts_due");
+    for (i = 0; v2_columns[i]; i++) {
+        exec_ok(db, apr_pstrcat(pool, "ALTER TABLE msoauth_accounts DROP COLUMN ",
+                                v2_columns[i], NULL));
+    }
+    exec_ok(db, "DELETE FROM msoauth_schema WHERE version > 1");
+    ck_assert_int_ne(select_num(db, "SELECT lease_owner FROM msoauth_accounts", &v), 0);
+
+    /* A new connection, as after an upgrade of the module. */
+    db = connect_db(_i, pool);
+    ck_assert_int_eq(mso_store_migrate(db, &from, &to, &err), APR_SUCCESS);
+    ck_assert_ptr_null(err);
+    ck_assert_int_eq(from, 1);
+    ck_assert_int_eq(to, 2);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_schema"), 2);
+
+    /* Existing accounts are due when their token expires, or at once. */
+    ck_assert_int_eq(mso_store_account_get(db, pool, a.id, &got), APR_SUCCESS);
+    ck_assert_int_eq(got->refresh_due_at, 1700003600);
+    ck_assert_int_eq(got->error_runs, 0);
+    ck_assert_ptr_null(got->lease_owner);
+    ck_assert_ptr_null(got->reason);
+    ck_assert_int_eq(got->retry_at, 0);
+    ck_assert_int_eq(mso_store_account_get(db, pool, b.id, &got), APR_SUCCESS);
+    ck_assert_int_eq(got->refresh_due_at, 0);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_accounts WHERE refresh_due_at IS "
+                             "NOT NULL AND error_runs = 0"), 2);
+    token_is(db, a.id, "refresh", "r-a", 0);
+    {
+        apr_array_header_t *due = NULL;
+
+        ck_assert_int_eq(mso_store_claim_due(db, pool, "job", 1700000100, 60, 10, &due),
+                         APR_SUCCESS);
+        ck_assert_int_eq(due->nelts, 1);
+        ck_assert_int_eq(APR_ARRAY_IDX(due, 0, mso_account_t *)->id, b.id);
+    }
+}
+END_TEST
+
+/* An account due at `due` (0: now). */
+static mso_account_t *due_account(mso_db_t *db, const char *mailbox, apr_int64_t due,
+                                  apr_int64_t now)
+{
+    mso_account_t *a = apr_palloc(pool, sizeof(*a));
+
+    *a = sample("default", mailbox);
+    a->refresh_due_at = due;
+    connect_ok(db, a, "sealed-r", "sealed-a", now);
+    return a;
+}
+
+static mso_account_t *get_ok(mso_db_t *db, apr_int64_t id)
+{
+    mso_account_t *got = NULL;
+
+    ck_assert_int_eq(mso_store_account_get(db, pool, id, &got), APR_SUCCESS);
+    return got;
+}
+
+static int claim_count(mso_db_t *db, const char *owner, apr_int64_t now, int lease, int max)
+{
+    apr_array_header_t *due = NULL;
+
+    ck_assert_int_eq(mso_store_claim_due(db, pool, owner, now, lease, max, &due),
+                     APR_SUCCESS);
+    return due->nelts;
+}
+
+START_TEST(claim_and_lease)
+{
+    mso_db_t *db = fresh_db(_i);
+    apr_array_header_t *due = NULL;
+    mso_account_t *a, *later, *got;
+    mso_account_t *acc;
+
+    migrate_ok(db);
+    a = due_account(db, "alice@example.com", 0, 900);
+    later = due_account(db, "later@example.com", 5000, 900);
+
+    /* A claims the due one (not the later one) with a lease. */
+    ck_assert_int_eq(mso_store_claim_due(db, pool, "A", 1000, 60, 10, &due), APR_SUCCESS);
+    ck_assert_int_eq(due->nelts, 1);
+    acc = APR_ARRAY_IDX(due, 0, mso_account_t *);
+    ck_assert_int_eq(acc->id, a->id);
+    ck_assert_str_eq(acc->lease_owner, "A");
+    ck_assert_int_eq(acc->lease_until, 1060);
+    ck_assert_str_eq(acc->mailbox, "alice@example.com");
+    ck_assert_str_eq(acc->authority, "https://login.microsoftonline.com/common");
+
+    /* B gets nothing while A's lease lasts, by claim or by lease. */
+    ck_assert_int_eq(claim_count(db, "B", 1030, 60, 10), 0);
+    ck_assert_int_eq(mso_store_lease(db, a->id, "B", 1030, 60), APR_EBUSY);
+    ck_assert_int_eq(mso_store_lease(db, a->id, "B", 1060, 60), APR_EBUSY);
+    ck_assert_int_eq(mso_store_lease(db, a->id + 1000, "B", 1030, 60), APR_NOTFOUND);
+    /* A may extend its own. */
+    ck_assert_int_eq(mso_store_lease(db, a->id, "A", 1030, 60), APR_SUCCESS);
+    ck_assert_int_eq(get_ok(db, a->id)->lease_until, 1090);
+    ck_assert_int_eq(claim_count(db, "B", 1090, 60, 10), 0);
+    /* Once it ran out, B can claim it. */
+    ck_assert_int_eq(claim_count(db, "B", 1091, 60, 10), 1);
+    got = get_ok(db, a->id);
+    ck_assert_str_eq(got->lease_owner, "B");
+    ck_assert_int_eq(got->lease_until, 1151);
+    ck_assert_int_eq(mso_store_lease(db, a->id, "A", 1100, 60), APR_EBUSY);
+
+    /* Only the owner releases. */
+    ck_assert_int_eq(mso_store_release(db, a->id, "A"), APR_SUCCESS);
+    ck_assert_str_eq(get_ok(db, a->id)->lease_owner, "B");
+    ck_assert_int_eq(mso_store_release(db, a->id, "B"), APR_SUCCESS);
+    got = get_ok(db, a->id);
+    ck_assert_ptr_null(got->lease_owner);
+    ck_assert_int_eq(got->lease_until, 0);
+    /* The token handler leases any account, due or not. */
+    ck_assert_int_eq(mso_store_lease(db, later->id, "A", 1100, 60), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_lease(db, later->id, "B", 1100, 60), APR_EBUSY);
+    ck_assert_int_eq(mso_store_release(db, later->id, "A"), APR_SUCCESS);
+
+    /* Most overdue first, at most max; states other than connected never. */
+    {
+        mso_account_t *c = due_account(db, "carol@example.com", 100, 900);
+        mso_account_t *d = due_account(db, "dave@example.com", 50, 900);
+        mso_account_t *e = due_account(db, "eve@example.com", 10, 900);
+        const void *args[1];
+
+        args[0] = &e->id;
+        ck_assert_int_eq(pexec(db, "UPDATE msoauth_accounts SET state = 'reconnect_required' "
+                                   "WHERE id = %lld", args), 0);
+        ck_assert_int_eq(mso_store_claim_due(db, pool, "C", 2000, 60, 2, &due), APR_SUCCESS);
+        ck_assert_int_eq(due->nelts, 2);
+        ck_assert_int_eq(APR_ARRAY_IDX(due, 0, mso_account_t *)->id, a->id);   /* due 0 */
+        ck_assert_int_eq(APR_ARRAY_IDX(due, 1, mso_account_t *)->id, d->id);
+        ck_assert_int_eq(mso_store_claim_due(db, pool, "C", 2000, 60, 5, &due), APR_SUCCESS);
+        ck_assert_int_eq(due->nelts, 1);
+        ck_assert_int_eq(APR_ARRAY_IDX(due, 0, mso_account_t *)->id, c->id);
+        ck_assert_int_eq(claim_count(db, "C", 2000, 60, 5), 0);
+        ck_assert_int_eq(claim_count(db, "D", 6000, 60, 0), 0);
+    }
+}
+END_TEST
+
+#define CLAIMERS 4
+#define CLAIM_ACCOUNTS 50
+
+START_TEST(concurrent_claims)
+{
+    mso_db_t *db = fresh_db(_i);
+    apr_int64_t ids[CLAIM_ACCOUNTS], got;
+    int seen[CLAIM_ACCOUNTS];
+    pid_t pids[CLAIMERS];
+    int go[2], out[2], i, j, status, total = 0;
+    char c;
+
+    migrate_ok(db);
+    for (i = 0; i < CLAIM_ACCOUNTS; i++) {
+        ids[i] = due_account(db, apr_psprintf(pool, "user%d@example.com", i), i % 7, 900)->id;
+        seen[i] = 0;
+    }
+    ck_assert_int_eq(pipe(go), 0);
+    ck_assert_int_eq(pipe(out), 0);
+    for (i = 0; i < CLAIMERS; i++) {
+        pids[i] = fork();
+        ck_assert_int_ge(pids[i], 0);
+        if (pids[i] == 0) {
+            apr_pool_t *p;
+            mso_db_t *mine;
+            const char *owner;
+            apr_array_header_t *due;
+
+            close(go[1]);
+            close(out[0]);
+            apr_pool_create(&p, NULL);
+            mine = connect_db(_i, p);
+            owner = apr_psprintf(p, "node-%d", i);
+            if (read(go[0], &c, 1) < 0) {
+                _exit(3);
+            }
+            do {
+                due = NULL;
+                if (mso_store_claim_due(mine, p, owner, 1000, 300, 20, &due) != APR_SUCCESS) {
+                    _exit(1);
+                }
+                for (j = 0; j < due->nelts; j++) {
+                    mso_account_t *a = APR_ARRAY_IDX(due, j, mso_account_t *);
+
+                    /* 8 bytes: atomic on a pipe. */
+                    if (strcmp(a->lease_owner, owner) != 0
+                        || write(out[1], &a->id, sizeof(a->id)) != sizeof(a->id)) {
+                        _exit(2);
+                    }
+                }
+            } while (due->nelts > 0);
+            _exit(0);
+        }
+    }
+    close(go[0]);
+    close(out[1]);
+    usleep(200000);
+    close(go[1]);
+    while (read(out[0], &got, sizeof(got)) == sizeof(got)) {
+        for (i = 0; i < CLAIM_ACCOUNTS && ids[i] != got; i++) {
+        }
+        ck_assert_msg(i < CLAIM_ACCOUNTS, "claimed an unknown id %lld", (long long)got);
+        seen[i]++;
+        total++;
+    }
+    close(out[0]);
+    for (i = 0; i < CLAIMERS; i++) {
+        ck_assert_int_eq(waitpid(pids[i], &status, 0), pids[i]);
+        ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                      "claimer %d failed (status %d)", i, status);
+    }
+    for (i = 0; i < CLAIM_ACCOUNTS; i++) {
+        ck_assert_msg(seen[i] == 1, "account %lld claimed %d times", (long long)ids[i],
+                      seen[i]);
+    }
+    ck_assert_int_eq(total, CLAIM_ACCOUNTS);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_accounts WHERE lease_owner LIKE "
+                             "'node-%' AND lease_until = 1300"), CLAIM_ACCOUNTS);
+}
+END_TEST
+
+static void refreshed_ok(mso_db_t *db, apr_int64_t id, const char *owner,
+                         const mso_refreshed_t *r, apr_int64_t now)
+{
+    const char *err = NULL;
+    apr_status_t rv = mso_store_refreshed(db, id, owner, r, now, &err);
+
+    ck_assert_msg(rv == APR_SUCCESS, "refreshed: %s", err ? err : "(no message)");
+    ck_assert_ptr_null(err);
+}
+
+START_TEST(refreshed_stores_tokens)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t *a, *got;
+    mso_refreshed_t r;
+    const char *err = NULL, *sealed = NULL;
+
+    migrate_ok(db);
+    a = due_account(db, "alice@example.com", 0, 900);
+    token_is(db, a->id, "refresh", "sealed-r", 0);
+
+    /* Earlier failures, to be cleared by the success. */
+    ck_assert_int_eq(mso_store_lease(db, a->id, "A", 1000, 60), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_refresh_failed(db, a->id, "A", "connected",
+                                              "token_endpoint_unreachable", 0, "down", 1000,
+                                              1000), APR_SUCCESS);
+
+    /* Graph, Microsoft sent no new refresh token: the stored one stays. */
+    ck_assert_int_eq(mso_store_lease(db, a->id, "A", 1001, 60), APR_SUCCESS);
+    memset(&r, 0, sizeof(r));
+    r.kind = "graph";
+    r.sealed_access = "sealed-a2";
+    r.access_expires_at = 5000;
+    r.refresh_due_at = 4000;
+    refreshed_ok(db, a->id, "A", &r, 1010);
+    token_is(db, a->id, "refresh", "sealed-r", 0);
+    token_is(db, a->id, "graph", "sealed-a2", 5000);
+    got = get_ok(db, a->id);
+    ck_assert_int_eq(got->access_expires_at, 5000);
+    ck_assert_int_eq(got->refresh_due_at, 4000);
+    ck_assert_int_eq(got->last_refresh_at, 1010);
+    ck_assert_int_eq(got->updated_at, 1010);
+    ck_assert_int_eq(got->error_runs, 0);
+    ck_assert_int_eq(got->retry_at, 0);
+    ck_assert_ptr_null(got->reason);
+    ck_assert_ptr_null(got->last_error);
+    ck_assert_ptr_null(got->lease_owner);
+    ck_assert_int_eq(got->lease_until, 0);
+    ck_assert_str_eq(got->scopes, "openid profile email offline_access Mail.Read");
+    ck_assert_str_eq(got->state, "connected");
+
+    /* Outlook with a rotated refresh token and scopes: the Graph side stays. */
+    ck_assert_int_eq(mso_store_lease(db, a->id, "A", 1100, 60), APR_SUCCESS);
+    memset(&r, 0, sizeof(r));
+    r.kind = "outlook";
+    r.sealed_access = "sealed-o1";
+    r.access_expires_at = 6000;
+    r.sealed_refresh = "sealed-r2";
+    r.scopes = "https://outlook.office.com/IMAP.AccessAsUser.All";
+    r.refresh_due_at = 4000;
+    refreshed_ok(db, a->id, "A", &r, 1110);
+    token_is(db, a->id, "refresh", "sealed-r2", 0);
+    token_is(db, a->id, "outlook", "sealed-o1", 6000);
+    token_is(db, a->id, "graph", "sealed-a2", 5000);
+    got = get_ok(db, a->id);
+    ck_assert_int_eq(got->access_expires_at, 5000);
+    ck_assert_str_eq(got->scopes, "https://outlook.office.com/IMAP.AccessAsUser.All");
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_tokens"), 3);
+
+    /* A's lease ran out and B took the account: A's result is not stored. */
+    ck_assert_int_eq(mso_store_lease(db, a->id, "A", 2000, 60), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_lease(db, a->id, "B", 2061, 60), APR_SUCCESS);
+    memset(&r, 0, sizeof(r));
+    r.kind = "graph";
+    r.sealed_access = "sealed-a3";
+    r.access_expires_at = 9000;
+    r.sealed_refresh = "sealed-r3";
+    r.refresh_due_at = 8000;
+    ck_assert_int_eq(mso_store_refreshed(db, a->id, "A", &r, 2070, &err), APR_EBUSY);
+    ck_assert_ptr_nonnull(err);
+    ck_assert_msg(strstr(err, "lease") != NULL, "message: %s", err);
+    token_is(db, a->id, "refresh", "sealed-r2", 0);
+    token_is(db, a->id, "graph", "sealed-a2", 5000);
+    got = get_ok(db, a->id);
+    ck_assert_str_eq(got->lease_owner, "B");
+    ck_assert_int_eq(got->refresh_due_at, 4000);
+    ck_assert_int_eq(got->last_refresh_at, 1110);
+    /* Without any lease it is refused too, and the connection is still fine. */
+    ck_assert_int_eq(mso_store_release(db, a->id, "B"), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_refreshed(db, a->id, "A", &r, 2080, &err), APR_EBUSY);
+    ck_assert_int_eq(mso_store_lease(db, a->id, "B", 2080, 60), APR_SUCCESS);
+    refreshed_ok(db, a->id, "B", &r, 2081);
+    token_is(db, a->id, "refresh", "sealed-r3", 0);
+    token_is(db, a->id, "graph", "sealed-a3", 9000);
+
+    /* Bad input is refused before anything is written. */
+    r.kind = "refresh";
+    ck_assert_int_eq(mso_store_refreshed(db, a->id, "B", &r, 2090, &err), APR_EINVAL);
+    r.kind = "graph";
+    r.sealed_access = NULL;
+    ck_assert_int_eq(mso_store_refreshed(db, a->id, "B", &r, 2090, &err), APR_EINVAL);
+    ck_assert_int_eq(mso_store_token_get(db, pool, a->id, "graph", &sealed, NULL),
+                     APR_SUCCESS);
+    ck_assert_str_eq(sealed, "sealed-a3");
+}
+END_TEST
+
+START_TEST(refreshed_rolls_back)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t *a, *got;
+    mso_refreshed_t r;
+    const char *err = NULL;
+
+    migrate_ok(db);
+    a = due_account(db, "alice@example.com", 0, 900);
+    if (_i == BACKEND_SQLITE) {
+        exec_ok(db, "CREATE TRIGGER msoauth_test_fail BEFORE INSERT ON msoauth_tokens "
+                    "WHEN NEW.sealed = 'FAIL' BEGIN SELECT RAISE(ABORT, 'forced failure'); "
+                    "END");
+    }
+    else {
+        exec_ok(db, "CREATE OR REPLACE FUNCTION msoauth_test_fail() RETURNS trigger "
+                    "LANGUAGE plpgsql AS $$ BEGIN IF NEW.sealed = 'FAIL' THEN "
+                    "RAISE EXCEPTION 'forced failure'; END IF; RETURN NEW; END $$");
+        exec_ok(db, "CREATE TRIGGER msoauth_test_fail BEFORE INSERT ON msoauth_tokens "
+                    "FOR EACH ROW EXECUTE FUNCTION msoauth_test_fail()");
+    }
+    ck_assert_int_eq(mso_store_lease(db, a->id, "A", 1000, 60), APR_SUCCESS);
+    memset(&r, 0, sizeof(r));
+    r.kind = "graph";
+    r.sealed_access = "sealed-a2";
+    r.access_expires_at = 5000;
+    r.sealed_refresh = "FAIL";
+    r.refresh_due_at = 4000;
+    ck_assert_int_eq(mso_store_refreshed(db, a->id, "A", &r, 1010, &err), APR_EGENERAL);
+    ck_assert_ptr_nonnull(err);
+    ck_assert_msg(strstr(err, "forced failure") && strstr(err, "refresh token"),
+                  "message: %s", err);
+    /* Nothing changed: old tokens, the lease still held. */
+    token_is(db, a->id, "refresh", "sealed-r", 0);
+    token_is(db, a->id, "graph", "sealed-a", 1700003600);
+    got = get_ok(db, a->id);
+    ck_assert_str_eq(got->lease_owner, "A");
+    ck_assert_int_eq(got->last_refresh_at, 0);
+    ck_assert_int_eq(got->refresh_due_at, 0);
+    exec_ok(db, _i == BACKEND_SQLITE ? "DROP TRIGGER msoauth_test_fail"
+                                     : "DROP TRIGGER msoauth_test_fail ON msoauth_tokens");
+    r.sealed_refresh = "sealed-r2";
+    refreshed_ok(db, a->id, "A", &r, 1020);
+    token_is(db, a->id, "refresh", "sealed-r2", 0);
+}
+END_TEST
+
+START_TEST(refresh_failed_records)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t *a, *got, again;
+
+    migrate_ok(db);
+    a = due_account(db, "alice@example.com", 0, 900);
+
+    /* Transient: still connected, backed off. */
+    ck_assert_int_eq(claim_count(db, "A", 1000, 60, 10), 1);
+    ck_assert_int_eq(mso_store_refresh_failed(db, a->id, "A", "connected",
+                                              "token_endpoint_unreachable", 0,
+                                              "the token endpoint answered HTTP 503", 1500,
+                                              1001), APR_SUCCESS);
+    got = get_ok(db, a->id);
+    ck_assert_str_eq(got->state, "connected");
+    ck_assert_str_eq(got->reason, "token_endpoint_unreachable");
+    ck_assert_int_eq(got->aadsts, 0);
+    ck_assert_str_eq(got->last_error, "the token endpoint answered HTTP 503");
+    ck_assert_int_eq(got->error_runs, 1);
+    ck_assert_int_eq(got->retry_at, 1500);
+    ck_assert_int_eq(got->updated_at, 1001);
+    ck_assert_ptr_null(got->lease_owner);
+    ck_assert_int_eq(got->lease_until, 0);
+    token_is(db, a->id, "refresh", "sealed-r", 0);
+    /* Not claimed again before retry_at. */
+    ck_assert_int_eq(claim_count(db, "A", 1499, 60, 10), 0);
+    ck_assert_int_eq(claim_count(db, "A", 1500, 60, 10), 1);
+
+    /* Another owner cannot record over A's lease. */
+    ck_assert_int_eq(mso_store_refresh_failed(db, a->id, "B", "reconnect_required",
+                                              "reconnect_required", 700082, "x", 0, 1501),
+                     APR_EBUSY);
+    ck_assert_int_eq(get_ok(db, a->id)->error_runs, 1);
+
+    /* The refresh token is dead: reconnect_required, never claimed. */
+    ck_assert_int_eq(mso_store_refresh_failed(db, a->id, "A", "reconnect_required",
+                                              "reconnect_required", 700082,
+                                              "Microsoft no longer accepts the refresh token",
+                                              0, 1502), APR_SUCCESS);
+    got = get_ok(db, a->id);
+    ck_assert_str_eq(got->state, "reconnect_required");
+    ck_assert_str_eq(got->reason, "reconnect_required");
+    ck_assert_int_eq(got->aadsts, 700082);
+    ck_assert_int_eq(got->error_runs, 2);
+    ck_assert_int_eq(got->retry_at, 0);
+    ck_assert_ptr_null(got->lease_owner);
+    ck_assert_int_eq(claim_count(db, "A", 999999, 60, 10), 0);
+    /* Without a lease held by anyone, recording works (token handler paths). */
+    ck_assert_int_eq(mso_store_refresh_failed(db, a->id, "C", "reconnect_required",
+                                              "reconnect_required", 700082, "again", 0, 1503),
+                     APR_SUCCESS);
+    ck_assert_int_eq(get_ok(db, a->id)->error_runs, 3);
+    ck_assert_int_eq(mso_store_refresh_failed(db, a->id, "C", "disconnected", "x", 0, "x", 0,
+                                              1503), APR_EINVAL);
+
+    /* A reconnect clears the job's error state and schedules the account. */
+    again = sample("default", "alice@example.com");
+    again.refresh_due_at = 4000;
+    ck_assert_int_eq(mso_store_lease(db, a->id, "A", 1600, 60), APR_SUCCESS);
+    connect_ok(db, &again, "sealed-r9", "sealed-a9", 1700);
+    got = get_ok(db, a->id);
+    ck_assert_str_eq(got->state, "connected");
+    ck_assert_ptr_null(got->reason);
+    ck_assert_ptr_null(got->last_error);
+    ck_assert_int_eq(got->aadsts, 0);
+    ck_assert_int_eq(got->error_runs, 0);
+    ck_assert_int_eq(got->retry_at, 0);
+    ck_assert_int_eq(got->refresh_due_at, 4000);
+    ck_assert_ptr_null(got->lease_owner);
+    ck_assert_int_eq(got->lease_until, 0);
+}
+END_TEST
+
+START_TEST(disconnect_and_list)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_account_t *a, *b, *got;
+    apr_array_header_t *all = NULL;
+    const char *sealed = NULL;
+
+    migrate_ok(db);
+    a = due_account(db, "alice@example.com", 0, 900);
+    b = due_account(db, "bob@example.com", 0, 900);
+    {
+        const void *args[1] = {&a->id};
+
+        ck_assert_int_eq(pexec(db, "INSERT INTO msoauth_tokens (account_id, kind, sealed, "
+                                   "updated_at) VALUES (%lld, 'outlook', 'o', 1)", args), 0);
+    }
+    ck_assert_int_eq(mso_store_lease(db, a->id, "A", 1000, 60), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_disconnect(db, a->id, 1010), APR_SUCCESS);
+    got = get_ok(db, a->id);
+    ck_assert_str_eq(got->state, "disconnected");
+    ck_assert_ptr_null(got->lease_owner);
+    ck_assert_int_eq(got->updated_at, 1010);
+    ck_assert_int_eq(mso_store_token_get(db, pool, a->id, "refresh", &sealed, NULL),
+                     APR_NOTFOUND);
+    ck_assert_int_eq(mso_store_token_get(db, pool, a->id, "graph", &sealed, NULL),
+                     APR_NOTFOUND);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_tokens"), 2);   /* b's */
+    token_is(db, b->id, "refresh", "sealed-r", 0);
+    ck_assert_int_eq(mso_store_disconnect(db, b->id + 1000, 1010), APR_NOTFOUND);
+
+    /* The job leaves it alone. */
+    {
+        apr_array_header_t *due = NULL;
+
+        ck_assert_int_eq(mso_store_claim_due(db, pool, "A", 2000, 60, 10, &due), APR_SUCCESS);
+        ck_assert_int_eq(due->nelts, 1);
+        ck_assert_int_eq(APR_ARRAY_IDX(due, 0, mso_account_t *)->id, b->id);
+    }
+
+    ck_assert_int_eq(mso_store_accounts(db, pool, &all), APR_SUCCESS);
+    ck_assert_int_eq(all->nelts, 2);
+    ck_assert_int_eq(APR_ARRAY_IDX(all, 0, mso_account_t *)->id, a->id);
+    ck_assert_str_eq(APR_ARRAY_IDX(all, 0, mso_account_t *)->state, "disconnected");
+    ck_assert_int_eq(APR_ARRAY_IDX(all, 1, mso_account_t *)->id, b->id);
+    ck_assert_str_eq(APR_ARRAY_IDX(all, 1, mso_account_t *)->lease_owner, "A");
+}
+END_TEST
+
 /* SQLite only: the error names the cause and what the administrator checks. */
 START_TEST(sqlite_readonly_error)
 {
@@ -733,6 +1259,13 @@ static TCase *backend_case(const char *name, int backend)
     tcase_add_loop_test(tc, not_found, backend, backend + 1);
     tcase_add_loop_test(tc, wrap_reuses_wrapper, backend, backend + 1);
     tcase_add_loop_test(tc, flow_states_are_single_use, backend, backend + 1);
+    tcase_add_loop_test(tc, migrate_from_v1, backend, backend + 1);
+    tcase_add_loop_test(tc, claim_and_lease, backend, backend + 1);
+    tcase_add_loop_test(tc, concurrent_claims, backend, backend + 1);
+    tcase_add_loop_test(tc, refreshed_stores_tokens, backend, backend + 1);
+    tcase_add_loop_test(tc, refreshed_rolls_back, backend, backend + 1);
+    tcase_add_loop_test(tc, refresh_failed_records, backend, backend + 1);
+    tcase_add_loop_test(tc, disconnect_and_list, backend, backend + 1);
     if (backend == BACKEND_SQLITE) {
         tcase_add_test(tc, sqlite_readonly_error);
     }

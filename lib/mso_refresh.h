@@ -1,0 +1,67 @@
+/* Keeping an account's tokens alive: one refresh of one account (rotated
+ * refresh token and new access token stored together), the classification of
+ * failures, and when the next refresh is due. */
+#ifndef MSO_REFRESH_H
+#define MSO_REFRESH_H
+
+#include <apr_pools.h>
+#include <apr_errno.h>
+
+#include "mso_crypto.h"
+#include "mso_http.h"
+#include "mso_store.h"
+
+typedef struct {
+    const mso_keyring_t *keyring;
+    const mso_http_opts_t *http;
+    const char *owner;              /* lease owner: this process, unique per node */
+    const char *client_id;          /* the account's company's credentials */
+    const char *client_secret;
+    const char *graph_resource;     /* https://graph.microsoft.com (cloud's) */
+    const char *signin_scopes;      /* what the company asks at sign-in */
+    int margin;                     /* refresh this long before the access token expires */
+    int keepalive;                  /* and at least this often, even when idle */
+} mso_refresh_ctx_t;
+
+typedef enum {
+    MSO_REFRESHED = 0,
+    MSO_REFRESH_TRANSIENT,          /* network, 5xx, 429: retry later, still connected */
+    MSO_REFRESH_RECONNECT,          /* refresh token dead: reconnect_required */
+    MSO_REFRESH_ADMIN,              /* secret wrong/expired, app gone: the company is flagged */
+    MSO_REFRESH_BUSY,               /* another process holds the lease: nothing done */
+    MSO_REFRESH_FAILED              /* our side (database, key) */
+} mso_refresh_result_e;
+
+typedef struct {
+    mso_refresh_result_e result;
+    const char *reason;             /* reason code when not refreshed */
+    long aadsts;
+    const char *detail;             /* for the log: never a token or secret */
+    long retry_after;               /* seconds Microsoft asked to wait, -1 if none */
+    const char *access_token;       /* plaintext, for the token handler only */
+    apr_int64_t access_expires_at;
+    const char *scope;
+} mso_refresh_outcome_t;
+
+/* Refreshes acct's token for resource: "graph", or a resource URL such as
+ * https://outlook.office.com (IMAP/SMTP). The caller holds acct's lease
+ * (mso_store_claim_due or mso_store_lease); it is released on every outcome
+ * but MSO_REFRESH_BUSY. The rotated refresh token and the new access token are
+ * committed in one transaction; a failure is recorded on the account (state,
+ * reason, AADSTS, backoff). */
+apr_status_t mso_refresh_account(mso_db_t *db, apr_pool_t *p, const mso_refresh_ctx_t *ctx,
+                                 const mso_account_t *acct, const char *resource,
+                                 apr_int64_t now, mso_refresh_outcome_t *out);
+
+/* When the next refresh is due: margin before expiry (at most a quarter of the
+ * token's remaining life), earlier by a jitter of up to 10% of that life (so
+ * thousands of accounts do not refresh in the same second), never sooner
+ * than 5 s from now and never later than now + keepalive. */
+apr_int64_t mso_refresh_next_due(const mso_refresh_ctx_t *ctx, apr_int64_t now,
+                                 apr_int64_t access_expires_at);
+
+/* Backoff after error_runs consecutive transient failures: doubling from 30 s,
+ * capped at 1 h, +-50% jitter, and never sooner than Retry-After. */
+apr_int64_t mso_refresh_backoff(int error_runs, long retry_after, apr_int64_t now);
+
+#endif

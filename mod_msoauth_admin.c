@@ -1,0 +1,571 @@
+/* The token handler (a fresh access token for an account) and the admin
+ * handler (status page, connection test, disconnect). */
+#include <string.h>
+
+#include <apr_strings.h>
+#include <apr_lib.h>
+#include <apr_base64.h>
+#include <apr_dbd.h>
+#include <jansson.h>
+
+#include <httpd.h>
+#include <http_config.h>
+#include <http_log.h>
+#include <http_protocol.h>
+#include <http_request.h>
+#include <mod_dbd.h>
+
+#include "mod_msoauth.h"
+#include "mso_identity.h"
+#include "mso_json.h"
+#include "mso_reason.h"
+#include "mso_refresh.h"
+#include "mso_store.h"
+
+APLOG_USE_MODULE(msoauth);
+
+#define MIN_VALIDITY 300                /* a token handed out lives 5 more minutes */
+#define WAIT_FOR_OTHER apr_time_from_sec(15)
+#define OUTLOOK_RESOURCE "https://outlook.office.com"
+
+static int send_json(request_rec *r, int status, json_t *j)
+{
+    char *text = json_dumps(j, JSON_COMPACT);
+
+    json_decref(j);
+    apr_table_setn(r->err_headers_out, "Cache-Control", "no-store");
+    apr_table_setn(r->err_headers_out, "X-Content-Type-Options", "nosniff");
+    r->status = status;
+    ap_set_content_type(r, "application/json");
+    if (text) {
+        ap_rputs(text, r);
+        ap_rputc('\n', r);
+        free(text);
+    }
+    return OK;
+}
+
+static int json_error(request_rec *r, int status, const char *reason, const char *detail)
+{
+    const mso_reason_t *rs = mso_reason_get(reason);
+    json_t *j = json_pack("{s:b, s:s}", "ok", 0, "reason", reason);
+
+    if (rs) {
+        json_object_set_new(j, "message", json_string(rs->message));
+        json_object_set_new(j, "fix", json_string(rs->fix));
+    }
+    if (detail) {
+        json_object_set_new(j, "detail", json_string(detail));
+    }
+    return send_json(r, status, j);
+}
+
+static mso_db_t *db_of(request_rec *r)
+{
+    ap_dbd_t *dbd = msoauth_dbd_acquire(r);
+    mso_db_t *db = NULL;
+
+    if (!dbd || mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r, MSOLOGNO(300) "no database connection from "
+                      "mod_dbd: check DBDriver/DBDParams");
+        return NULL;
+    }
+    return db;
+}
+
+static int parse_id(const char *s, apr_int64_t *id)
+{
+    char *end;
+
+    if (!s || !*s || strlen(s) > 18) {
+        return 0;
+    }
+    *id = apr_strtoi64(s, &end, 10);
+    return !*end && *id > 0;
+}
+
+typedef struct {
+    const char *token;
+    const char *scope;
+    apr_int64_t expires_at;
+    const char *reason;         /* set on failure */
+    const char *detail;
+    long aadsts;
+} fresh_t;
+
+/* A token of kind for the account, valid at least MIN_VALIDITY more seconds:
+ * the stored one, or a refresh under the account's lease. When the job (or
+ * another node) holds the lease, waits for its result instead of racing it. */
+static void fresh_token(request_rec *r, mso_db_t *db, mso_account_t *a, const char *resource,
+                        fresh_t *f)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
+    msoauth_company_t *c = msoauth_company(r->server, a->company);
+    const char *kind = strcmp(resource, "graph") ? "outlook" : "graph";
+    const char *aad = mso_token_aad(r->pool, a->company, a->mailbox, kind);
+    apr_time_t give_up = apr_time_now() + WAIT_FOR_OTHER;
+
+    memset(f, 0, sizeof(*f));
+    if (!c || !c->client_id || !c->client_secret || !sc->keyring) {
+        f->reason = "not_configured";
+        f->detail = "the account's company has no credentials on this server";
+        return;
+    }
+    for (;;) {
+        apr_int64_t now = apr_time_sec(apr_time_now()), exp = 0;
+        const char *sealed = NULL;
+        unsigned char *plain;
+        apr_size_t len;
+        apr_status_t rv;
+
+        if (mso_store_token_get(db, r->pool, a->id, kind, &sealed, &exp) == APR_SUCCESS
+            && exp - now >= MIN_VALIDITY
+            && mso_open(r->pool, sc->keyring, MSO_PURPOSE_TOKEN, aad, sealed, &plain, &len)
+               == APR_SUCCESS) {
+            f->token = (const char *)plain;
+            f->expires_at = exp;
+            f->scope = a->scopes;
+            return;
+        }
+        rv = mso_store_lease(db, a->id, msoauth_process_owner(), now, MSOAUTH_LEASE_SECONDS);
+        if (rv == APR_SUCCESS) {
+            mso_refresh_outcome_t out;
+            mso_refresh_ctx_t ctx;
+            mso_http_opts_t http;
+
+            msoauth_refresh_ctx(r->pool, sc, c, msoauth_process_owner(), &http, &ctx);
+            mso_refresh_account(db, r->pool, &ctx, a, resource, now, &out);
+            if (out.result == MSO_REFRESHED) {
+                f->token = out.access_token;
+                f->expires_at = out.access_expires_at;
+                f->scope = out.scope;
+                return;
+            }
+            if (out.result != MSO_REFRESH_BUSY) {
+                f->reason = out.reason ? out.reason : "token_endpoint_unreachable";
+                f->detail = out.detail;
+                f->aadsts = out.aadsts;
+                return;
+            }
+        }
+        else if (rv != APR_EBUSY) {
+            f->reason = "graph_error";
+            f->detail = "the account could not be read from the database";
+            return;
+        }
+        if (apr_time_now() > give_up) {
+            f->reason = "token_endpoint_unreachable";
+            f->detail = "another process is refreshing this account and has not finished";
+            return;
+        }
+        apr_sleep(apr_time_from_msec(200));
+    }
+}
+
+static const char *xoauth2(request_rec *r, const char *mailbox, const char *token)
+{
+    const char *raw = apr_pstrcat(r->pool, "user=", mailbox, "\001auth=Bearer ", token,
+                                  "\001\001", NULL);
+    int n = (int)strlen(raw);
+    char *out = apr_palloc(r->pool, apr_base64_encode_len(n));
+
+    apr_base64_encode(out, raw, n);
+    return out;
+}
+
+static json_t *account_state_json(mso_account_t *a)
+{
+    const mso_reason_t *rs = mso_reason_get(a->reason);
+    json_t *j = json_pack("{s:I, s:s, s:s, s:s}", "account", (json_int_t)a->id,
+                          "mailbox", a->mailbox ? a->mailbox : "", "state",
+                          a->state ? a->state : "", "company", a->company ? a->company : "");
+
+    json_object_set_new(j, "reason", a->reason ? json_string(a->reason) : json_null());
+    json_object_set_new(j, "last_error", a->last_error ? json_string(a->last_error)
+                                                       : json_null());
+    if (a->aadsts) {
+        json_object_set_new(j, "aadsts", json_integer(a->aadsts));
+    }
+    if (rs) {
+        json_object_set_new(j, "fix", json_string(rs->fix));
+    }
+    return j;
+}
+
+int msoauth_token_handler(request_rec *r)
+{
+    apr_table_t *args;
+    const char *why, *resource, *res;
+    apr_int64_t id;
+    mso_account_t *a;
+    mso_db_t *db;
+    fresh_t f;
+    json_t *j;
+
+    if (r->method_number != M_GET) {
+        r->allowed = AP_METHOD_BIT << M_GET;
+        return HTTP_METHOD_NOT_ALLOWED;
+    }
+    if ((why = mso_query_parse(r->pool, r->args, &args)) != NULL) {
+        return json_error(r, HTTP_BAD_REQUEST, "bad_request", why);
+    }
+    if (!parse_id(apr_table_get(args, "account"), &id)) {
+        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "account must be an account ID");
+    }
+    res = apr_table_get(args, "resource");
+    if (!res || !strcmp(res, "graph")) {
+        resource = "graph";
+    }
+    else if (!strcmp(res, "imap") || !strcmp(res, "smtp")) {
+        resource = OUTLOOK_RESOURCE;
+    }
+    else {
+        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "resource must be graph, imap or "
+                          "smtp");
+    }
+    if (!(db = db_of(r))) {
+        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
+    }
+    if (mso_store_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
+        return json_error(r, HTTP_NOT_FOUND, "bad_request", "no such account");
+    }
+    if (!msoauth_company(r->server, a->company)) {
+        return json_error(r, HTTP_NOT_FOUND, "not_configured", "the account's company is not "
+                          "configured on this virtual host");
+    }
+    if (strcmp(a->state, "connected")) {
+        return send_json(r, HTTP_CONFLICT, account_state_json(a));
+    }
+    fresh_token(r, db, a, resource, &f);
+    if (!f.token) {
+        if (mso_store_account_get(db, r->pool, id, &a) == APR_SUCCESS
+            && strcmp(a->state, "connected")) {
+            return send_json(r, HTTP_CONFLICT, account_state_json(a));
+        }
+        ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(301) "token for account %"
+                      APR_INT64_T_FMT " not available: %s%s%s", id, f.reason,
+                      f.aadsts ? apr_psprintf(r->pool, " AADSTS%ld", f.aadsts) : "",
+                      f.detail ? apr_pstrcat(r->pool, " (", f.detail, ")", NULL) : "");
+        return json_error(r, !strcmp(f.reason, "not_configured") ? HTTP_NOT_FOUND
+                          : HTTP_SERVICE_UNAVAILABLE, f.reason, f.detail);
+    }
+    j = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s}", "access_token", f.token,
+                  "token_type", "Bearer", "expires_at", (json_int_t)f.expires_at,
+                  "scope", f.scope ? f.scope : "", "mailbox", a->mailbox,
+                  "xoauth2", xoauth2(r, a->mailbox, f.token));
+    return send_json(r, HTTP_OK, j);
+}
+
+/* --- admin --- */
+
+static int wants_json(request_rec *r)
+{
+    const char *accept = apr_table_get(r->headers_in, "Accept");
+    return accept && strstr(accept, "application/json") && !strstr(accept, "text/html");
+}
+
+/* A POST must come from this site's own pages (or from a tool that sends no
+ * Origin): browsers send Origin on every POST. */
+static int same_origin(request_rec *r, msoauth_srv_conf_t *sc)
+{
+    const char *origin = apr_table_get(r->headers_in, "Origin");
+    const char *site = apr_table_get(r->headers_in, "Sec-Fetch-Site");
+
+    if (site && strcmp(site, "same-origin") && strcmp(site, "none")) {
+        return 0;
+    }
+    return !origin || !strcasecmp(origin, sc->effective_base_url);
+}
+
+static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc)
+{
+    json_t *arr = json_array();
+    apr_hash_index_t *hi;
+    apr_time_t now = apr_time_now();
+
+    for (hi = apr_hash_first(r->pool, sc->companies); hi; hi = apr_hash_next(hi)) {
+        msoauth_company_t *c = apr_hash_this_val(hi);
+        json_t *o = json_pack("{s:s, s:s?, s:b, s:s, s:s, s:s, s:s}", "name", c->name,
+                              "client_id", c->client_id, "secret_set", c->client_secret != NULL,
+                              "tenant", c->tenant, "cloud", mso_cloud_name(c->cloud),
+                              "edition", c->edition == MSO_EDITION_PRO ? "pro" : "basic",
+                              "redirect_uri", sc->redirect_uri);
+        if (c->secret_expires) {
+            long days = mso_days_until(c->secret_expires, now);
+            json_object_set_new(o, "secret_expires", json_string(c->secret_expires_text));
+            json_object_set_new(o, "secret_days_left", json_integer(days));
+            json_object_set_new(o, "secret_warning", days < 0 ? json_string("expired")
+                                : days < MSOAUTH_SECRET_WARN_DAYS ? json_string("expires soon")
+                                : json_null());
+        }
+        json_array_append_new(arr, o);
+    }
+    return arr;
+}
+
+static json_t *account_json(mso_account_t *a)
+{
+    json_t *o = account_state_json(a);
+
+    json_object_set_new(o, "id", json_integer(a->id));
+    json_object_del(o, "account");
+    json_object_set_new(o, "display_name", a->display_name ? json_string(a->display_name)
+                                                            : json_null());
+    json_object_set_new(o, "tenant_id", a->tenant_id ? json_string(a->tenant_id) : json_null());
+    json_object_set_new(o, "access_expires_at", json_integer(a->access_expires_at));
+    json_object_set_new(o, "refresh_due_at", json_integer(a->refresh_due_at));
+    json_object_set_new(o, "last_refresh_at", json_integer(a->last_refresh_at));
+    json_object_set_new(o, "last_sync_at", json_integer(a->last_sync_at));
+    json_object_set_new(o, "error_runs", json_integer(a->error_runs));
+    json_object_set_new(o, "connected_by", a->connected_by ? json_string(a->connected_by)
+                                                            : json_null());
+    return o;
+}
+
+/* The one status model: JSON as is, and the HTML page is rendered from it. */
+static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db)
+{
+    apr_array_header_t *accounts = NULL;
+    json_t *accs = json_array(), *m;
+    apr_int64_t now = apr_time_sec(apr_time_now());
+    int i, due = 0, overdue = 0;
+
+    if (db && mso_store_accounts(db, r->pool, &accounts) == APR_SUCCESS) {
+        for (i = 0; i < accounts->nelts; i++) {
+            mso_account_t *a = APR_ARRAY_IDX(accounts, i, mso_account_t *);
+            if (!msoauth_company(r->server, a->company)) {
+                continue;       /* another virtual host's */
+            }
+            if (!strcmp(a->state, "connected") && a->refresh_due_at <= now) {
+                due++;
+                overdue += a->refresh_due_at + 300 < now;
+            }
+            json_array_append_new(accs, account_json(a));
+        }
+    }
+    m = json_pack("{s:o, s:o, s:{s:i, s:i}, s:I}", "companies", companies_json(r, sc),
+                  "accounts", accs, "job", "refresh_due", due, "refresh_overdue", overdue,
+                  "now", (json_int_t)now);
+    return m;
+}
+
+static const char *esc(request_rec *r, const char *s)
+{
+    return ap_escape_html2(r->pool, s ? s : "", 1);
+}
+
+static const char *when(request_rec *r, json_int_t t)
+{
+    char buf[APR_RFC822_DATE_LEN];
+
+    if (t <= 0) {
+        return "—";
+    }
+    apr_rfc822_date(buf, apr_time_from_sec(t));
+    return apr_pstrdup(r->pool, buf);
+}
+
+static int status_page(request_rec *r, json_t *m)
+{
+    size_t i;
+    json_t *c, *a;
+
+    apr_table_setn(r->err_headers_out, "Cache-Control", "no-store");
+    apr_table_setn(r->err_headers_out, "Content-Security-Policy",
+                   "default-src 'none'; style-src 'unsafe-inline'");
+    ap_set_content_type(r, "text/html; charset=utf-8");
+    ap_rputs("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             "<title>mod_msoauth status</title><style>body{font-family:sans-serif;margin:2em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
+             "text-align:left;vertical-align:top}.bad{color:#a00}</style></head><body>\n"
+             "<h1>mod_msoauth status</h1>\n<h2>Companies</h2>\n<table><tr><th>Company</th>"
+             "<th>Client ID</th><th>Secret</th><th>Tenant</th><th>Edition</th>"
+             "<th>Redirect URI to register</th></tr>\n", r);
+    json_array_foreach(mso_json_arr(m, "companies"), i, c) {
+        const char *exp = mso_json_str(c, "secret_expires");
+        const char *warn = mso_json_str(c, "secret_warning");
+        apr_int64_t left = 0;
+
+        mso_json_int(c, "secret_days_left", &left);
+        ap_rprintf(r, "<tr><td>%s</td><td>%s</td><td%s>%s%s</td><td>%s</td><td>%s</td>"
+                   "<td><code>%s</code></td></tr>\n", esc(r, mso_json_str(c, "name")),
+                   esc(r, mso_json_str(c, "client_id")), warn ? " class=bad" : "",
+                   json_is_true(json_object_get(c, "secret_set")) ? "set" : "missing",
+                   exp ? apr_psprintf(r->pool, ", expires %s (%" APR_INT64_T_FMT " days)",
+                                      esc(r, exp), left) : "",
+                   esc(r, mso_json_str(c, "tenant")), esc(r, mso_json_str(c, "edition")),
+                   esc(r, mso_json_str(c, "redirect_uri")));
+    }
+    ap_rputs("</table>\n<h2>Accounts</h2>\n<table><tr><th>ID</th><th>Company</th>"
+             "<th>Mailbox</th><th>State</th><th>Token expires</th><th>Last refresh</th>"
+             "<th>Last sync</th><th>Last error and fix</th></tr>\n", r);
+    json_array_foreach(mso_json_arr(m, "accounts"), i, a) {
+        apr_int64_t id = 0, exp = 0, ref = 0, sync = 0;
+        const char *err = mso_json_str(a, "last_error"), *fix = mso_json_str(a, "fix");
+
+        mso_json_int(a, "id", &id);
+        mso_json_int(a, "access_expires_at", &exp);
+        mso_json_int(a, "last_refresh_at", &ref);
+        mso_json_int(a, "last_sync_at", &sync);
+        ap_rprintf(r, "<tr><td>%" APR_INT64_T_FMT "</td><td>%s</td><td>%s</td><td%s>%s</td>"
+                   "<td>%s</td><td>%s</td><td>%s</td><td>%s%s%s</td></tr>\n", id,
+                   esc(r, mso_json_str(a, "company")), esc(r, mso_json_str(a, "mailbox")),
+                   strcmp(mso_json_str(a, "state"), "connected") ? " class=bad" : "",
+                   esc(r, mso_json_str(a, "state")), when(r, exp), when(r, ref), when(r, sync),
+                   esc(r, err), err && fix ? "<br>Fix: " : "", err && fix ? esc(r, fix) : "");
+    }
+    {
+        apr_int64_t due = 0, overdue = 0;
+        const json_t *job = mso_json_obj(m, "job");
+        mso_json_int(job, "refresh_due", &due);
+        mso_json_int(job, "refresh_overdue", &overdue);
+        ap_rprintf(r, "</table>\n<h2>Background job</h2>\n<p>Accounts due for a refresh: %"
+                   APR_INT64_T_FMT "; overdue by more than 5 minutes: <span%s>%"
+                   APR_INT64_T_FMT "</span>.</p>\n</body></html>\n", due,
+                   overdue ? " class=bad" : "", overdue);
+    }
+    json_decref(m);
+    return OK;
+}
+
+/* The request's path below the admin location: "", "accounts", "accounts/7/test". */
+static const char *admin_tail(request_rec *r)
+{
+    const char *p = strstr(r->uri, "/accounts");
+    const char *last = NULL;
+
+    while (p) {
+        last = p;
+        p = strstr(p + 1, "/accounts");
+    }
+    return last ? last + 1 : "";
+}
+
+static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
+{
+    msoauth_company_t *c = msoauth_company(r->server, a->company);
+    mso_http_response_t *resp = NULL;
+    apr_array_header_t *h = apr_array_make(r->pool, 2, sizeof(const char *));
+    mso_http_opts_t o;
+    fresh_t f;
+    const char *url;
+    apr_status_t rv;
+    json_t *j;
+
+    fresh_token(r, db, a, "graph", &f);
+    if (!f.token) {
+        return json_error(r, HTTP_OK, f.reason, f.detail);
+    }
+    mso_http_opts_default(&o);
+    o.timeout_ms = 30000;
+    url = apr_pstrcat(r->pool, c->graph_url, "/v1.0/me/mailFolders/inbox"
+                      "?$select=id,totalItemCount,unreadItemCount", NULL);
+    APR_ARRAY_PUSH(h, const char *) = apr_pstrcat(r->pool, "Authorization: Bearer ", f.token,
+                                                  NULL);
+    APR_ARRAY_PUSH(h, const char *) = "Accept: application/json";
+    rv = mso_http_request(r->pool, &o, "GET", url, h, NULL, 0, &resp);
+    if (rv != APR_SUCCESS) {
+        return json_error(r, HTTP_OK, "graph_error", resp && resp->error ? resp->error
+                          : "Graph could not be reached");
+    }
+    if (resp->status == 429 || resp->status == 503) {
+        return json_error(r, HTTP_OK, "throttled", apr_psprintf(r->pool, "Graph answered %d",
+                                                                  resp->status));
+    }
+    if (resp->status == 403) {
+        return json_error(r, HTTP_OK, "consent_required", "Graph refused access to the inbox "
+                          "(403): the mailbox may lack a licence or the app Mail.Read");
+    }
+    if (resp->status != 200) {
+        return json_error(r, HTTP_OK, "graph_error", apr_psprintf(r->pool, "Graph answered "
+                                                                    "HTTP %d", resp->status));
+    }
+    j = mso_json_parse(r->pool, resp->body, resp->body_len, NULL);
+    {
+        apr_int64_t total = 0, unread = 0;
+        mso_json_int(j, "totalItemCount", &total);
+        mso_json_int(j, "unreadItemCount", &unread);
+        return send_json(r, HTTP_OK, json_pack("{s:b, s:I, s:s, s:I, s:I}", "ok", 1, "account",
+                                               (json_int_t)a->id, "mailbox", a->mailbox,
+                                               "inbox_total", (json_int_t)total,
+                                               "inbox_unread", (json_int_t)unread));
+    }
+}
+
+int msoauth_admin_handler(request_rec *r)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
+    const char *tail = admin_tail(r);
+    mso_db_t *db;
+    mso_account_t *a;
+    apr_int64_t id = 0;
+    char *rest, *id_part, *action, *last;
+
+    if (!strncmp(tail, "accounts/", 9)) {
+        rest = apr_pstrdup(r->pool, tail + 9);
+        id_part = apr_strtok(rest, "/", &last);
+        action = apr_strtok(NULL, "/", &last);
+        if (!parse_id(id_part, &id) || apr_strtok(NULL, "/", &last)) {
+            return json_error(r, HTTP_NOT_FOUND, "bad_request", "unknown admin path");
+        }
+    }
+    else {
+        action = NULL;
+    }
+    if (action || r->method_number == M_POST) {
+        if (r->method_number != M_POST || !action) {
+            r->allowed = AP_METHOD_BIT << (action ? M_POST : M_GET);
+            return HTTP_METHOD_NOT_ALLOWED;
+        }
+        if (!same_origin(r, sc)) {
+            ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(302) "refused a "
+                          "cross-origin admin POST");
+            return json_error(r, HTTP_FORBIDDEN, "bad_request", "cross-origin POST refused");
+        }
+    }
+    else if (r->method_number != M_GET) {
+        r->allowed = AP_METHOD_BIT << M_GET;
+        return HTTP_METHOD_NOT_ALLOWED;
+    }
+    db = db_of(r);
+    if (!strcmp(tail, "") || !strcmp(tail, "accounts") || tail[0] != 'a') {
+        json_t *m = status_model(r, sc, db);
+        if (!strcmp(tail, "accounts")) {
+            json_t *accs = json_incref(json_object_get(m, "accounts"));
+            json_decref(m);
+            return send_json(r, HTTP_OK, accs);
+        }
+        return wants_json(r) ? send_json(r, HTTP_OK, m) : status_page(r, m);
+    }
+    if (!db) {
+        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
+    }
+    if (mso_store_account_get(db, r->pool, id, &a) != APR_SUCCESS
+        || !msoauth_company(r->server, a->company)) {
+        return json_error(r, HTTP_NOT_FOUND, "bad_request", "no such account");
+    }
+    if (!action) {
+        return send_json(r, HTTP_OK, account_json(a));
+    }
+    if (!strcmp(action, "test")) {
+        if (strcmp(a->state, "connected")) {
+            json_t *j = account_state_json(a);
+            json_object_set_new(j, "ok", json_false());
+            return send_json(r, HTTP_OK, j);
+        }
+        return graph_test(r, db, a);
+    }
+    if (!strcmp(action, "disconnect")) {
+        if (mso_store_disconnect(db, a->id, apr_time_sec(apr_time_now())) != APR_SUCCESS) {
+            return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write "
+                              "failed");
+        }
+        ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(303) "account %" APR_INT64_T_FMT
+                      " (%s) disconnected by %s", a->id, a->mailbox,
+                      r->user ? r->user : "anonymous");
+        return send_json(r, HTTP_OK, json_pack("{s:b, s:I, s:s}", "ok", 1, "account",
+                                               (json_int_t)a->id, "state", "disconnected"));
+    }
+    return json_error(r, HTTP_NOT_FOUND, "bad_request", "unknown action: use test or "
+                      "disconnect");
+}

@@ -1,0 +1,228 @@
+/* The background job: one instance per httpd on mod_watchdog, serving every
+ * virtual host and company. Each tick it claims the accounts whose refresh is
+ * due (a lease in the database, so several nodes share the work) and
+ * refreshes them. It keeps nothing between ticks that the database does not
+ * hold. */
+#include <string.h>
+#include <unistd.h>
+
+#include <apr_optional.h>
+#include <apr_strings.h>
+#include <apr_dbd.h>
+
+#include <httpd.h>
+#include <http_config.h>
+#include <http_log.h>
+#include <mod_dbd.h>
+#include <mod_watchdog.h>
+
+#include "mod_msoauth.h"
+#include "mso_identity.h"
+#include "mso_refresh.h"
+#include "mso_store.h"
+
+APLOG_USE_MODULE(msoauth);
+
+#define JOB_NAME "msoauth-job"
+#define JOB_TICK apr_time_from_sec(2)
+#define CLAIM_BATCH 50
+#define TICK_BUDGET apr_time_from_sec(20)
+
+static APR_OPTIONAL_FN_TYPE(ap_watchdog_get_instance) *wd_get_instance;
+static APR_OPTIONAL_FN_TYPE(ap_watchdog_register_callback) *wd_register_callback;
+static APR_OPTIONAL_FN_TYPE(ap_dbd_open) *job_dbd_open;
+static APR_OPTIONAL_FN_TYPE(ap_dbd_close) *job_dbd_close;
+
+typedef struct {
+    server_rec *main_s;
+    const char *owner;          /* lease owner: host and pid of the job's child */
+    apr_time_t secrets_checked;
+} job_t;
+
+void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
+                         const char *owner, mso_http_opts_t *http, mso_refresh_ctx_t *ctx)
+{
+    mso_http_opts_default(http);
+    http->timeout_ms = 30000;
+    memset(ctx, 0, sizeof(*ctx));
+    ctx->keyring = sc->keyring;
+    ctx->http = http;
+    ctx->owner = owner;
+    ctx->client_id = c->client_id;
+    ctx->client_secret = c->client_secret;
+    ctx->graph_resource = mso_cloud_graph(c->cloud);
+    ctx->signin_scopes = mso_signin_scopes(p, ctx->graph_resource,
+                                           c->edition == MSO_EDITION_PRO, c->scopes);
+    ctx->margin = MSOAUTH_REFRESH_MARGIN;
+    ctx->keepalive = MSOAUTH_KEEPALIVE;
+}
+
+const char *msoauth_lease_owner(apr_pool_t *p)
+{
+    char host[256];
+
+    if (gethostname(host, sizeof(host)) != 0) {
+        apr_cpystrn(host, "localhost", sizeof(host));
+    }
+    host[sizeof(host) - 1] = '\0';
+    return apr_psprintf(p, "%s:%" APR_PID_T_FMT ":%s", host, getpid(),
+                        mso_random_token(p, 6));
+}
+
+/* Refreshes what is due in one server's database; returns how many were handled. */
+static int refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t deadline)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
+    ap_dbd_t *dbd = job_dbd_open(p, s);
+    apr_array_header_t *due = NULL;
+    mso_db_t *db;
+    int i, handled = 0;
+
+    if (!dbd) {
+        ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(200) "job: no database connection "
+                     "from mod_dbd for this server; check DBDriver/DBDParams");
+        return 0;
+    }
+    if (mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) != APR_SUCCESS
+        || mso_store_claim_due(db, p, job->owner, apr_time_sec(apr_time_now()),
+                               MSOAUTH_LEASE_SECONDS, CLAIM_BATCH, &due) != APR_SUCCESS) {
+        job_dbd_close(s, dbd);
+        return 0;
+    }
+    for (i = 0; i < due->nelts; i++) {
+        mso_account_t *a = APR_ARRAY_IDX(due, i, mso_account_t *);
+        msoauth_company_t *c = msoauth_company(s, a->company);
+        mso_refresh_outcome_t out;
+        mso_refresh_ctx_t ctx;
+        mso_http_opts_t http;
+        apr_pool_t *ap;
+        apr_int64_t now = apr_time_sec(apr_time_now());
+
+        if (!c || !c->client_id || !c->client_secret) {
+            /* The company left the configuration: keep the account, say why. */
+            mso_store_refresh_failed(db, a->id, job->owner, "connected", "not_configured", 0,
+                                     "the account's company is not configured on this "
+                                     "server any more", now + 3600, now);
+            continue;
+        }
+        if (apr_time_now() > deadline) {
+            mso_store_release(db, a->id, job->owner);   /* next tick */
+            continue;
+        }
+        apr_pool_create(&ap, p);
+        msoauth_refresh_ctx(ap, sc, c, job->owner, &http, &ctx);
+        mso_refresh_account(db, ap, &ctx, a, "graph", now, &out);
+        if (out.result == MSO_REFRESHED) {
+            ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(201) "job: account %"
+                         APR_INT64_T_FMT " (%s) refreshed", a->id, a->mailbox);
+        }
+        else if (out.result != MSO_REFRESH_BUSY) {
+            ap_log_error(APLOG_MARK, out.result == MSO_REFRESH_TRANSIENT ? APLOG_WARNING
+                         : APLOG_ERR, 0, s, MSOLOGNO(202) "job: refreshing account %"
+                         APR_INT64_T_FMT " (%s, company %s) failed: %s%s%s", a->id,
+                         a->mailbox, a->company, out.reason ? out.reason : "error",
+                         out.aadsts ? apr_psprintf(ap, " AADSTS%ld", out.aadsts) : "",
+                         out.detail ? apr_pstrcat(ap, " (", out.detail, ")", NULL) : "");
+        }
+        handled++;
+        apr_pool_destroy(ap);
+    }
+    job_dbd_close(s, dbd);
+    return handled;
+}
+
+/* Secret expiry: a warning once a day from 30 days before, an error after. */
+static void check_secrets(job_t *job, apr_pool_t *p)
+{
+    server_rec *s;
+    apr_hash_index_t *hi;
+    apr_time_t now = apr_time_now();
+
+    for (s = job->main_s; s; s = s->next) {
+        for (hi = apr_hash_first(p, msoauth_srv_conf(s)->companies); hi; hi = apr_hash_next(hi)) {
+            msoauth_company_t *c = apr_hash_this_val(hi);
+            long days;
+
+            if (!c->secret_expires || !c->client_id) {
+                continue;
+            }
+            days = mso_days_until(c->secret_expires, now);
+            if (days < 0) {
+                ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(210) "the client secret of "
+                             "company %s expired on %s: refreshes fail with "
+                             "client_secret_expired. Create a new secret, deploy its Value and "
+                             "update MSOAuthSecretExpires (%s)", c->name,
+                             c->secret_expires_text, c->secret_expires_at);
+            }
+            else if (days < MSOAUTH_SECRET_WARN_DAYS) {
+                ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(211) "the client secret "
+                             "of company %s expires in %ld day%s (%s): create a new one now",
+                             c->name, days, days == 1 ? "" : "s", c->secret_expires_text);
+            }
+        }
+    }
+}
+
+static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
+{
+    job_t *job = data;
+    server_rec *s;
+    apr_time_t deadline;
+
+    switch (state) {
+    case AP_WATCHDOG_STATE_STARTING:
+        job->owner = msoauth_lease_owner(job->main_s->process->pool);
+        ap_log_error(APLOG_MARK, APLOG_INFO, 0, job->main_s, MSOLOGNO(203) "job started in "
+                     "pid %" APR_PID_T_FMT " (lease owner %s)", getpid(), job->owner);
+        break;
+    case AP_WATCHDOG_STATE_RUNNING:
+        deadline = apr_time_now() + TICK_BUDGET;
+        for (s = job->main_s; s; s = s->next) {
+            if (msoauth_server_in_use(s)) {
+                refresh_due(job, s, pool, deadline);
+            }
+        }
+        if (apr_time_now() - job->secrets_checked > apr_time_from_sec(86400)) {
+            job->secrets_checked = apr_time_now();
+            check_secrets(job, pool);
+        }
+        break;
+    case AP_WATCHDOG_STATE_STOPPING:
+        ap_log_error(APLOG_MARK, APLOG_INFO, 0, job->main_s, MSOLOGNO(204) "job stopping");
+        break;
+    }
+    return APR_SUCCESS;
+}
+
+apr_status_t msoauth_job_register(apr_pool_t *pconf, server_rec *main_s)
+{
+    ap_watchdog_t *wd;
+    job_t *job;
+    apr_status_t rv;
+
+    wd_get_instance = APR_RETRIEVE_OPTIONAL_FN(ap_watchdog_get_instance);
+    wd_register_callback = APR_RETRIEVE_OPTIONAL_FN(ap_watchdog_register_callback);
+    job_dbd_open = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_open);
+    job_dbd_close = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_close);
+    if (!wd_get_instance || !wd_register_callback) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, main_s, MSOLOGNO(205) "mod_watchdog is not "
+                     "loaded: tokens would not be refreshed. Load it (Debian has it built in; "
+                     "elsewhere: LoadModule watchdog_module modules/mod_watchdog.so)");
+        return APR_EGENERAL;
+    }
+    /* parent 0, singleton 1: one child of this httpd runs it, whatever the MPM. */
+    rv = wd_get_instance(&wd, JOB_NAME, 0, 1, pconf);
+    if (rv != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, rv, main_s, MSOLOGNO(206) "cannot create the "
+                     "watchdog instance for the job");
+        return rv;
+    }
+    job = apr_pcalloc(pconf, sizeof(*job));
+    job->main_s = main_s;
+    rv = wd_register_callback(wd, JOB_TICK, job, job_tick);
+    if (rv != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, rv, main_s, MSOLOGNO(207) "cannot register the "
+                     "job with mod_watchdog");
+    }
+    return rv;
+}
