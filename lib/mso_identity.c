@@ -263,24 +263,34 @@ static mso_token_result_t *parse_answer(apr_pool_t *p, mso_http_response_t *resp
     return r;
 }
 
+const char *mso_token_url(apr_pool_t *p, const mso_app_t *app)
+{
+    return apr_pstrcat(p, app->authority, "/oauth2/v2.0/token", NULL);
+}
+
+mso_token_result_t *mso_token_result_from_response(apr_pool_t *p, apr_status_t rv,
+                                                   mso_http_response_t *resp,
+                                                   int during_refresh)
+{
+    if (rv != APR_SUCCESS || !resp || resp->status == 0) {
+        return failure(p, "token_endpoint_unreachable",
+                       apr_psprintf(p, "the token call failed: %s",
+                                    resp && resp->error ? resp->error : "transport error"));
+    }
+    return parse_answer(p, resp, during_refresh);
+}
+
 static apr_status_t token_call(apr_pool_t *p, const mso_http_opts_t *o, const mso_app_t *app,
                                const char *form, int during_refresh, mso_token_result_t **res)
 {
     apr_array_header_t *hdrs = apr_array_make(p, 2, sizeof(const char *));
     mso_http_response_t *resp = NULL;
-    const char *url = apr_pstrcat(p, app->authority, "/oauth2/v2.0/token", NULL);
     apr_status_t rv;
 
     APR_ARRAY_PUSH(hdrs, const char *) = "Content-Type: application/x-www-form-urlencoded";
     APR_ARRAY_PUSH(hdrs, const char *) = "Accept: application/json";
-    rv = mso_http_request(p, o, "POST", url, hdrs, form, strlen(form), &resp);
-    if (rv != APR_SUCCESS) {
-        *res = failure(p, "token_endpoint_unreachable",
-                       apr_psprintf(p, "POST %s failed: %s", url,
-                                    resp && resp->error ? resp->error : "transport error"));
-        return APR_SUCCESS;
-    }
-    *res = parse_answer(p, resp, during_refresh);
+    rv = mso_http_request(p, o, "POST", mso_token_url(p, app), hdrs, form, strlen(form), &resp);
+    *res = mso_token_result_from_response(p, rv, resp, during_refresh);
     return APR_SUCCESS;
 }
 
@@ -298,14 +308,19 @@ apr_status_t mso_token_from_code(apr_pool_t *p, const mso_http_opts_t *o, const 
     return token_call(p, o, app, form, 0, res);
 }
 
+const char *mso_token_refresh_form(apr_pool_t *p, const mso_app_t *app,
+                                   const char *refresh_token, const char *scope)
+{
+    return mso_form_encode(p, "client_id", app->client_id,
+                           "grant_type", "refresh_token",
+                           "refresh_token", refresh_token,
+                           "scope", scope,
+                           "client_secret", app->client_secret, NULL);
+}
+
 apr_status_t mso_token_from_refresh(apr_pool_t *p, const mso_http_opts_t *o,
                                     const mso_app_t *app, const char *refresh_token,
                                     const char *scope, mso_token_result_t **res)
 {
-    const char *form = mso_form_encode(p, "client_id", app->client_id,
-                                       "grant_type", "refresh_token",
-                                       "refresh_token", refresh_token,
-                                       "scope", scope,
-                                       "client_secret", app->client_secret, NULL);
-    return token_call(p, o, app, form, 1, res);
+    return token_call(p, o, app, mso_token_refresh_form(p, app, refresh_token, scope), 1, res);
 }

@@ -62,6 +62,16 @@ apr_status_t mso_token_from_refresh(apr_pool_t *p, const mso_http_opts_t *o,
                                     const mso_app_t *app, const char *refresh_token,
                                     const char *scope, mso_token_result_t **res);
 
+/* The pieces of a refresh call, for callers that send it themselves (the
+ * job's concurrent requests): the token URL, the form body, and the result
+ * of the response (resp->status 0 or rv != APR_SUCCESS: the call failed). */
+const char *mso_token_url(apr_pool_t *p, const mso_app_t *app);
+const char *mso_token_refresh_form(apr_pool_t *p, const mso_app_t *app,
+                                   const char *refresh_token, const char *scope);
+mso_token_result_t *mso_token_result_from_response(apr_pool_t *p, apr_status_t rv,
+                                                   mso_http_response_t *resp,
+                                                   int during_refresh);
+
 /* Reason for an OAuth error (token endpoint or authorize redirect).
  * during_refresh: invalid_grant means the refresh token is dead. */
 const char *mso_reason_for_error(const char *error, long aadsts, int during_refresh);
