@@ -277,7 +277,23 @@ static int same_origin(request_rec *r, msoauth_srv_conf_t *sc)
     return !origin || !strcasecmp(origin, sc->effective_base_url);
 }
 
-static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc)
+/* Reasons an administrator fixes once for the whole company. */
+static int is_admin_reason(const char *reason)
+{
+    static const char *const admin[] = {"invalid_client_secret", "client_secret_expired",
+                                        "app_not_found", "wrong_tenant", "redirect_uri_mismatch",
+                                        "admin_consent_required", "not_configured", NULL};
+    int i;
+
+    for (i = 0; reason && admin[i]; i++) {
+        if (!strcmp(reason, admin[i])) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc, apr_hash_t *flags)
 {
     json_t *arr = json_array();
     apr_hash_index_t *hi;
@@ -290,6 +306,14 @@ static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc)
                               "tenant", c->tenant, "cloud", mso_cloud_name(c->cloud),
                               "edition", c->edition == MSO_EDITION_PRO ? "pro" : "basic",
                               "redirect_uri", sc->redirect_uri);
+        const char *flag = apr_hash_get(flags, c->name, APR_HASH_KEY_STRING);
+        const mso_reason_t *rs = mso_reason_get(flag);
+
+        /* Flagged once for the company, not per mailbox: one fix mends them all. */
+        json_object_set_new(o, "problem", flag ? json_string(flag) : json_null());
+        if (rs) {
+            json_object_set_new(o, "problem_fix", json_string(rs->fix));
+        }
         if (c->secret_expires) {
             long days = mso_days_until(c->secret_expires, now);
             json_object_set_new(o, "secret_expires", json_string(c->secret_expires_text));
@@ -325,8 +349,9 @@ static json_t *account_json(mso_account_t *a)
 /* The one status model: JSON as is, and the HTML page is rendered from it. */
 static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db)
 {
-    apr_array_header_t *accounts = NULL;
-    json_t *accs = json_array(), *m;
+    apr_array_header_t *accounts = NULL, *runs = NULL;
+    apr_hash_t *flags = apr_hash_make(r->pool);
+    json_t *accs = json_array(), *nodes = json_array(), *m;
     apr_int64_t now = apr_time_sec(apr_time_now());
     int i, due = 0, overdue = 0;
 
@@ -340,12 +365,26 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
                 due++;
                 overdue += a->refresh_due_at + 300 < now;
             }
+            if (is_admin_reason(a->reason)) {
+                apr_hash_set(flags, a->company, APR_HASH_KEY_STRING, a->reason);
+            }
             json_array_append_new(accs, account_json(a));
         }
     }
-    m = json_pack("{s:o, s:o, s:{s:i, s:i}, s:I}", "companies", companies_json(r, sc),
-                  "accounts", accs, "job", "refresh_due", due, "refresh_overdue", overdue,
-                  "now", (json_int_t)now);
+    if (db && mso_store_job_runs(db, r->pool, &runs) == APR_SUCCESS) {
+        for (i = 0; i < runs->nelts; i++) {
+            mso_job_run_t *jr = &APR_ARRAY_IDX(runs, i, mso_job_run_t);
+            json_array_append_new(nodes, json_pack("{s:s, s:I, s:I, s:i, s:i, s:i}", "node",
+                                                   jr->node ? jr->node : "?", "last_cycle_at",
+                                                   (json_int_t)jr->last_cycle_at, "cycle_ms",
+                                                   (json_int_t)jr->cycle_ms, "claimed",
+                                                   jr->claimed, "refreshed", jr->refreshed,
+                                                   "failed", jr->failed));
+        }
+    }
+    m = json_pack("{s:o, s:o, s:{s:i, s:i, s:o}, s:I}", "companies",
+                  companies_json(r, sc, flags), "accounts", accs, "job", "refresh_due", due,
+                  "refresh_overdue", overdue, "nodes", nodes, "now", (json_int_t)now);
     return m;
 }
 
@@ -380,7 +419,7 @@ static int status_page(request_rec *r, json_t *m)
              "text-align:left;vertical-align:top}.bad{color:#a00}</style></head><body>\n"
              "<h1>mod_msoauth status</h1>\n<h2>Companies</h2>\n<table><tr><th>Company</th>"
              "<th>Client ID</th><th>Secret</th><th>Tenant</th><th>Edition</th>"
-             "<th>Redirect URI to register</th></tr>\n", r);
+             "<th>Redirect URI to register</th><th>Problem</th></tr>\n", r);
     json_array_foreach(mso_json_arr(m, "companies"), i, c) {
         const char *exp = mso_json_str(c, "secret_expires");
         const char *warn = mso_json_str(c, "secret_warning");
@@ -388,13 +427,16 @@ static int status_page(request_rec *r, json_t *m)
 
         mso_json_int(c, "secret_days_left", &left);
         ap_rprintf(r, "<tr><td>%s</td><td>%s</td><td%s>%s%s</td><td>%s</td><td>%s</td>"
-                   "<td><code>%s</code></td></tr>\n", esc(r, mso_json_str(c, "name")),
+                   "<td><code>%s</code></td><td class=bad>%s%s%s</td></tr>\n",
+                   esc(r, mso_json_str(c, "name")),
                    esc(r, mso_json_str(c, "client_id")), warn ? " class=bad" : "",
                    json_is_true(json_object_get(c, "secret_set")) ? "set" : "missing",
                    exp ? apr_psprintf(r->pool, ", expires %s (%" APR_INT64_T_FMT " days)",
                                       esc(r, exp), left) : "",
                    esc(r, mso_json_str(c, "tenant")), esc(r, mso_json_str(c, "edition")),
-                   esc(r, mso_json_str(c, "redirect_uri")));
+                   esc(r, mso_json_str(c, "redirect_uri")), esc(r, mso_json_str(c, "problem")),
+                   mso_json_str(c, "problem_fix") ? ": " : "",
+                   esc(r, mso_json_str(c, "problem_fix")));
     }
     ap_rputs("</table>\n<h2>Accounts</h2>\n<table><tr><th>ID</th><th>Company</th>"
              "<th>Mailbox</th><th>State</th><th>Token expires</th><th>Last refresh</th>"
@@ -419,10 +461,27 @@ static int status_page(request_rec *r, json_t *m)
         const json_t *job = mso_json_obj(m, "job");
         mso_json_int(job, "refresh_due", &due);
         mso_json_int(job, "refresh_overdue", &overdue);
+        size_t k;
+        json_t *n;
+
         ap_rprintf(r, "</table>\n<h2>Background job</h2>\n<p>Accounts due for a refresh: %"
                    APR_INT64_T_FMT "; overdue by more than 5 minutes: <span%s>%"
-                   APR_INT64_T_FMT "</span>.</p>\n</body></html>\n", due,
-                   overdue ? " class=bad" : "", overdue);
+                   APR_INT64_T_FMT "</span>.</p>\n<table><tr><th>Node</th><th>Last cycle</th>"
+                   "<th>Duration</th><th>Claimed</th><th>Refreshed</th><th>Failed</th></tr>\n",
+                   due, overdue ? " class=bad" : "", overdue);
+        json_array_foreach(mso_json_arr(job, "nodes"), k, n) {
+            apr_int64_t at = 0, ms = 0, cl = 0, rf = 0, fl = 0;
+            mso_json_int(n, "last_cycle_at", &at);
+            mso_json_int(n, "cycle_ms", &ms);
+            mso_json_int(n, "claimed", &cl);
+            mso_json_int(n, "refreshed", &rf);
+            mso_json_int(n, "failed", &fl);
+            ap_rprintf(r, "<tr><td>%s</td><td>%s</td><td>%" APR_INT64_T_FMT " ms</td><td>%"
+                       APR_INT64_T_FMT "</td><td>%" APR_INT64_T_FMT "</td><td>%"
+                       APR_INT64_T_FMT "</td></tr>\n", esc(r, mso_json_str(n, "node")),
+                       when(r, at), ms, cl, rf, fl);
+        }
+        ap_rputs("</table>\n</body></html>\n", r);
     }
     json_decref(m);
     return OK;

@@ -195,6 +195,11 @@ static const mso_ddl_t schema_v2[] = {
      "CREATE INDEX msoauth_accounts_due ON msoauth_accounts (state, refresh_due_at)", NULL},
     {"schedule the existing accounts",
      "UPDATE msoauth_accounts SET refresh_due_at = COALESCE(access_expires_at, 0)", NULL},
+    /* The job's health, one row per node: what the admin page shows. */
+    {"create table msoauth_job_runs",
+     "CREATE TABLE msoauth_job_runs (node TEXT NOT NULL PRIMARY KEY, "
+     "last_cycle_at BIGINT NOT NULL, cycle_ms BIGINT NOT NULL, claimed INTEGER NOT NULL, "
+     "refreshed INTEGER NOT NULL, failed INTEGER NOT NULL, updated_at BIGINT NOT NULL)", NULL},
     {NULL, NULL, NULL}
 };
 
@@ -352,6 +357,22 @@ static const mso_stmt_t ST_FLOW_INSERT = {
 };
 static const mso_stmt_t ST_FLOW_GET = {
     "flow_get", "SELECT 1 FROM msoauth_flows_used WHERE state_digest = %s", NULL
+};
+
+static const mso_stmt_t ST_JOB_UPDATE = {
+    "job_update",
+    "UPDATE msoauth_job_runs SET last_cycle_at = %lld, cycle_ms = %lld, claimed = %d, "
+    "refreshed = %d, failed = %d, updated_at = %lld WHERE node = %s", NULL
+};
+static const mso_stmt_t ST_JOB_INSERT = {
+    "job_insert",
+    "INSERT INTO msoauth_job_runs (node, last_cycle_at, cycle_ms, claimed, refreshed, failed, "
+    "updated_at) VALUES (%s, %lld, %lld, %d, %d, %d, %lld)", NULL
+};
+static const mso_stmt_t ST_JOB_LIST = {
+    "job_list",
+    "SELECT node, last_cycle_at, cycle_ms, claimed, refreshed, failed FROM msoauth_job_runs "
+    "ORDER BY last_cycle_at DESC", NULL
 };
 
 static mso_db_priv_t *priv(mso_db_t *db)
@@ -1479,4 +1500,59 @@ const char *mso_token_aad(apr_pool_t *p, const char *company, const char *mailbo
                           const char *kind)
 {
     return apr_pstrcat(p, "token:", kind, ":", company, ":", lower_ascii(p, mailbox), NULL);
+}
+
+apr_status_t mso_store_job_record(mso_db_t *db, const mso_job_run_t *run)
+{
+    apr_pool_t *tmp;
+    const void *args[7];
+    int rc, n = 0;
+
+    if (!run || !run->node) {
+        return APR_EINVAL;
+    }
+    apr_pool_create(&tmp, db->pool);
+    args[0] = &run->last_cycle_at;
+    args[1] = &run->cycle_ms;
+    args[2] = &run->claimed;
+    args[3] = &run->refreshed;
+    args[4] = &run->failed;
+    args[5] = &run->last_cycle_at;
+    args[6] = run->node;
+    rc = stmt_run(db, tmp, &ST_JOB_UPDATE, args, &n, NULL);
+    if (rc == 0 && n == 0) {
+        args[0] = run->node;
+        args[1] = &run->last_cycle_at;
+        args[2] = &run->cycle_ms;
+        args[3] = &run->claimed;
+        args[4] = &run->refreshed;
+        args[5] = &run->failed;
+        args[6] = &run->last_cycle_at;
+        rc = stmt_run(db, tmp, &ST_JOB_INSERT, args, &n, NULL);
+    }
+    apr_pool_destroy(tmp);
+    return rc == 0 ? APR_SUCCESS : APR_EGENERAL;
+}
+
+apr_status_t mso_store_job_runs(mso_db_t *db, apr_pool_t *p, apr_array_header_t **runs)
+{
+    apr_pool_t *tmp;
+    apr_dbd_results_t *res = NULL;
+    apr_dbd_row_t *row = NULL;
+    int rc;
+
+    *runs = apr_array_make(p, 2, sizeof(mso_job_run_t));
+    apr_pool_create(&tmp, db->pool);
+    rc = stmt_run(db, tmp, &ST_JOB_LIST, NULL, NULL, &res);
+    while (rc == 0 && apr_dbd_get_row(db->driver, tmp, res, &row, -1) == 0) {
+        mso_job_run_t *r = apr_array_push(*runs);
+        r->node = col_str(db, p, row, 0);
+        r->last_cycle_at = col_i64(db, row, 1);
+        r->cycle_ms = col_i64(db, row, 2);
+        r->claimed = (int)col_i64(db, row, 3);
+        r->refreshed = (int)col_i64(db, row, 4);
+        r->failed = (int)col_i64(db, row, 5);
+    }
+    apr_pool_destroy(tmp);
+    return rc == 0 ? APR_SUCCESS : APR_EGENERAL;
 }

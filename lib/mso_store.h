@@ -131,6 +131,18 @@ apr_status_t mso_store_disconnect(mso_db_t *db, apr_int64_t id, apr_int64_t now)
 /* Every account (mso_account_t*), ordered by id. */
 apr_status_t mso_store_accounts(mso_db_t *db, apr_pool_t *p, apr_array_header_t **accounts);
 
+/* One node's last job cycle (msoauth_job_runs). */
+typedef struct {
+    const char *node;                 /* lease owner of the job */
+    apr_int64_t last_cycle_at;
+    apr_int64_t cycle_ms;
+    int claimed, refreshed, failed;
+} mso_job_run_t;
+
+apr_status_t mso_store_job_record(mso_db_t *db, const mso_job_run_t *run);
+/* Every node's last cycle (mso_job_run_t), newest first. */
+apr_status_t mso_store_job_runs(mso_db_t *db, apr_pool_t *p, apr_array_header_t **runs);
+
 /* Records a sign-in state (its digest) as redeemed. APR_EEXIST when it was
  * already: the callback was hit twice. Rows are purged once expired. */
 apr_status_t mso_store_flow_consume(mso_db_t *db, const char *state_digest,

@@ -77,6 +77,14 @@ $endpoints
 <Location /microsoft_outlook/confirm>
   SetHandler msoauth-confirm
 </Location>
+<Location /microsoft_outlook/token>
+  SetHandler msoauth-token
+  Require local
+</Location>
+<Location /microsoft_outlook/admin>
+  SetHandler msoauth-admin
+  Require local
+</Location>
 CONF
 
 cat > "$run/htdocs/index.html" <<HTML
@@ -84,7 +92,8 @@ cat > "$run/htdocs/index.html" <<HTML
 <style>body{font-family:sans-serif;max-width:40em;margin:2em auto;line-height:1.5}</style>
 <h1>mod_msoauth demo</h1>
 <p id="result"></p>
-<p><a href="/microsoft_outlook/connect?return_to=/">Connect Outlook</a></p>
+<p><a href="/microsoft_outlook/connect?return_to=/">Connect Outlook</a> ·
+<a href="/microsoft_outlook/admin/">Status page</a></p>
 <p>httpd runs mod_msoauth with SQLite ($run/data/msoauth.db) against $where.
 Connected mailboxes are rows of the table msoauth_accounts.</p>
 <p>Redirect URI to register in Azure: <code>http://127.0.0.1:$port/microsoft_outlook/confirm</code></p>
