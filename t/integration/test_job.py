@@ -58,9 +58,14 @@ def graph_me(sim, token):
 
 @pytest.fixture
 def job(httpd, simulator):
-    s = Setup(httpd, simulator, extra=ADMIN + "MSOAuthScope https://outlook.office.com/IMAP.AccessAsUser.All\n")
+    s = Setup(httpd, simulator,
+              extra=ADMIN + "MSOAuthScope https://outlook.office.com/IMAP.AccessAsUser.All\n")
     s.wait_schema()
-    return s
+    yield s
+    # Whatever happened, no token or secret reached the error log (the
+    # simulator's access tokens start with EwA, its refresh tokens with 0.AX).
+    log = httpd.log()
+    assert SECRET not in log and "EwA" not in log and "0.AX" not in log
 
 
 def test_short_tokens_are_refreshed_and_rotation_is_kept(job):
@@ -136,6 +141,23 @@ def test_server_errors_do_not_disconnect(job):
     assert status == 200, body
     _, info = get_json(job, f"/microsoft_outlook/admin/accounts/{acc}")
     assert info["error_runs"] == 0 and info["last_error"] is None and info["reason"] is None
+
+
+def test_token_endpoint_timeout_does_not_disconnect(job):
+    """Microsoft's token endpoint hangs: the call gives up after 30 s, the
+    account stays connected and the next call works."""
+    sim_call(job.sim, "POST", "/_sim/config", {"access_token_lifetime": 120})
+    acc = connect(job, ADELE[0])
+    sim_call(job.sim, "POST", "/_sim/scenarios", {"endpoint": "token", "hang": 40, "times": 1,
+                                                  "match": {"grant_type": "refresh_token"}})
+    t0 = time.time()
+    status, body = get_json(job, f"/microsoft_outlook/token?account={acc}")
+    took = time.time() - t0
+    assert status == 503 and body["reason"] == "token_endpoint_unreachable", body
+    assert 10 < took < 35, took          # stall or total timeout, never more than 30 s + slack
+    assert account(job, acc)["state"] == "connected"
+    status, body = get_json(job, f"/microsoft_outlook/token?account={acc}")
+    assert status == 200, body
 
 
 def test_token_handler_imap_gives_xoauth2(job):
