@@ -27,6 +27,13 @@ APLOG_USE_MODULE(msoauth);
 #define JOB_TICK apr_time_from_sec(2)
 #define CLAIM_BATCH 50
 #define TICK_BUDGET apr_time_from_sec(20)
+/* Token calls of a tick run concurrently: at most JOB_HTTP_IN_FLIGHT at a
+ * time (a claim batch of 50 takes two rounds at worst, well inside the
+ * budget), over at most JOB_HTTP_PER_HOST connections to one host (nearly
+ * all go to login.microsoftonline.com): reused keep-alive or HTTP/2
+ * connections, not a burst of new TLS handshakes Microsoft would throttle. */
+#define JOB_HTTP_IN_FLIGHT 32
+#define JOB_HTTP_PER_HOST 8
 
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_get_instance) *wd_get_instance;
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_register_callback) *wd_register_callback;
@@ -69,66 +76,156 @@ const char *msoauth_lease_owner(apr_pool_t *p)
                         mso_random_token(p, 6));
 }
 
-/* Refreshes what is due in one server's database; returns how many were handled. */
-static int refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t deadline)
+/* The company of an account: this server's, else another virtual host's that
+ * shares the database (company names are unique per database). */
+static msoauth_company_t *company_of(job_t *job, server_rec *s, const char *name,
+                                     server_rec **found)
 {
-    msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
-    ap_dbd_t *dbd = job_dbd_open(p, s);
-    apr_array_header_t *due = NULL;
-    mso_db_t *db;
-    int i, handled = 0;
+    msoauth_company_t *c = msoauth_company(s, name);
+    server_rec *o;
 
-    if (!dbd) {
-        ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(200) "job: no database connection "
-                     "from mod_dbd for this server; check DBDriver/DBDParams");
+    *found = s;
+    for (o = job->main_s; !c && o; o = o->next) {
+        c = msoauth_company(o, name);
+        *found = o;
+    }
+    return c;
+}
+
+typedef struct {
+    int claimed, refreshed, failed;
+} tick_stats_t;
+
+/* Claims one batch of due accounts in a server's database and refreshes them;
+ * returns how many it claimed. The token calls run concurrently over *m, the
+ * tick's multi handle (created here on first use), so its connections serve
+ * every server of the tick. */
+static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
+                         apr_time_t deadline, mso_http_multi_t **m, tick_stats_t *st)
+{
+    apr_array_header_t *due = NULL;
+    const mso_refresh_ctx_t **ctxs;
+    const mso_account_t **accts;
+    mso_refresh_outcome_t *outs;
+    apr_pool_t *bp;
+    apr_int64_t now;
+    int i, n = 0;
+
+    apr_pool_create(&bp, p);
+    if (mso_store_claim_due(db, bp, job->owner, apr_time_sec(apr_time_now()),
+                            MSOAUTH_LEASE_SECONDS, CLAIM_BATCH, &due) != APR_SUCCESS
+        || !due->nelts) {
+        apr_pool_destroy(bp);
         return 0;
     }
-    if (mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) != APR_SUCCESS
-        || mso_store_claim_due(db, p, job->owner, apr_time_sec(apr_time_now()),
-                               MSOAUTH_LEASE_SECONDS, CLAIM_BATCH, &due) != APR_SUCCESS) {
-        job_dbd_close(s, dbd);
-        return 0;
-    }
+    st->claimed += due->nelts;
+    ctxs = apr_pcalloc(bp, sizeof(*ctxs) * due->nelts);
+    accts = apr_pcalloc(bp, sizeof(*accts) * due->nelts);
+    outs = apr_pcalloc(bp, sizeof(*outs) * due->nelts);
+    now = apr_time_sec(apr_time_now());
     for (i = 0; i < due->nelts; i++) {
         mso_account_t *a = APR_ARRAY_IDX(due, i, mso_account_t *);
-        msoauth_company_t *c = msoauth_company(s, a->company);
-        mso_refresh_outcome_t out;
-        mso_refresh_ctx_t ctx;
-        mso_http_opts_t http;
-        apr_pool_t *ap;
-        apr_int64_t now = apr_time_sec(apr_time_now());
+        server_rec *cs;
+        msoauth_company_t *c = company_of(job, s, a->company, &cs);
+        mso_refresh_ctx_t *ctx;
+        mso_http_opts_t *http;
 
         if (!c || !c->client_id || !c->client_secret) {
             /* The company left the configuration: keep the account, say why. */
             mso_store_refresh_failed(db, a->id, job->owner, "connected", "not_configured", 0,
                                      "the account's company is not configured on this "
                                      "server any more", now + 3600, now);
+            st->failed++;
             continue;
         }
         if (apr_time_now() > deadline) {
             mso_store_release(db, a->id, job->owner);   /* next tick */
             continue;
         }
-        apr_pool_create(&ap, p);
-        msoauth_refresh_ctx(ap, sc, c, job->owner, &http, &ctx);
-        mso_refresh_account(db, ap, &ctx, a, "graph", now, &out);
-        if (out.result == MSO_REFRESHED) {
+        /* One context per account: each carries its company's credentials. */
+        ctx = apr_palloc(bp, sizeof(*ctx));
+        http = apr_palloc(bp, sizeof(*http));
+        msoauth_refresh_ctx(bp, msoauth_srv_conf(cs), c, job->owner, http, ctx);
+        ctxs[n] = ctx;
+        accts[n] = a;
+        n++;
+    }
+    if (n && !*m) {
+        /* Every context has the same HTTP options: the first one's serve all. */
+        apr_status_t rv = mso_http_multi_create(p, ctxs[0]->http, JOB_HTTP_IN_FLIGHT,
+                                                JOB_HTTP_PER_HOST, m);
+
+        if (rv != APR_SUCCESS) {
+            ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(208) "job: cannot set up "
+                         "the HTTP client; the accounts are left for the next tick");
+            for (i = 0; i < n; i++) {
+                mso_store_release(db, accts[i]->id, job->owner);
+            }
+            n = 0;
+        }
+    }
+    if (n) {
+        mso_refresh_batch(db, bp, ctxs, accts, n, "graph", *m, deadline - apr_time_now(), now,
+                          outs);
+    }
+    for (i = 0; i < n; i++) {
+        const mso_account_t *a = accts[i];
+        const mso_refresh_outcome_t *out = &outs[i];
+
+        if (out->result == MSO_REFRESHED) {
+            st->refreshed++;
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(201) "job: account %"
                          APR_INT64_T_FMT " (%s) refreshed", a->id, a->mailbox);
         }
-        else if (out.result != MSO_REFRESH_BUSY) {
-            ap_log_error(APLOG_MARK, out.result == MSO_REFRESH_TRANSIENT ? APLOG_WARNING
+        else if (out->result == MSO_REFRESH_DEFERRED) {
+            ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(209) "job: account %"
+                         APR_INT64_T_FMT " (%s) left for the next tick: the tick's time "
+                         "budget ran out", a->id, a->mailbox);
+            continue;
+        }
+        else if (out->result != MSO_REFRESH_BUSY) {
+            st->failed++;
+            ap_log_error(APLOG_MARK, out->result == MSO_REFRESH_TRANSIENT ? APLOG_WARNING
                          : APLOG_ERR, 0, s, MSOLOGNO(202) "job: refreshing account %"
                          APR_INT64_T_FMT " (%s, company %s) failed: %s%s%s", a->id,
-                         a->mailbox, a->company, out.reason ? out.reason : "error",
-                         out.aadsts ? apr_psprintf(ap, " AADSTS%ld", out.aadsts) : "",
-                         out.detail ? apr_pstrcat(ap, " (", out.detail, ")", NULL) : "");
+                         a->mailbox, a->company, out->reason ? out->reason : "error",
+                         out->aadsts ? apr_psprintf(bp, " AADSTS%ld", out->aadsts) : "",
+                         out->detail ? apr_pstrcat(bp, " (", out->detail, ")", NULL) : "");
         }
-        handled++;
-        apr_pool_destroy(ap);
+    }
+    apr_pool_destroy(bp);
+    return due->nelts;
+}
+
+/* Everything due in one server's database, batch after batch, until none is
+ * left or the tick's time is up; then the node's health row. */
+static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t deadline,
+                        mso_http_multi_t **m)
+{
+    ap_dbd_t *dbd = job_dbd_open(p, s);
+    apr_time_t started = apr_time_now();
+    tick_stats_t st = {0, 0, 0};
+    mso_job_run_t run;
+    mso_db_t *db;
+
+    if (!dbd) {
+        ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(200) "job: no database connection "
+                     "from mod_dbd for this server; check DBDriver/DBDParams");
+        return;
+    }
+    if (mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) == APR_SUCCESS) {
+        while (refresh_batch(job, s, db, p, deadline, m, &st) == CLAIM_BATCH
+               && apr_time_now() < deadline) {
+        }
+        run.node = job->owner;
+        run.last_cycle_at = apr_time_sec(apr_time_now());
+        run.cycle_ms = apr_time_as_msec(apr_time_now() - started);
+        run.claimed = st.claimed;
+        run.refreshed = st.refreshed;
+        run.failed = st.failed;
+        mso_store_job_record(db, &run);
     }
     job_dbd_close(s, dbd);
-    return handled;
 }
 
 /* Secret expiry: a warning once a day from 30 days before, an error after. */
@@ -168,6 +265,7 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
     job_t *job = data;
     server_rec *s;
     apr_time_t deadline;
+    mso_http_multi_t *m = NULL;
 
     switch (state) {
     case AP_WATCHDOG_STATE_STARTING:
@@ -179,9 +277,11 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
         deadline = apr_time_now() + TICK_BUDGET;
         for (s = job->main_s; s; s = s->next) {
             if (msoauth_server_in_use(s)) {
-                refresh_due(job, s, pool, deadline);
+                refresh_due(job, s, pool, deadline, &m);
             }
         }
+        /* The connections close with the tick: nothing is kept between ticks. */
+        mso_http_multi_destroy(m);
         if (apr_time_now() - job->secrets_checked > apr_time_from_sec(86400)) {
             job->secrets_checked = apr_time_now();
             check_secrets(job, pool);

@@ -1,6 +1,8 @@
-/* HTTP client over libcurl's easy interface. One handle per call: calls are
- * rare (token redemption, Graph), so connection reuse is not worth the
- * shared state between httpd threads. */
+/* HTTP client over libcurl. mso_http_request: one easy handle per call, for
+ * the rare calls of request handlers (no state shared between httpd
+ * threads). mso_http_multi_*: the job's many token refreshes at once over one
+ * multi handle, on one thread, with a bound on connections and their reuse.
+ * Both set up their handles with the same code (call_setup, call_end). */
 #include <stdarg.h>
 #include <string.h>
 
@@ -218,40 +220,82 @@ static const char *curl_error(apr_pool_t *p, CURLcode rc, char *errbuf)
     return apr_pstrcat(p, curl_easy_strerror(rc), ": ", errbuf, NULL);
 }
 
-apr_status_t mso_http_request(apr_pool_t *p, const mso_http_opts_t *o, const char *method,
-                              const char *url, const apr_array_header_t *headers,
-                              const char *body, apr_size_t body_len,
-                              mso_http_response_t **resp)
-{
-    mso_http_opts_t defaults;
+/* One request's state, shared by mso_http_request and the multi handle. It
+ * lives in the request's pool: curl writes into ctx and errbuf until the
+ * easy handle is cleaned up in call_end. */
+typedef struct mso_http_call_t mso_http_call_t;
+
+typedef enum { CALL_QUEUED, CALL_RUNNING, CALL_DONE } call_state_e;
+
+struct mso_http_call_t {
+    apr_pool_t *p;
+    const char *method;
+    const char *url;
+    apr_size_t max_body;
     mso_http_response_t *r;
     mso_http_ctx_t ctx;
-    struct curl_slist *slist = NULL, *tmp;
+    struct curl_slist *slist;
+    CURL *h;
     char errbuf[CURL_ERROR_SIZE];
-    CURL *h = NULL;
-    CURLcode rc;
-    apr_status_t rv;
-    apr_time_t start = apr_time_now();
-    long code = 0;
-    int i, with_body = 0;
+    apr_time_t start;
+    /* multi only */
+    mso_http_multi_t *m;
+    mso_http_done_fn *done;
+    void *baton;
+    call_state_e state;
+    mso_http_call_t *prev, *next;
+};
 
-    r = apr_pcalloc(p, sizeof(*r));
-    r->headers = apr_table_make(p, 16);
-    r->body = "";
-    r->retry_after = -1;
-    *resp = r;
+struct mso_http_multi_t {
+    apr_pool_t *p;
+    CURLM *cm;
+    mso_http_opts_t o;
+    int max_in_flight;
+    int running;                    /* handed to curl */
+    int aborting;                   /* the budget ran out: refuse new requests */
+    mso_http_call_t *queue, *queue_tail;    /* waiting, in the order added */
+    mso_http_call_t *active, *active_tail;  /* handed to curl */
+};
+
+static mso_http_call_t *call_make(apr_pool_t *p, const char *method, const char *url)
+{
+    mso_http_call_t *c = apr_pcalloc(p, sizeof(*c));
+
+    c->p = p;
+    c->method = method;
+    c->url = url;
+    c->r = apr_pcalloc(p, sizeof(*c->r));
+    c->r->headers = apr_table_make(p, 16);
+    c->r->body = "";
+    c->r->retry_after = -1;
+    c->start = apr_time_now();
+    return c;
+}
+
+/* Checks the request and builds its easy handle. Everything that can be
+ * refused is refused before a handle exists; on failure nothing is left to
+ * clean up and r->error says why. */
+static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
+                               const apr_array_header_t *headers, const char *body,
+                               apr_size_t body_len)
+{
+    mso_http_opts_t defaults;
+    mso_http_response_t *r = c->r;
+    struct curl_slist *tmp;
+    const char *method = c->method;
+    CURL *h;
+    int i, with_body = 0;
 
     mso_http_opts_default(&defaults);
     if (!o) {
         o = &defaults;
     }
-
-    /* Everything that can be refused is refused before a handle exists. */
+    r->not_sent = 1;
     if (!method) {
         r->error = "no HTTP method";
         return APR_EINVAL;
     }
-    if (bad_url(url)) {
+    if (bad_url(c->url)) {
         r->error = "URL is empty or contains spaces or control characters";
         return APR_EINVAL;
     }
@@ -282,38 +326,35 @@ apr_status_t mso_http_request(apr_pool_t *p, const mso_http_opts_t *o, const cha
         }
     }
 
-    memset(&ctx, 0, sizeof(ctx));
-    ctx.p = p;
-    ctx.max_body = o->max_body;
-    ctx.headers = r->headers;
+    c->ctx.p = c->p;
+    c->ctx.max_body = c->max_body = o->max_body;
+    c->ctx.headers = r->headers;
 
-    h = curl_easy_init();
+    for (i = 0; headers && i < headers->nelts; i++) {
+        tmp = curl_slist_append(c->slist, APR_ARRAY_IDX(headers, i, const char *));
+        if (!tmp) {
+            goto nomem;
+        }
+        c->slist = tmp;
+    }
+    /* curl would otherwise wait up to a second for 100-continue on large bodies. */
+    tmp = curl_slist_append(c->slist, "Expect:");
+    if (!tmp) {
+        goto nomem;
+    }
+    c->slist = tmp;
+
+    h = c->h = curl_easy_init();
     if (!h) {
+        curl_slist_free_all(c->slist);
+        c->slist = NULL;
         r->error = "curl_easy_init failed";
         return APR_ENOMEM;
     }
-
-    for (i = 0; headers && i < headers->nelts; i++) {
-        tmp = curl_slist_append(slist, APR_ARRAY_IDX(headers, i, const char *));
-        if (!tmp) {
-            rv = APR_ENOMEM;
-            r->error = "out of memory";
-            goto done;
-        }
-        slist = tmp;
-    }
-    /* curl would otherwise wait up to a second for 100-continue on large bodies. */
-    tmp = curl_slist_append(slist, "Expect:");
-    if (!tmp) {
-        rv = APR_ENOMEM;
-        r->error = "out of memory";
-        goto done;
-    }
-    slist = tmp;
-
-    errbuf[0] = '\0';
-    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
-    curl_easy_setopt(h, CURLOPT_URL, url);
+    c->errbuf[0] = '\0';
+    curl_easy_setopt(h, CURLOPT_PRIVATE, c);
+    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, c->errbuf);
+    curl_easy_setopt(h, CURLOPT_URL, c->url);
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
 #if LIBCURL_VERSION_NUM >= 0x075500
@@ -342,14 +383,14 @@ apr_status_t mso_http_request(apr_pool_t *p, const mso_http_opts_t *o, const cha
         curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)o->max_body);
     }
     curl_easy_setopt(h, CURLOPT_USERAGENT, o->user_agent ? o->user_agent : MSO_HTTP_UA);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, slist);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, c->slist);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, &ctx);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &c->ctx);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
-    curl_easy_setopt(h, CURLOPT_HEADERDATA, &ctx);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, &c->ctx);
 
     if (with_body) {
-        /* POSTFIELDS does not copy: body outlives curl_easy_perform. */
+        /* POSTFIELDS does not copy: body outlives the transfer. */
         curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
         curl_easy_setopt(h, CURLOPT_POSTFIELDS, body ? body : "");
     }
@@ -359,46 +400,366 @@ apr_status_t mso_http_request(apr_pool_t *p, const mso_http_opts_t *o, const cha
     if (strcmp(method, "PATCH") == 0 || strcmp(method, "DELETE") == 0) {
         curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
     }
+    return APR_SUCCESS;
 
-    rc = curl_easy_perform(h);
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
+nomem:
+    curl_slist_free_all(c->slist);
+    c->slist = NULL;
+    r->error = "out of memory";
+    return APR_ENOMEM;
+}
+
+/* Frees the handle without looking at the outcome (cancelled requests). */
+static void call_release(mso_http_call_t *c)
+{
+    if (c->h) {
+        curl_easy_cleanup(c->h);
+        c->h = NULL;
+    }
+    curl_slist_free_all(c->slist);
+    c->slist = NULL;
+}
+
+/* Turns curl's result into the response and frees the handle. why: the
+ * request was stopped from outside (the batch's budget), rc is ignored. */
+static apr_status_t call_end(mso_http_call_t *c, CURLcode rc, const char *why)
+{
+    mso_http_response_t *r = c->r;
+    apr_pool_t *p = c->p;
+    apr_status_t rv;
+    long code = 0;
+
+    if (c->h && !r->not_sent) {
+        curl_easy_getinfo(c->h, CURLINFO_RESPONSE_CODE, &code);
+    }
     r->status = (int)code;
 
-    if (rc == CURLE_OK) {
+    if (why) {
+        rv = APR_TIMEUP;
+        r->error = why;
+    }
+    else if (rc == CURLE_OK) {
         rv = APR_SUCCESS;
-        if (ctx.buf) {
-            r->body = ctx.buf;
-            r->body_len = ctx.len;
+        if (c->ctx.buf) {
+            r->body = c->ctx.buf;
+            r->body_len = c->ctx.len;
         }
         r->retry_after = parse_retry_after(apr_table_get(r->headers, "Retry-After"));
     }
-    else if (ctx.body_too_big || rc == CURLE_FILESIZE_EXCEEDED) {
+    else if (c->ctx.body_too_big || rc == CURLE_FILESIZE_EXCEEDED) {
         rv = APR_ENOSPC;
         r->error = apr_psprintf(p, "response body larger than %" APR_SIZE_T_FMT " bytes",
-                                o->max_body);
+                                c->max_body);
     }
-    else if (ctx.headers_too_big) {
+    else if (c->ctx.headers_too_big) {
         rv = APR_ENOSPC;
         r->error = "response headers too large";
     }
     else if (rc == CURLE_OPERATION_TIMEDOUT) {
         rv = APR_TIMEUP;
-        r->error = curl_error(p, rc, errbuf);
+        r->error = curl_error(p, rc, c->errbuf);
     }
     else {
         rv = APR_EGENERAL;
-        r->error = curl_error(p, rc, errbuf);
+        r->error = curl_error(p, rc, c->errbuf);
     }
 
-done:
-    curl_easy_cleanup(h);
-    curl_slist_free_all(slist);
-    r->seconds = (double)(apr_time_now() - start) / APR_USEC_PER_SEC;
+    call_release(c);
+    r->seconds = r->not_sent ? 0 : (double)(apr_time_now() - c->start) / APR_USEC_PER_SEC;
     if (rv != APR_SUCCESS && mso_log_is_level(MSO_LOG_DEBUG)) {
         mso_log_perror(MSO_LOG_MARK, MSO_LOG_DEBUG, rv, "HTTP %s %s failed after %.3fs: %s",
-                       method, url_for_log(p, url), r->seconds, r->error);
+                       c->method, url_for_log(p, c->url), r->seconds, r->error);
     }
     return rv;
+}
+
+apr_status_t mso_http_request(apr_pool_t *p, const mso_http_opts_t *o, const char *method,
+                              const char *url, const apr_array_header_t *headers,
+                              const char *body, apr_size_t body_len,
+                              mso_http_response_t **resp)
+{
+    mso_http_call_t *c = call_make(p, method, url);
+    apr_status_t rv;
+    CURLcode rc;
+
+    *resp = c->r;
+    rv = call_setup(c, o, headers, body, body_len);
+    if (rv != APR_SUCCESS) {
+        return rv;
+    }
+    c->r->not_sent = 0;
+    rc = curl_easy_perform(c->h);
+    return call_end(c, rc, NULL);
+}
+
+/* ---- many requests at once ---------------------------------------------- */
+
+static void list_push(mso_http_call_t **head, mso_http_call_t **tail, mso_http_call_t *c)
+{
+    c->next = NULL;
+    c->prev = *tail;
+    if (*tail) {
+        (*tail)->next = c;
+    }
+    else {
+        *head = c;
+    }
+    *tail = c;
+}
+
+static void list_unlink(mso_http_call_t **head, mso_http_call_t **tail, mso_http_call_t *c)
+{
+    if (c->prev) {
+        c->prev->next = c->next;
+    }
+    else {
+        *head = c->next;
+    }
+    if (c->next) {
+        c->next->prev = c->prev;
+    }
+    else {
+        *tail = c->prev;
+    }
+    c->prev = c->next = NULL;
+}
+
+/* Takes the call out of the multi handle's books (not its easy handle). */
+static void call_detach(mso_http_call_t *c)
+{
+    mso_http_multi_t *m = c->m;
+
+    if (c->state == CALL_QUEUED) {
+        list_unlink(&m->queue, &m->queue_tail, c);
+    }
+    else if (c->state == CALL_RUNNING) {
+        list_unlink(&m->active, &m->active_tail, c);
+        curl_multi_remove_handle(m->cm, c->h);
+        m->running--;
+    }
+    c->state = CALL_DONE;
+}
+
+/* The request's pool goes away before the request completed: cancel it, so
+ * curl never writes into freed memory. */
+static apr_status_t call_pool_gone(void *data)
+{
+    mso_http_call_t *c = data;
+
+    if (c->state != CALL_DONE) {
+        call_detach(c);
+        call_release(c);
+    }
+    return APR_SUCCESS;
+}
+
+/* Ends a request and tells its owner. Nothing of c is touched after done:
+ * the callback may destroy c's pool. */
+static void call_complete(mso_http_call_t *c, CURLcode rc, const char *why)
+{
+    mso_http_done_fn *done = c->done;
+    void *baton = c->baton;
+    mso_http_response_t *r = c->r;
+    apr_status_t rv;
+
+    call_detach(c);
+    apr_pool_cleanup_kill(c->p, c, call_pool_gone);
+    rv = call_end(c, rc, why);
+    done(baton, rv, r);
+}
+
+static apr_status_t multi_cleanup(void *data)
+{
+    mso_http_multi_t *m = data;
+    mso_http_call_t *c;
+
+    while ((c = m->active) != NULL || (c = m->queue) != NULL) {
+        call_detach(c);
+        apr_pool_cleanup_kill(c->p, c, call_pool_gone);
+        call_release(c);
+    }
+    if (m->cm) {
+        curl_multi_cleanup(m->cm);
+        m->cm = NULL;
+    }
+    return APR_SUCCESS;
+}
+
+apr_status_t mso_http_multi_create(apr_pool_t *p, const mso_http_opts_t *o, int max_in_flight,
+                                   int max_host_connections, mso_http_multi_t **mp)
+{
+    mso_http_multi_t *m;
+
+    *mp = NULL;
+    if (max_in_flight < 1 || max_host_connections < 1) {
+        return APR_EINVAL;
+    }
+    m = apr_pcalloc(p, sizeof(*m));
+    m->p = p;
+    if (o) {
+        m->o = *o;
+        m->o.ca_file = o->ca_file ? apr_pstrdup(p, o->ca_file) : NULL;
+        m->o.user_agent = o->user_agent ? apr_pstrdup(p, o->user_agent) : NULL;
+    }
+    else {
+        mso_http_opts_default(&m->o);
+    }
+    m->max_in_flight = max_in_flight;
+    m->cm = curl_multi_init();
+    if (!m->cm) {
+        return APR_ENOMEM;
+    }
+    /* The bound on connections: total and per host (Microsoft's endpoints
+     * are few hosts); the cache keeps as many idle ones for reuse. */
+    curl_multi_setopt(m->cm, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)max_in_flight);
+    curl_multi_setopt(m->cm, CURLMOPT_MAX_HOST_CONNECTIONS, (long)max_host_connections);
+    curl_multi_setopt(m->cm, CURLMOPT_MAXCONNECTS, (long)max_in_flight);
+    curl_multi_setopt(m->cm, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+    apr_pool_cleanup_register(p, m, multi_cleanup, apr_pool_cleanup_null);
+    *mp = m;
+    return APR_SUCCESS;
+}
+
+void mso_http_multi_destroy(mso_http_multi_t *m)
+{
+    if (m) {
+        apr_pool_cleanup_run(m->p, m, multi_cleanup);
+    }
+}
+
+apr_status_t mso_http_multi_add(mso_http_multi_t *m, apr_pool_t *p, const char *method,
+                                const char *url, const apr_array_header_t *headers,
+                                const char *body, apr_size_t body_len,
+                                mso_http_done_fn *done, void *baton)
+{
+    mso_http_call_t *c;
+    apr_status_t rv;
+
+    if (!m || !m->cm || !p || !done) {
+        return APR_EINVAL;
+    }
+    if (m->aborting) {
+        return APR_TIMEUP;
+    }
+    c = call_make(p, method, url);
+    rv = call_setup(c, &m->o, headers, body, body_len);
+    if (rv != APR_SUCCESS) {
+        if (mso_log_is_level(MSO_LOG_DEBUG)) {
+            mso_log_perror(MSO_LOG_MARK, MSO_LOG_DEBUG, rv, "HTTP %s refused: %s",
+                           method ? method : "?", c->r->error);
+        }
+        return rv;
+    }
+    c->m = m;
+    c->done = done;
+    c->baton = baton;
+    c->state = CALL_QUEUED;
+    list_push(&m->queue, &m->queue_tail, c);
+    apr_pool_cleanup_register(p, c, call_pool_gone, apr_pool_cleanup_null);
+    return APR_SUCCESS;
+}
+
+/* Hands waiting requests to curl while there is room. */
+static void multi_start(mso_http_multi_t *m)
+{
+    mso_http_call_t *c;
+
+    while (m->running < m->max_in_flight && (c = m->queue) != NULL) {
+        list_unlink(&m->queue, &m->queue_tail, c);
+        c->start = apr_time_now();
+        c->r->not_sent = 0;
+        if (curl_multi_add_handle(m->cm, c->h) != CURLM_OK) {
+            c->state = CALL_DONE;
+            c->r->not_sent = 1;
+            apr_pool_cleanup_kill(c->p, c, call_pool_gone);
+            c->done(c->baton, call_end(c, CURLE_OUT_OF_MEMORY, NULL), c->r);
+            continue;
+        }
+        c->state = CALL_RUNNING;
+        list_push(&m->active, &m->active_tail, c);
+        m->running++;
+    }
+}
+
+/* Completes every finished transfer curl reports. */
+static void multi_reap(mso_http_multi_t *m)
+{
+    CURLMsg *msg;
+    int left;
+
+    while ((msg = curl_multi_info_read(m->cm, &left)) != NULL) {
+        mso_http_call_t *c;
+        char *priv = NULL;
+
+        if (msg->msg != CURLMSG_DONE) {
+            continue;
+        }
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, &priv);
+        c = (mso_http_call_t *)(void *)priv;
+        if (c && c->state == CALL_RUNNING) {
+            call_complete(c, msg->data.result, NULL);
+        }
+    }
+}
+
+/* Completes whatever is left, started or not. */
+static void multi_abort(mso_http_multi_t *m, CURLcode rc, const char *started_why,
+                        const char *queued_why)
+{
+    mso_http_call_t *c;
+
+    m->aborting = 1;
+    while ((c = m->active) != NULL) {
+        call_complete(c, rc, started_why);
+    }
+    while ((c = m->queue) != NULL) {
+        call_complete(c, rc, queued_why);
+    }
+    m->aborting = 0;
+}
+
+apr_status_t mso_http_multi_run(mso_http_multi_t *m, apr_interval_time_t budget)
+{
+    apr_time_t deadline = apr_time_now() + budget, left;
+    CURLMcode mc;
+    int still = 0;
+
+    if (!m || !m->cm) {
+        return APR_EINVAL;
+    }
+    for (;;) {
+        if (!m->queue && !m->active) {
+            return APR_SUCCESS;
+        }
+        left = deadline - apr_time_now();
+        if (left <= 0) {
+            multi_abort(m, CURLE_OK, "the batch's time budget ran out during the request",
+                        "the batch's time budget ran out before the request was sent");
+            return APR_TIMEUP;
+        }
+        multi_start(m);
+        mc = curl_multi_perform(m->cm, &still);
+        if (mc != CURLM_OK) {
+            const char *why = apr_pstrcat(m->p, "curl multi: ", curl_multi_strerror(mc), NULL);
+
+            mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_EGENERAL, "HTTP batch failed: %s",
+                           why);
+            /* CURLE_FAILED_INIT: reported as a transport error, not a timeout. */
+            multi_abort(m, CURLE_FAILED_INIT, NULL, NULL);
+            return APR_EGENERAL;
+        }
+        multi_reap(m);
+        if (!m->active || (m->queue && m->running < m->max_in_flight)) {
+            continue;   /* start the next ones before waiting */
+        }
+        left = deadline - apr_time_now();
+        if (left > 0) {
+            int ms = left > apr_time_from_sec(1) ? 1000 : (int)((left + 999) / 1000);
+
+            /* curl shortens the wait to its own next timeout. */
+            curl_multi_poll(m->cm, NULL, 0, ms, NULL);
+        }
+    }
 }
 
 char *mso_url_encode(apr_pool_t *p, const char *s)

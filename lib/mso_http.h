@@ -24,6 +24,8 @@ typedef struct {
     long retry_after;           /* seconds from Retry-After (delta or HTTP date), -1 if absent */
     const char *error;          /* transport failure in words (never contains the body) */
     double seconds;             /* time the call took */
+    int not_sent;               /* 1: the request never left this process (refused,
+                                 * or a batch's budget ran out before it started) */
 } mso_http_response_t;
 
 /* Global libcurl set-up; call once per process before threads (post_config / test main). */
@@ -41,6 +43,46 @@ apr_status_t mso_http_request(apr_pool_t *p, const mso_http_opts_t *o, const cha
                               const char *url, const apr_array_header_t *headers,
                               const char *body, apr_size_t body_len,
                               mso_http_response_t **resp);
+
+/* Many requests at once over libcurl's multi interface, on one thread: at
+ * most max_in_flight requests are handed to curl at a time (the rest wait,
+ * in the order added), at most max_host_connections connections go to one
+ * host, and connections stay open between requests and between runs, so
+ * later requests to the same host reuse them. Every request gets the same
+ * options, timeouts and caps as mso_http_request. */
+typedef struct mso_http_multi_t mso_http_multi_t;
+
+/* Called once per request that mso_http_multi_add accepted, from inside
+ * mso_http_multi_run, with what mso_http_request would have returned. It may
+ * add requests, and may destroy its own request's pool, but must not run or
+ * destroy the multi handle. */
+typedef void mso_http_done_fn(void *baton, apr_status_t rv, mso_http_response_t *resp);
+
+/* o: NULL for the defaults (copied). The handle and its connections live
+ * until mso_http_multi_destroy or p's cleanup. APR_EINVAL when a bound < 1. */
+apr_status_t mso_http_multi_create(apr_pool_t *p, const mso_http_opts_t *o, int max_in_flight,
+                                   int max_host_connections, mso_http_multi_t **m);
+
+/* Queues one request, checked like mso_http_request: refused input returns
+ * APR_EINVAL (APR_ENOMEM, APR_TIMEUP while the budget is being enforced) and
+ * done is NOT called; otherwise APR_SUCCESS and done is called exactly once.
+ * p holds the response and must outlive the request, or be destroyed (which
+ * cancels it without calling done); body and headers must stay valid until
+ * done is called. */
+apr_status_t mso_http_multi_add(mso_http_multi_t *m, apr_pool_t *p, const char *method,
+                                const char *url, const apr_array_header_t *headers,
+                                const char *body, apr_size_t body_len,
+                                mso_http_done_fn *done, void *baton);
+
+/* Runs until every queued request has completed, calling done for each as
+ * it completes. When budget runs out (budget <= 0: already out), what is
+ * left completes with APR_TIMEUP (resp->not_sent for those never started)
+ * and APR_TIMEUP is returned; APR_EGENERAL when curl itself failed (every
+ * request left completes with it); APR_SUCCESS otherwise. */
+apr_status_t mso_http_multi_run(mso_http_multi_t *m, apr_interval_time_t budget);
+
+/* Cancels what is queued (without calling done), closes the connections. */
+void mso_http_multi_destroy(mso_http_multi_t *m);
 
 /* application/x-www-form-urlencoded from NULL-terminated name, value pairs;
  * a pair whose value is NULL is left out. */

@@ -19,7 +19,11 @@
  *  - Any resource other than "graph" caches its token under kind "outlook".
  *  - A refresh token that cannot be opened (its key left the key ring) is
  *    MSO_REFRESH_FAILED for the caller and puts the account in
- *    reconnect_required: only a new sign-in (or the old key) makes it work. */
+ *    reconnect_required: only a new sign-in (or the old key) makes it work.
+ *  - mso_refresh_account and mso_refresh_batch share refresh_prepare (before
+ *    Microsoft is asked) and refresh_finish (its answer classified and
+ *    recorded); only the token call differs (blocking, or over a multi
+ *    handle), so one account's outcome does not depend on the path. */
 #include <string.h>
 
 #include <apr_strings.h>
@@ -240,21 +244,45 @@ static int has_resource_scope(apr_pool_t *p, const char *scopes)
     return 0;
 }
 
-apr_status_t mso_refresh_account(mso_db_t *db, apr_pool_t *p, const mso_refresh_ctx_t *ctx,
-                                 const mso_account_t *acct, const char *resource,
-                                 apr_int64_t now, mso_refresh_outcome_t *out)
-{
-    mso_token_result_t *tok = NULL;
-    mso_refreshed_t r;
+/* One account's refresh between prepare and finish. */
+typedef struct {
+    mso_db_t *db;
+    apr_pool_t *p;
+    const mso_refresh_ctx_t *ctx;
+    const mso_account_t *acct;
+    apr_int64_t now;
+    mso_refresh_outcome_t *out;
+    const char *kind;
+    const char *scopes;
+    const char *aad;
     mso_app_t app;
-    const char *kind, *scopes, *sealed = NULL, *aad, *err = NULL, *last_error, *ids;
-    const char *sealed_refresh = NULL, *sealed_access = NULL;
-    unsigned char *plain = NULL;
-    apr_size_t plain_len = 0;
-    apr_int64_t expires;
+    unsigned char *plain;           /* the refresh token: wiped once sent */
+    apr_size_t plain_len;
+    char *form;                     /* the batch's request body (holds secrets) */
+} refresh_t;
+
+static void wipe(void *s, apr_size_t n)
+{
+    volatile unsigned char *v = s;
+
+    while (v && n--) {
+        *v++ = 0;
+    }
+}
+
+/* Everything before Microsoft is asked. APR_INCOMPLETE: ready for the token
+ * call (the refresh token is open in r->plain); APR_SUCCESS: the outcome is
+ * final and recorded (missing token, key gone, no scopes); APR_EINVAL: an
+ * argument is missing, nothing touched. */
+static apr_status_t refresh_prepare(mso_db_t *db, apr_pool_t *p, const mso_refresh_ctx_t *ctx,
+                                    const mso_account_t *acct, const char *resource,
+                                    apr_int64_t now, mso_refresh_outcome_t *out, refresh_t *r)
+{
+    const char *sealed = NULL;
     apr_status_t rv;
 
     memset(out, 0, sizeof(*out));
+    memset(r, 0, sizeof(*r));
     out->result = MSO_REFRESH_FAILED;
     out->retry_after = -1;
     if (!db || !ctx || !ctx->keyring || !ctx->owner || !ctx->client_id || !ctx->graph_resource
@@ -263,15 +291,21 @@ apr_status_t mso_refresh_account(mso_db_t *db, apr_pool_t *p, const mso_refresh_
         out->detail = "the refresh was called without its account, resource or settings";
         return APR_EINVAL;
     }
-    kind = strcmp(resource, "graph") ? "outlook" : "graph";
+    r->db = db;
+    r->p = p;
+    r->ctx = ctx;
+    r->acct = acct;
+    r->now = now;
+    r->out = out;
+    r->kind = strcmp(resource, "graph") ? "outlook" : "graph";
 
     if (!acct->authority || !*acct->authority) {
-        return fail_ours(db, ctx, acct, kind, out, "bad_request",
+        return fail_ours(db, ctx, acct, r->kind, out, "bad_request",
                          "the account has no authority recorded; connect the mailbox again");
     }
-    scopes = mso_token_scopes(p, ctx->signin_scopes, ctx->graph_resource, resource);
-    if (!has_resource_scope(p, scopes)) {
-        return fail_ours(db, ctx, acct, kind, out, "bad_request",
+    r->scopes = mso_token_scopes(p, ctx->signin_scopes, ctx->graph_resource, resource);
+    if (!has_resource_scope(p, r->scopes)) {
+        return fail_ours(db, ctx, acct, r->kind, out, "bad_request",
                          apr_psprintf(p, "the company's sign-in scopes include none for %s; "
                                       "add that resource's scopes (e.g. %s/IMAP.AccessAsUser.All) "
                                       "to the company's scopes and have the mailbox reconnected",
@@ -284,24 +318,25 @@ apr_status_t mso_refresh_account(mso_db_t *db, apr_pool_t *p, const mso_refresh_
         out->result = MSO_REFRESH_RECONNECT;
         out->reason = "reconnect_required";
         out->detail = "no refresh token is stored for the mailbox";
-        log_outcome(MSO_LOG_WARNING, acct, kind, out, "", "the mailbox must be connected again");
+        log_outcome(MSO_LOG_WARNING, acct, r->kind, out, "",
+                    "the mailbox must be connected again");
         record_failure(db, ctx, acct, out, "reconnect_required",
                        "no refresh token is stored for the mailbox: connect it again", 0, now);
         return APR_SUCCESS;
     }
     if (rv != APR_SUCCESS) {
-        return fail_ours(db, ctx, acct, kind, out, NULL,
+        return fail_ours(db, ctx, acct, r->kind, out, NULL,
                          "the refresh token could not be read from the database");
     }
-    aad = mso_token_aad(p, acct->company, acct->mailbox, "refresh");
-    rv = mso_open(p, ctx->keyring, MSO_PURPOSE_TOKEN, aad, sealed, &plain, &plain_len);
+    r->aad = mso_token_aad(p, acct->company, acct->mailbox, "refresh");
+    rv = mso_open(p, ctx->keyring, MSO_PURPOSE_TOKEN, r->aad, sealed, &r->plain, &r->plain_len);
     if (rv != APR_SUCCESS) {
         out->result = MSO_REFRESH_FAILED;
         out->reason = "reconnect_required";
         out->detail = "the stored refresh token cannot be opened: the key that sealed it is "
                       "not in the key ring (was a key removed from MSOAuthTokenKeyFile?), or "
                       "the stored value was altered";
-        log_outcome(MSO_LOG_ERR, acct, kind, out, "", "the mailbox is marked "
+        log_outcome(MSO_LOG_ERR, acct, r->kind, out, "", "the mailbox is marked "
                     "reconnect_required and must be connected again (if many mailboxes show "
                     "this, add the removed key back to MSOAuthTokenKeyFile as a second key)");
         record_failure(db, ctx, acct, out, "reconnect_required",
@@ -312,13 +347,30 @@ apr_status_t mso_refresh_account(mso_db_t *db, apr_pool_t *p, const mso_refresh_
     }
 
     /* Always the account's own authority: the tenant it signed in through. */
-    memset(&app, 0, sizeof(app));
-    app.authority = acct->authority;
-    app.client_id = ctx->client_id;
-    app.client_secret = ctx->client_secret;
-    rv = mso_token_from_refresh(p, ctx->http, &app, (const char *)plain, scopes, &tok);
-    memset(plain, 0, plain_len);
-    if (rv != APR_SUCCESS || !tok) {
+    r->app.authority = acct->authority;
+    r->app.client_id = ctx->client_id;
+    r->app.client_secret = ctx->client_secret;
+    return APR_INCOMPLETE;
+}
+
+/* Everything after Microsoft answered (tok NULL: no answer): the
+ * classification and the database writes. */
+static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
+{
+    mso_db_t *db = rf->db;
+    apr_pool_t *p = rf->p;
+    const mso_refresh_ctx_t *ctx = rf->ctx;
+    const mso_account_t *acct = rf->acct;
+    mso_refresh_outcome_t *out = rf->out;
+    const char *kind = rf->kind, *aad = rf->aad;
+    apr_int64_t now = rf->now;
+    mso_refreshed_t r;
+    const char *err = NULL, *last_error, *ids;
+    const char *sealed_refresh = NULL, *sealed_access = NULL;
+    apr_int64_t expires;
+    apr_status_t rv;
+
+    if (!tok) {
         mso_token_result_t *t = apr_pcalloc(p, sizeof(*t));
 
         t->reason = "token_endpoint_unreachable";
@@ -451,5 +503,88 @@ apr_status_t mso_refresh_account(mso_db_t *db, apr_pool_t *p, const mso_refresh_
     out->access_token = tok->access_token;
     out->access_expires_at = expires;
     out->scope = tok->scope;
+    return APR_SUCCESS;
+}
+
+apr_status_t mso_refresh_account(mso_db_t *db, apr_pool_t *p, const mso_refresh_ctx_t *ctx,
+                                 const mso_account_t *acct, const char *resource,
+                                 apr_int64_t now, mso_refresh_outcome_t *out)
+{
+    mso_token_result_t *tok = NULL;
+    refresh_t r;
+    apr_status_t rv;
+
+    rv = refresh_prepare(db, p, ctx, acct, resource, now, out, &r);
+    if (rv != APR_INCOMPLETE) {
+        return rv;
+    }
+    rv = mso_token_from_refresh(p, ctx->http, &r.app, (const char *)r.plain, r.scopes, &tok);
+    wipe(r.plain, r.plain_len);
+    return refresh_finish(&r, rv == APR_SUCCESS ? tok : NULL);
+}
+
+/* ---- many accounts at once ----------------------------------------------- */
+
+/* The token call of one account in a batch is over. Runs on the batch's
+ * thread, inside mso_http_multi_run: the database writes happen here. */
+static void batch_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
+{
+    refresh_t *r = baton;
+
+    wipe(r->form, strlen(r->form));
+    if (rv == APR_TIMEUP && resp && resp->not_sent) {
+        /* Never sent: nothing happened at Microsoft, nothing to record; the
+         * lease goes back so the next tick (or another node) does it. */
+        r->out->result = MSO_REFRESH_DEFERRED;
+        r->out->detail = "not attempted: the time budget of this run ran out";
+        mso_store_release(r->db, r->acct->id, r->ctx->owner);
+        return;
+    }
+    refresh_finish(r, mso_token_result_from_response(r->p, rv, resp, 1));
+}
+
+apr_status_t mso_refresh_batch(mso_db_t *db, apr_pool_t *p,
+                               const mso_refresh_ctx_t *const *ctxs,
+                               const mso_account_t *const *accts, int n, const char *resource,
+                               mso_http_multi_t *m, apr_interval_time_t budget,
+                               apr_int64_t now, mso_refresh_outcome_t *outs)
+{
+    apr_array_header_t *hdrs;
+    refresh_t *rs;
+    int i;
+
+    if (!db || !p || n < 0 || (n && (!ctxs || !accts || !outs)) || !m) {
+        return APR_EINVAL;
+    }
+    hdrs = apr_array_make(p, 2, sizeof(const char *));
+    APR_ARRAY_PUSH(hdrs, const char *) = "Content-Type: application/x-www-form-urlencoded";
+    APR_ARRAY_PUSH(hdrs, const char *) = "Accept: application/json";
+    rs = apr_pcalloc(p, sizeof(*rs) * (n ? n : 1));
+
+    for (i = 0; i < n; i++) {
+        refresh_t *r = &rs[i];
+        apr_status_t rv;
+
+        if (refresh_prepare(db, p, ctxs[i], accts[i], resource, now, &outs[i], r)
+            != APR_INCOMPLETE) {
+            continue;
+        }
+        r->form = (char *)mso_token_refresh_form(p, &r->app, (const char *)r->plain, r->scopes);
+        wipe(r->plain, r->plain_len);
+        rv = mso_http_multi_add(m, p, "POST", mso_token_url(p, &r->app), hdrs, r->form,
+                                strlen(r->form), batch_done, r);
+        if (rv != APR_SUCCESS) {
+            mso_http_response_t refused;
+
+            /* Refused before sending (an authority that is no URL): the
+             * same outcome as a transport failure of the synchronous path. */
+            memset(&refused, 0, sizeof(refused));
+            refused.error = "the token request was refused before it was sent (is the "
+                            "account's authority a valid URL?)";
+            wipe(r->form, strlen(r->form));
+            refresh_finish(r, mso_token_result_from_response(p, rv, &refused, 1));
+        }
+    }
+    mso_http_multi_run(m, budget);
     return APR_SUCCESS;
 }

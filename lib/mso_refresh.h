@@ -1,6 +1,7 @@
 /* Keeping an account's tokens alive: one refresh of one account (rotated
- * refresh token and new access token stored together), the classification of
- * failures, and when the next refresh is due. */
+ * refresh token and new access token stored together), or of many at once
+ * for the job, the classification of failures, and when the next refresh is
+ * due. */
 #ifndef MSO_REFRESH_H
 #define MSO_REFRESH_H
 
@@ -29,7 +30,9 @@ typedef enum {
     MSO_REFRESH_RECONNECT,          /* refresh token dead: reconnect_required */
     MSO_REFRESH_ADMIN,              /* secret wrong/expired, app gone: the company is flagged */
     MSO_REFRESH_BUSY,               /* another process holds the lease: nothing done */
-    MSO_REFRESH_FAILED              /* our side (database, key) */
+    MSO_REFRESH_FAILED,             /* our side (database, key) */
+    MSO_REFRESH_DEFERRED            /* batch: time ran out before the call was sent;
+                                     * lease released, nothing recorded */
 } mso_refresh_result_e;
 
 typedef struct {
@@ -52,6 +55,21 @@ typedef struct {
 apr_status_t mso_refresh_account(mso_db_t *db, apr_pool_t *p, const mso_refresh_ctx_t *ctx,
                                  const mso_account_t *acct, const char *resource,
                                  apr_int64_t now, mso_refresh_outcome_t *out);
+
+/* Refreshes n accounts at once, each with its company's ctxs[i], their token
+ * calls made concurrently over m (mso_http_multi_*, bounded connections,
+ * reused across calls). Each outcome in outs[i] is what mso_refresh_account
+ * would give, recorded the same way as each answer arrives; the caller holds
+ * every account's lease. budget bounds the whole run: calls still running
+ * when it ends fail as transient, calls not yet sent end MSO_REFRESH_DEFERRED
+ * (lease released, nothing recorded). Single-threaded: database writes happen
+ * on the calling thread. p must outlive the outcomes. APR_EINVAL when db, m
+ * or the arrays are missing (nothing done); APR_SUCCESS otherwise. */
+apr_status_t mso_refresh_batch(mso_db_t *db, apr_pool_t *p,
+                               const mso_refresh_ctx_t *const *ctxs,
+                               const mso_account_t *const *accts, int n, const char *resource,
+                               mso_http_multi_t *m, apr_interval_time_t budget,
+                               apr_int64_t now, mso_refresh_outcome_t *outs);
 
 /* When the next refresh is due: margin before expiry (at most a quarter of the
  * token's remaining life), earlier by a jitter of up to 10% of that life (so

@@ -249,6 +249,14 @@ def psql(params, sql):
     return r.stdout.strip()
 
 
+def pg_reset(params):
+    """Drops every table of the module, so a test starts from an empty database."""
+    tables = psql(params, "SELECT string_agg(quote_ident(tablename), ', ') FROM pg_tables "
+                          "WHERE schemaname = current_schema() AND tablename LIKE 'msoauth%'")
+    if tables:
+        psql(params, f"DROP TABLE IF EXISTS {tables} CASCADE")
+
+
 class Simulator:
     def __init__(self, proc, port):
         self.proc = proc

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, RUN_USER, psql
+from conftest import IS_ROOT, RUN_USER, pg_reset, psql
 
 CLIENT_ID = "6731de76-14a6-49ae-97bc-6eba6914391e"
 
@@ -74,9 +74,7 @@ class SQLiteDB:
 class PgDB:
     def __init__(self, params):
         self._params = params
-        psql(params, "DROP TABLE IF EXISTS msoauth_tokens, msoauth_sync_folders, msoauth_flows_used, "
-                     "msoauth_actions, msoauth_messages, msoauth_accounts, msoauth_schema "
-                     "CASCADE")
+        pg_reset(params)
 
     def params(self):
         return self._params

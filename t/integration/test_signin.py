@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import Browser, open_sealed, psql, sim_call
+from conftest import Browser, open_sealed, pg_reset, psql, sim_call
 
 ADELE = ("adele@contoso.com", "6e2b8f3a-1c4d-4e5f-8a9b-0c1d2e3f4a5b", "Adele Vance")
 MEGAN = ("megan@contoso.com", "7f3c9a4b-2d5e-4f60-9bac-1d2e3f4a5b6c", "Megan Bowen")
@@ -145,9 +145,7 @@ def assert_no_secrets(s, *texts):
 @pytest.mark.parametrize("db", ["sqlite3", "pgsql"])
 def test_full_flow_connects_the_mailbox(httpd, simulator, pg_params, db):
     if db == "pgsql":
-        psql(pg_params, "DROP TABLE IF EXISTS msoauth_tokens, msoauth_sync_folders, "
-                        "msoauth_flows_used, msoauth_actions, msoauth_messages, "
-                        "msoauth_accounts, msoauth_schema CASCADE")
+        pg_reset(pg_params)
     s = Setup(httpd, simulator, db=db, pg_params=pg_params)
     s.wait_schema()
     r1, r2, r3 = s.sign_in(mailbox="Adele@Contoso.com", return_to="/app/settings?tab=mail")

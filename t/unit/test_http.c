@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +31,9 @@ typedef struct {
     int wake[2];
     int port;
     int conns;              /* accepted connections, read with __atomic */
+    int open;               /* connections open now, and the most at once */
+    int max_open;
+    int threads;            /* connection threads still running */
     pthread_t thread;
 } server_t;
 
@@ -101,7 +105,8 @@ static size_t read_request(int fd, char *buf, size_t size)
     return len;
 }
 
-static void respond(int fd, const char *req, size_t req_len)
+/* Returns 1 when the connection stays open for another request. */
+static int respond(int fd, const char *req, size_t req_len)
 {
     char path[128] = "";
     char date[APR_RFC822_DATE_LEN];
@@ -164,6 +169,18 @@ static void respond(int fd, const char *req, size_t req_len)
                      "0123456789");
         wait_for_close(fd);
     }
+    else if (strcmp(path, "/slow") == 0) {
+        usleep(300 * 1000);
+        send_str(fd, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nslow");
+    }
+    else if (strcmp(path, "/ka") == 0 || strcmp(path, "/ka-slow") == 0) {
+        /* Keep-alive: the client may send its next request on this connection. */
+        if (strcmp(path, "/ka-slow") == 0) {
+            usleep(100 * 1000);
+        }
+        send_str(fd, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nka");
+        return 1;
+    }
     else if (strcmp(path, "/echo") == 0) {
         snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %lu\r\n"
                  "Connection: close\r\n\r\n", (unsigned long)req_len);
@@ -173,15 +190,41 @@ static void respond(int fd, const char *req, size_t req_len)
     else {
         send_str(fd, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     }
+    return 0;
+}
+
+/* One connection, in its own thread, so concurrent clients are served at
+ * once and the test can see how many connections were open together. */
+static void *serve_conn(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    char req[65536];
+    size_t len;
+    int open, max;
+
+    open = __atomic_add_fetch(&srv.open, 1, __ATOMIC_SEQ_CST);
+    max = __atomic_load_n(&srv.max_open, __ATOMIC_SEQ_CST);
+    while (open > max
+           && !__atomic_compare_exchange_n(&srv.max_open, &max, open, 0, __ATOMIC_SEQ_CST,
+                                           __ATOMIC_SEQ_CST)) {
+    }
+    while ((len = read_request(fd, req, sizeof(req))) != 0 && respond(fd, req, len)) {
+    }
+    __atomic_sub_fetch(&srv.open, 1, __ATOMIC_SEQ_CST);
+    close(fd);
+    __atomic_sub_fetch(&srv.threads, 1, __ATOMIC_SEQ_CST);
+    return NULL;
 }
 
 static void *serve(void *arg)
 {
     struct pollfd pfd[2] = {{srv.lfd, POLLIN, 0}, {srv.wake[0], POLLIN, 0}};
-    static char req[65536];
-    size_t len;
+    pthread_attr_t attr;
+    pthread_t t;
     int fd;
 
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     for (;;) {
         if (poll(pfd, 2, -1) < 0) {
             if (errno == EINTR) {
@@ -197,12 +240,13 @@ static void *serve(void *arg)
             continue;
         }
         __atomic_add_fetch(&srv.conns, 1, __ATOMIC_SEQ_CST);
-        len = read_request(fd, req, sizeof(req));
-        if (len) {
-            respond(fd, req, len);
+        __atomic_add_fetch(&srv.threads, 1, __ATOMIC_SEQ_CST);
+        if (pthread_create(&t, &attr, serve_conn, (void *)(intptr_t)fd) != 0) {
+            __atomic_sub_fetch(&srv.threads, 1, __ATOMIC_SEQ_CST);
+            close(fd);
         }
-        close(fd);
     }
+    pthread_attr_destroy(&attr);
     return NULL;
 }
 
@@ -234,12 +278,19 @@ static void setup(void)
 
 static void teardown(void)
 {
+    int i;
+
+    /* First the pool: it closes the connections a multi handle keeps open. */
+    apr_pool_destroy(pool);
     ck_assert_int_eq(write(srv.wake[1], "x", 1), 1);
     pthread_join(srv.thread, NULL);
+    /* Connection threads end when their client hangs up or goes quiet. */
+    for (i = 0; i < 100 && __atomic_load_n(&srv.threads, __ATOMIC_SEQ_CST); i++) {
+        usleep(50 * 1000);
+    }
     close(srv.lfd);
     close(srv.wake[0]);
     close(srv.wake[1]);
-    apr_pool_destroy(pool);
 }
 
 /* ---- helpers ------------------------------------------------------------- */
@@ -603,6 +654,312 @@ START_TEST(defaults)
 }
 END_TEST
 
+
+/* ---- many requests at once ------------------------------------------------ */
+
+typedef struct {
+    apr_status_t rv;
+    mso_http_response_t *resp;
+    int calls;
+} result_t;
+
+static void on_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
+{
+    result_t *r = baton;
+
+    r->rv = rv;
+    r->resp = resp;
+    r->calls++;
+}
+
+static int max_open(void)
+{
+    return __atomic_load_n(&srv.max_open, __ATOMIC_SEQ_CST);
+}
+
+static mso_http_multi_t *multi(const mso_http_opts_t *o, int in_flight, int per_host)
+{
+    mso_http_multi_t *m = NULL;
+
+    ck_assert_int_eq(mso_http_multi_create(pool, o, in_flight, per_host, &m), APR_SUCCESS);
+    ck_assert_ptr_nonnull(m);
+    return m;
+}
+
+/* Adds n GETs of path, runs them, and returns how long the run took. */
+static apr_interval_time_t run_gets(mso_http_multi_t *m, const char *path, result_t *res,
+                                    int n, apr_status_t want)
+{
+    apr_time_t start;
+    int i;
+
+    memset(res, 0, sizeof(*res) * n);
+    for (i = 0; i < n; i++) {
+        ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url(path), NULL, NULL, 0, on_done,
+                                            &res[i]), APR_SUCCESS);
+    }
+    start = apr_time_now();
+    ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_sec(10)), want);
+    return apr_time_now() - start;
+}
+
+START_TEST(multi_concurrent)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m = multi(&o, 6, 6);
+    result_t res[6];
+    apr_interval_time_t took;
+    int i;
+
+    /* Six requests of 300 ms each: together, not one after the other. */
+    took = run_gets(m, "/slow", res, 6, APR_SUCCESS);
+    for (i = 0; i < 6; i++) {
+        ck_assert_int_eq(res[i].calls, 1);
+        ck_assert_int_eq(res[i].rv, APR_SUCCESS);
+        ck_assert_int_eq(res[i].resp->status, 200);
+        ck_assert_str_eq(res[i].resp->body, "slow");
+        ck_assert_int_eq(res[i].resp->not_sent, 0);
+    }
+    ck_assert_msg(took < apr_time_from_msec(1200), "took %ld ms", (long)(took / 1000));
+    ck_assert_int_ge(max_open(), 3);
+    ck_assert_int_eq(conns(), 6);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(multi_max_in_flight)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m = multi(&o, 2, 8);
+    result_t res[6];
+    apr_interval_time_t took;
+    int i;
+
+    took = run_gets(m, "/slow", res, 6, APR_SUCCESS);
+    for (i = 0; i < 6; i++) {
+        ck_assert_int_eq(res[i].calls, 1);
+        ck_assert_int_eq(res[i].rv, APR_SUCCESS);
+        ck_assert_int_eq(res[i].resp->status, 200);
+    }
+    ck_assert_int_le(max_open(), 2);
+    /* Three rounds of two. */
+    ck_assert_msg(took >= apr_time_from_msec(850), "took %ld ms", (long)(took / 1000));
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(multi_max_host_connections)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m = multi(&o, 6, 2);
+    result_t res[6];
+    int i;
+
+    run_gets(m, "/slow", res, 6, APR_SUCCESS);
+    for (i = 0; i < 6; i++) {
+        ck_assert_int_eq(res[i].rv, APR_SUCCESS);
+        ck_assert_str_eq(res[i].resp->body, "slow");
+    }
+    ck_assert_int_le(max_open(), 2);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(multi_stall_times_out_alone)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m;
+    result_t res[4];
+    apr_time_t start;
+    int i;
+
+    o.timeout_ms = 500;
+    m = multi(&o, 4, 4);
+    memset(res, 0, sizeof(res));
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/stall"), NULL, NULL, 0, on_done,
+                                        &res[0]), APR_SUCCESS);
+    for (i = 1; i < 4; i++) {
+        ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok"), NULL, NULL, 0, on_done,
+                                            &res[i]), APR_SUCCESS);
+    }
+    start = apr_time_now();
+    ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_sec(10)), APR_SUCCESS);
+    ck_assert(apr_time_now() - start < apr_time_from_msec(1500));
+    ck_assert_int_eq(res[0].calls, 1);
+    ck_assert_int_eq(res[0].rv, APR_TIMEUP);
+    ck_assert_int_eq(res[0].resp->status, 0);
+    ck_assert_ptr_nonnull(res[0].resp->error);
+    ck_assert_int_eq(res[0].resp->not_sent, 0);
+    ck_assert(res[0].resp->seconds >= 0.4 && res[0].resp->seconds < 1.5);
+    for (i = 1; i < 4; i++) {
+        ck_assert_int_eq(res[i].calls, 1);
+        ck_assert_int_eq(res[i].rv, APR_SUCCESS);
+        ck_assert_str_eq(res[i].resp->body, "hello");
+        ck_assert_str_eq(apr_table_get(res[i].resp->headers, "X-Test"), "yes");
+    }
+}
+END_TEST
+
+START_TEST(multi_budget)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m;
+    result_t res[2], again;
+    apr_time_t start;
+
+    /* One at a time: the stalled request holds the slot until the budget ends. */
+    o.timeout_ms = 5000;
+    o.stall_seconds = 5;
+    m = multi(&o, 1, 1);
+    memset(res, 0, sizeof(res));
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/stall"), NULL, NULL, 0, on_done,
+                                        &res[0]), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok"), NULL, NULL, 0, on_done,
+                                        &res[1]), APR_SUCCESS);
+    start = apr_time_now();
+    ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_msec(300)), APR_TIMEUP);
+    ck_assert(apr_time_now() - start < apr_time_from_msec(1000));
+    ck_assert_int_eq(res[0].calls, 1);
+    ck_assert_int_eq(res[0].rv, APR_TIMEUP);
+    ck_assert_int_eq(res[0].resp->not_sent, 0);
+    ck_assert_ptr_nonnull(res[0].resp->error);
+    ck_assert_int_eq(res[1].calls, 1);
+    ck_assert_int_eq(res[1].rv, APR_TIMEUP);
+    ck_assert_int_eq(res[1].resp->not_sent, 1);
+    ck_assert_int_eq(res[1].resp->status, 0);
+    ck_assert_int_eq(conns(), 1);
+
+    /* A budget already spent: nothing is sent. */
+    memset(&again, 0, sizeof(again));
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok"), NULL, NULL, 0, on_done,
+                                        &again), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_run(m, 0), APR_TIMEUP);
+    ck_assert_int_eq(again.rv, APR_TIMEUP);
+    ck_assert_int_eq(again.resp->not_sent, 1);
+    ck_assert_int_eq(conns(), 1);
+
+    /* The handle still works afterwards. */
+    memset(&again, 0, sizeof(again));
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok"), NULL, NULL, 0, on_done,
+                                        &again), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_sec(5)), APR_SUCCESS);
+    ck_assert_int_eq(again.rv, APR_SUCCESS);
+    ck_assert_int_eq(again.resp->status, 200);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(multi_reuses_connections)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m = multi(&o, 4, 2);
+    result_t res[10];
+    int i;
+
+    run_gets(m, "/ka-slow", res, 10, APR_SUCCESS);
+    for (i = 0; i < 10; i++) {
+        ck_assert_int_eq(res[i].rv, APR_SUCCESS);
+        ck_assert_str_eq(res[i].resp->body, "ka");
+    }
+    ck_assert_int_le(conns(), 2);
+    ck_assert_int_le(max_open(), 2);
+    /* A later run on the same handle still uses the open connections. */
+    run_gets(m, "/ka", res, 5, APR_SUCCESS);
+    for (i = 0; i < 5; i++) {
+        ck_assert_int_eq(res[i].rv, APR_SUCCESS);
+    }
+    ck_assert_int_le(conns(), 2);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(multi_refuse_bad_input)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m = multi(&o, 4, 4);
+    mso_http_multi_t *none = NULL;
+    result_t res;
+
+    memset(&res, 0, sizeof(res));
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok"),
+                                        hdrs("Accept: text/plain", "X-Bad: a\r\nOrigin: evil"),
+                                        NULL, 0, on_done, &res), APR_EINVAL);
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok"), hdrs("X-Bad: a\nb", NULL),
+                                        NULL, 0, on_done, &res), APR_EINVAL);
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok\r\nX: y"), NULL, NULL, 0,
+                                        on_done, &res), APR_EINVAL);
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "PUT", url("/ok"), NULL, "x", 1, on_done,
+                                        &res), APR_EINVAL);
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok"), NULL, NULL, 0, NULL, NULL),
+                     APR_EINVAL);
+    ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_sec(5)), APR_SUCCESS);
+    ck_assert_int_eq(res.calls, 0);
+    ck_assert_int_eq(conns(), 0);
+    ck_assert_int_eq(mso_http_multi_create(pool, &o, 0, 4, &none), APR_EINVAL);
+    ck_assert_int_eq(mso_http_multi_create(pool, &o, 4, 0, &none), APR_EINVAL);
+
+    /* POST through the multi handle sends the same request as the sync path. */
+    {
+        const char *form = mso_form_encode(pool, "grant_type", "refresh_token", "x", "a b",
+                                           NULL);
+
+        ck_assert_int_eq(mso_http_multi_add(m, pool, "POST", url("/echo"),
+                                            hdrs("Content-Type: application/x-www-form-"
+                                                 "urlencoded", NULL),
+                                            form, strlen(form), on_done, &res), APR_SUCCESS);
+        ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_sec(5)), APR_SUCCESS);
+        ck_assert_int_eq(res.calls, 1);
+        ck_assert_int_eq(res.rv, APR_SUCCESS);
+        ck_assert(strncmp(res.resp->body, "POST /echo HTTP/1.1\r\n", 21) == 0);
+        ck_assert_str_eq(echoed_body(res.resp), "grant_type=refresh_token&x=a%20b");
+        ck_assert_ptr_nonnull(strstr(res.resp->body, "\r\nUser-Agent: mod_msoauth/"));
+        ck_assert_ptr_null(strcasestr(res.resp->body, "\r\nExpect:"));
+    }
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(multi_caps_and_cancel)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m = multi(&o, 4, 4);
+    result_t res[3], gone;
+    apr_pool_t *sub;
+
+    /* The body cap and Retry-After behave as in the sync path. */
+    memset(res, 0, sizeof(res));
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/big"), NULL, NULL, 0, on_done,
+                                        &res[0]), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/retry/7"), NULL, NULL, 0,
+                                        on_done, &res[1]), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/limit"), NULL, NULL, 0, on_done,
+                                        &res[2]), APR_SUCCESS);
+    /* A request whose pool goes away before the run is cancelled quietly. */
+    memset(&gone, 0, sizeof(gone));
+    apr_pool_create(&sub, pool);
+    ck_assert_int_eq(mso_http_multi_add(m, sub, "GET", url("/ok"), NULL, NULL, 0, on_done,
+                                        &gone), APR_SUCCESS);
+    apr_pool_destroy(sub);
+    ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_sec(5)), APR_SUCCESS);
+    ck_assert_int_eq(res[0].rv, APR_ENOSPC);
+    ck_assert_str_eq(res[0].resp->body, "");
+    ck_assert_int_eq(res[1].rv, APR_SUCCESS);
+    ck_assert_int_eq(res[1].resp->status, 429);
+    ck_assert_int_eq(res[1].resp->retry_after, 7);
+    ck_assert_int_eq(res[2].rv, APR_SUCCESS);
+    ck_assert_uint_eq(res[2].resp->body_len, 1000);
+    ck_assert_int_eq(gone.calls, 0);
+    ck_assert_int_eq(conns(), 3);
+
+    /* Destroying the handle drops what is queued without calling back. */
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok"), NULL, NULL, 0, on_done,
+                                        &gone), APR_SUCCESS);
+    mso_http_multi_destroy(m);
+    ck_assert_int_eq(gone.calls, 0);
+    ck_assert_int_eq(conns(), 3);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("http");
@@ -628,6 +985,14 @@ int main(void)
     tcase_add_test(tc, echo_methods);
     tcase_add_test(tc, encoding);
     tcase_add_test(tc, defaults);
+    tcase_add_test(tc, multi_concurrent);
+    tcase_add_test(tc, multi_max_in_flight);
+    tcase_add_test(tc, multi_max_host_connections);
+    tcase_add_test(tc, multi_stall_times_out_alone);
+    tcase_add_test(tc, multi_budget);
+    tcase_add_test(tc, multi_reuses_connections);
+    tcase_add_test(tc, multi_refuse_bad_input);
+    tcase_add_test(tc, multi_caps_and_cancel);
     suite_add_tcase(s, tc);
     sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

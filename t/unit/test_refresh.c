@@ -42,6 +42,10 @@ typedef struct {
     int lfd, wake[2], port;
     pthread_t thread;
     const char *answer;             /* whole HTTP response */
+    struct {
+        const char *needle;         /* in the request body: this answer instead */
+        const char *answer;
+    } routes[4];
     const char *sql_during;         /* run on db2 before answering (another node) */
     const apr_dbd_driver_t *driver;
     apr_dbd_t *db2;
@@ -82,8 +86,8 @@ static void *serve(void *arg)
 {
     struct pollfd pfd[2] = {{srv.lfd, POLLIN, 0}, {srv.wake[0], POLLIN, 0}};
     static char req[16384];
-    const char *body;
-    int fd, n;
+    const char *body, *ans;
+    int fd, n, i;
 
     while (poll(pfd, 2, -1) >= 0 || errno == EINTR) {
         if (pfd[1].revents) {
@@ -100,8 +104,14 @@ static void *serve(void *arg)
                 apr_dbd_query(srv.driver, srv.db2, &n, srv.sql_during);
             }
             __atomic_add_fetch(&srv.requests, 1, __ATOMIC_SEQ_CST);
-            if (srv.answer) {
-                send(fd, srv.answer, strlen(srv.answer), MSG_NOSIGNAL);
+            ans = srv.answer;
+            for (i = 0; i < 4 && srv.routes[i].needle; i++) {
+                if (strstr(srv.body, srv.routes[i].needle)) {
+                    ans = srv.routes[i].answer;
+                }
+            }
+            if (ans) {
+                send(fd, ans, strlen(ans), MSG_NOSIGNAL);
             }
         }
         close(fd);
@@ -707,6 +717,186 @@ START_TEST(backoff_range)
 }
 END_TEST
 
+
+/* ---- many accounts at once ------------------------------------------------ */
+
+static const char *seal_for(const char *mailbox, const char *kind, const char *plain)
+{
+    const char *s = NULL;
+
+    ck_assert_int_eq(mso_seal(pool, keyring, MSO_PURPOSE_TOKEN,
+                              mso_token_aad(pool, "acme", mailbox, kind), plain,
+                              strlen(plain), &s), APR_SUCCESS);
+    return s;
+}
+
+/* Another connected account of acme, due now, with refresh token rt (NULL:
+ * none stored), leased for ctx.owner. */
+static mso_account_t *other_account(const char *mailbox, const char *rt)
+{
+    mso_account_t a, *got = NULL;
+    const char *err = NULL;
+    int n = 0;
+
+    memset(&a, 0, sizeof(a));
+    a.company = "acme";
+    a.mailbox = mailbox;
+    a.scopes = "openid profile email offline_access " GRAPH "/Mail.Read";
+    a.authority = apr_psprintf(pool, "http://127.0.0.1:%d/tenant-x", srv.port);
+    a.access_expires_at = NOW - 10;
+    ck_assert_int_eq(mso_store_account_connect(db, &a, seal_for(mailbox, "refresh",
+                                                                rt ? rt : "unused"),
+                                               seal_for(mailbox, "graph", "AT-0"),
+                                               NOW - 3610, &err), APR_SUCCESS);
+    if (!rt) {
+        ck_assert_int_eq(apr_dbd_query(db->driver, db->handle, &n, apr_psprintf(pool,
+                         "DELETE FROM msoauth_tokens WHERE kind = 'refresh' AND account_id = "
+                         "%" APR_INT64_T_FMT, a.id)), 0);
+    }
+    ck_assert_int_eq(mso_store_lease(db, a.id, ctx.owner, NOW, 90), APR_SUCCESS);
+    ck_assert_int_eq(mso_store_account_get(db, pool, a.id, &got), APR_SUCCESS);
+    return got;
+}
+
+static mso_account_t *account_by_id(apr_int64_t id)
+{
+    mso_account_t *a = NULL;
+
+    ck_assert_int_eq(mso_store_account_get(db, pool, id, &a), APR_SUCCESS);
+    return a;
+}
+
+static const char *opened_for(const mso_account_t *a, const char *kind)
+{
+    const char *sealed = NULL;
+    unsigned char *plain = NULL;
+    apr_size_t len = 0;
+
+    ck_assert_int_eq(mso_store_token_get(db, pool, a->id, kind, &sealed, NULL), APR_SUCCESS);
+    ck_assert_int_eq(mso_open(pool, keyring, MSO_PURPOSE_TOKEN,
+                              mso_token_aad(pool, "acme", a->mailbox, kind), sealed, &plain,
+                              &len), APR_SUCCESS);
+    return (const char *)plain;
+}
+
+START_TEST(batch_mixed_outcomes)
+{
+    const mso_refresh_ctx_t *ctxs[5];
+    const mso_account_t *accts[5];
+    mso_refresh_outcome_t outs[5];
+    mso_http_multi_t *m = NULL;
+    mso_account_t *a;
+    int i;
+
+    ck_assert_int_eq(mso_store_lease(db, account_id, ctx.owner, NOW, 90), APR_SUCCESS);
+    accts[0] = account();                                   /* RT-1: refreshed */
+    accts[1] = other_account("bob@example.com", "RT-b503"); /* 503: transient */
+    accts[2] = other_account("carol@example.com", "RT-cdead"); /* invalid_grant */
+    accts[3] = other_account("dave@example.com", NULL);     /* nothing to send */
+    accts[4] = other_account("erin@example.com", "RT-e1");  /* refreshed, no rotation */
+    for (i = 0; i < 5; i++) {
+        ctxs[i] = &ctx;
+    }
+    srv.answer = token_ok("AT-1", "RT-2", "Mail.Read");
+    srv.routes[0].needle = "refresh_token=RT-b503";
+    srv.routes[0].answer = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\n"
+                           "Content-Length: 0\r\nConnection: close\r\n\r\n";
+    srv.routes[1].needle = "refresh_token=RT-cdead";
+    srv.routes[1].answer = token_error(400, "invalid_grant", 700082);
+    srv.routes[2].needle = "refresh_token=RT-e1";
+    srv.routes[2].answer = token_ok("AT-e2", NULL, "Mail.Read");
+
+    /* Two at a time, so some wait for a free slot. */
+    ck_assert_int_eq(mso_http_multi_create(pool, &http, 2, 2, &m), APR_SUCCESS);
+    ck_assert_int_eq(mso_refresh_batch(db, pool, ctxs, accts, 5, "graph", m,
+                                       apr_time_from_sec(20), NOW, outs), APR_SUCCESS);
+    ck_assert_int_eq(requests(), 4);
+
+    ck_assert_int_eq(outs[0].result, MSO_REFRESHED);
+    ck_assert_str_eq(outs[0].access_token, "AT-1");
+    ck_assert_int_eq(outs[0].access_expires_at, NOW + 3600);
+    ck_assert_str_eq(opened("refresh", NULL), "RT-2");
+    ck_assert_str_eq(opened("graph", NULL), "AT-1");
+    a = account();
+    ck_assert_str_eq(a->state, "connected");
+    ck_assert_int_eq(a->last_refresh_at, NOW);
+    ck_assert_ptr_null(a->lease_owner);
+
+    ck_assert_int_eq(outs[1].result, MSO_REFRESH_TRANSIENT);
+    ck_assert_str_eq(outs[1].reason, "token_endpoint_unreachable");
+    ck_assert_int_eq(outs[1].retry_after, 7);
+    a = account_by_id(accts[1]->id);
+    ck_assert_str_eq(a->state, "connected");
+    ck_assert_str_eq(a->reason, "token_endpoint_unreachable");
+    ck_assert_int_eq(a->error_runs, 1);
+    ck_assert_int_ge(a->retry_at, NOW + 15);
+    ck_assert_int_le(a->retry_at, NOW + 45);
+    ck_assert_ptr_null(a->lease_owner);
+    ck_assert_str_eq(opened_for(a, "refresh"), "RT-b503");
+
+    ck_assert_int_eq(outs[2].result, MSO_REFRESH_RECONNECT);
+    ck_assert_str_eq(outs[2].reason, "reconnect_required");
+    ck_assert_int_eq(outs[2].aadsts, 700082);
+    a = account_by_id(accts[2]->id);
+    ck_assert_str_eq(a->state, "reconnect_required");
+    ck_assert_int_eq(a->aadsts, 700082);
+    ck_assert_ptr_null(a->lease_owner);
+
+    ck_assert_int_eq(outs[3].result, MSO_REFRESH_RECONNECT);
+    a = account_by_id(accts[3]->id);
+    ck_assert_str_eq(a->state, "reconnect_required");
+    ck_assert_ptr_null(a->lease_owner);
+
+    ck_assert_int_eq(outs[4].result, MSO_REFRESHED);
+    ck_assert_str_eq(outs[4].access_token, "AT-e2");
+    a = account_by_id(accts[4]->id);
+    ck_assert_str_eq(opened_for(a, "graph"), "AT-e2");
+    ck_assert_str_eq(opened_for(a, "refresh"), "RT-e1");
+    ck_assert_int_eq(a->error_runs, 0);
+    ck_assert_ptr_null(a->lease_owner);
+
+    no_secrets_logged();
+    ck_assert_msg(!strstr(logbuf, "RT-") && !strstr(logbuf, "AT-e2"),
+                  "a token reached the log:\n%s", logbuf);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(batch_out_of_time)
+{
+    const mso_refresh_ctx_t *ctxs[2] = {&ctx, &ctx};
+    const mso_account_t *accts[2];
+    mso_refresh_outcome_t outs[2];
+    mso_http_multi_t *m = NULL;
+    mso_account_t *a;
+    int i;
+
+    ck_assert_int_eq(mso_store_lease(db, account_id, ctx.owner, NOW, 90), APR_SUCCESS);
+    accts[0] = account();
+    accts[1] = other_account("bob@example.com", "RT-b1");
+    srv.answer = token_ok("AT-1", "RT-2", "Mail.Read");
+    ck_assert_int_eq(mso_http_multi_create(pool, &http, 4, 4, &m), APR_SUCCESS);
+    /* The budget is spent before anything is sent: nothing recorded, leases back. */
+    ck_assert_int_eq(mso_refresh_batch(db, pool, ctxs, accts, 2, "graph", m, 0, NOW, outs),
+                     APR_SUCCESS);
+    ck_assert_int_eq(requests(), 0);
+    for (i = 0; i < 2; i++) {
+        ck_assert_int_eq(outs[i].result, MSO_REFRESH_DEFERRED);
+        a = account_by_id(accts[i]->id);
+        ck_assert_str_eq(a->state, "connected");
+        ck_assert_int_eq(a->error_runs, 0);
+        ck_assert_int_eq(a->retry_at, 0);
+        ck_assert_ptr_null(a->lease_owner);
+    }
+    ck_assert_str_eq(opened("refresh", NULL), "RT-1");
+
+    /* Missing arguments: nothing done. */
+    ck_assert_int_eq(mso_refresh_batch(db, pool, ctxs, accts, 2, "graph", NULL,
+                                       apr_time_from_sec(5), NOW, outs), APR_EINVAL);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("refresh");
@@ -734,6 +924,8 @@ int main(void)
     tcase_add_test(tc, lease_lost_before_commit);
     tcase_add_test(tc, key_removed_from_ring);
     tcase_add_test(tc, no_refresh_token_stored);
+    tcase_add_test(tc, batch_mixed_outcomes);
+    tcase_add_test(tc, batch_out_of_time);
     tcase_add_test(sched, next_due_range);
     tcase_add_test(sched, backoff_range);
     suite_add_tcase(s, tc);

@@ -121,7 +121,8 @@ static mso_db_t *fresh_db(int backend)
 
     if (backend == BACKEND_PGSQL) {
         exec_ok(db, "DROP TABLE IF EXISTS msoauth_tokens, msoauth_sync_folders, "
-                    "msoauth_flows_used, msoauth_actions, msoauth_messages, msoauth_accounts, msoauth_schema "
+                    "msoauth_flows_used, msoauth_job_runs, msoauth_actions, msoauth_messages, "
+                    "msoauth_accounts, msoauth_schema "
                     "CASCADE");
     }
     return db;
@@ -724,6 +725,7 @@ START_TEST(migrate_from_v1)
         exec_ok(db, apr_pstrcat(pool, "ALTER TABLE msoauth_accounts DROP COLUMN ",
                                 v2_columns[i], NULL));
     }
+    exec_ok(db, "DROP TABLE msoauth_job_runs");
     exec_ok(db, "DELETE FROM msoauth_schema WHERE version > 1");
     ck_assert_int_ne(select_num(db, "SELECT lease_owner FROM msoauth_accounts", &v), 0);
 
