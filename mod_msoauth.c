@@ -203,6 +203,7 @@ static void msoauth_child_init(apr_pool_t *pchild, server_rec *main_s)
         return;
     }
     process_owner = msoauth_lease_owner(pchild);
+    msoauth_job_child_init(pchild);
     if (mso_discovery_cache_create(pchild, &discovery_cache) != APR_SUCCESS) {
         ap_log_error(APLOG_MARK, APLOG_CRIT, 0, main_s, MSOLOGNO(033) "cannot create the "
                      "discovery cache");

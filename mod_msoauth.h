@@ -109,6 +109,7 @@ int msoauth_server_in_use(server_rec *s);
 
 /* The background job (mod_msoauth_job.c). */
 apr_status_t msoauth_job_register(apr_pool_t *pconf, server_rec *main_s);
+void msoauth_job_child_init(apr_pool_t *pchild);
 const char *msoauth_lease_owner(apr_pool_t *p);
 /* This child process's lease owner (request handlers). */
 const char *msoauth_process_owner(void);

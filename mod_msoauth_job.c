@@ -9,6 +9,8 @@
 #include <apr_optional.h>
 #include <apr_strings.h>
 #include <apr_dbd.h>
+#include <apr_thread_cond.h>
+#include <apr_thread_mutex.h>
 
 #include <httpd.h>
 #include <http_config.h>
@@ -44,7 +46,16 @@ typedef struct {
     server_rec *main_s;
     const char *owner;          /* lease owner: host and pid of the job's child */
     apr_time_t secrets_checked;
+    /* A child that goes away (graceful restart, stop) destroys mod_dbd's
+     * connections: it must wait until a tick in progress has given its
+     * connection back, and no new tick may start. */
+    apr_thread_mutex_t *lock;
+    apr_thread_cond_t *idle;
+    int busy, stopping;
 } job_t;
+
+/* This generation's job (set at registration; each child has its own copy). */
+static job_t *the_job;
 
 void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
                          const char *owner, mso_http_opts_t *http, mso_refresh_ctx_t *ctx)
@@ -274,6 +285,16 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
                      "pid %" APR_PID_T_FMT " (lease owner %s)", getpid(), job->owner);
         break;
     case AP_WATCHDOG_STATE_RUNNING:
+        if (!job->lock) {
+            break;              /* child_init has not run in this process */
+        }
+        apr_thread_mutex_lock(job->lock);
+        if (job->stopping) {
+            apr_thread_mutex_unlock(job->lock);
+            break;
+        }
+        job->busy = 1;
+        apr_thread_mutex_unlock(job->lock);
         deadline = apr_time_now() + TICK_BUDGET;
         for (s = job->main_s; s; s = s->next) {
             if (msoauth_server_in_use(s)) {
@@ -286,6 +307,10 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
             job->secrets_checked = apr_time_now();
             check_secrets(job, pool);
         }
+        apr_thread_mutex_lock(job->lock);
+        job->busy = 0;
+        apr_thread_cond_broadcast(job->idle);
+        apr_thread_mutex_unlock(job->lock);
         break;
     case AP_WATCHDOG_STATE_STOPPING:
         ap_log_error(APLOG_MARK, APLOG_INFO, 0, job->main_s, MSOLOGNO(204) "job stopping");
@@ -319,10 +344,44 @@ apr_status_t msoauth_job_register(apr_pool_t *pconf, server_rec *main_s)
     }
     job = apr_pcalloc(pconf, sizeof(*job));
     job->main_s = main_s;
+    the_job = job;
     rv = wd_register_callback(wd, JOB_TICK, job, job_tick);
     if (rv != APR_SUCCESS) {
         ap_log_error(APLOG_MARK, APLOG_CRIT, rv, main_s, MSOLOGNO(207) "cannot register the "
                      "job with mod_watchdog");
     }
     return rv;
+}
+
+/* Runs first when the child's pool goes: lets a tick in progress finish (its
+ * token calls time out within 30 s) before mod_dbd's connections are closed,
+ * so no refresh is cut off half-written and no connection is freed in use. */
+static apr_status_t job_child_stop(void *data)
+{
+    job_t *job = data;
+    apr_time_t give_up = apr_time_now() + TICK_BUDGET + apr_time_from_sec(15);
+
+    apr_thread_mutex_lock(job->lock);
+    job->stopping = 1;
+    while (job->busy && apr_time_now() < give_up) {
+        apr_thread_cond_timedwait(job->idle, job->lock, apr_time_from_msec(200));
+    }
+    apr_thread_mutex_unlock(job->lock);
+    return APR_SUCCESS;
+}
+
+void msoauth_job_child_init(apr_pool_t *pchild)
+{
+    job_t *job = the_job;
+
+    if (!job || apr_thread_mutex_create(&job->lock, APR_THREAD_MUTEX_DEFAULT, pchild)
+                != APR_SUCCESS
+        || apr_thread_cond_create(&job->idle, pchild) != APR_SUCCESS) {
+        if (job) {
+            job->lock = NULL;
+        }
+        return;
+    }
+    job->busy = job->stopping = 0;
+    apr_pool_pre_cleanup_register(pchild, job, job_child_stop);
 }
