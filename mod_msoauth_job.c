@@ -27,7 +27,7 @@ APLOG_USE_MODULE(msoauth);
 
 #define JOB_NAME "msoauth-job"
 #define JOB_TICK apr_time_from_sec(2)
-#define CLAIM_BATCH 50
+#define CLAIM_BATCH 200         /* accounts leased at once; their calls share the multi handle */
 #define TICK_BUDGET apr_time_from_sec(20)
 /* Token calls of a tick run concurrently: at most JOB_HTTP_IN_FLIGHT at a
  * time (a claim batch of 50 takes two rounds at worst, well inside the
@@ -35,7 +35,7 @@ APLOG_USE_MODULE(msoauth);
  * all go to login.microsoftonline.com): reused keep-alive or HTTP/2
  * connections, not a burst of new TLS handshakes Microsoft would throttle. */
 #define JOB_HTTP_IN_FLIGHT 32
-#define JOB_HTTP_PER_HOST 8
+#define JOB_HTTP_PER_HOST 16
 
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_get_instance) *wd_get_instance;
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_register_callback) *wd_register_callback;

@@ -507,7 +507,10 @@ MSOAuthGraphURL {sim.url}
             sim.stop()
         if db:
             db.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.environ.get("MSO_BENCH_KEEP"):
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _try(fn):
