@@ -43,6 +43,15 @@ def wait_port(port, timeout=15.0, proc=None):
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def alive(pid):
+    """True while pid runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def give_to_run_user(path):
     """httpd children run as www-data when the tests run as root."""
     if IS_ROOT:
@@ -144,19 +153,30 @@ class Httpd:
         except (OSError, ValueError):
             return None
 
+    def children(self):
+        pid = self.pid()
+        if not pid:
+            return []
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
     def stop(self):
+        """Stops httpd and makes sure none of its children lives on: an orphaned
+        job child would keep talking to the shared simulator."""
         pid = self.pid()
         if not pid:
             return
+        kids = self.children()
         self._run("-k", "stop")
-        end = time.time() + 15
-        while time.time() < end:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
+        end = time.time() + 20
+        while time.time() < end and alive(pid):
             time.sleep(0.05)
-        os.kill(pid, 9)
+        for p in [pid] + kids:
+            if alive(p):
+                os.kill(p, 9)
+        end = time.time() + 10
+        while time.time() < end and any(alive(p) for p in [pid] + kids):
+            time.sleep(0.05)
 
     def graceful(self, body=None, wait_generation=True):
         self.write(body)
