@@ -485,6 +485,8 @@ class Sim:
 
     def reset(self):
         with self.lock:
+            # Requests still hanging from before a reset must not act on the new state.
+            self.generation = getattr(self, "generation", 0) + 1
             self.config = dict(DEFAULT_CONFIG, latency_ms=self.start_latency)
             self.clock_offset = 0.0
             self.tenants = {}       # tid -> {id, name, domains}
@@ -1057,7 +1059,7 @@ def finish_sign_in(sim, flow, app, user):
     sc = sim.take_scenario("authorize", client_id=flow["client_id"], user=user["upn"])
     if sc:
         if sc.get("hang"):
-            time.sleep(float(sc["hang"]))
+            hang(sim, sc["hang"])
         name = sc.get("error", "server_error")
         error, code, text = AUTHORIZE_PRESETS.get(name, (name, 50000, "Injected error."))
         code = sc.get("code", code)
@@ -1178,7 +1180,7 @@ def token_scenario(sim, grant_type, client_id):
     if not sc:
         return
     if sc.get("hang"):
-        time.sleep(float(sc["hang"]))           # then answer normally: the client should have given up
+        hang(sim, sc["hang"])                   # then answer normally: the client should have given up
         if not (sc.get("status") or sc.get("error")):
             return
     name = sc.get("error") or STATUS_ERRORS.get(sc.get("status"), "server_error")
@@ -1443,6 +1445,17 @@ def redeem_refresh(sim, app, form):
 # Graph: authentication, throttling, errors
 # ---------------------------------------------------------------------------
 
+class Abandoned(Exception):
+    """A request that hung across a reset: dropped without an answer."""
+
+
+def hang(sim, seconds):
+    gen = sim.generation
+    time.sleep(float(seconds))
+    if sim.generation != gen:
+        raise Abandoned()
+
+
 class GraphCtx:
     def __init__(self, sim, req, at):
         self.sim, self.req, self.at = sim, req, at
@@ -1564,7 +1577,7 @@ def graph_scenario(sim, req, at):
     if not sc or sc.get("action") == "replay":
         return sc
     if sc.get("hang"):
-        time.sleep(float(sc["hang"]))
+        hang(sim, sc["hang"])
         if not (sc.get("status") or sc.get("code")):
             return None
     status = int(sc.get("status", 503))
@@ -2313,6 +2326,9 @@ class Handler(BaseHTTPRequestHandler):
                         and not req.path.startswith(("/v1.0/", "/oidc/"))):
                     time.sleep(float(sim.config["latency_ms"]) / 1000)
                 resp = handler(sim, req, *groups)
+        except Abandoned:
+            self.close_connection = True
+            return
         except AadError as e:
             resp = aad_error_response(sim, e, req)
         except PageError as e:
