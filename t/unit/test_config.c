@@ -1,5 +1,7 @@
 /* Checks of single configuration values (lib/mso_config). */
 #include <check.h>
+
+#include "unit.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -198,7 +200,6 @@ int main(void)
 {
     Suite *s = suite_create("config");
     TCase *tc = tcase_create("values");
-    SRunner *sr;
     int failed;
 
     apr_initialize();
@@ -214,10 +215,7 @@ int main(void)
     tcase_add_test(tc, folders_scopes_interval);
     tcase_add_test(tc, trim);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(s);
     apr_terminate();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

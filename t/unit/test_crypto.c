@@ -3,6 +3,8 @@
 #define _GNU_SOURCE             /* memmem */
 #endif
 #include <check.h>
+
+#include "unit.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -729,7 +731,6 @@ int main(void)
     TCase *tc_rand = tcase_create("random");
     TCase *tc_key = tcase_create("keys");
     TCase *tc_seal = tcase_create("seal");
-    SRunner *sr;
     int failed;
 
     apr_initialize();
@@ -762,10 +763,7 @@ int main(void)
     tcase_add_test(tc_seal, open_hostile);
     suite_add_tcase(s, tc_seal);
 
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(s);
     apr_terminate();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

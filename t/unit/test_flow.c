@@ -1,5 +1,7 @@
 /* The sealed sign-in state and the checks of Connect parameters (lib/mso_flow). */
 #include <check.h>
+
+#include "unit.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -183,7 +185,6 @@ int main(void)
 {
     Suite *s = suite_create("flow");
     TCase *tc = tcase_create("flow");
-    SRunner *sr;
     int failed;
 
     apr_initialize();
@@ -196,10 +197,7 @@ int main(void)
     tcase_add_test(tc, return_to_checks);
     tcase_add_test(tc, mailbox_checks);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(s);
     apr_terminate();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -5,6 +5,8 @@
 #define _GNU_SOURCE /* strcasestr */
 #endif
 #include <check.h>
+
+#include "unit.h"
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -964,7 +966,6 @@ int main(void)
 {
     Suite *s = suite_create("http");
     TCase *tc = tcase_create("client");
-    SRunner *sr;
     int failed;
 
     apr_initialize();
@@ -994,10 +995,7 @@ int main(void)
     tcase_add_test(tc, multi_refuse_bad_input);
     tcase_add_test(tc, multi_caps_and_cancel);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(s);
     apr_terminate();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -1,5 +1,7 @@
 /* Microsoft identity platform helpers (lib/mso_identity) and reason texts. */
 #include <check.h>
+
+#include "unit.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -158,7 +160,6 @@ int main(void)
 {
     Suite *s = suite_create("identity");
     TCase *tc = tcase_create("identity");
-    SRunner *sr;
     int failed;
 
     apr_initialize();
@@ -170,10 +171,7 @@ int main(void)
     tcase_add_test(tc, query_parsing);
     tcase_add_test(tc, every_reason_has_text);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(s);
     apr_terminate();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

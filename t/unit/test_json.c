@@ -1,5 +1,7 @@
 /* Checks of the jansson helpers (lib/mso_json). */
 #include <check.h>
+
+#include "unit.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -224,7 +226,6 @@ int main(void)
 {
     Suite *s = suite_create("json");
     TCase *tc = tcase_create("parse");
-    SRunner *sr;
     int failed;
 
     apr_initialize();
@@ -238,10 +239,7 @@ int main(void)
     tcase_add_test(tc, dump_round_trip);
     tcase_add_test(tc, pool_owns_result);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(s);
     apr_terminate();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

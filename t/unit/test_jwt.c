@@ -2,6 +2,8 @@
  * every token is really signed here (RS256), so each case exercises the same
  * path as a token from Microsoft. */
 #include <check.h>
+
+#include "unit.h"
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -864,7 +866,6 @@ static Suite *jwt_suite(void)
 
 int main(void)
 {
-    SRunner *sr;
     int failed;
 
     apr_initialize();
@@ -877,10 +878,7 @@ int main(void)
     key_d = gen_key(2048);
     key_weak = gen_key(1024);
 
-    sr = srunner_create(jwt_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(jwt_suite());
 
     EVP_PKEY_free(key_a);
     EVP_PKEY_free(key_b);

@@ -1,5 +1,7 @@
 /* lib/ must build and be tested without httpd: no httpd header may be included there. */
 #include <check.h>
+
+#include "unit.h"
 #include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,14 +51,10 @@ int main(void)
 {
     Suite *s = suite_create("layout");
     TCase *tc = tcase_create("lib");
-    SRunner *sr;
     int failed;
 
     tcase_add_test(tc, lib_has_no_httpd_includes);
     suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(s);
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -6,6 +6,8 @@
 #define _GNU_SOURCE /* strcasestr */
 #endif
 #include <check.h>
+
+#include "unit.h"
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -902,7 +904,6 @@ int main(void)
     Suite *s = suite_create("refresh");
     TCase *tc = tcase_create("refresh");
     TCase *sched = tcase_create("schedule");
-    SRunner *sr;
     apr_pool_t *p;
     int failed;
 
@@ -930,10 +931,7 @@ int main(void)
     tcase_add_test(sched, backoff_range);
     suite_add_tcase(s, tc);
     suite_add_tcase(s, sched);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(s);
     apr_pool_destroy(p);
     apr_terminate();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;

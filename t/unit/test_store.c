@@ -2,6 +2,8 @@
  * once on SQLite (a temporary file) and once on PostgreSQL (MSO_TEST_PGSQL,
  * the apr_dbd params of a cluster started by t/pgcluster.sh). */
 #include <check.h>
+
+#include "unit.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1277,7 +1279,6 @@ static TCase *backend_case(const char *name, int backend)
 int main(void)
 {
     Suite *s = suite_create("store");
-    SRunner *sr;
     apr_pool_t *p;
     int failed;
 
@@ -1287,10 +1288,7 @@ int main(void)
     apr_dbd_init(p);
     suite_add_tcase(s, backend_case("sqlite", BACKEND_SQLITE));
     suite_add_tcase(s, backend_case("pgsql", BACKEND_PGSQL));
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    failed = mso_check_run(s);
     apr_pool_destroy(p);
     apr_terminate();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
