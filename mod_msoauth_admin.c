@@ -20,6 +20,7 @@
 #include "mso_json.h"
 #include "mso_reason.h"
 #include "mso_refresh.h"
+#include "mso_mirror.h"
 #include "mso_store.h"
 
 APLOG_USE_MODULE(msoauth);
@@ -327,7 +328,33 @@ static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc, apr_hash_t
     return arr;
 }
 
-static json_t *account_json(mso_account_t *a)
+/* Sync and write-back figures of one account (stats may be NULL). */
+static void mirror_json(json_t *o, const mso_mirror_stats_t *ms, apr_int64_t now)
+{
+    json_t *sync = json_object(), *q = json_object();
+
+    json_object_set_new(o, "messages", json_integer(ms ? ms->messages : 0));
+    json_object_set_new(sync, "phase", ms && ms->sync_phase ? json_string(ms->sync_phase)
+                                                            : json_string("initial"));
+    json_object_set_new(sync, "last_error", ms && ms->sync_error ? json_string(ms->sync_error)
+                                                                 : json_null());
+    json_object_set_new(sync, "due_at", json_integer(ms ? ms->sync_due_at : 0));
+    json_object_set_new(sync, "retry_at", json_integer(ms ? ms->sync_retry_at : 0));
+    json_object_set_new(o, "sync", sync);
+    json_object_set_new(q, "queued", json_integer(ms ? ms->queued : 0));
+    json_object_set_new(q, "oldest_queued_age", json_integer(ms && ms->oldest_queued_at
+                                                             ? now - ms->oldest_queued_at : 0));
+    json_object_set_new(q, "failed", json_integer(ms ? ms->failed : 0));
+    json_object_set_new(o, "actions", q);
+}
+
+static const mso_mirror_stats_t *stats_of(request_rec *r, apr_hash_t *stats, apr_int64_t id)
+{
+    return stats ? apr_hash_get(stats, apr_psprintf(r->pool, "%" APR_INT64_T_FMT, id),
+                                APR_HASH_KEY_STRING) : NULL;
+}
+
+static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats)
 {
     json_t *o = account_state_json(a);
 
@@ -343,6 +370,7 @@ static json_t *account_json(mso_account_t *a)
     json_object_set_new(o, "error_runs", json_integer(a->error_runs));
     json_object_set_new(o, "connected_by", a->connected_by ? json_string(a->connected_by)
                                                             : json_null());
+    mirror_json(o, stats_of(r, stats, a->id), apr_time_sec(apr_time_now()));
     return o;
 }
 
@@ -350,11 +378,14 @@ static json_t *account_json(mso_account_t *a)
 static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db)
 {
     apr_array_header_t *accounts = NULL, *runs = NULL;
-    apr_hash_t *flags = apr_hash_make(r->pool);
+    apr_hash_t *flags = apr_hash_make(r->pool), *stats = NULL;
     json_t *accs = json_array(), *nodes = json_array(), *m;
     apr_int64_t now = apr_time_sec(apr_time_now());
     int i, due = 0, overdue = 0;
 
+    if (db && mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS) {
+        stats = NULL;
+    }
     if (db && mso_store_accounts(db, r->pool, &accounts) == APR_SUCCESS) {
         for (i = 0; i < accounts->nelts; i++) {
             mso_account_t *a = APR_ARRAY_IDX(accounts, i, mso_account_t *);
@@ -368,7 +399,7 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
             if (is_admin_reason(a->reason)) {
                 apr_hash_set(flags, a->company, APR_HASH_KEY_STRING, a->reason);
             }
-            json_array_append_new(accs, account_json(a));
+            json_array_append_new(accs, account_json(r, a, stats));
         }
     }
     if (db && mso_store_job_runs(db, r->pool, &runs) == APR_SUCCESS) {
@@ -440,21 +471,35 @@ static int status_page(request_rec *r, json_t *m)
     }
     ap_rputs("</table>\n<h2>Accounts</h2>\n<table><tr><th>ID</th><th>Company</th>"
              "<th>Mailbox</th><th>State</th><th>Token expires</th><th>Last refresh</th>"
-             "<th>Last sync</th><th>Last error and fix</th></tr>\n", r);
+             "<th>Last sync</th><th>Messages</th><th>Sync</th><th>Write-back queue</th>"
+             "<th>Last error and fix</th></tr>\n", r);
     json_array_foreach(mso_json_arr(m, "accounts"), i, a) {
-        apr_int64_t id = 0, exp = 0, ref = 0, sync = 0;
+        apr_int64_t id = 0, exp = 0, ref = 0, sync = 0, msgs = 0, queued = 0, age = 0;
+        apr_int64_t failed = 0;
         const char *err = mso_json_str(a, "last_error"), *fix = mso_json_str(a, "fix");
+        const json_t *sy = mso_json_obj(a, "sync"), *q = mso_json_obj(a, "actions");
+        const char *serr = mso_json_str(sy, "last_error");
 
         mso_json_int(a, "id", &id);
         mso_json_int(a, "access_expires_at", &exp);
         mso_json_int(a, "last_refresh_at", &ref);
         mso_json_int(a, "last_sync_at", &sync);
+        mso_json_int(a, "messages", &msgs);
+        mso_json_int(q, "queued", &queued);
+        mso_json_int(q, "oldest_queued_age", &age);
+        mso_json_int(q, "failed", &failed);
         ap_rprintf(r, "<tr><td>%" APR_INT64_T_FMT "</td><td>%s</td><td>%s</td><td%s>%s</td>"
-                   "<td>%s</td><td>%s</td><td>%s</td><td>%s%s%s</td></tr>\n", id,
+                   "<td>%s</td><td>%s</td><td>%s</td><td>%" APR_INT64_T_FMT "</td>"
+                   "<td%s>%s%s%s</td><td%s>%" APR_INT64_T_FMT " queued%s, %" APR_INT64_T_FMT
+                   " failed</td><td>%s%s%s</td></tr>\n", id,
                    esc(r, mso_json_str(a, "company")), esc(r, mso_json_str(a, "mailbox")),
                    strcmp(mso_json_str(a, "state"), "connected") ? " class=bad" : "",
                    esc(r, mso_json_str(a, "state")), when(r, exp), when(r, ref), when(r, sync),
-                   esc(r, err), err && fix ? "<br>Fix: " : "", err && fix ? esc(r, fix) : "");
+                   msgs, serr ? " class=bad" : "", esc(r, mso_json_str(sy, "phase")),
+                   serr ? ": " : "", esc(r, serr), failed ? " class=bad" : "", queued,
+                   queued ? apr_psprintf(r->pool, " (oldest %" APR_INT64_T_FMT " s)", age) : "",
+                   failed, esc(r, err), err && fix ? "<br>Fix: " : "",
+                   err && fix ? esc(r, fix) : "");
     }
     {
         apr_int64_t due = 0, overdue = 0;
@@ -604,7 +649,29 @@ int msoauth_admin_handler(request_rec *r)
         return json_error(r, HTTP_NOT_FOUND, "bad_request", "no such account");
     }
     if (!action) {
-        return send_json(r, HTTP_OK, account_json(a));
+        apr_hash_t *stats = NULL;
+
+        if (mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS) {
+            stats = NULL;
+        }
+        return send_json(r, HTTP_OK, account_json(r, a, stats));
+    }
+    if (!strcmp(action, "sync")) {
+        if (strcmp(a->state, "connected")) {
+            json_t *j = account_state_json(a);
+            json_object_set_new(j, "ok", json_false());
+            return send_json(r, HTTP_CONFLICT, j);
+        }
+        if (mso_mirror_sync_now(db, a->id) != APR_SUCCESS) {
+            return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write "
+                              "failed");
+        }
+        ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r, MSOLOGNO(304) "sync of account %"
+                      APR_INT64_T_FMT " (%s) requested by %s", a->id, a->mailbox,
+                      r->user ? r->user : "anonymous");
+        /* The job picks it up within a tick (about a second). */
+        return send_json(r, HTTP_ACCEPTED, json_pack("{s:b, s:I, s:s}", "ok", 1, "account",
+                                                     (json_int_t)a->id, "sync", "scheduled"));
     }
     if (!strcmp(action, "test")) {
         if (strcmp(a->state, "connected")) {
@@ -625,6 +692,6 @@ int msoauth_admin_handler(request_rec *r)
         return send_json(r, HTTP_OK, json_pack("{s:b, s:I, s:s}", "ok", 1, "account",
                                                (json_int_t)a->id, "state", "disconnected"));
     }
-    return json_error(r, HTTP_NOT_FOUND, "bad_request", "unknown action: use test or "
+    return json_error(r, HTTP_NOT_FOUND, "bad_request", "unknown action: use test, sync or "
                       "disconnect");
 }

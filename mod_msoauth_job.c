@@ -3,6 +3,9 @@
  * due (a lease in the database, so several nodes share the work) and
  * refreshes them. It keeps nothing between ticks that the database does not
  * hold. */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -22,11 +25,12 @@
 #include "mso_identity.h"
 #include "mso_refresh.h"
 #include "mso_store.h"
+#include "mso_sync.h"
 
 APLOG_USE_MODULE(msoauth);
 
 #define JOB_NAME "msoauth-job"
-#define JOB_TICK apr_time_from_sec(2)
+#define JOB_TICK apr_time_from_sec(1)   /* queued actions start within about a second */
 #define CLAIM_BATCH 200         /* accounts leased at once; their calls share the multi handle */
 #define TICK_BUDGET apr_time_from_sec(20)
 /* Token calls of a tick run concurrently: at most JOB_HTTP_IN_FLIGHT at a
@@ -36,6 +40,15 @@ APLOG_USE_MODULE(msoauth);
  * connections, not a burst of new TLS handshakes Microsoft would throttle. */
 #define JOB_HTTP_IN_FLIGHT 32
 #define JOB_HTTP_PER_HOST 16
+/* Graph work: mailboxes leased at once, each with up to 4 requests in
+ * flight; new requests start during GRAPH_SLICE of each tick, so a long
+ * initial sync goes on tick after tick while new accounts and actions get
+ * their turn within a second or two. */
+#define GRAPH_BATCH 100
+#define GRAPH_SLICE apr_time_from_msec(1500)
+#define GRAPH_IN_FLIGHT 128
+#define GRAPH_PER_HOST 64
+#define GRAPH_MAX_BODY (32 * 1024 * 1024)
 
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_get_instance) *wd_get_instance;
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_register_callback) *wd_register_callback;
@@ -46,6 +59,7 @@ typedef struct {
     server_rec *main_s;
     const char *owner;          /* lease owner: host and pid of the job's child */
     apr_time_t secrets_checked;
+    apr_time_t owners_checked;
     /* A child that goes away (graceful restart, stop) destroys mod_dbd's
      * connections: it must wait until a tick in progress has given its
      * connection back, and no new tick may start. */
@@ -105,6 +119,7 @@ static msoauth_company_t *company_of(job_t *job, server_rec *s, const char *name
 
 typedef struct {
     int claimed, refreshed, failed;
+    mso_sync_stats_t sync;
 } tick_stats_t;
 
 /* Claims one batch of due accounts in a server's database and refreshes them;
@@ -208,25 +223,173 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
     return due->nelts;
 }
 
+/* The account's Graph access token in clear, or NULL. */
+static const char *access_token(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_db_t *db,
+                                const mso_account_t *a)
+{
+    const char *sealed = NULL;
+    apr_int64_t exp = 0;
+    unsigned char *plain = NULL;
+    apr_size_t len;
+
+    if (!sc->keyring
+        || mso_store_token_get(db, p, a->id, "graph", &sealed, &exp) != APR_SUCCESS
+        || mso_open(p, sc->keyring, MSO_PURPOSE_TOKEN,
+                    mso_token_aad(p, a->company, a->mailbox, "graph"), sealed, &plain, &len)
+           != APR_SUCCESS) {
+        return NULL;
+    }
+    return (const char *)plain;
+}
+
+/* Leases one batch of mailboxes with Graph work and runs one pass over them;
+ * returns how many it leased. */
+static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
+                       apr_time_t slice_end, apr_time_t deadline, mso_http_multi_t **gm,
+                       tick_stats_t *st)
+{
+    apr_array_header_t *works = NULL;
+    mso_sync_box_t *boxes;
+    apr_pool_t *bp;
+    apr_int64_t now = apr_time_sec(apr_time_now());
+    int i, n = 0, claimed;
+
+    apr_pool_create(&bp, p);
+    if (mso_mirror_claim(db, bp, job->owner, now, MSO_MIRROR_LEASE, GRAPH_BATCH, &works)
+        != APR_SUCCESS || !works->nelts) {
+        apr_pool_destroy(bp);
+        return 0;
+    }
+    claimed = works->nelts;
+    boxes = apr_pcalloc(bp, sizeof(*boxes) * works->nelts);
+    for (i = 0; i < works->nelts; i++) {
+        mso_work_t *w = APR_ARRAY_IDX(works, i, mso_work_t *);
+        server_rec *cs;
+        msoauth_company_t *c = company_of(job, s, w->acct->company, &cs);
+        mso_work_done_t keep;
+
+        if (!c || !c->client_id) {
+            /* Its company left the configuration: leave it as it is. */
+            memset(&keep, 0, sizeof(keep));
+            keep.sync_due_at = now + 3600;
+            keep.sync_phase = w->sync_phase;
+            keep.sync_error = "the account's company is not configured on this server any more";
+            keep.sync_error_runs = w->sync_error_runs;
+            mso_mirror_release(db, w->acct->id, job->owner, &keep, now);
+            continue;
+        }
+        boxes[n].work = w;
+        boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
+        boxes[n].graph_root = c->graph_url;
+        boxes[n].folders = c->folders;
+        boxes[n].interval = c->sync_interval;
+        boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);
+        n++;
+    }
+    if (n && !*gm) {
+        mso_http_opts_t http;
+        apr_status_t rv;
+
+        mso_http_opts_default(&http);
+        http.timeout_ms = 30000;
+        http.max_body = GRAPH_MAX_BODY;
+        rv = mso_http_multi_create(p, &http, GRAPH_IN_FLIGHT, GRAPH_PER_HOST, gm);
+        if (rv != APR_SUCCESS) {
+            ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(212) "job: cannot set up the "
+                         "HTTP client for Graph; the mailboxes are left for the next tick");
+            *gm = NULL;
+            n = 0;
+            for (i = 0; i < works->nelts; i++) {
+                mso_work_t *w = APR_ARRAY_IDX(works, i, mso_work_t *);
+                mso_work_done_t keep;
+
+                memset(&keep, 0, sizeof(keep));
+                keep.sync_due_at = w->sync_due_at;
+                keep.sync_phase = w->sync_phase;
+                keep.sync_error = w->sync_error;
+                keep.sync_error_runs = w->sync_error_runs;
+                keep.auth_retry = w->auth_retry;
+                mso_mirror_release(db, w->acct->id, job->owner, &keep, now);
+            }
+        }
+    }
+    if (n) {
+        mso_sync_run(db, bp, job->owner, boxes, n, *gm, slice_end, deadline, &st->sync);
+    }
+    apr_pool_destroy(bp);
+    return claimed;
+}
+
+/* Leases of a process of this host that died (kill -9, a crash) are dropped
+ * at once instead of blocking its accounts until they run out. The owner is
+ * "host:pid:random"; a pid that exists (or belongs to another user) counts as
+ * alive. */
+static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p)
+{
+    apr_array_header_t *owners = NULL;
+    const char *colon = strchr(job->owner, ':');
+    apr_size_t host_len = colon ? (apr_size_t)(colon - job->owner) + 1 : 0;
+    int i;
+
+    if (!host_len || mso_store_lease_owners(db, p, &owners) != APR_SUCCESS) {
+        return;
+    }
+    for (i = 0; i < owners->nelts; i++) {
+        const char *o = APR_ARRAY_IDX(owners, i, const char *);
+        char *end = NULL;
+        long pid;
+
+        if (strncmp(o, job->owner, host_len) != 0 || !strcmp(o, job->owner)) {
+            continue;
+        }
+        pid = strtol(o + host_len, &end, 10);
+        if (pid <= 1 || !end || *end != ':' || pid == (long)getpid()) {
+            continue;
+        }
+        if (kill((pid_t)pid, 0) == -1 && errno == ESRCH) {
+            ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(214) "job: process %ld of "
+                         "this host died holding leases; they are released", pid);
+            mso_store_drop_owner(db, o);
+        }
+    }
+}
+
 /* Everything due in one server's database, batch after batch, until none is
  * left or the tick's time is up; then the node's health row. */
 static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t deadline,
-                        mso_http_multi_t **m)
+                        apr_time_t slice_end, mso_http_multi_t **m, mso_http_multi_t **gm)
 {
     ap_dbd_t *dbd = job_dbd_open(p, s);
     apr_time_t started = apr_time_now();
-    tick_stats_t st = {0, 0, 0};
+    tick_stats_t st;
     mso_job_run_t run;
     mso_db_t *db;
 
+    memset(&st, 0, sizeof(st));
     if (!dbd) {
         ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(200) "job: no database connection "
                      "from mod_dbd for this server; check DBDriver/DBDParams");
         return;
     }
     if (mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) == APR_SUCCESS) {
+        if (apr_time_now() - job->owners_checked > apr_time_from_sec(10)) {
+            job->owners_checked = apr_time_now();
+            drop_dead_owners(job, s, db, p);
+        }
         while (refresh_batch(job, s, db, p, deadline, m, &st) == CLAIM_BATCH
                && apr_time_now() < deadline) {
+        }
+        /* Then the mail: actions and delta pages, with fresh tokens. */
+        while (apr_time_now() < slice_end
+               && graph_batch(job, s, db, p, slice_end, deadline, gm, &st) == GRAPH_BATCH) {
+        }
+        if (st.sync.mailboxes) {
+            ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(213) "job: Graph work on %d "
+                         "mailboxes: %d pages, %d messages, %d resyncs, %d actions done, %d "
+                         "failed, %d waiting, %d throttled, %d errors", st.sync.mailboxes,
+                         st.sync.pages, st.sync.messages, st.sync.resyncs,
+                         st.sync.actions_done, st.sync.actions_failed,
+                         st.sync.actions_waiting, st.sync.throttled, st.sync.errors);
         }
         run.node = job->owner;
         run.last_cycle_at = apr_time_sec(apr_time_now());
@@ -275,8 +438,8 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
 {
     job_t *job = data;
     server_rec *s;
-    apr_time_t deadline;
-    mso_http_multi_t *m = NULL;
+    apr_time_t deadline, slice_end;
+    mso_http_multi_t *m = NULL, *gm = NULL;
 
     switch (state) {
     case AP_WATCHDOG_STATE_STARTING:
@@ -296,13 +459,15 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
         job->busy = 1;
         apr_thread_mutex_unlock(job->lock);
         deadline = apr_time_now() + TICK_BUDGET;
+        slice_end = apr_time_now() + GRAPH_SLICE;
         for (s = job->main_s; s; s = s->next) {
             if (msoauth_server_in_use(s)) {
-                refresh_due(job, s, pool, deadline, &m);
+                refresh_due(job, s, pool, deadline, slice_end, &m, &gm);
             }
         }
         /* The connections close with the tick: nothing is kept between ticks. */
         mso_http_multi_destroy(m);
+        mso_http_multi_destroy(gm);
         if (apr_time_now() - job->secrets_checked > apr_time_from_sec(86400)) {
             job->secrets_checked = apr_time_now();
             check_secrets(job, pool);

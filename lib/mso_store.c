@@ -39,6 +39,7 @@
 
 #include "mso_log.h"
 #include "mso_store.h"
+#include "mso_store_int.h"
 
 /* pg_advisory_xact_lock key for migrations: "msoa" in ASCII. */
 #define MIGRATE_LOCK_KEY "1836281697"
@@ -51,13 +52,6 @@ typedef struct {
     apr_hash_t *stmts;      /* label -> apr_dbd_prepared_t* */
 } mso_db_priv_t;
 
-/* A statement: the cache label, its SQL, and a PostgreSQL variant when the
- * dialects differ. */
-typedef struct {
-    const char *label;
-    const char *sql;
-    const char *pgsql;
-} mso_stmt_t;
 
 /* ------------------------------------------------------------------------- */
 /* Schema: ordered migrations; a new version appends an entry. */
@@ -203,9 +197,51 @@ static const mso_ddl_t schema_v2[] = {
     {NULL, NULL, NULL}
 };
 
+/* Version 3: the mirror at work. The account row carries the Graph work
+ * (sync schedule, throttling, its own lease: one node talks to a mailbox at
+ * a time, so the per-mailbox limit of 4 requests holds across nodes); each
+ * folder its round (a full resync starts a new one, and rows the round did
+ * not see are removed at its end); each action the moment a Graph call for it
+ * may have gone out, so a retry checks Outlook before repeating it. */
+static const mso_ddl_t schema_v3[] = {
+    {"add column msoauth_accounts.sync_due_at",
+     "ALTER TABLE msoauth_accounts ADD COLUMN sync_due_at BIGINT", NULL},
+    {"add column msoauth_accounts.sync_retry_at",
+     "ALTER TABLE msoauth_accounts ADD COLUMN sync_retry_at BIGINT", NULL},
+    {"add column msoauth_accounts.sync_phase",
+     "ALTER TABLE msoauth_accounts ADD COLUMN sync_phase TEXT", NULL},
+    {"add column msoauth_accounts.sync_error",
+     "ALTER TABLE msoauth_accounts ADD COLUMN sync_error TEXT", NULL},
+    {"add column msoauth_accounts.sync_error_runs",
+     "ALTER TABLE msoauth_accounts ADD COLUMN sync_error_runs INTEGER NOT NULL DEFAULT 0", NULL},
+    {"add column msoauth_accounts.auth_retry",
+     "ALTER TABLE msoauth_accounts ADD COLUMN auth_retry INTEGER NOT NULL DEFAULT 0", NULL},
+    {"add column msoauth_accounts.work_owner",
+     "ALTER TABLE msoauth_accounts ADD COLUMN work_owner TEXT", NULL},
+    {"add column msoauth_accounts.work_until",
+     "ALTER TABLE msoauth_accounts ADD COLUMN work_until BIGINT", NULL},
+    {"add column msoauth_sync_folders.round",
+     "ALTER TABLE msoauth_sync_folders ADD COLUMN round INTEGER NOT NULL DEFAULT 1", NULL},
+    {"add column msoauth_sync_folders.last_sync_at",
+     "ALTER TABLE msoauth_sync_folders ADD COLUMN last_sync_at BIGINT", NULL},
+    {"add column msoauth_sync_folders.resyncs",
+     "ALTER TABLE msoauth_sync_folders ADD COLUMN resyncs INTEGER NOT NULL DEFAULT 0", NULL},
+    {"add column msoauth_messages.sync_round",
+     "ALTER TABLE msoauth_messages ADD COLUMN sync_round INTEGER NOT NULL DEFAULT 0", NULL},
+    {"add column msoauth_actions.sent_at",
+     "ALTER TABLE msoauth_actions ADD COLUMN sent_at BIGINT", NULL},
+    {"add column msoauth_actions.reason",
+     "ALTER TABLE msoauth_actions ADD COLUMN reason TEXT", NULL},
+    {"create index msoauth_messages_folder",
+     "CREATE INDEX msoauth_messages_folder ON msoauth_messages "
+     "(account_id, folder, removed, sync_round)", NULL},
+    {NULL, NULL, NULL}
+};
+
 static const mso_migration_t migrations[] = {
     {1, schema_v1},
     {2, schema_v2},
+    {3, schema_v3},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))
@@ -344,6 +380,21 @@ static const mso_stmt_t ST_DISCONNECT = {
     "UPDATE msoauth_accounts SET state = 'disconnected', retry_at = NULL, "
     "lease_owner = NULL, lease_until = NULL, updated_at = %lld WHERE id = %lld", NULL
 };
+static const mso_stmt_t ST_LEASE_OWNERS = {
+    "lease_owners",
+    "SELECT lease_owner FROM msoauth_accounts WHERE lease_owner IS NOT NULL UNION "
+    "SELECT work_owner FROM msoauth_accounts WHERE work_owner IS NOT NULL", NULL
+};
+static const mso_stmt_t ST_DROP_LEASES = {
+    "drop_leases",
+    "UPDATE msoauth_accounts SET lease_owner = NULL, lease_until = NULL "
+    "WHERE lease_owner = %s", NULL
+};
+static const mso_stmt_t ST_DROP_WORK = {
+    "drop_work",
+    "UPDATE msoauth_accounts SET work_owner = NULL, work_until = NULL WHERE work_owner = %s",
+    NULL
+};
 static const mso_stmt_t ST_ACCOUNTS = {
     "accounts", "SELECT " ACCOUNT_COLUMNS " FROM msoauth_accounts ORDER BY id", NULL
 };
@@ -380,13 +431,13 @@ static mso_db_priv_t *priv(mso_db_t *db)
     return (mso_db_priv_t *)db;
 }
 
-static const char *db_name(const mso_db_t *db)
+const char *mso_db_name(const mso_db_t *db)
 {
     return db->kind == MSO_DB_SQLITE ? "the SQLite database" : "the PostgreSQL database";
 }
 
 /* The driver's message for the last failure, on one line. */
-static const char *db_error(mso_db_t *db, apr_pool_t *p, int rc)
+const char *mso_db_error(mso_db_t *db, apr_pool_t *p, int rc)
 {
     const char *msg = apr_dbd_error(db->driver, db->handle, rc);
     char *s, *c;
@@ -409,7 +460,7 @@ static const char *db_error(mso_db_t *db, apr_pool_t *p, int rc)
 }
 
 /* What an administrator should look at when a statement fails. */
-static const char *write_hint(const mso_db_t *db)
+const char *mso_db_write_hint(const mso_db_t *db)
 {
     return db->kind == MSO_DB_SQLITE
         ? "check that the httpd user can write the database file and its directory"
@@ -417,7 +468,7 @@ static const char *write_hint(const mso_db_t *db)
           "tables in its schema";
 }
 
-static const char *read_hint(const mso_db_t *db)
+const char *mso_db_read_hint(const mso_db_t *db)
 {
     return db->kind == MSO_DB_SQLITE
         ? "check DBDParams and that the httpd user can read the database file"
@@ -448,7 +499,7 @@ static int stmt_get(mso_db_t *db, const mso_stmt_t *s, int force, apr_dbd_prepar
 
 /* Runs a statement with binary args (%s: const char*, %lld: apr_int64_t*,
  * %d: int*, NULL: SQL NULL). With res, a select whose rows land in p. */
-static int stmt_run(mso_db_t *db, apr_pool_t *p, const mso_stmt_t *s, const void **args,
+int mso_db_stmt_run(mso_db_t *db, apr_pool_t *p, const mso_stmt_t *s, const void **args,
                     int *nrows, apr_dbd_results_t **res)
 {
     apr_dbd_prepared_t *st;
@@ -484,7 +535,7 @@ static int stmt_run(mso_db_t *db, apr_pool_t *p, const mso_stmt_t *s, const void
 }
 
 /* First row of a select, or NULL when there is none. */
-static apr_dbd_row_t *first_row(mso_db_t *db, apr_pool_t *p, apr_dbd_results_t *res)
+apr_dbd_row_t *mso_db_first_row(mso_db_t *db, apr_pool_t *p, apr_dbd_results_t *res)
 {
     apr_dbd_row_t *row = NULL;
 
@@ -494,7 +545,7 @@ static apr_dbd_row_t *first_row(mso_db_t *db, apr_pool_t *p, apr_dbd_results_t *
     return row;
 }
 
-static const char *col_str(mso_db_t *db, apr_pool_t *p, apr_dbd_row_t *row, int col)
+const char *mso_db_col_str(mso_db_t *db, apr_pool_t *p, apr_dbd_row_t *row, int col)
 {
     char *v = NULL;
 
@@ -505,7 +556,7 @@ static const char *col_str(mso_db_t *db, apr_pool_t *p, apr_dbd_row_t *row, int 
     return apr_pstrdup(p, v);
 }
 
-static apr_int64_t col_i64(mso_db_t *db, apr_dbd_row_t *row, int col)
+apr_int64_t mso_db_col_i64(mso_db_t *db, apr_dbd_row_t *row, int col)
 {
     apr_int64_t v = 0;
 
@@ -516,7 +567,7 @@ static apr_int64_t col_i64(mso_db_t *db, apr_dbd_row_t *row, int col)
 }
 
 /* A plain statement without values (DDL, transaction control). */
-static int exec_sql(mso_db_t *db, const char *sql)
+int mso_db_exec_sql(mso_db_t *db, const char *sql)
 {
     int n = 0;
 
@@ -533,30 +584,30 @@ static int sqlite_pragma(mso_db_t *db, apr_pool_t *p, const char *sql, const cha
 
     rc = apr_dbd_select(db->driver, p, db->handle, &res, sql, 1);
     if (rc == 0 && value) {
-        row = first_row(db, p, res);
-        *value = row ? col_str(db, p, row, 0) : NULL;
+        row = mso_db_first_row(db, p, res);
+        *value = row ? mso_db_col_str(db, p, row, 0) : NULL;
     }
     return rc;
 }
 
-static int tx_begin(mso_db_t *db)
+int mso_db_tx_begin(mso_db_t *db)
 {
-    return exec_sql(db, db->kind == MSO_DB_SQLITE ? "BEGIN IMMEDIATE" : "BEGIN");
+    return mso_db_exec_sql(db, db->kind == MSO_DB_SQLITE ? "BEGIN IMMEDIATE" : "BEGIN");
 }
 
-static int tx_commit(mso_db_t *db)
+int mso_db_tx_commit(mso_db_t *db)
 {
-    return exec_sql(db, "COMMIT");
+    return mso_db_exec_sql(db, "COMMIT");
 }
 
-static void tx_rollback(mso_db_t *db, apr_pool_t *p)
+void mso_db_tx_rollback(mso_db_t *db, apr_pool_t *p)
 {
-    int rc = exec_sql(db, "ROLLBACK");
+    int rc = mso_db_exec_sql(db, "ROLLBACK");
 
     if (rc != 0) {
         mso_log_perror(MSO_LOG_MARK, MSO_LOG_WARNING, APR_EGENERAL,
                        "mod_msoauth: rolling back a transaction in %s failed: %s",
-                       db_name(db), db_error(db, p, rc));
+                       mso_db_name(db), mso_db_error(db, p, rc));
     }
 }
 
@@ -618,7 +669,7 @@ apr_status_t mso_db_wrap(apr_pool_t *p, const apr_dbd_driver_t *driver, apr_dbd_
         if (rc != 0) {
             mso_log_perror(MSO_LOG_MARK, MSO_LOG_WARNING, APR_EGENERAL,
                            "mod_msoauth: cannot set up the SQLite connection: %s",
-                           db_error(&d->pub, tmp, rc));
+                           mso_db_error(&d->pub, tmp, rc));
         }
         apr_pool_destroy(tmp);
     }
@@ -636,24 +687,24 @@ static apr_status_t read_version(mso_db_t *db, apr_pool_t *p, int *version, cons
 
     *version = 0;
     args[0] = "msoauth_schema";
-    rc = stmt_run(db, p, &ST_TABLE_EXISTS, args, NULL, &res);
+    rc = mso_db_stmt_run(db, p, &ST_TABLE_EXISTS, args, NULL, &res);
     if (rc != 0) {
         *err = apr_psprintf(db->pool, "cannot look for the msoauth_schema table in %s: %s; %s",
-                            db_name(db), db_error(db, p, rc), read_hint(db));
+                            mso_db_name(db), mso_db_error(db, p, rc), mso_db_read_hint(db));
         return APR_EGENERAL;
     }
-    if (!first_row(db, p, res)) {
+    if (!mso_db_first_row(db, p, res)) {
         return APR_SUCCESS;
     }
-    rc = stmt_run(db, p, &ST_SCHEMA_VERSION, NULL, NULL, &res);
+    rc = mso_db_stmt_run(db, p, &ST_SCHEMA_VERSION, NULL, NULL, &res);
     if (rc != 0) {
         *err = apr_psprintf(db->pool, "cannot read the schema version from msoauth_schema in "
-                            "%s: %s; %s", db_name(db), db_error(db, p, rc), read_hint(db));
+                            "%s: %s; %s", mso_db_name(db), mso_db_error(db, p, rc), mso_db_read_hint(db));
         return APR_EGENERAL;
     }
-    row = first_row(db, p, res);
+    row = mso_db_first_row(db, p, res);
     if (row) {
-        *version = (int)col_i64(db, row, 0);
+        *version = (int)mso_db_col_i64(db, row, 0);
     }
     return APR_SUCCESS;
 }
@@ -699,15 +750,15 @@ apr_status_t mso_store_migrate(mso_db_t *db, int *from_version, int *to_version,
             mso_log_perror(MSO_LOG_MARK, MSO_LOG_NOTICE, APR_SUCCESS,
                            "mod_msoauth: the SQLite database stays in journal mode %s: %s",
                            mode ? mode : "(unknown)",
-                           rc ? db_error(db, tmp, rc) : "WAL is not available for it");
+                           rc ? mso_db_error(db, tmp, rc) : "WAL is not available for it");
         }
     }
 
-    rc = tx_begin(db);
+    rc = mso_db_tx_begin(db);
     if (rc != 0) {
         *err = apr_psprintf(db->pool, "cannot start a transaction in %s to create or update "
-                            "the mod_msoauth tables: %s; %s", db_name(db),
-                            db_error(db, tmp, rc), write_hint(db));
+                            "the mod_msoauth tables: %s; %s", mso_db_name(db),
+                            mso_db_error(db, tmp, rc), mso_db_write_hint(db));
         apr_pool_destroy(tmp);
         return APR_EGENERAL;
     }
@@ -715,10 +766,10 @@ apr_status_t mso_store_migrate(mso_db_t *db, int *from_version, int *to_version,
         apr_dbd_results_t *res = NULL;
 
         /* Other children and nodes wait here until this transaction ends. */
-        rc = stmt_run(db, tmp, &ST_MIGRATE_LOCK, NULL, NULL, &res);
+        rc = mso_db_stmt_run(db, tmp, &ST_MIGRATE_LOCK, NULL, NULL, &res);
         if (rc != 0) {
             msg = apr_psprintf(db->pool, "cannot take the migration lock in %s: %s; %s",
-                               db_name(db), db_error(db, tmp, rc), read_hint(db));
+                               mso_db_name(db), mso_db_error(db, tmp, rc), mso_db_read_hint(db));
             goto fail;
         }
     }
@@ -733,7 +784,7 @@ apr_status_t mso_store_migrate(mso_db_t *db, int *from_version, int *to_version,
                            "but this build of mod_msoauth only knows versions up to %d: this "
                            "build is older than the schema; install the newer mod_msoauth that "
                            "created them, or point DBDParams at another database",
-                           db_name(db), version, latest);
+                           mso_db_name(db), version, latest);
         rv = APR_EGENERAL;
         goto fail;
     }
@@ -748,31 +799,31 @@ apr_status_t mso_store_migrate(mso_db_t *db, int *from_version, int *to_version,
         for (ddl = m->ddl; ddl->what; ddl++) {
             const char *sql = (db->kind == MSO_DB_PGSQL && ddl->pgsql) ? ddl->pgsql : ddl->sql;
 
-            rc = exec_sql(db, sql);
+            rc = mso_db_exec_sql(db, sql);
             if (rc != 0) {
                 msg = apr_psprintf(db->pool, "cannot %s in %s (schema version %d): %s; %s",
-                                   ddl->what, db_name(db), m->version, db_error(db, tmp, rc),
-                                   write_hint(db));
+                                   ddl->what, mso_db_name(db), m->version, mso_db_error(db, tmp, rc),
+                                   mso_db_write_hint(db));
                 rv = APR_EGENERAL;
                 goto fail;
             }
         }
         args[0] = &m->version;
         args[1] = &now;
-        rc = stmt_run(db, tmp, &ST_SCHEMA_INSERT, args, NULL, NULL);
+        rc = mso_db_stmt_run(db, tmp, &ST_SCHEMA_INSERT, args, NULL, NULL);
         if (rc != 0) {
             msg = apr_psprintf(db->pool, "cannot record schema version %d in msoauth_schema in "
-                               "%s: %s; %s", m->version, db_name(db), db_error(db, tmp, rc),
-                               write_hint(db));
+                               "%s: %s; %s", m->version, mso_db_name(db), mso_db_error(db, tmp, rc),
+                               mso_db_write_hint(db));
             rv = APR_EGENERAL;
             goto fail;
         }
     }
 
-    rc = tx_commit(db);
+    rc = mso_db_tx_commit(db);
     if (rc != 0) {
         msg = apr_psprintf(db->pool, "cannot commit the mod_msoauth schema changes in %s: %s; "
-                           "%s", db_name(db), db_error(db, tmp, rc), write_hint(db));
+                           "%s", mso_db_name(db), mso_db_error(db, tmp, rc), mso_db_write_hint(db));
         rv = APR_EGENERAL;
         goto fail;
     }
@@ -781,7 +832,7 @@ apr_status_t mso_store_migrate(mso_db_t *db, int *from_version, int *to_version,
     return APR_SUCCESS;
 
 fail:
-    tx_rollback(db, tmp);
+    mso_db_tx_rollback(db, tmp);
     *err = msg;
     *to_version = *from_version;
     apr_pool_destroy(tmp);
@@ -837,7 +888,7 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
     apr_pool_create(&tmp, db->pool);
     mailbox = lower_ascii(tmp, acct->mailbox);
 
-    rc = tx_begin(db);
+    rc = mso_db_tx_begin(db);
     if (rc != 0) {
         step = "start a transaction";
         goto fail_nobegin;
@@ -846,14 +897,14 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
     args[0] = acct->company;
     args[1] = mailbox;
     step = "look up the account";
-    rc = stmt_run(db, tmp, &ST_ACCOUNT_KEY, args, NULL, &res);
+    rc = mso_db_stmt_run(db, tmp, &ST_ACCOUNT_KEY, args, NULL, &res);
     if (rc != 0) {
         goto fail;
     }
-    row = first_row(db, tmp, res);
+    row = mso_db_first_row(db, tmp, res);
     if (row) {
-        id = col_i64(db, row, 0);
-        created_at = col_i64(db, row, 1);
+        id = mso_db_col_i64(db, row, 0);
+        created_at = mso_db_col_i64(db, row, 1);
         args[0] = acct->display_name;
         args[1] = acct->tenant_id;
         args[2] = acct->object_id;
@@ -865,7 +916,7 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
         args[8] = opt_i64(&acct->refresh_due_at);
         args[9] = &id;
         step = "update the account";
-        rc = stmt_run(db, tmp, &ST_ACCOUNT_UPDATE, args, NULL, NULL);
+        rc = mso_db_stmt_run(db, tmp, &ST_ACCOUNT_UPDATE, args, NULL, NULL);
         if (rc != 0) {
             goto fail;
         }
@@ -884,7 +935,7 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
         args[10] = &now;
         args[11] = opt_i64(&acct->refresh_due_at);
         step = "insert the account";
-        rc = stmt_run(db, tmp, &ST_ACCOUNT_INSERT, args, NULL, NULL);
+        rc = mso_db_stmt_run(db, tmp, &ST_ACCOUNT_INSERT, args, NULL, NULL);
         if (rc != 0) {
             goto fail;
         }
@@ -892,26 +943,26 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
         args[0] = acct->company;
         args[1] = mailbox;
         step = "read back the new account";
-        rc = stmt_run(db, tmp, &ST_ACCOUNT_KEY, args, NULL, &res);
+        rc = mso_db_stmt_run(db, tmp, &ST_ACCOUNT_KEY, args, NULL, &res);
         if (rc != 0) {
             goto fail;
         }
-        row = first_row(db, tmp, res);
+        row = mso_db_first_row(db, tmp, res);
         if (!row) {
             msg = apr_psprintf(db->pool, "cannot read back the account just stored in %s; "
-                               "check that nothing else changes msoauth_accounts", db_name(db));
-            tx_rollback(db, tmp);
+                               "check that nothing else changes msoauth_accounts", mso_db_name(db));
+            mso_db_tx_rollback(db, tmp);
             apr_pool_destroy(tmp);
             *err = msg;
             return APR_EGENERAL;
         }
-        id = col_i64(db, row, 0);
+        id = mso_db_col_i64(db, row, 0);
     }
 
     /* Replace every token: the ones from an earlier sign-in are obsolete. */
     args[0] = &id;
     step = "remove the old tokens";
-    rc = stmt_run(db, tmp, &ST_TOKENS_DELETE, args, NULL, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_TOKENS_DELETE, args, NULL, NULL);
     if (rc != 0) {
         goto fail;
     }
@@ -921,7 +972,7 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
     args[3] = NULL;
     args[4] = &now;
     step = "store the refresh token";
-    rc = stmt_run(db, tmp, &ST_TOKEN_INSERT, args, NULL, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_TOKEN_INSERT, args, NULL, NULL);
     if (rc != 0) {
         goto fail;
     }
@@ -933,14 +984,14 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
         args[3] = opt_i64(&expires);
         args[4] = &now;
         step = "store the access token";
-        rc = stmt_run(db, tmp, &ST_TOKEN_INSERT, args, NULL, NULL);
+        rc = mso_db_stmt_run(db, tmp, &ST_TOKEN_INSERT, args, NULL, NULL);
         if (rc != 0) {
             goto fail;
         }
     }
 
     step = "commit the account";
-    rc = tx_commit(db);
+    rc = mso_db_tx_commit(db);
     if (rc != 0) {
         goto fail;
     }
@@ -960,15 +1011,15 @@ apr_status_t mso_store_account_connect(mso_db_t *db, mso_account_t *acct,
 
 fail:
     msg = apr_psprintf(db->pool, "cannot %s for mailbox %s in %s: %s; %s", step, mailbox,
-                       db_name(db), db_error(db, tmp, rc), write_hint(db));
-    tx_rollback(db, tmp);
+                       mso_db_name(db), mso_db_error(db, tmp, rc), mso_db_write_hint(db));
+    mso_db_tx_rollback(db, tmp);
     *err = msg;
     apr_pool_destroy(tmp);
     return APR_EGENERAL;
 
 fail_nobegin:
     *err = apr_psprintf(db->pool, "cannot %s for mailbox %s in %s: %s; %s", step, mailbox,
-                        db_name(db), db_error(db, tmp, rc), write_hint(db));
+                        mso_db_name(db), mso_db_error(db, tmp, rc), mso_db_write_hint(db));
     apr_pool_destroy(tmp);
     return APR_EGENERAL;
 }
@@ -977,29 +1028,29 @@ static mso_account_t *account_from_row(mso_db_t *db, apr_pool_t *p, apr_dbd_row_
 {
     mso_account_t *a = apr_pcalloc(p, sizeof(*a));
 
-    a->id = col_i64(db, row, 0);
-    a->company = col_str(db, p, row, 1);
-    a->mailbox = col_str(db, p, row, 2);
-    a->display_name = col_str(db, p, row, 3);
-    a->tenant_id = col_str(db, p, row, 4);
-    a->object_id = col_str(db, p, row, 5);
-    a->scopes = col_str(db, p, row, 6);
-    a->state = col_str(db, p, row, 7);
-    a->authority = col_str(db, p, row, 8);
-    a->access_expires_at = col_i64(db, row, 9);
-    a->last_sync_at = col_i64(db, row, 10);
-    a->last_error = col_str(db, p, row, 11);
-    a->connected_by = col_str(db, p, row, 12);
-    a->created_at = col_i64(db, row, 13);
-    a->updated_at = col_i64(db, row, 14);
-    a->refresh_due_at = col_i64(db, row, 15);
-    a->retry_at = col_i64(db, row, 16);
-    a->error_runs = (int)col_i64(db, row, 17);
-    a->reason = col_str(db, p, row, 18);
-    a->aadsts = (long)col_i64(db, row, 19);
-    a->last_refresh_at = col_i64(db, row, 20);
-    a->lease_owner = col_str(db, p, row, 21);
-    a->lease_until = col_i64(db, row, 22);
+    a->id = mso_db_col_i64(db, row, 0);
+    a->company = mso_db_col_str(db, p, row, 1);
+    a->mailbox = mso_db_col_str(db, p, row, 2);
+    a->display_name = mso_db_col_str(db, p, row, 3);
+    a->tenant_id = mso_db_col_str(db, p, row, 4);
+    a->object_id = mso_db_col_str(db, p, row, 5);
+    a->scopes = mso_db_col_str(db, p, row, 6);
+    a->state = mso_db_col_str(db, p, row, 7);
+    a->authority = mso_db_col_str(db, p, row, 8);
+    a->access_expires_at = mso_db_col_i64(db, row, 9);
+    a->last_sync_at = mso_db_col_i64(db, row, 10);
+    a->last_error = mso_db_col_str(db, p, row, 11);
+    a->connected_by = mso_db_col_str(db, p, row, 12);
+    a->created_at = mso_db_col_i64(db, row, 13);
+    a->updated_at = mso_db_col_i64(db, row, 14);
+    a->refresh_due_at = mso_db_col_i64(db, row, 15);
+    a->retry_at = mso_db_col_i64(db, row, 16);
+    a->error_runs = (int)mso_db_col_i64(db, row, 17);
+    a->reason = mso_db_col_str(db, p, row, 18);
+    a->aadsts = (long)mso_db_col_i64(db, row, 19);
+    a->last_refresh_at = mso_db_col_i64(db, row, 20);
+    a->lease_owner = mso_db_col_str(db, p, row, 21);
+    a->lease_until = mso_db_col_i64(db, row, 22);
     return a;
 }
 
@@ -1014,14 +1065,14 @@ static apr_status_t account_select(mso_db_t *db, apr_pool_t *p, const mso_stmt_t
 
     *acct = NULL;
     apr_pool_create(&tmp, db->pool);
-    rc = stmt_run(db, tmp, s, args, NULL, &res);
+    rc = mso_db_stmt_run(db, tmp, s, args, NULL, &res);
     if (rc != 0) {
         mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_EGENERAL,
                        "mod_msoauth: cannot read msoauth_accounts in %s: %s; %s",
-                       db_name(db), db_error(db, tmp, rc), read_hint(db));
+                       mso_db_name(db), mso_db_error(db, tmp, rc), mso_db_read_hint(db));
         rv = APR_EGENERAL;
     }
-    else if ((row = first_row(db, tmp, res)) == NULL) {
+    else if ((row = mso_db_first_row(db, tmp, res)) == NULL) {
         rv = APR_NOTFOUND;
     }
     else {
@@ -1079,20 +1130,20 @@ apr_status_t mso_store_token_get(mso_db_t *db, apr_pool_t *p, apr_int64_t accoun
     apr_pool_create(&tmp, db->pool);
     args[0] = &account_id;
     args[1] = kind;
-    rc = stmt_run(db, tmp, &ST_TOKEN_GET, args, NULL, &res);
+    rc = mso_db_stmt_run(db, tmp, &ST_TOKEN_GET, args, NULL, &res);
     if (rc != 0) {
         mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_EGENERAL,
                        "mod_msoauth: cannot read msoauth_tokens in %s: %s; %s",
-                       db_name(db), db_error(db, tmp, rc), read_hint(db));
+                       mso_db_name(db), mso_db_error(db, tmp, rc), mso_db_read_hint(db));
         rv = APR_EGENERAL;
     }
-    else if ((row = first_row(db, tmp, res)) == NULL) {
+    else if ((row = mso_db_first_row(db, tmp, res)) == NULL) {
         rv = APR_NOTFOUND;
     }
     else {
-        *sealed = col_str(db, p, row, 0);
+        *sealed = mso_db_col_str(db, p, row, 0);
         if (expires_at) {
-            *expires_at = col_i64(db, row, 1);
+            *expires_at = mso_db_col_i64(db, row, 1);
         }
         if (!*sealed) {
             rv = APR_NOTFOUND;
@@ -1112,8 +1163,8 @@ static void log_failure(mso_db_t *db, apr_pool_t *p, int rc, const char *what,
 {
     mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_EGENERAL,
                    "mod_msoauth: cannot %s (account %" APR_INT64_T_FMT ") in %s: %s; %s",
-                   what, id, db_name(db), db_error(db, p, rc),
-                   write ? write_hint(db) : read_hint(db));
+                   what, id, mso_db_name(db), mso_db_error(db, p, rc),
+                   write ? mso_db_write_hint(db) : mso_db_read_hint(db));
 }
 
 apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
@@ -1143,14 +1194,14 @@ apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
     args[1] = &now;
     args[2] = &now;
     args[3] = &max;
-    rc = stmt_run(db, tmp, &ST_DUE_IDS, args, NULL, &res);
+    rc = mso_db_stmt_run(db, tmp, &ST_DUE_IDS, args, NULL, &res);
     if (rc != 0) {
         log_failure(db, tmp, rc, "look for accounts whose refresh is due", 0, 0);
         apr_pool_destroy(tmp);
         return APR_EGENERAL;
     }
     while (apr_dbd_get_row(db->driver, tmp, res, &row, -1) == 0) {
-        APR_ARRAY_PUSH(ids, apr_int64_t) = col_i64(db, row, 0);
+        APR_ARRAY_PUSH(ids, apr_int64_t) = mso_db_col_i64(db, row, 0);
     }
 
     if (ids->nelts == 0) {
@@ -1159,7 +1210,7 @@ apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
     }
     /* One transaction for the whole batch: one disk sync instead of one per
      * account, and the per-row conditions still decide who gets each row. */
-    rc = tx_begin(db);
+    rc = mso_db_tx_begin(db);
     if (rc != 0) {
         log_failure(db, tmp, rc, "start leasing accounts", 0, 0);
         apr_pool_destroy(tmp);
@@ -1176,10 +1227,10 @@ apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
         args[5] = &now;
         args[6] = owner;
         n = 0;
-        rc = stmt_run(db, tmp, &ST_CLAIM, args, &n, NULL);
+        rc = mso_db_stmt_run(db, tmp, &ST_CLAIM, args, &n, NULL);
         if (rc != 0) {
             log_failure(db, tmp, rc, "lease an account for its refresh", id, 1);
-            tx_rollback(db, tmp);
+            mso_db_tx_rollback(db, tmp);
             apr_pool_destroy(tmp);
             return APR_EGENERAL;
         }
@@ -1188,10 +1239,10 @@ apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
         }
         /* n == 0: another process or node was faster */
     }
-    rc = tx_commit(db);
+    rc = mso_db_tx_commit(db);
     if (rc != 0) {
         log_failure(db, tmp, rc, "commit the leases", 0, 0);
-        tx_rollback(db, tmp);
+        mso_db_tx_rollback(db, tmp);
         apr_pool_destroy(tmp);
         return APR_EGENERAL;
     }
@@ -1226,20 +1277,20 @@ apr_status_t mso_store_lease(mso_db_t *db, apr_int64_t id, const char *owner, ap
     args[2] = &id;
     args[3] = &now;
     args[4] = owner;
-    rc = stmt_run(db, tmp, &ST_LEASE, args, &n, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_LEASE, args, &n, NULL);
     if (rc != 0) {
         log_failure(db, tmp, rc, "lease an account", id, 1);
         rv = APR_EGENERAL;
     }
     else if (n != 1) {
         args[0] = &id;
-        rc = stmt_run(db, tmp, &ST_ACCOUNT_EXISTS, args, NULL, &res);
+        rc = mso_db_stmt_run(db, tmp, &ST_ACCOUNT_EXISTS, args, NULL, &res);
         if (rc != 0) {
             log_failure(db, tmp, rc, "read msoauth_accounts", id, 0);
             rv = APR_EGENERAL;
         }
         else {
-            rv = first_row(db, tmp, res) ? APR_EBUSY : APR_NOTFOUND;
+            rv = mso_db_first_row(db, tmp, res) ? APR_EBUSY : APR_NOTFOUND;
         }
     }
     apr_pool_destroy(tmp);
@@ -1259,7 +1310,7 @@ apr_status_t mso_store_release(mso_db_t *db, apr_int64_t id, const char *owner)
     apr_pool_create(&tmp, db->pool);
     args[0] = &id;
     args[1] = owner;
-    rc = stmt_run(db, tmp, &ST_RELEASE, args, NULL, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_RELEASE, args, NULL, NULL);
     if (rc != 0) {
         log_failure(db, tmp, rc, "release the lease of an account", id, 1);
         rv = APR_EGENERAL;
@@ -1277,7 +1328,7 @@ static int token_replace(mso_db_t *db, apr_pool_t *p, apr_int64_t id, const char
 
     args[0] = &id;
     args[1] = kind;
-    rc = stmt_run(db, p, &ST_TOKEN_DELETE_KIND, args, NULL, NULL);
+    rc = mso_db_stmt_run(db, p, &ST_TOKEN_DELETE_KIND, args, NULL, NULL);
     if (rc != 0) {
         return rc;
     }
@@ -1286,7 +1337,7 @@ static int token_replace(mso_db_t *db, apr_pool_t *p, apr_int64_t id, const char
     args[2] = sealed;
     args[3] = opt_i64(expires);
     args[4] = now;
-    return stmt_run(db, p, &ST_TOKEN_INSERT, args, NULL, NULL);
+    return mso_db_stmt_run(db, p, &ST_TOKEN_INSERT, args, NULL, NULL);
 }
 
 apr_status_t mso_store_refreshed(mso_db_t *db, apr_int64_t id, const char *owner,
@@ -1313,11 +1364,11 @@ apr_status_t mso_store_refreshed(mso_db_t *db, apr_int64_t id, const char *owner
     due = r->refresh_due_at;
 
     apr_pool_create(&tmp, db->pool);
-    rc = tx_begin(db);
+    rc = mso_db_tx_begin(db);
     if (rc != 0) {
         *err = apr_psprintf(db->pool, "cannot start a transaction to store the refreshed "
                             "tokens of account %" APR_INT64_T_FMT " in %s: %s; %s", id,
-                            db_name(db), db_error(db, tmp, rc), write_hint(db));
+                            mso_db_name(db), mso_db_error(db, tmp, rc), mso_db_write_hint(db));
         apr_pool_destroy(tmp);
         return APR_EGENERAL;
     }
@@ -1331,12 +1382,12 @@ apr_status_t mso_store_refreshed(mso_db_t *db, apr_int64_t id, const char *owner
     args[5] = &id;
     args[6] = owner;
     step = "update the account";
-    rc = stmt_run(db, tmp, &ST_REFRESHED, args, &n, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_REFRESHED, args, &n, NULL);
     if (rc != 0) {
         goto fail;
     }
     if (n != 1) {
-        tx_rollback(db, tmp);
+        mso_db_tx_rollback(db, tmp);
         *err = apr_psprintf(db->pool, "the refreshed tokens of account %" APR_INT64_T_FMT
                             " were not stored: this process (%s) no longer holds the "
                             "account's lease (it ran out and another process took it, or the "
@@ -1359,7 +1410,7 @@ apr_status_t mso_store_refreshed(mso_db_t *db, apr_int64_t id, const char *owner
         }
     }
     step = "commit the refreshed tokens";
-    rc = tx_commit(db);
+    rc = mso_db_tx_commit(db);
     if (rc != 0) {
         goto fail;
     }
@@ -1368,8 +1419,8 @@ apr_status_t mso_store_refreshed(mso_db_t *db, apr_int64_t id, const char *owner
 
 fail:
     *err = apr_psprintf(db->pool, "cannot %s of account %" APR_INT64_T_FMT " in %s: %s; %s",
-                        step, id, db_name(db), db_error(db, tmp, rc), write_hint(db));
-    tx_rollback(db, tmp);
+                        step, id, mso_db_name(db), mso_db_error(db, tmp, rc), mso_db_write_hint(db));
+    mso_db_tx_rollback(db, tmp);
     apr_pool_destroy(tmp);
     return APR_EGENERAL;
 }
@@ -1398,7 +1449,7 @@ apr_status_t mso_store_refresh_failed(mso_db_t *db, apr_int64_t id, const char *
     args[5] = &now;
     args[6] = &id;
     args[7] = owner;
-    rc = stmt_run(db, tmp, &ST_REFRESH_FAILED, args, &n, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_REFRESH_FAILED, args, &n, NULL);
     if (rc != 0) {
         log_failure(db, tmp, rc, "record a failed refresh", id, 1);
         rv = APR_EGENERAL;
@@ -1418,7 +1469,7 @@ apr_status_t mso_store_disconnect(mso_db_t *db, apr_int64_t id, apr_int64_t now)
     int rc, n = 0;
 
     apr_pool_create(&tmp, db->pool);
-    rc = tx_begin(db);
+    rc = mso_db_tx_begin(db);
     if (rc != 0) {
         log_failure(db, tmp, rc, "start a transaction to disconnect a mailbox", id, 1);
         apr_pool_destroy(tmp);
@@ -1427,23 +1478,23 @@ apr_status_t mso_store_disconnect(mso_db_t *db, apr_int64_t id, apr_int64_t now)
     args[0] = &now;
     args[1] = &id;
     step = "mark a mailbox disconnected";
-    rc = stmt_run(db, tmp, &ST_DISCONNECT, args, &n, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_DISCONNECT, args, &n, NULL);
     if (rc != 0) {
         goto fail;
     }
     if (n != 1) {
-        tx_rollback(db, tmp);
+        mso_db_tx_rollback(db, tmp);
         apr_pool_destroy(tmp);
         return APR_NOTFOUND;
     }
     args[0] = &id;
     step = "remove the tokens of a disconnected mailbox";
-    rc = stmt_run(db, tmp, &ST_TOKENS_DELETE, args, NULL, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_TOKENS_DELETE, args, NULL, NULL);
     if (rc != 0) {
         goto fail;
     }
     step = "commit the disconnection of a mailbox";
-    rc = tx_commit(db);
+    rc = mso_db_tx_commit(db);
     if (rc != 0) {
         goto fail;
     }
@@ -1452,9 +1503,46 @@ apr_status_t mso_store_disconnect(mso_db_t *db, apr_int64_t id, apr_int64_t now)
 
 fail:
     log_failure(db, tmp, rc, step, id, 1);
-    tx_rollback(db, tmp);
+    mso_db_tx_rollback(db, tmp);
     apr_pool_destroy(tmp);
     return APR_EGENERAL;
+}
+
+apr_status_t mso_store_lease_owners(mso_db_t *db, apr_pool_t *p, apr_array_header_t **owners)
+{
+    apr_dbd_results_t *res = NULL;
+    apr_dbd_row_t *row = NULL;
+    int rc;
+
+    *owners = apr_array_make(p, 4, sizeof(const char *));
+    rc = mso_db_stmt_run(db, p, &ST_LEASE_OWNERS, NULL, NULL, &res);
+    if (rc != 0) {
+        return APR_EGENERAL;
+    }
+    while (apr_dbd_get_row(db->driver, p, res, &row, -1) == 0) {
+        const char *o = mso_db_col_str(db, p, row, 0);
+
+        if (o) {
+            APR_ARRAY_PUSH(*owners, const char *) = o;
+        }
+    }
+    return APR_SUCCESS;
+}
+
+apr_status_t mso_store_drop_owner(mso_db_t *db, const char *owner)
+{
+    apr_pool_t *tmp;
+    const void *args[1];
+    int rc;
+
+    apr_pool_create(&tmp, db->pool);
+    args[0] = owner;
+    rc = mso_db_stmt_run(db, tmp, &ST_DROP_LEASES, args, NULL, NULL);
+    if (rc == 0) {
+        rc = mso_db_stmt_run(db, tmp, &ST_DROP_WORK, args, NULL, NULL);
+    }
+    apr_pool_destroy(tmp);
+    return rc == 0 ? APR_SUCCESS : APR_EGENERAL;
 }
 
 apr_status_t mso_store_accounts(mso_db_t *db, apr_pool_t *p, apr_array_header_t **accounts)
@@ -1467,7 +1555,7 @@ apr_status_t mso_store_accounts(mso_db_t *db, apr_pool_t *p, apr_array_header_t 
 
     *accounts = apr_array_make(p, 8, sizeof(mso_account_t *));
     apr_pool_create(&tmp, db->pool);
-    rc = stmt_run(db, tmp, &ST_ACCOUNTS, NULL, NULL, &res);
+    rc = mso_db_stmt_run(db, tmp, &ST_ACCOUNTS, NULL, NULL, &res);
     if (rc != 0) {
         log_failure(db, tmp, rc, "list msoauth_accounts", 0, 0);
         rv = APR_EGENERAL;
@@ -1496,21 +1584,21 @@ apr_status_t mso_store_flow_consume(mso_db_t *db, const char *state_digest,
     apr_pool_create(&tmp, db->pool);
     /* Spent states are only needed while their cookie could still be replayed. */
     args[0] = &now;
-    stmt_run(db, tmp, &ST_FLOW_PURGE, args, NULL, NULL);
+    mso_db_stmt_run(db, tmp, &ST_FLOW_PURGE, args, NULL, NULL);
     args[0] = state_digest;
     args[1] = &expires_at;
-    rc = stmt_run(db, tmp, &ST_FLOW_INSERT, args, &n, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_FLOW_INSERT, args, &n, NULL);
     if (rc != 0) {
         /* A key violation means the state was used; anything else is a failure. */
-        const char *msg = db_error(db, tmp, rc);
+        const char *msg = mso_db_error(db, tmp, rc);
         args[0] = state_digest;
-        if (stmt_run(db, tmp, &ST_FLOW_GET, args, NULL, &res) == 0 && first_row(db, tmp, res)) {
+        if (mso_db_stmt_run(db, tmp, &ST_FLOW_GET, args, NULL, &res) == 0 && mso_db_first_row(db, tmp, res)) {
             rv = APR_EEXIST;
         }
         else {
             mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_EGENERAL,
                            "mod_msoauth: cannot write msoauth_flows_used in %s: %s; %s",
-                           db_name(db), msg, write_hint(db));
+                           mso_db_name(db), msg, mso_db_write_hint(db));
             rv = APR_EGENERAL;
         }
     }
@@ -1541,7 +1629,7 @@ apr_status_t mso_store_job_record(mso_db_t *db, const mso_job_run_t *run)
     args[4] = &run->failed;
     args[5] = &run->last_cycle_at;
     args[6] = run->node;
-    rc = stmt_run(db, tmp, &ST_JOB_UPDATE, args, &n, NULL);
+    rc = mso_db_stmt_run(db, tmp, &ST_JOB_UPDATE, args, &n, NULL);
     if (rc == 0 && n == 0) {
         args[0] = run->node;
         args[1] = &run->last_cycle_at;
@@ -1550,7 +1638,7 @@ apr_status_t mso_store_job_record(mso_db_t *db, const mso_job_run_t *run)
         args[4] = &run->refreshed;
         args[5] = &run->failed;
         args[6] = &run->last_cycle_at;
-        rc = stmt_run(db, tmp, &ST_JOB_INSERT, args, &n, NULL);
+        rc = mso_db_stmt_run(db, tmp, &ST_JOB_INSERT, args, &n, NULL);
     }
     apr_pool_destroy(tmp);
     return rc == 0 ? APR_SUCCESS : APR_EGENERAL;
@@ -1565,15 +1653,15 @@ apr_status_t mso_store_job_runs(mso_db_t *db, apr_pool_t *p, apr_array_header_t 
 
     *runs = apr_array_make(p, 2, sizeof(mso_job_run_t));
     apr_pool_create(&tmp, db->pool);
-    rc = stmt_run(db, tmp, &ST_JOB_LIST, NULL, NULL, &res);
+    rc = mso_db_stmt_run(db, tmp, &ST_JOB_LIST, NULL, NULL, &res);
     while (rc == 0 && apr_dbd_get_row(db->driver, tmp, res, &row, -1) == 0) {
         mso_job_run_t *r = apr_array_push(*runs);
-        r->node = col_str(db, p, row, 0);
-        r->last_cycle_at = col_i64(db, row, 1);
-        r->cycle_ms = col_i64(db, row, 2);
-        r->claimed = (int)col_i64(db, row, 3);
-        r->refreshed = (int)col_i64(db, row, 4);
-        r->failed = (int)col_i64(db, row, 5);
+        r->node = mso_db_col_str(db, p, row, 0);
+        r->last_cycle_at = mso_db_col_i64(db, row, 1);
+        r->cycle_ms = mso_db_col_i64(db, row, 2);
+        r->claimed = (int)mso_db_col_i64(db, row, 3);
+        r->refreshed = (int)mso_db_col_i64(db, row, 4);
+        r->failed = (int)mso_db_col_i64(db, row, 5);
     }
     apr_pool_destroy(tmp);
     return rc == 0 ? APR_SUCCESS : APR_EGENERAL;

@@ -125,6 +125,13 @@ apr_status_t mso_store_refresh_failed(mso_db_t *db, apr_int64_t id, const char *
                                       const char *last_error, apr_int64_t retry_at,
                                       apr_int64_t now);
 
+/* Every owner holding a lease of either kind (refresh or Graph work). */
+apr_status_t mso_store_lease_owners(mso_db_t *db, apr_pool_t *p, apr_array_header_t **owners);
+
+/* Lets go of every lease owner holds: for a process known to be dead, so its
+ * accounts need not wait for the leases to run out. */
+apr_status_t mso_store_drop_owner(mso_db_t *db, const char *owner);
+
 /* Drops every token of the account and marks it disconnected. */
 apr_status_t mso_store_disconnect(mso_db_t *db, apr_int64_t id, apr_int64_t now);
 

@@ -1,0 +1,509 @@
+/* Microsoft Graph mail, the protocol side (microsoft-platform.md 6.4, 6.6,
+ * 6.7, 6.10, 7). */
+#include <string.h>
+#include <strings.h>
+
+#include <apr_strings.h>
+#include <apr_lib.h>
+
+#include "mso_config.h"
+#include "mso_crypto.h"
+#include "mso_graph.h"
+#include "mso_json.h"
+
+#define TEXT_MAX 300                /* Graph's message in our texts */
+#define ID_MAX 512                  /* immutable ids are ~150 characters */
+
+const char *mso_graph_delta_url(apr_pool_t *p, const char *graph_root, const char *folder)
+{
+    /* Options go on the first request only: Graph encodes them in the links. */
+    return apr_pstrcat(p, graph_root, "/v1.0/me/mailFolders/", mso_url_encode(p, folder),
+                       "/messages/delta?$select=", MSO_GRAPH_SELECT,
+                       "&$orderby=receivedDateTime%20desc", NULL);
+}
+
+int mso_graph_link_ok(const char *graph_root, const char *url)
+{
+    apr_size_t n;
+    const char *c;
+
+    if (!graph_root || !url) {
+        return 0;
+    }
+    n = strlen(graph_root);
+    if (strncmp(url, graph_root, n) != 0 || strncmp(url + n, "/v1.0/", 6) != 0) {
+        return 0;
+    }
+    for (c = url; *c; c++) {
+        if (*c <= 0x20 || *c >= 0x7f) {
+            return 0;
+        }
+    }
+    return c - url < 8192;
+}
+
+/* A version 4 UUID for client-request-id (Microsoft support asks for it). */
+static const char *request_guid(apr_pool_t *p)
+{
+    unsigned char b[16];
+
+    if (mso_random_bytes(b, sizeof(b)) != APR_SUCCESS) {
+        return NULL;
+    }
+    b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
+    b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
+    return apr_psprintf(p, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-"
+                        "%02x%02x%02x%02x%02x%02x", b[0], b[1], b[2], b[3], b[4], b[5], b[6],
+                        b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+}
+
+apr_array_header_t *mso_graph_headers(apr_pool_t *p, const char *access_token, int page_size)
+{
+    apr_array_header_t *h = apr_array_make(p, 5, sizeof(const char *));
+    const char *guid = request_guid(p);
+
+    APR_ARRAY_PUSH(h, const char *) = apr_pstrcat(p, "Authorization: Bearer ",
+                                                   access_token ? access_token : "", NULL);
+    /* Immutable IDs on every request: a move keeps the message's id. */
+    APR_ARRAY_PUSH(h, const char *) = page_size > 0
+        ? apr_psprintf(p, "Prefer: odata.maxpagesize=%d, IdType=\"ImmutableId\"", page_size)
+        : "Prefer: IdType=\"ImmutableId\"";
+    APR_ARRAY_PUSH(h, const char *) = "Accept: application/json";
+    if (guid) {
+        APR_ARRAY_PUSH(h, const char *) = apr_pstrcat(p, "client-request-id: ", guid, NULL);
+    }
+    return h;
+}
+
+/* ------------------------------------------------------------------------- */
+
+static int two(const char *s)
+{
+    if (!apr_isdigit(s[0]) || !apr_isdigit(s[1])) {
+        return -1;
+    }
+    return (s[0] - '0') * 10 + (s[1] - '0');
+}
+
+/* Days since 1970-01-01 of a proleptic Gregorian date. */
+static apr_int64_t days_from_civil(apr_int64_t y, int m, int d)
+{
+    apr_int64_t era, yoe, doy, doe;
+
+    y -= m <= 2;
+    era = (y >= 0 ? y : y - 399) / 400;
+    yoe = y - era * 400;
+    doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+apr_int64_t mso_graph_time(const char *s)
+{
+    int yh, yl, mo, d, h, mi, se, oh = 0, om = 0, sign = 0;
+    const char *c;
+
+    if (!s || strlen(s) < 19 || s[4] != '-' || s[7] != '-' || (s[10] != 'T' && s[10] != ' ')
+        || s[13] != ':' || s[16] != ':') {
+        return -1;
+    }
+    yh = two(s);
+    yl = two(s + 2);
+    mo = two(s + 5);
+    d = two(s + 8);
+    h = two(s + 11);
+    mi = two(s + 14);
+    se = two(s + 17);
+    if (yh < 0 || yl < 0 || mo < 1 || mo > 12 || d < 1 || d > 31 || h < 0 || h > 23 || mi < 0
+        || mi > 59 || se < 0 || se > 60) {
+        return -1;
+    }
+    c = s + 19;
+    if (*c == '.') {
+        for (c++; apr_isdigit(*c); c++) {
+        }
+    }
+    if (*c == 'Z' && !c[1]) {
+        sign = 0;
+    }
+    else if ((*c == '+' || *c == '-') && strlen(c) == 6 && c[3] == ':') {
+        sign = *c == '+' ? 1 : -1;
+        oh = two(c + 1);
+        om = two(c + 4);
+        if (oh < 0 || oh > 23 || om < 0 || om > 59) {
+            return -1;
+        }
+    }
+    else if (*c) {
+        return -1;
+    }
+    return days_from_civil(yh * 100 + yl, mo, d) * 86400 + h * 3600 + mi * 60 + se
+           - sign * (oh * 3600 + om * 60);
+}
+
+/* -1 when absent or not a boolean. */
+static int flag_of(const json_t *o, const char *key)
+{
+    json_t *v = json_object_get(o, key);
+
+    return json_is_boolean(v) ? json_is_true(v) : -1;
+}
+
+static const char *email_field(const json_t *recipient, const char *key)
+{
+    return mso_json_str(mso_json_obj(recipient, "emailAddress"), key);
+}
+
+/* toRecipients as [{"name","address"}]: only those two strings survive. */
+static const char *recipients_json(apr_pool_t *p, const json_t *arr)
+{
+    json_t *out;
+    const char *s;
+    size_t i;
+    json_t *r;
+
+    if (!json_is_array(arr)) {
+        return NULL;
+    }
+    out = json_array();
+    json_array_foreach(arr, i, r) {
+        const char *name = email_field(r, "name"), *addr = email_field(r, "address");
+        json_t *e = json_object();
+
+        json_object_set_new(e, "name", name ? json_string(name) : json_null());
+        json_object_set_new(e, "address", addr ? json_string(addr) : json_null());
+        json_array_append_new(out, e);
+    }
+    s = mso_json_dump(p, out);
+    json_decref(out);
+    return s;
+}
+
+static int id_ok(const char *id)
+{
+    const char *c;
+
+    if (!id || !*id || strlen(id) > ID_MAX) {
+        return 0;
+    }
+    for (c = id; *c; c++) {
+        if (!apr_isalnum(*c) && !strchr("+/=_-", *c)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void parse_entry(apr_pool_t *p, const json_t *e, mso_graph_msg_t *m)
+{
+    const json_t *from = mso_json_obj(e, "from"), *body = mso_json_obj(e, "body");
+    const char *when = mso_json_str(e, "receivedDateTime");
+
+    memset(m, 0, sizeof(*m));
+    m->graph_id = apr_pstrdup(p, mso_json_str(e, "id"));
+    m->removed = json_object_get(e, "@removed") != NULL;
+    m->received_at = when ? mso_graph_time(when) : -1;
+    m->is_read = flag_of(e, "isRead");
+    m->has_attachments = flag_of(e, "hasAttachments");
+#define STR(field, key) do { const char *v_ = mso_json_str(e, key); \
+        m->field = v_ ? apr_pstrdup(p, v_) : NULL; } while (0)
+    STR(internet_message_id, "internetMessageId");
+    STR(conversation_id, "conversationId");
+    STR(subject, "subject");
+    STR(importance, "importance");
+    STR(body_preview, "bodyPreview");
+    STR(web_link, "webLink");
+#undef STR
+    if (from) {
+        const char *a = email_field(from, "address"), *n = email_field(from, "name");
+
+        m->from_address = a ? apr_pstrdup(p, a) : NULL;
+        m->from_name = n ? apr_pstrdup(p, n) : NULL;
+    }
+    m->to_json = recipients_json(p, json_object_get(e, "toRecipients"));
+    if (body) {
+        const char *t = mso_json_str(body, "contentType"), *c = mso_json_str(body, "content");
+
+        m->body_type = t ? apr_pstrdup(p, t) : NULL;
+        m->body = c ? apr_pstrdup(p, c) : NULL;
+    }
+    /* New items come whole; an update carries the id and what changed. */
+    m->full = !m->removed && m->received_at >= 0 && m->is_read >= 0;
+}
+
+apr_status_t mso_graph_parse_page(apr_pool_t *p, const char *body, apr_size_t len,
+                                  mso_graph_page_t *page, const char **err)
+{
+    const json_t *value;
+    const char *perr = NULL;
+    json_t *j, *e;
+    size_t i;
+
+    memset(page, 0, sizeof(*page));
+    *err = NULL;
+    j = mso_json_parse(p, body, len, &perr);
+    if (!j || !json_is_object(j)) {
+        *err = perr ? apr_pstrcat(p, "the delta page is not JSON: ", perr, NULL)
+                    : "the delta page is not a JSON object";
+        return APR_EINVAL;
+    }
+    value = mso_json_arr(j, "value");
+    if (!value) {
+        *err = "the delta page has no \"value\" array";
+        return APR_EINVAL;
+    }
+    page->items = apr_array_make(p, (int)json_array_size(value) + 1, sizeof(mso_graph_msg_t));
+    json_array_foreach(value, i, e) {
+        mso_graph_msg_t m;
+
+        if (!json_is_object(e)) {
+            page->skipped++;
+            continue;
+        }
+        parse_entry(p, e, &m);
+        if (!id_ok(m.graph_id)) {
+            page->skipped++;
+            continue;
+        }
+        APR_ARRAY_PUSH(page->items, mso_graph_msg_t) = m;
+    }
+    page->next_link = mso_json_str(j, "@odata.nextLink");
+    page->delta_link = mso_json_str(j, "@odata.deltaLink");
+    page->next_link = page->next_link ? apr_pstrdup(p, page->next_link) : NULL;
+    page->delta_link = page->delta_link ? apr_pstrdup(p, page->delta_link) : NULL;
+    if (!page->next_link && !page->delta_link) {
+        *err = "the delta page has neither @odata.nextLink nor @odata.deltaLink";
+        return APR_EINVAL;
+    }
+    return APR_SUCCESS;
+}
+
+/* ------------------------------------------------------------------------- */
+
+/* Printable, one line, at most TEXT_MAX bytes (cut at a UTF-8 boundary). */
+static const char *clean_text(apr_pool_t *p, const char *s)
+{
+    char *out, *o;
+    apr_size_t n;
+
+    if (!s) {
+        return NULL;
+    }
+    n = strlen(s);
+    if (n > TEXT_MAX) {
+        n = TEXT_MAX;
+        while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80) {
+            n--;
+        }
+    }
+    out = apr_pstrndup(p, s, n);
+    for (o = out; *o; o++) {
+        if ((unsigned char)*o < 0x20 || *o == 0x7f) {
+            *o = ' ';
+        }
+    }
+    return out;
+}
+
+/* The innermost error code: Graph nests details in innerError/innererror. */
+static void error_body(apr_pool_t *p, const mso_http_response_t *resp, mso_graph_result_t *g)
+{
+    const json_t *err, *inner;
+    const char *perr = NULL;
+    json_t *j;
+    int depth;
+
+    if (!resp->body || !resp->body_len) {
+        return;
+    }
+    j = mso_json_parse(p, resp->body, resp->body_len, &perr);
+    err = j ? mso_json_obj(j, "error") : NULL;
+    if (!err) {
+        return;
+    }
+    g->code = clean_text(p, mso_json_str(err, "code"));
+    g->message = clean_text(p, mso_json_str(err, "message"));
+    for (inner = err, depth = 0; inner && depth < 8; depth++) {
+        const json_t *next = mso_json_obj(inner, "innerError");
+        const char *c;
+
+        if (!next) {
+            next = mso_json_obj(inner, "innererror");
+        }
+        if (!next) {
+            break;
+        }
+        c = mso_json_str(next, "code");
+        if (c) {
+            g->code = clean_text(p, c);
+        }
+        if (!g->request_id && mso_json_str(next, "request-id")) {
+            g->request_id = clean_text(p, mso_json_str(next, "request-id"));
+        }
+        inner = next;
+    }
+}
+
+static int code_is(const mso_graph_result_t *g, const char *code)
+{
+    return g->code && !strcasecmp(g->code, code);
+}
+
+void mso_graph_classify(apr_pool_t *p, apr_status_t rv, const mso_http_response_t *resp,
+                        mso_graph_result_t *g)
+{
+    int s;
+
+    memset(g, 0, sizeof(*g));
+    g->retry_after = -1;
+    if (!resp || rv != APR_SUCCESS || resp->status == 0) {
+        g->cls = MSO_GRAPH_TRANSIENT;
+        g->message = clean_text(p, resp && resp->error ? resp->error : "no answer from Graph");
+        /* A request cut off may still have been carried out. */
+        g->maybe_applied = !(resp && resp->not_sent) && rv != APR_EINVAL;
+        return;
+    }
+    s = g->status = resp->status;
+    g->retry_after = resp->retry_after;
+    if (resp->headers) {
+        const char *rid = apr_table_get(resp->headers, "request-id");
+        const char *loc = apr_table_get(resp->headers, "Location");
+
+        g->request_id = rid ? clean_text(p, rid) : NULL;
+        g->location = loc ? apr_pstrdup(p, loc) : NULL;
+    }
+    if (s >= 200 && s < 300) {
+        g->cls = MSO_GRAPH_OK;
+        return;
+    }
+    error_body(p, resp, g);
+    if (s == 410 || code_is(g, "syncStateNotFound") || code_is(g, "resyncRequired")) {
+        g->cls = MSO_GRAPH_RESYNC;
+    }
+    else if (s == 429 || s == 503 || code_is(g, "activityLimitReached")) {
+        g->cls = MSO_GRAPH_THROTTLED;
+        g->maybe_applied = s == 503;
+    }
+    else if (s == 401) {
+        g->cls = MSO_GRAPH_UNAUTHORIZED;
+    }
+    else if (s == 403) {
+        g->cls = MSO_GRAPH_FORBIDDEN;
+    }
+    else if (s == 404 || code_is(g, "itemNotFound") || code_is(g, "ErrorItemNotFound")) {
+        g->cls = MSO_GRAPH_NOT_FOUND;
+    }
+    else if (s >= 500 || s == 408) {
+        g->cls = MSO_GRAPH_TRANSIENT;
+        g->maybe_applied = 1;
+    }
+    else {
+        g->cls = MSO_GRAPH_FAILED;
+    }
+}
+
+const char *mso_graph_result_text(apr_pool_t *p, const mso_graph_result_t *g)
+{
+    const char *rid = g->request_id ? apr_pstrcat(p, " [request-id ", g->request_id, "]", NULL)
+                                    : "";
+
+    if (!g->status) {
+        return apr_pstrcat(p, "Graph unreachable: ", g->message ? g->message : "no answer",
+                           NULL);
+    }
+    return apr_psprintf(p, "HTTP %d%s%s%s%s%s", g->status, g->code ? " " : "",
+                        g->code ? g->code : "", g->message ? ": " : "",
+                        g->message ? g->message : "", rid);
+}
+
+/* ------------------------------------------------------------------------- */
+
+const char *mso_graph_well_known_folder(apr_pool_t *p, const char *name)
+{
+    char *lower;
+    char *c;
+
+    if (!name || strlen(name) > 40) {
+        return NULL;
+    }
+    lower = apr_pstrdup(p, name);
+    for (c = lower; *c; c++) {
+        *c = (char)apr_tolower(*c);
+    }
+    return mso_check_folder(p, lower) ? NULL : lower;
+}
+
+const char *mso_graph_action_destination(apr_pool_t *p, const char *action,
+                                         const char *destination)
+{
+    const char *wk;
+
+    if (action && !strcmp(action, "delete")) {
+        return "deleteditems";
+    }
+    if (!destination) {
+        return NULL;
+    }
+    wk = mso_graph_well_known_folder(p, destination);
+    return wk ? wk : destination;
+}
+
+static const char *message_url(apr_pool_t *p, const char *graph_root, const char *graph_id)
+{
+    return apr_pstrcat(p, graph_root, "/v1.0/me/messages/", mso_url_encode(p, graph_id), NULL);
+}
+
+apr_status_t mso_graph_action_request(apr_pool_t *p, const char *graph_root, const char *action,
+                                      const char *graph_id, const char *destination,
+                                      mso_graph_request_t *req, const char **err)
+{
+    const char *dest;
+    json_t *j;
+
+    memset(req, 0, sizeof(*req));
+    *err = NULL;
+    if (!id_ok(graph_id)) {
+        *err = "graph_id is not a Graph message id (letters, digits and +/=_- only, at most 512)";
+        return APR_EINVAL;
+    }
+    if (action && (!strcmp(action, "mark_read") || !strcmp(action, "mark_unread"))) {
+        req->method = "PATCH";
+        req->url = message_url(p, graph_root, graph_id);
+        req->body = !strcmp(action, "mark_read") ? "{\"isRead\":true}" : "{\"isRead\":false}";
+        return APR_SUCCESS;
+    }
+    if (!action || (strcmp(action, "move") && strcmp(action, "delete"))) {
+        *err = "action is not one of mark_read, mark_unread, move, delete";
+        return APR_EINVAL;
+    }
+    dest = mso_graph_action_destination(p, action, destination);
+    if (!dest || !*dest) {
+        *err = "a move needs a destination: a well-known folder name (archive, inbox, ...) or "
+               "a folder id";
+        return APR_EINVAL;
+    }
+    if (!mso_graph_well_known_folder(p, dest) && !id_ok(dest)) {
+        *err = "destination is neither a well-known folder name nor a folder id";
+        return APR_EINVAL;
+    }
+    /* Outlook's Delete is a move to Deleted Items; DELETE would bypass it. */
+    req->method = "POST";
+    req->url = apr_pstrcat(p, message_url(p, graph_root, graph_id), "/move", NULL);
+    j = json_pack("{s:s}", "destinationId", dest);
+    req->body = mso_json_dump(p, j);
+    json_decref(j);
+    return APR_SUCCESS;
+}
+
+const char *mso_graph_message_state_url(apr_pool_t *p, const char *graph_root,
+                                        const char *graph_id)
+{
+    return apr_pstrcat(p, message_url(p, graph_root, graph_id),
+                       "?$select=isRead,parentFolderId", NULL);
+}
+
+const char *mso_graph_folder_url(apr_pool_t *p, const char *graph_root, const char *folder)
+{
+    return apr_pstrcat(p, graph_root, "/v1.0/me/mailFolders/", mso_url_encode(p, folder),
+                       "?$select=id", NULL);
+}

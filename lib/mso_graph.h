@@ -1,0 +1,127 @@
+/* Microsoft Graph mail, the protocol side: delta URLs and headers, a delta
+ * page parsed into message changes, Graph's errors classified, and the
+ * write-back requests. No database, no scheduling. Everything Graph sends is
+ * hostile input: links are only followed inside the configured Graph root,
+ * texts are cut and stripped of control characters. */
+#ifndef MSO_GRAPH_H
+#define MSO_GRAPH_H
+
+#include <apr_pools.h>
+#include <apr_errno.h>
+#include <apr_tables.h>
+
+#include "mso_http.h"
+
+/* What the mirror stores, and nothing more. */
+#define MSO_GRAPH_SELECT "internetMessageId,conversationId,subject,from,toRecipients," \
+    "receivedDateTime,isRead,hasAttachments,importance,bodyPreview,body,webLink"
+
+/* One entry of a delta page. Absent properties are NULL (strings) or -1
+ * (numbers and flags): an update carries only what changed. */
+typedef struct {
+    const char *graph_id;
+    int removed;                    /* "@removed" present */
+    int full;                       /* a complete representation (new item) */
+    const char *internet_message_id;
+    const char *conversation_id;
+    const char *subject;
+    const char *from_address;
+    const char *from_name;
+    const char *to_json;            /* [{"name":..,"address":..}, ...] */
+    apr_int64_t received_at;        /* epoch seconds */
+    int is_read;
+    int has_attachments;
+    const char *importance;
+    const char *body_preview;
+    const char *body_type;          /* html | text */
+    const char *body;
+    const char *web_link;
+} mso_graph_msg_t;
+
+typedef struct {
+    apr_array_header_t *items;      /* mso_graph_msg_t */
+    int skipped;                    /* entries without a usable id */
+    const char *next_link;          /* @odata.nextLink, or NULL */
+    const char *delta_link;         /* @odata.deltaLink, or NULL */
+} mso_graph_page_t;
+
+/* "{root}/v1.0/me/mailFolders/{folder}/messages/delta?$select=...&$orderby=
+ * receivedDateTime desc": the first request of a full round, newest first. */
+const char *mso_graph_delta_url(apr_pool_t *p, const char *graph_root, const char *folder);
+
+/* True when url may receive our bearer token: it starts with
+ * "{graph_root}/v1.0/" and holds only printable ASCII without spaces. */
+int mso_graph_link_ok(const char *graph_root, const char *url);
+
+/* Request headers: bearer token, immutable IDs (and a page size cap when
+ * page_size > 0), a fresh client-request-id, JSON. */
+apr_array_header_t *mso_graph_headers(apr_pool_t *p, const char *access_token, int page_size);
+
+/* Parses a delta page. APR_EINVAL (and *err) when it is not one. */
+apr_status_t mso_graph_parse_page(apr_pool_t *p, const char *body, apr_size_t len,
+                                  mso_graph_page_t *page, const char **err);
+
+/* ISO 8601 UTC ("2026-11-23T10:00:00Z", fraction and +hh:mm allowed) to
+ * epoch seconds; -1 when malformed. */
+apr_int64_t mso_graph_time(const char *iso);
+
+typedef enum {
+    MSO_GRAPH_OK = 0,
+    MSO_GRAPH_THROTTLED,            /* 429, 503: wait Retry-After */
+    MSO_GRAPH_UNAUTHORIZED,         /* 401: refresh the token once */
+    MSO_GRAPH_FORBIDDEN,            /* 403: the grant lacks a permission */
+    MSO_GRAPH_NOT_FOUND,            /* 404 itemNotFound */
+    MSO_GRAPH_RESYNC,               /* 410, syncStateNotFound, resyncRequired */
+    MSO_GRAPH_TRANSIENT,            /* network, timeout, 5xx: try again later */
+    MSO_GRAPH_FAILED                /* another 4xx: our request is wrong */
+} mso_graph_class_e;
+
+typedef struct {
+    mso_graph_class_e cls;
+    int status;                     /* 0: no answer */
+    const char *code;               /* Graph's error code (innermost), or NULL */
+    const char *message;            /* cut and cleaned */
+    const char *request_id;
+    long retry_after;               /* -1 if none */
+    const char *location;           /* 410 Location, or NULL */
+    int maybe_applied;              /* a write may have happened (timeout, 5xx) */
+} mso_graph_result_t;
+
+/* Classifies a Graph call (rv and resp from mso_http). A 2xx is OK. */
+void mso_graph_classify(apr_pool_t *p, apr_status_t rv, const mso_http_response_t *resp,
+                        mso_graph_result_t *g);
+
+/* "HTTP 429 TooManyRequests: <message> [request-id ...]" for logs and
+ * last_error; never a token. */
+const char *mso_graph_result_text(apr_pool_t *p, const mso_graph_result_t *g);
+
+/* A write-back action as one Graph request. action: mark_read, mark_unread,
+ * move (destination: well-known name or folder id), delete (a move to
+ * deleteditems, as Outlook's Delete). APR_EINVAL (and *err) for a value that
+ * must not be sent: unknown action, a malformed id or destination. */
+typedef struct {
+    const char *method;
+    const char *url;
+    const char *body;
+} mso_graph_request_t;
+
+apr_status_t mso_graph_action_request(apr_pool_t *p, const char *graph_root, const char *action,
+                                      const char *graph_id, const char *destination,
+                                      mso_graph_request_t *req, const char **err);
+
+/* The destination of an action as Graph understands it (delete: deleteditems)
+ * and as the mirror stores it (well-known names in lower case). */
+const char *mso_graph_action_destination(apr_pool_t *p, const char *action,
+                                         const char *destination);
+
+/* GET of the message's isRead and parentFolderId, and of a folder's id: what
+ * a retry checks before repeating a write whose outcome is unknown. */
+const char *mso_graph_message_state_url(apr_pool_t *p, const char *graph_root,
+                                        const char *graph_id);
+const char *mso_graph_folder_url(apr_pool_t *p, const char *graph_root, const char *folder);
+
+/* The lower-case well-known folder name (inbox, deleteditems, ...) that name
+ * spells in any case, or NULL when it is not one (a folder id). */
+const char *mso_graph_well_known_folder(apr_pool_t *p, const char *name);
+
+#endif

@@ -1,0 +1,48 @@
+/* One pass of Graph work over a batch of leased mailboxes: queued write-back
+ * actions first, then the folders' delta pages, all concurrently over one
+ * multi handle with at most MSO_SYNC_PER_MAILBOX requests in flight per
+ * mailbox. Everything it learns is in the database when it returns; nothing
+ * is kept for the next pass. */
+#ifndef MSO_SYNC_H
+#define MSO_SYNC_H
+
+#include <apr_pools.h>
+#include <apr_errno.h>
+#include <apr_tables.h>
+
+#include "mso_http.h"
+#include "mso_mirror.h"
+
+#define MSO_SYNC_PER_MAILBOX 4      /* Outlook's concurrency limit per app and mailbox */
+#define MSO_SYNC_PAGE_SIZE 100      /* Prefer: odata.maxpagesize */
+#define MSO_SYNC_ACTIONS 100        /* queued actions read per mailbox and pass */
+
+typedef struct {
+    mso_work_t *work;               /* from mso_mirror_claim: the lease is held */
+    const char *access_token;       /* Graph access token; NULL when it could not be opened */
+    const char *graph_root;         /* e.g. https://graph.microsoft.com */
+    const apr_array_header_t *folders;  /* well-known names to mirror (const char *) */
+    int interval;                   /* seconds between incremental rounds */
+    int can_write;                  /* the grant has Mail.ReadWrite */
+} mso_sync_box_t;
+
+typedef struct {
+    int mailboxes, pages, messages, resyncs;
+    int actions_done, actions_failed, actions_waiting;
+    int throttled, errors;
+} mso_sync_stats_t;
+
+/* Runs the pass. New requests start only before slice_end (a folder in the
+ * middle of a round carries on in the next pass); requests still running at
+ * deadline are cut off and count as transient failures. Each mailbox's lease
+ * is released with its schedule (next sync, Retry-After, backoff, phase,
+ * error) before this returns. Single-threaded. APR_EINVAL without db or m. */
+apr_status_t mso_sync_run(mso_db_t *db, apr_pool_t *p, const char *owner,
+                          mso_sync_box_t *boxes, int n, mso_http_multi_t *m,
+                          apr_time_t slice_end, apr_time_t deadline, mso_sync_stats_t *st);
+
+/* True when a granted scope list allows write-back (Mail.ReadWrite, short or
+ * with the Graph prefix). */
+int mso_sync_scopes_can_write(const char *scopes);
+
+#endif
