@@ -7,6 +7,7 @@
 
 #include <apr_pools.h>
 #include <apr_errno.h>
+#include <apr_hash.h>
 #include <apr_tables.h>
 
 #include "mso_graph.h"

@@ -1,0 +1,316 @@
+/* Checks of the Graph protocol side (lib/mso_graph) and of the write
+ * permission test (lib/mso_sync): hostile pages, links, errors, requests. */
+#include <check.h>
+
+#include "unit.h"
+#include <stdlib.h>
+#include <string.h>
+
+#include <apr_general.h>
+#include <apr_strings.h>
+#include <apr_tables.h>
+
+#include "mso_graph.h"
+#include "mso_sync.h"
+
+#define ROOT "https://graph.microsoft.com"
+
+static apr_pool_t *pool;
+
+static void setup(void)
+{
+    apr_pool_create(&pool, NULL);
+}
+
+static void teardown(void)
+{
+    apr_pool_destroy(pool);
+}
+
+static apr_status_t parse(const char *body, mso_graph_page_t *page, const char **err)
+{
+    return mso_graph_parse_page(pool, body, strlen(body), page, err);
+}
+
+static const mso_graph_msg_t *item(const mso_graph_page_t *page, int i)
+{
+    ck_assert_int_lt(i, page->items->nelts);
+    return &APR_ARRAY_IDX(page->items, i, mso_graph_msg_t);
+}
+
+START_TEST(page_entries)
+{
+    mso_graph_page_t page;
+    const char *err = NULL;
+    const mso_graph_msg_t *m;
+
+    ck_assert_int_eq(parse(
+        "{\"value\":["
+        "{\"id\":\"AAkALg==\",\"subject\":\"Hi\",\"isRead\":false,\"hasAttachments\":true,"
+        "\"receivedDateTime\":\"2026-11-23T10:00:00Z\",\"importance\":\"high\","
+        "\"from\":{\"emailAddress\":{\"name\":\"Ann\",\"address\":\"ann@x.com\"}},"
+        "\"toRecipients\":[{\"emailAddress\":{\"name\":\"B\",\"address\":\"b@x.com\","
+        "\"extra\":\"dropped\"}}],\"body\":{\"contentType\":\"html\",\"content\":\"<p>x</p>\"}},"
+        "{\"id\":\"AAkALh==\",\"isRead\":true},"
+        "{\"@odata.type\":\"#microsoft.graph.message\",\"id\":\"AAkALi==\","
+        "\"@removed\":{\"reason\":\"deleted\"}},"
+        "{\"id\":\"bad id with spaces\",\"subject\":\"x\"},"
+        "{\"subject\":\"no id\"}, 42],"
+        "\"@odata.nextLink\":\"" ROOT "/v1.0/me/mailFolders('x')/messages/delta?$skiptoken=a\"}",
+        &page, &err), APR_SUCCESS);
+    ck_assert_int_eq(page.items->nelts, 3);
+    ck_assert_int_eq(page.skipped, 3);
+    ck_assert_ptr_null(page.delta_link);
+    ck_assert_ptr_nonnull(strstr(page.next_link, "skiptoken"));
+
+    m = item(&page, 0);
+    ck_assert(m->full && !m->removed);
+    ck_assert_str_eq(m->graph_id, "AAkALg==");
+    ck_assert_str_eq(m->subject, "Hi");
+    ck_assert_int_eq(m->is_read, 0);
+    ck_assert_int_eq(m->has_attachments, 1);
+    ck_assert_int_eq(m->received_at, 1795428000);
+    ck_assert_str_eq(m->from_address, "ann@x.com");
+    ck_assert_str_eq(m->from_name, "Ann");
+    ck_assert_str_eq(m->to_json, "[{\"name\":\"B\",\"address\":\"b@x.com\"}]");
+    ck_assert_str_eq(m->body_type, "html");
+    ck_assert_str_eq(m->body, "<p>x</p>");
+
+    m = item(&page, 1);             /* an update: only what changed */
+    ck_assert(!m->full && !m->removed);
+    ck_assert_int_eq(m->is_read, 1);
+    ck_assert_int_eq(m->has_attachments, -1);
+    ck_assert_int_eq(m->received_at, -1);
+    ck_assert_ptr_null(m->subject);
+
+    m = item(&page, 2);
+    ck_assert(m->removed && !m->full);
+}
+END_TEST
+
+START_TEST(page_refused)
+{
+    mso_graph_page_t page;
+    const char *err = NULL;
+
+    ck_assert_int_eq(parse("not json", &page, &err), APR_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "not JSON"));
+    ck_assert_int_eq(parse("{\"value\":{}}", &page, &err), APR_EINVAL);
+    ck_assert_int_eq(parse("[1,2]", &page, &err), APR_EINVAL);
+    /* A page that ends neither a round nor continues it cannot move the cursor. */
+    ck_assert_int_eq(parse("{\"value\":[]}", &page, &err), APR_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "deltaLink"));
+    ck_assert_int_eq(parse("{\"value\":[],\"@odata.deltaLink\":\"" ROOT "/v1.0/d\"}", &page,
+                           &err), APR_SUCCESS);
+    ck_assert_int_eq(page.items->nelts, 0);
+}
+END_TEST
+
+START_TEST(times)
+{
+    ck_assert_int_eq(mso_graph_time("1970-01-01T00:00:00Z"), 0);
+    ck_assert_int_eq(mso_graph_time("2026-11-23T10:00:00Z"), 1795428000);
+    ck_assert_int_eq(mso_graph_time("2026-11-23T10:00:00.1234567Z"), 1795428000);
+    ck_assert_int_eq(mso_graph_time("2026-11-23T12:00:00+02:00"), 1795428000);
+    ck_assert_int_eq(mso_graph_time("2024-02-29T00:00:00Z"), 1709164800);
+    ck_assert_int_eq(mso_graph_time("2026-13-01T00:00:00Z"), -1);
+    ck_assert_int_eq(mso_graph_time("2026-11-23"), -1);
+    ck_assert_int_eq(mso_graph_time("2026-11-23T10:00:00Zjunk"), -1);
+    ck_assert_int_eq(mso_graph_time(NULL), -1);
+}
+END_TEST
+
+START_TEST(links)
+{
+    ck_assert(mso_graph_link_ok(ROOT, ROOT "/v1.0/me/mailFolders/inbox/messages/delta?$d=1"));
+    /* The bearer token goes nowhere else. */
+    ck_assert(!mso_graph_link_ok(ROOT, "https://graph.microsoft.com.evil.example/v1.0/x"));
+    ck_assert(!mso_graph_link_ok(ROOT, "http://graph.microsoft.com/v1.0/x"));
+    ck_assert(!mso_graph_link_ok(ROOT, ROOT "/beta/x"));
+    ck_assert(!mso_graph_link_ok(ROOT, ROOT "@evil.example/v1.0/x"));
+    ck_assert(!mso_graph_link_ok(ROOT, ROOT "/v1.0/a b"));
+    ck_assert(!mso_graph_link_ok(ROOT, ROOT "/v1.0/a\r\nX-Evil: 1"));
+    ck_assert(!mso_graph_link_ok(ROOT, NULL));
+    ck_assert_str_eq(mso_graph_delta_url(pool, ROOT, "inbox"),
+                     ROOT "/v1.0/me/mailFolders/inbox/messages/delta?$select=" MSO_GRAPH_SELECT
+                     "&$orderby=receivedDateTime%20desc");
+}
+END_TEST
+
+START_TEST(headers)
+{
+    apr_array_header_t *h = mso_graph_headers(pool, "tok", 100);
+    const char *all = apr_array_pstrcat(pool, h, '|');
+
+    ck_assert_ptr_nonnull(strstr(all, "Authorization: Bearer tok"));
+    ck_assert_ptr_nonnull(strstr(all, "Prefer: odata.maxpagesize=100, IdType=\"ImmutableId\""));
+    ck_assert_ptr_nonnull(strstr(all, "client-request-id: "));
+    h = mso_graph_headers(pool, "tok", 0);
+    all = apr_array_pstrcat(pool, h, '|');
+    ck_assert_ptr_null(strstr(all, "maxpagesize"));
+    ck_assert_ptr_nonnull(strstr(all, "IdType=\"ImmutableId\""));
+}
+END_TEST
+
+static mso_graph_result_t classify(int status, const char *body, const char *retry_after,
+                                   const char *location)
+{
+    mso_http_response_t r;
+    mso_graph_result_t g;
+
+    memset(&r, 0, sizeof(r));
+    r.status = status;
+    r.body = body ? body : "";
+    r.body_len = strlen(r.body);
+    r.headers = apr_table_make(pool, 2);
+    r.retry_after = retry_after ? atol(retry_after) : -1;
+    if (location) {
+        apr_table_set(r.headers, "Location", location);
+    }
+    apr_table_set(r.headers, "request-id", "rid-1");
+    mso_graph_classify(pool, APR_SUCCESS, &r, &g);
+    return g;
+}
+
+START_TEST(errors)
+{
+    mso_graph_result_t g;
+    mso_http_response_t r;
+
+    g = classify(200, "{}", NULL, NULL);
+    ck_assert_int_eq(g.cls, MSO_GRAPH_OK);
+    g = classify(429, "{\"error\":{\"code\":\"TooManyRequests\",\"message\":\"slow\\ndown\"}}",
+                 "7", NULL);
+    ck_assert_int_eq(g.cls, MSO_GRAPH_THROTTLED);
+    ck_assert_int_eq(g.retry_after, 7);
+    ck_assert(!g.maybe_applied);
+    ck_assert_str_eq(mso_graph_result_text(pool, &g),
+                     "HTTP 429 TooManyRequests: slow down [request-id rid-1]");
+    g = classify(503, NULL, NULL, NULL);
+    ck_assert_int_eq(g.cls, MSO_GRAPH_THROTTLED);
+    ck_assert(g.maybe_applied);
+    g = classify(410, NULL, NULL, ROOT "/v1.0/me/mailFolders('x')/messages/delta?$deltatoken=");
+    ck_assert_int_eq(g.cls, MSO_GRAPH_RESYNC);
+    ck_assert_ptr_nonnull(g.location);
+    g = classify(400, "{\"error\":{\"code\":\"badRequest\",\"innerError\":{\"code\":"
+                 "\"syncStateNotFound\"}}}", NULL, NULL);
+    ck_assert_int_eq(g.cls, MSO_GRAPH_RESYNC);
+    ck_assert_str_eq(g.code, "syncStateNotFound");
+    g = classify(400, "{\"error\":{\"code\":\"resyncRequired\"}}", NULL, NULL);
+    ck_assert_int_eq(g.cls, MSO_GRAPH_RESYNC);
+    ck_assert_int_eq(classify(401, NULL, NULL, NULL).cls, MSO_GRAPH_UNAUTHORIZED);
+    ck_assert_int_eq(classify(403, NULL, NULL, NULL).cls, MSO_GRAPH_FORBIDDEN);
+    ck_assert_int_eq(classify(404, "{\"error\":{\"code\":\"ErrorItemNotFound\"}}", NULL,
+                              NULL).cls, MSO_GRAPH_NOT_FOUND);
+    ck_assert_int_eq(classify(400, "{\"error\":{\"code\":\"invalidRequest\"}}", NULL,
+                              NULL).cls, MSO_GRAPH_FAILED);
+    g = classify(504, "<html>gateway</html>", NULL, NULL);
+    ck_assert_int_eq(g.cls, MSO_GRAPH_TRANSIENT);
+    ck_assert(g.maybe_applied);
+
+    /* No answer: transient; applied unless it never left. */
+    memset(&r, 0, sizeof(r));
+    r.error = "timed out";
+    mso_graph_classify(pool, APR_TIMEUP, &r, &g);
+    ck_assert_int_eq(g.cls, MSO_GRAPH_TRANSIENT);
+    ck_assert(g.maybe_applied);
+    r.not_sent = 1;
+    mso_graph_classify(pool, APR_TIMEUP, &r, &g);
+    ck_assert(!g.maybe_applied);
+
+    /* A long, hostile message is cut and kept on one line. */
+    {
+        char *big = apr_palloc(pool, 5000);
+        const char *text;
+        size_t n;
+
+        strcpy(big, "{\"error\":{\"code\":\"x\",\"message\":\"");
+        n = strlen(big);
+        memset(big + n, 'a', 2000);
+        strcpy(big + n + 2000, "\"}}");
+        g = classify(400, big, NULL, NULL);
+        text = mso_graph_result_text(pool, &g);
+        ck_assert_int_lt(strlen(text), 400);
+    }
+}
+END_TEST
+
+START_TEST(action_requests)
+{
+    mso_graph_request_t req;
+    const char *err = NULL;
+
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "mark_read", "AAk+/=_-", NULL, &req,
+                                              &err), APR_SUCCESS);
+    ck_assert_str_eq(req.method, "PATCH");
+    ck_assert_str_eq(req.url, ROOT "/v1.0/me/messages/AAk%2B%2F%3D_-");
+    ck_assert_str_eq(req.body, "{\"isRead\":true}");
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "mark_unread", "A", NULL, &req, &err),
+                     APR_SUCCESS);
+    ck_assert_str_eq(req.body, "{\"isRead\":false}");
+    /* Outlook's Delete: a move to Deleted Items. */
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "delete", "A", NULL, &req, &err),
+                     APR_SUCCESS);
+    ck_assert_str_eq(req.method, "POST");
+    ck_assert_str_eq(req.url, ROOT "/v1.0/me/messages/A/move");
+    ck_assert_str_eq(req.body, "{\"destinationId\":\"deleteditems\"}");
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "move", "A", "Archive", &req, &err),
+                     APR_SUCCESS);
+    ck_assert_str_eq(req.body, "{\"destinationId\":\"archive\"}");
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "move", "A", "AQMkADAw==", &req,
+                                              &err), APR_SUCCESS);
+    ck_assert_str_eq(req.body, "{\"destinationId\":\"AQMkADAw==\"}");
+
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "move", "A", "x\"}, {\"y", &req,
+                                              &err), APR_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "destination"));
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "move", "A", NULL, &req, &err),
+                     APR_EINVAL);
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "mark_read", "../../me", NULL, &req,
+                                              &err), APR_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "graph_id"));
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "mark_read", "", NULL, &req, &err),
+                     APR_EINVAL);
+    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "purge", "A", NULL, &req, &err),
+                     APR_EINVAL);
+    ck_assert_str_eq(mso_graph_action_destination(pool, "delete", "inbox"), "deleteditems");
+    ck_assert_str_eq(mso_graph_action_destination(pool, "move", "JunkEmail"), "junkemail");
+    ck_assert_str_eq(mso_graph_folder_url(pool, ROOT, "archive"),
+                     ROOT "/v1.0/me/mailFolders/archive?$select=id");
+    ck_assert_str_eq(mso_graph_message_state_url(pool, ROOT, "A"),
+                     ROOT "/v1.0/me/messages/A?$select=isRead,parentFolderId");
+}
+END_TEST
+
+START_TEST(write_scopes)
+{
+    ck_assert(mso_sync_scopes_can_write("Mail.ReadWrite User.Read openid"));
+    ck_assert(mso_sync_scopes_can_write("openid https://graph.microsoft.com/Mail.ReadWrite"));
+    ck_assert(!mso_sync_scopes_can_write("Mail.Read User.Read"));
+    ck_assert(!mso_sync_scopes_can_write("Mail.ReadWrite.Shared"));
+    ck_assert(!mso_sync_scopes_can_write("XMail.ReadWrite"));
+    ck_assert(!mso_sync_scopes_can_write(NULL));
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("graph");
+    TCase *tc = tcase_create("graph");
+    int failed;
+
+    apr_initialize();
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, page_entries);
+    tcase_add_test(tc, page_refused);
+    tcase_add_test(tc, times);
+    tcase_add_test(tc, links);
+    tcase_add_test(tc, headers);
+    tcase_add_test(tc, errors);
+    tcase_add_test(tc, action_requests);
+    tcase_add_test(tc, write_scopes);
+    suite_add_tcase(s, tc);
+    failed = mso_check_run(s);
+    apr_terminate();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
