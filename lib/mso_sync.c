@@ -422,6 +422,10 @@ static void act_check_done(void *baton, apr_status_t rv, mso_http_response_t *re
         if (already) {
             act_done(b, ar);            /* the earlier call did it */
         }
+        else if (b->stop) {
+            /* Throttled or failing meanwhile: not now. */
+            act_wait(b, ar, "not applied yet: the mailbox is waiting for Graph", 1);
+        }
         else {
             act_write(b, ar);
         }
@@ -705,7 +709,8 @@ static void box_release(box_rt_t *b)
         d.sync_error_runs = w->sync_error_runs + 1;
         d.sync_retry_at = mso_refresh_backoff(w->sync_error_runs, -1, now);
         d.auth_retry = 0;
-        d.refresh_now = 0;
+        /* A token that cannot be opened is replaced by a refresh. */
+        d.refresh_now = !b->in->access_token;
         if (b->sync_due) {
             d.sync_due_at = now;
             d.last_sync_at = 0;

@@ -260,3 +260,25 @@ def test_two_nodes_apply_each_action_once(httpd, simulator, pg_schema):
         assert c["graph_effective_writes"].get(g) == 1, g
         assert c["graph_writes"].get(g) == 1, g
     assert c["concurrency_violations"] == 0
+
+
+def test_throttled_actions_wait_for_retry_after(httpd, simulator):
+    env = setup_env(httpd, simulator, "sqlite3")
+    acc, ids = connected(env)
+    sim_call(env.sim, "POST", "/_sim/scenarios", {"endpoint": "graph", "status": 429,
+                                                  "retry_after": 4, "times": 1,
+                                                  "match": {"method": "PATCH"}})
+    t0 = time.time()
+    a = env.queue(acc, ids[0], "mark_read")
+    poll("the 429", lambda: [e for e in sim_call(env.sim, "GET", "/_sim/log")["requests"]
+                             if e["status"] == 429], timeout=10, every=0.1)
+    r = env.action(a)
+    assert r["state"] == "queued" and "429" in (r["last_error"] or ""), r
+    assert env.account(acc)["sync"]["phase"] == "throttled"
+    done = env.wait_state(a, timeout=30)
+    assert done["state"] == "done" and time.time() - t0 >= 4
+    patches = [e for e in sim_call(env.sim, "GET", "/_sim/log")["requests"]
+               if e["method"] == "PATCH"]
+    assert [e["status"] for e in patches] == [429, 200], patches
+    assert patches[1]["t"] - patches[0]["t"] >= 4 - 0.5
+    assert env.counters()["graph_effective_writes"].get(ids[0]) == 1
