@@ -16,10 +16,14 @@ Run:  python3 t/sim/mssim.py --port 8081 [--host 127.0.0.1] [--state-file F] [--
 """
 import argparse
 import base64
+import contextlib
+import functools
+import gc
 import hashlib
 import hmac
 import html
 import json
+import operator
 import os
 import re
 import secrets
@@ -31,7 +35,7 @@ import traceback
 import uuid
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlencode, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -105,6 +109,9 @@ MESSAGE_PROPS = ["createdDateTime", "lastModifiedDateTime", "changeKey", "catego
                  "from", "toRecipients", "ccRecipients", "bccRecipients", "replyTo", "flag",
                  "uniqueBody", "internetMessageHeaders"]
 DEFAULT_MESSAGE_PROPS = [p for p in MESSAGE_PROPS if p not in ("uniqueBody", "internetMessageHeaders")]
+MESSAGE_PROP_SET = frozenset(MESSAGE_PROPS)
+IMM_PREFIX, REST_PREFIX = "AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A", "AAMkAGI2THVSAAA"
+DELTA_ENTRY_HEAD = '{"@odata.type": "#microsoft.graph.message", '   # json.dumps spacing
 BASIC_HIDDEN = {"body", "bodyPreview", "uniqueBody"}           # not visible with Mail.ReadBasic
 PATCHABLE = {"isRead", "categories", "flag", "importance", "inferenceClassification"}
 SECRET_PARAMS = {"code", "client_secret", "refresh_token", "access_token", "code_verifier",
@@ -135,8 +142,8 @@ def guid():
 
 
 def iso(ts):
-    """Graph timestamps: ISO 8601 UTC with Z."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Graph timestamps: ISO 8601 UTC with Z. (time.gmtime: seeding 100k messages calls this a lot.)"""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def aad_timestamp(ts):
@@ -157,9 +164,30 @@ def parse_time(value):
     return dt.timestamp()
 
 
-def graph_item_id(prefix):
-    """Exchange-looking ids: long, URL-safe base64, '=' padded, case-sensitive."""
-    return prefix + base64.urlsafe_b64encode(secrets.token_bytes(45)).decode() + "AAA="
+def graph_item_id(prefix, raw=None):
+    """Exchange-looking ids: long, URL-safe base64, '=' padded, case-sensitive.
+    `raw`: 45 random bytes the caller already has (one urandom call per new message)."""
+    return prefix + base64.urlsafe_b64encode(raw or secrets.token_bytes(45)).decode() + "AAA="
+
+
+@contextlib.contextmanager
+def bulk_mode(enabled=True):
+    """Creating 100k messages or 10k accounts makes millions of long-lived objects: the cyclic
+    collector would rescan them again and again while they are made (a third of the time), and
+    then on every full collection while pages are served. Pause it while they are made, then
+    freeze them into the permanent generation. They hold no reference cycles, so reference
+    counting still frees them after a reset. Small batches don't need it."""
+    if not enabled:
+        yield
+        return
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was:
+            gc.enable()
 
 
 def add_query(uri, params):
@@ -337,11 +365,74 @@ def scope_response_form(resource, names):
 # Mailbox model
 # ---------------------------------------------------------------------------
 
+PLAIN, FOLDER_ID, WEB_LINK, TEXT_BODY = range(4)
+FRAG_KEYS = {FOLDER_ID: "#folder", WEB_LINK: "#weblink", TEXT_BODY: "#textbody"}
+PROP_HEADS = {n: f'"{n}": ' for n in MESSAGE_PROPS}
+
+
+def web_link(rest_id):
+    # quote(rest_id, safe=""), cheaply: rest ids are URL-safe base64 (graph_item_id).
+    return ("https://outlook.office365.com/owa/?ItemID=" + rest_id.replace("=", "%3D")
+            + "&exvsurl=1&viewmodel=ReadMessageItem")
+
+
+@functools.lru_cache(maxsize=256)
+def render_plan(names, basic, text_body):
+    """How Mailbox.render fills each selected property, worked out once per $select."""
+    plan = []
+    for n in names:
+        if basic and n in BASIC_HIDDEN:
+            continue
+        how = {"parentFolderId": FOLDER_ID, "webLink": WEB_LINK}.get(n, PLAIN)
+        if n == "body" and text_body:
+            how = TEXT_BODY
+        plan.append((n, how))
+    return tuple(plan)
+
+
+@functools.lru_cache(maxsize=256)
+def entry_plan(select, immutable, text_body, basic):
+    """The Mailbox.frags keys of a delta entry, in render's order, and a getter for them."""
+    keys = ["@odata.etag", "#imm" if immutable else "#rest"]
+    for n, how in render_plan(select or tuple(DEFAULT_MESSAGE_PROPS), basic, text_body):
+        keys.append(FRAG_KEYS.get(how, n))
+    return tuple(keys), operator.itemgetter(*keys)
+
+
+def _json_encoder():
+    """json.dumps with the same text but without its per-call set-up and circular-reference
+    check (message records hold no cycles)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return json.dumps
+    enc = make(None, None, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    return lambda obj: "".join(enc(obj, 0))
+
+
+dumps_fast = _json_encoder()
+json_str = json.encoder.encode_basestring_ascii      # json.dumps of a str
+
+
+def json_value(v):
+    """json.dumps(v), with shortcuts for the common scalar types."""
+    t = type(v)
+    if t is str:
+        return json_str(v)
+    if t is bool:
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if (t is list or t is dict) and not v:
+        return "[]" if t is list else "{}"
+    return dumps_fast(v)
+
+
 class Mailbox:
     """One user's mailbox with a change sequence, so delta rounds can be computed.
 
     Every message has a stable immutable id (`imm`) and a rest id (`rest`) that
-    changes when the message moves, as Exchange ids do."""
+    changes when the message moves, as Exchange ids do. `writes` on a message lists
+    the Graph writes that changed it, in order (the control API shows them)."""
 
     def __init__(self, oid, data=None):
         self.oid = oid
@@ -360,9 +451,14 @@ class Mailbox:
                                      "parentFolderId": root or fid, "hidden": hidden}
                 root = root or fid
         self.rest = {m["rest"]: imm for imm, m in self.messages.items()}
+        # immutable id -> {key: '"name": <JSON>'} for each property and the computed members
+        # (FRAG_KEYS). Serialising dominates a 100k-message delta round and messages rarely
+        # change: a page joins these texts. Seeding fills them (warm), else the first render
+        # does; update, move and purge drop a message's texts (nothing changes a value in place).
+        self.frags = {}
 
     def to_json(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("rest", "oid")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("rest", "oid", "frags")}
 
     def next_seq(self):
         self.seq += 1
@@ -375,6 +471,10 @@ class Mailbox:
         low = name_or_id.lower()
         return next((f for f in self.folders.values() if f["wk"] == low), None)
 
+    def folder_name(self, fid):
+        """Well-known name, else the id (control API answers)."""
+        return self.folders[fid]["wk"] or fid
+
     def find(self, any_id, include_hidden=False):
         imm = any_id if any_id in self.messages else self.rest.get(any_id)
         msg = self.messages.get(imm) if imm else None
@@ -385,25 +485,31 @@ class Mailbox:
     def in_folder(self, fid):
         return [m for m in self.messages.values() if m["folder"] == fid]
 
-    def add(self, fid, props):
+    def add(self, fid, props, preview=None):
+        """`preview`: the bodyPreview when the caller already knows it (seeding skips the regexes)."""
         seq = self.next_seq()
-        imm = graph_item_id("AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A")
-        rest = graph_item_id("AAMkAGI2THVSAAA")
+        raw = os.urandom(180)       # one system call for all the random parts of a message
+        imm = graph_item_id(IMM_PREFIX, raw[:45])
+        rest = graph_item_id(REST_PREFIX, raw[45:90])
         now = props.get("receivedDateTime") or iso(time.time())
-        p = {"createdDateTime": now, "lastModifiedDateTime": now, "changeKey": b64url(secrets.token_bytes(12)),
+        p = {"createdDateTime": now, "lastModifiedDateTime": now, "changeKey": b64url(raw[90:102]),
              "categories": [], "receivedDateTime": now, "sentDateTime": now, "hasAttachments": False,
-             "internetMessageId": f"<{secrets.token_hex(8)}@sim.contoso.com>", "subject": "",
-             "importance": "normal", "conversationId": graph_item_id("AAQkAGI2T"),
-             "conversationIndex": base64.b64encode(secrets.token_bytes(22)).decode(),
+             "internetMessageId": f"<{raw[102:110].hex()}@sim.contoso.com>", "subject": "",
+             "importance": "normal", "conversationId": graph_item_id("AAQkAGI2T", raw[110:155]),
+             "conversationIndex": base64.b64encode(raw[155:177]).decode(),
              "isDeliveryReceiptRequested": False, "isReadReceiptRequested": False,
              "isRead": False, "isDraft": False, "inferenceClassification": "focused",
              "body": {"contentType": "html", "content": "<html><body><p></p></body></html>"},
              "toRecipients": [], "ccRecipients": [], "bccRecipients": [], "replyTo": [],
              "flag": {"flagStatus": "notFlagged"}, "internetMessageHeaders": []}
-        p.update({k: v for k, v in props.items() if k in MESSAGE_PROPS})
-        p.setdefault("from", {"emailAddress": {"name": "Sender", "address": "sender@example.com"}})
-        p.setdefault("sender", p["from"])
-        p["bodyPreview"] = strip_tags(p["body"]["content"])[:255]
+        for k, v in props.items():
+            if k in MESSAGE_PROP_SET:
+                p[k] = v
+        if "from" not in p:
+            p["from"] = {"emailAddress": {"name": "Sender", "address": "sender@example.com"}}
+        if "sender" not in p:
+            p["sender"] = p["from"]
+        p["bodyPreview"] = preview if preview is not None else strip_tags(p["body"]["content"])[:255]
         msg = {"imm": imm, "rest": rest, "folder": fid, "entered": seq, "created": seq,
                "changed": {}, "props": p}
         self.messages[imm] = msg
@@ -411,15 +517,20 @@ class Mailbox:
         return msg
 
     def update(self, msg, changes):
-        """Apply property changes; record which properties changed at which seq."""
+        """Apply property changes; record which properties changed at which seq.
+        -> {property: new value} for the values that really changed."""
         seq = self.next_seq()
+        changed = {}
+        self.frags.pop(msg["imm"], None)
         for k, v in changes.items():
             if msg["props"].get(k) != v:
                 msg["props"][k] = v
                 msg["changed"][k] = seq
+                changed[k] = v
         msg["props"]["changeKey"] = b64url(secrets.token_bytes(12))
         msg["props"]["lastModifiedDateTime"] = iso(time.time())
         msg["changed"]["changeKey"] = msg["changed"]["lastModifiedDateTime"] = seq
+        return changed
 
     def move(self, msg, fid):
         """A move removes the item from one folder and creates it in another:
@@ -429,9 +540,10 @@ class Mailbox:
         seq = self.next_seq()
         self.removals.append([seq, msg["folder"], msg["imm"], msg["rest"]])
         del self.rest[msg["rest"]]
-        msg["rest"] = graph_item_id("AAMkAGI2THVSAAA")
+        msg["rest"] = graph_item_id(REST_PREFIX)
         self.rest[msg["rest"]] = msg["imm"]
         msg["folder"], msg["entered"], msg["changed"] = fid, seq, {}
+        self.frags.pop(msg["imm"], None)
         msg["props"]["changeKey"] = b64url(secrets.token_bytes(12))
         msg["props"]["lastModifiedDateTime"] = iso(time.time())
         return msg
@@ -442,23 +554,87 @@ class Mailbox:
         self.removals.append([seq, msg["folder"], msg["imm"], msg["rest"]])
         del self.rest[msg["rest"]]
         del self.messages[msg["imm"]]
+        self.frags.pop(msg["imm"], None)
 
     def render(self, msg, select=None, immutable=False, text_body=False, basic=False, only=None):
         """A message as Graph returns it. `only` limits to changed properties (delta updates)."""
-        p = dict(msg["props"])
-        p["parentFolderId"] = msg["folder"]
-        p["webLink"] = ("https://outlook.office365.com/owa/?ItemID=" + quote(msg["rest"], safe="")
-                        + "&exvsurl=1&viewmodel=ReadMessageItem")
-        if text_body and p["body"]["contentType"] == "html":
-            p["body"] = {"contentType": "text", "content": strip_tags(p["body"]["content"])}
+        p = msg["props"]
         names = select or DEFAULT_MESSAGE_PROPS
         if only is not None:
             names = [n for n in names if n in only]
         out = {"@odata.etag": f'W/"{p["changeKey"]}"', "id": msg["imm"] if immutable else msg["rest"]}
-        for n in names:
-            if n in p and not (basic and n in BASIC_HIDDEN):
+        for n, how in render_plan(names if type(names) is tuple else tuple(names), basic, text_body):
+            if how == PLAIN:
+                if n in p:
+                    out[n] = p[n]
+            elif how == FOLDER_ID:
+                out[n] = msg["folder"]
+            elif how == WEB_LINK:
+                out[n] = web_link(msg["rest"])
+            elif p["body"]["contentType"] == "html":        # TEXT_BODY
+                out[n] = {"contentType": "text", "content": strip_tags(p["body"]["content"])}
+            else:
                 out[n] = p[n]
         return out
+
+    def frag(self, msg, key):
+        """The text for one key of self.frags (None: the message has no such property)."""
+        p = msg["props"]
+        if key == "@odata.etag":
+            return '"@odata.etag": ' + json_str(f'W/"{p["changeKey"]}"')
+        if key == "#imm":
+            return '"id": ' + json_str(msg["imm"])
+        if key == "#rest":
+            return '"id": ' + json_str(msg["rest"])
+        if key == "#folder":
+            return '"parentFolderId": ' + json_str(msg["folder"])
+        if key == "#weblink":
+            return '"webLink": ' + json_str(web_link(msg["rest"]))
+        if key == "#textbody":
+            return '"body": ' + dumps_fast(self.render(msg, ("body",), text_body=True)["body"])
+        if key in p:
+            return f'"{key}": ' + json_value(p[key])
+        return None
+
+    def warm(self, msg, known=None):
+        """Serialise every property now (seeding: the first delta round then only joins texts).
+        `known`: texts the caller already has for shared values (a seed's senders, recipients)."""
+        fr = dict(known) if known else {}
+        heads, enc = PROP_HEADS, json_str        # locals: this runs 100,000 times per seed
+        for n, v in msg["props"].items():
+            if n in fr:
+                continue
+            t = type(v)
+            head = heads.get(n) or f'"{n}": '
+            if t is str:
+                fr[n] = head + enc(v)
+            elif t is bool:
+                fr[n] = head + ("true" if v else "false")
+            else:
+                fr[n] = head + json_value(v)
+        rest = msg["rest"]
+        fr["@odata.etag"] = '"@odata.etag": ' + enc(f'W/"{msg["props"]["changeKey"]}"')
+        fr["#imm"] = '"id": ' + enc(msg["imm"])
+        fr["#rest"] = '"id": ' + enc(rest)
+        fr["#folder"] = '"parentFolderId": ' + enc(msg["folder"])
+        fr["#weblink"] = '"webLink": ' + enc(web_link(rest))
+        self.frags[msg["imm"]] = fr
+
+    def delta_entry_json(self, msg, plan):
+        """JSON text of a full delta entry, exactly as json.dumps of
+        {"@odata.type", **render(...)} writes it, joined from the message's texts.
+        plan = entry_plan(select, immutable, text_body, basic)."""
+        keys, getter = plan
+        fr = self.frags.get(msg["imm"])
+        try:
+            return DELTA_ENTRY_HEAD + ", ".join(getter(fr)) + "}"
+        except (KeyError, TypeError):       # not serialised yet, or lacks a selected property
+            if fr is None:
+                fr = self.frags[msg["imm"]] = {}
+            for key in keys:
+                if key not in fr:
+                    fr[key] = self.frag(msg, key)
+            return DELTA_ENTRY_HEAD + ", ".join(t for t in getter(fr) if t is not None) + "}"
 
 
 # ---------------------------------------------------------------------------
@@ -504,6 +680,7 @@ class Sim:
             self.counters = {"calls": {}, "token_grants": {}, "aad_errors": {},
                              "refresh_tokens_issued": 0, "access_tokens_issued": 0,
                              "codes_issued": 0, "graph_writes": {}, "graph_writes_total": 0,
+                             "graph_effective_writes": {}, "graph_effective_writes_total": 0,
                              "throttled": 0, "concurrency_violations": 0, "max_inflight": 0,
                              "scenarios_fired": 0}
             self.add_tenant({"id": MSA_TENANT, "name": "Microsoft Accounts", "domains": []})
@@ -614,26 +791,38 @@ class Sim:
         if f is None:
             raise ValueError(f"unknown folder {folder}")
         newest = parse_time(newest) or self.now()
+        user = self.users.get(mb.oid, {})
+        # Values shared by the seeded messages (nothing changes a value in place), serialised once.
+        to = [{"emailAddress": {"name": user.get("name", ""), "address": user.get("mail", "")}}]
+        senders = []
+        for name, addr in SENDERS:
+            sender = {"emailAddress": {"name": name, "address": addr}}
+            text = json_value(sender)
+            senders.append((sender, {"from": '"from": ' + text, "sender": '"sender": ' + text,
+                                     "toRecipients": '"toRecipients": ' + json_value(to)}))
         made = []
         for i in range(count):
             mb.counter += 1
             n = mb.counter
-            name, addr = SENDERS[n % len(SENDERS)]
+            name = SENDERS[n % len(SENDERS)][0]
+            sender, known = senders[n % len(SENDERS)]
             topic = TOPICS[n % len(TOPICS)]
             subject = f"{subject_prefix or 'Message'} {n:04d}: {topic}"
             received = newest - (count - 1 - i) * spacing
+            when = iso(received)
             body = (f"<html><body><p>Hello,</p><p>This is simulated message {n} about "
                     f"{topic.lower()}.</p><p>Regards, {name}</p></body></html>")
-            made.append(mb.add(f["id"], {
-                "subject": subject, "receivedDateTime": iso(received),
-                "sentDateTime": iso(received - 30), "createdDateTime": iso(received),
-                "lastModifiedDateTime": iso(received),
-                "from": {"emailAddress": {"name": name, "address": addr}},
-                "toRecipients": [{"emailAddress": {"name": self.users.get(mb.oid, {}).get("name", ""),
-                                                   "address": self.users.get(mb.oid, {}).get("mail", "")}}],
+            msg = mb.add(f["id"], {
+                "subject": subject, "receivedDateTime": when,
+                "sentDateTime": iso(received - 30), "createdDateTime": when,
+                "lastModifiedDateTime": when, "from": sender, "toRecipients": to,
                 "isRead": unread_every == 0 or (n % unread_every) != 0,
                 "hasAttachments": n % 5 == 0, "importance": "high" if n % 7 == 0 else "normal",
-                "body": {"contentType": "html", "content": body}}))
+                "body": {"contentType": "html", "content": body}},
+                # what strip_tags(body) gives, without two regexes per message
+                preview=f"Hello, This is simulated message {n} about {topic.lower()}. Regards, {name}")
+            mb.warm(msg, known)
+            made.append(msg)
         return made
 
     # -- scenarios -------------------------------------------------------------
@@ -1262,7 +1451,10 @@ def pick_resource(app, requested, consented):
     return resource, list(have), oidc
 
 
-def issue_tokens(sim, app, user, consented, requested, nonce, family=None):
+def issue_tokens(sim, app, user, consented, requested, nonce, family=None, with_id_token=True):
+    """The token endpoint's answer for a grant (`consented` = the authorized scope string)
+    and the records behind it. with_id_token=False: /_sim/bulk/accounts, which returns no
+    ID token, skips the RSA signature."""
     resource, names, oidc_req = pick_resource(app, requested, consented)
     oidc_consented, _ = parse_scopes(consented)
     if resource == GRAPH and sim.config["default_user_read"] and "User.Read" not in names:
@@ -1287,7 +1479,7 @@ def issue_tokens(sim, app, user, consented, requested, nonce, family=None):
                        "last_used": now, "rotated": False, "grace_used": 0, "revoked": None}
         sim.counters["refresh_tokens_issued"] += 1
         body["refresh_token"] = rt
-    if "openid" in oidc_req and "openid" in oidc_consented:
+    if "openid" in oidc_req and "openid" in oidc_consented and with_id_token:
         body["id_token"] = id_token(sim, app, user, oidc_consented, nonce)
     return body
 
@@ -1572,18 +1764,33 @@ class ConcurrencySlot:
 
 
 def graph_scenario(sim, req, at):
+    """-> the scenario that applies to this request (or None), after any `hang` before it.
+    Raises its error now unless it is a replay or has `hang_after` (handled after the request)."""
     sc = sim.take_scenario("graph", path=req.path, method=req.method,
                            user=sim.users[at["oid"]]["upn"], oid=at["oid"])
     if not sc or sc.get("action") == "replay":
         return sc
     if sc.get("hang"):
         hang(sim, sc["hang"])
-        if not (sc.get("status") or sc.get("code")):
-            return None
+    if sc.get("hang_after") is not None:
+        return sc
+    scenario_error(sim, sc)
+    return None
+
+
+def scenario_error(sim, sc):
+    """Raise the scenario's error: its status/code, 503 by default; a hang without either
+    only delays the real answer."""
+    if not (sc.get("status") or sc.get("code")) and (sc.get("hang") or sc.get("hang_after") is not None):
+        return
     status = int(sc.get("status", 503))
     headers = {}
-    if sc.get("retry_after") is not None:
-        headers["Retry-After"] = str(sc["retry_after"])
+    # Graph's 429s carry Retry-After, and 503s usually do (reference 7); a scenario without
+    # retry_after gets the configured one, "retry_after": null sends none (backoff path).
+    retry_after = sc.get("retry_after", sim.config["throttle_retry_after"] if status in (429, 503)
+                         else None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     default_code = {429: "TooManyRequests", 503: "serviceNotAvailable", 504: "UnknownError",
                     500: "generalException", 401: "InvalidAuthenticationToken",
                     403: "ErrorAccessDenied", 404: "itemNotFound"}.get(status, "generalException")
@@ -1601,10 +1808,18 @@ def graph_handler(fn):
             if sim.config.get("latency_ms"):     # inside the slot: a slow call stays in flight
                 time.sleep(float(sim.config["latency_ms"]) / 1000)
             sc = graph_scenario(sim, req, at)
-            with sim.lock:
-                ctx = GraphCtx(sim, req, at)
-                ctx.replay = sc if sc and sc.get("action") == "replay" else None
-                resp = fn(ctx, *groups)
+            try:
+                with sim.lock:
+                    ctx = GraphCtx(sim, req, at)
+                    ctx.replay = sc if sc and sc.get("action") == "replay" else None
+                    resp = fn(ctx, *groups)
+            finally:
+                # hang_after: the request took effect, the answer is late (a crash between the
+                # Graph call and the caller's commit); then the scenario's error, if any, replaces
+                # the real answer (e.g. a 504 for a write that was applied).
+                if sc and sc.get("hang_after") is not None:
+                    hang(sim, sc["hang_after"])
+                    scenario_error(sim, sc)
             if ctx.applied:
                 resp.headers["Preference-Applied"] = ", ".join(ctx.applied)
             return resp
@@ -1732,11 +1947,22 @@ def get_message(ctx, mid):
                                    **ctx.render(msg, select)))
 
 
-def count_write(ctx, msg):
-    sim = ctx.sim
-    w = sim.counters["graph_writes"]
-    w[msg["imm"]] = w.get(msg["imm"], 0) + 1
-    sim.counters["graph_writes_total"] += 1
+def count_write(ctx, msg, op, effective, detail=None):
+    """graph_writes counts every accepted write call; graph_effective_writes only the ones
+    that changed the message, so a test can prove a write-back queue applied each action
+    exactly once even when it repeated an idempotent call. The message keeps the effective
+    ones, in order, with their global sequence number (`seq`), for order assertions."""
+    c = ctx.sim.counters
+    imm = msg["imm"]
+    c["graph_writes"][imm] = c["graph_writes"].get(imm, 0) + 1
+    c["graph_writes_total"] += 1
+    if effective:
+        c["graph_effective_writes"][imm] = c["graph_effective_writes"].get(imm, 0) + 1
+        c["graph_effective_writes_total"] += 1
+        entry = {"op": op}
+        entry.update(detail or {})
+        entry["seq"] = c["graph_effective_writes_total"]
+        msg.setdefault("writes", []).append(entry)
 
 
 @route("PATCH", MESSAGE, "graph_patch")
@@ -1753,8 +1979,8 @@ def patch_message(ctx, mid):
                          f"Update operation is not supported for property '{bad[0]}' of a sent message.")
     if "isRead" in changes and not isinstance(changes["isRead"], bool):
         raise GraphError(400, "BadRequest", "Cannot convert the literal to the expected type 'Edm.Boolean'.")
-    ctx.mb.update(msg, changes)
-    count_write(ctx, msg)
+    changed = ctx.mb.update(msg, changes)
+    count_write(ctx, msg, "patch", bool(changed), {"changes": changed})
     if "return=minimal" in ctx.req.header("Prefer", ""):
         return Response(204)
     return json_response(200, dict({"@odata.context": odata(ctx.sim, "users('me')/messages/$entity")},
@@ -1771,8 +1997,9 @@ def move_message(ctx, mid):
     if not dest:
         raise GraphError(400, "ErrorInvalidIdMalformed", "Id is malformed.")
     f = ctx.folder(dest)
+    moved = msg["folder"] != f["id"]
     ctx.mb.move(msg, f["id"])
-    count_write(ctx, msg)
+    count_write(ctx, msg, "move", moved, {"to": ctx.mb.folder_name(f["id"])})
     return json_response(201, dict({"@odata.context": odata(ctx.sim, "users('me')/messages/$entity")},
                                    **ctx.render(msg)))
 
@@ -1784,7 +2011,7 @@ def delete_message(ctx, mid):
     msg = ctx.message(mid)
     # Soft delete into Recoverable Items: gone from every visible folder.
     ctx.mb.move(msg, ctx.mb.folder("recoverableitemsdeletions")["id"])
-    count_write(ctx, msg)
+    count_write(ctx, msg, "delete", True)       # it existed (else 404 above): always effective
     return Response(204)
 
 
@@ -1807,6 +2034,8 @@ def delta_items(mb, cur, since, replay):
         t = parse_time(msg["props"]["receivedDateTime"])
         return t >= ts if op == "ge" else t > ts
 
+    if since is not None and since >= mb.seq and not replay:
+        return []       # nothing changed anywhere in the mailbox: an idle round costs O(1)
     msgs = [m for m in mb.in_folder(fid) if passes(m)]
     if since is None:
         if cur.get("orderby"):
@@ -1906,31 +2135,47 @@ def message_delta(ctx, fid, fid_quoted):
     size = max(1, min(int(size), int(sim.config["max_page_size"])))
     if "odata.maxpagesize" in ctx.prefer:
         ctx.applied.append(f"odata.maxpagesize={size}")
+    # Entries are JSON texts (full ones joined from per-property texts, see Mailbox.frags),
+    # joined into the page below: rendering and serialising dominate a 100k-message round.
+    select = tuple(cur["select"]) if cur.get("select") else None
+    plan = entry_plan(select, ctx.immutable, ctx.text_body, ctx.basic)
     value, end = [], pos
     while end < len(items) and len(value) < size:
         kind, imm, extra = items[end]
         end += 1
         if kind == "removed":
-            value.append({"@odata.type": "#microsoft.graph.message",
-                          "id": imm if ctx.immutable else extra, "@removed": {"reason": "deleted"}})
+            value.append(json.dumps({"@odata.type": "#microsoft.graph.message",
+                                     "id": imm if ctx.immutable else extra,
+                                     "@removed": {"reason": "deleted"}}))
             continue
         msg = mb.messages.get(imm)
         if msg is None or msg["folder"] != cur["folder"]:
             continue        # changed again since the round started; the next round reports it
-        only = extra if kind == "update" else None
-        value.append(dict({"@odata.type": "#microsoft.graph.message"},
-                          **ctx.render(msg, cur.get("select"), only)))
-    body = {"@odata.context": odata(sim, "Collection(message)"), "value": value}
+        if kind == "update":
+            value.append(json.dumps(dict({"@odata.type": "#microsoft.graph.message"},
+                                         **ctx.render(msg, select, extra))))
+        else:
+            value.append(mb.delta_entry_json(msg, plan))
     if end < len(items):
         token = secrets.token_urlsafe(24)
-        sim.cursors[token] = {"type": "skip", "cursor": cur, "items": items, "pos": end}
-        body["@odata.nextLink"] = delta_url(sim, cur["folder"], "$skiptoken", token)
+        # A client retries the last nextLink it got, never an older one: keep the page just
+        # served and the new one, so a 100k-item round doesn't pin 1,000 cursors.
+        if skip is not None and state.get("prev"):
+            sim.cursors.pop(state["prev"], None)
+        sim.cursors[token] = {"type": "skip", "cursor": cur, "items": items, "pos": end, "prev": skip}
+        link = ("@odata.nextLink", delta_url(sim, cur["folder"], "$skiptoken", token))
     else:
+        if skip is not None and state.get("prev"):
+            sim.cursors.pop(state["prev"], None)
         token = secrets.token_urlsafe(32)
         sim.cursors[token] = {k: v for k, v in cur.items() if k not in ("type", "round_seq")}
         sim.cursors[token].update(type="delta", since=cur["round_seq"], created=sim.now())
-        body["@odata.deltaLink"] = delta_url(sim, cur["folder"], "$deltatoken", token)
-    return json_response(200, body)
+        link = ("@odata.deltaLink", delta_url(sim, cur["folder"], "$deltatoken", token))
+    # Same text json.dumps would give for {"@odata.context", "value", link}.
+    body = "".join(('{"@odata.context": ', json.dumps(odata(sim, "Collection(message)")),
+                    ', "value": [', ", ".join(value), "], ", json.dumps(link[0]), ": ",
+                    json.dumps(link[1]), "}"))
+    return Response(200, body, "application/json; charset=utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -2160,9 +2405,9 @@ def ctl_clear_log(sim, req):
 
 
 def summarize(mb, msg):
-    return {"id": msg["imm"], "rest_id": msg["rest"], "folder": mb.folders[msg["folder"]]["wk"] or msg["folder"],
+    return {"id": msg["imm"], "rest_id": msg["rest"], "folder": mb.folder_name(msg["folder"]),
             "subject": msg["props"]["subject"], "isRead": msg["props"]["isRead"],
-            "receivedDateTime": msg["props"]["receivedDateTime"]}
+            "receivedDateTime": msg["props"]["receivedDateTime"], "writes": msg.get("writes", [])}
 
 
 @route("GET", r"/_sim/mailbox/([^/]+)", "control")
@@ -2182,7 +2427,8 @@ def ctl_add_messages(sim, req, key):
     """{"folder":"inbox","count":N,"unread_every":1,"newest":ISO,"spacing_minutes":37}
     or {"folder":"inbox","messages":[{subject, from, receivedDateTime, isRead, body, ...}]}."""
     data = control_body(req)
-    with sim.lock:
+    big = int(data.get("count", 0)) >= 1000 or len(data.get("messages", [])) >= 1000
+    with sim.lock, bulk_mode(big):
         user = control_user(sim, key)
         mb = sim.mailbox(user["oid"])
         folder = data.get("folder", "inbox")
@@ -2243,6 +2489,57 @@ def ctl_delete_message(sim, req, key, mid):
     return Response(204)
 
 
+@route("POST", r"/_sim/bulk/accounts", "control")
+def ctl_bulk_accounts(sim, req):
+    """{client_id, count, prefix:"bench", domain:"contoso.com", scopes, messages:0, start:0}:
+    users {prefix}{i:05d}@{domain} in the default tenant, each signed in to the app as if an
+    authorization-code grant for `scopes` had just been redeemed (same token records, scopes
+    and lifetimes; no ID token). An existing user of that upn is reused (new tokens, no new
+    messages). Seconds for 10,000 accounts, instead of 10,000 sign-ins."""
+    data = control_body(req)
+    count, start = int(data.get("count", 1)), int(data.get("start", 0))
+    prefix, domain = data.get("prefix", "bench"), data.get("domain", "contoso.com")
+    scopes = data.get("scopes") or "openid profile email offline_access https://graph.microsoft.com/Mail.ReadWrite"
+    messages = int(data.get("messages", 0))
+    if count < 0 or messages < 0:
+        raise GraphError(400, "BadRequest", "count and messages must be >= 0")
+    with sim.lock, bulk_mode(count * (messages + 1) >= 1000):
+        app = sim.apps.get((data.get("client_id") or DEFAULT_CLIENT_ID).lower())
+        if app is None:
+            raise GraphError(404, "NotFound", f"no app {data.get('client_id')}")
+        tenant = sim.tenants[DEFAULT_TENANT]
+        if not user_allowed(app, "tenant", tenant, {"tenant_id": DEFAULT_TENANT}):
+            raise GraphError(400, "BadRequest", f"app {app['client_id']} does not accept users of "
+                             f"the default tenant")
+        try:
+            parse_scopes(scopes)
+        except AadError as e:
+            raise GraphError(400, "BadRequest", f"scopes: AADSTS{e.code}: {e.text}")
+        by_upn = {u["upn"].lower(): u for u in sim.users.values()}     # find_user is a scan
+        accounts = []
+        for i in range(start, start + count):
+            upn = f"{prefix}{i:05d}@{domain}"
+            user = by_upn.get(upn.lower())
+            new = user is None
+            if new:
+                user = sim.add_user({"tenant_id": DEFAULT_TENANT, "upn": upn,
+                                     "name": f"{prefix.capitalize()} {i:05d}"})
+            try:
+                body = issue_tokens(sim, app, user, scopes, scopes, None, with_id_token=False)
+            except AadError as e:      # the scopes themselves: the first account fails, no other
+                if new:
+                    del sim.users[user["oid"]]
+                raise GraphError(400, "BadRequest", f"scopes: AADSTS{e.code}: {e.text}")
+            if new and messages:
+                sim.seed(sim.mailbox(user["oid"]), "inbox", messages)
+            accounts.append({"upn": user["upn"], "oid": user["oid"], "name": user["name"],
+                             "refresh_token": body.get("refresh_token"),
+                             "access_token": body["access_token"],
+                             "expires_in": body["expires_in"], "scope": body["scope"]})
+        sim.dirty = True
+        return json_response(201, {"accounts": accounts})
+
+
 @route("POST", r"/_sim/delta/expire", "control")
 def ctl_expire_delta(sim, req):
     """mode: "gone" (410 + Location), "syncStateNotFound" or "resyncRequired" (400)."""
@@ -2284,7 +2581,10 @@ def aad_error_response(sim, e, req):
 
 
 class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"      # keep-alive, as libcurl uses it
+    # Small answers sent after the headers would wait for the client's delayed ACK (~40 ms per
+    # call) under Nagle's algorithm; send() writes each answer in one piece anyway.
+    disable_nagle_algorithm = True
 
     def version_string(self):
         return "mssim"
@@ -2386,16 +2686,21 @@ class Handler(BaseHTTPRequestHandler):
                 del sim.log[:-5000]
 
     def send(self, resp):
+        """Status line, headers and body in one write (one TCP segment train, no Nagle stall)."""
+        self.log_request(resp.status, len(resp.body))
+        phrase = self.responses.get(resp.status, ("",))[0]
+        head = [f"{self.protocol_version} {resp.status} {phrase}", f"Server: {self.version_string()}",
+                f"Date: {self.date_time_string()}"]
+        for k, v in resp.headers.items():
+            head.append(f"{k}: {v}")
+            if k.lower() == "connection" and v.lower() == "close":
+                self.close_connection = True
+        head.append(f"Content-Length: {len(resp.body)}")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "strict")
         try:
-            self.send_response(resp.status)
-            for k, v in resp.headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(resp.body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(resp.body)
+            self.wfile.write(data + resp.body if self.command != "HEAD" else data)
         except (BrokenPipeError, ConnectionResetError):
-            pass        # the client gave up (e.g. a timeout test)
+            self.close_connection = True    # the client gave up (e.g. a timeout test)
 
     do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = dispatch
 
@@ -2403,6 +2708,7 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256    # listen backlog: a benchmark opens hundreds of connections at once
 
 
 def save_loop(sim):
