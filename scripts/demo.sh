@@ -69,6 +69,7 @@ DBDParams "$run/data/msoauth.db"
 MSOAuthTokenKeyFile token.key
 MSOAuthClientID $client_id
 MSOAuthClientSecretFile secret.txt
+MSOAuthEdition pro
 $endpoints
 
 <Location /microsoft_outlook/connect>
@@ -95,7 +96,11 @@ cat > "$run/htdocs/index.html" <<HTML
 <p><a href="/microsoft_outlook/connect?return_to=/">Connect Outlook</a> ·
 <a href="/microsoft_outlook/admin/">Status page</a></p>
 <p>httpd runs mod_msoauth with SQLite ($run/data/msoauth.db) against $where.
-Connected mailboxes are rows of the table msoauth_accounts.</p>
+Connected mailboxes are rows of the table msoauth_accounts; their inbox is mirrored into
+msoauth_messages within seconds (newest first), and rows inserted into msoauth_actions
+(mark_read, mark_unread, move, delete) are applied to Outlook. Try:
+<code>sqlite3 $run/data/msoauth.db "SELECT subject, is_read FROM msoauth_messages
+ORDER BY received_at DESC LIMIT 5"</code></p>
 <p>Redirect URI to register in Azure: <code>http://127.0.0.1:$port/microsoft_outlook/confirm</code></p>
 <script>
 var q = new URLSearchParams(location.search);
