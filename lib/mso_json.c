@@ -4,7 +4,6 @@
 
 #include "mso_json.h"
 
-#define MSO_JSON_MAX_SIZE (32 * 1024 * 1024)   /* a Graph page of 100 messages with bodies */
 #define MSO_JSON_MAX_DEPTH 64
 
 static apr_status_t json_cleanup(void *data)

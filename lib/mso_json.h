@@ -7,6 +7,10 @@
 #include <apr_errno.h>
 #include <jansson.h>
 
+/* The largest document parsed: a Graph delta page of 100 messages with
+ * their bodies (responses are capped before that, see mso_http). */
+#define MSO_JSON_MAX_SIZE (32 * 1024 * 1024)
+
 /* Parses buf; the result is released with the pool. On failure *err says
  * where (line and column), never echoing the input. Depth and size limited. */
 json_t *mso_json_parse(apr_pool_t *p, const char *buf, apr_size_t len, const char **err);

@@ -172,7 +172,7 @@ END_TEST
 
 START_TEST(too_large)
 {
-    apr_size_t n = 8 * 1024 * 1024 + 2;
+    apr_size_t n = MSO_JSON_MAX_SIZE + 2;
     char *buf = apr_palloc(pool, n);
     const char *err = NULL;
 
@@ -182,7 +182,7 @@ START_TEST(too_large)
     buf[n - 1] = ']';
     ck_assert_ptr_null(mso_json_parse(pool, buf, n, &err));
     ck_assert_ptr_nonnull(err);
-    /* Exactly 8 MiB is still allowed. */
+    /* Exactly the limit is still allowed. */
     buf[n - 3] = ']';
     ck_assert_ptr_nonnull(mso_json_parse(pool, buf, n - 2, &err));
 }
