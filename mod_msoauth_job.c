@@ -14,10 +14,12 @@
 #include <apr_dbd.h>
 #include <apr_thread_cond.h>
 #include <apr_thread_mutex.h>
+#include <apr_thread_proc.h>
 
 #include <httpd.h>
 #include <http_config.h>
 #include <http_log.h>
+#include <ap_mpm.h>
 #include <mod_dbd.h>
 #include <mod_watchdog.h>
 
@@ -41,14 +43,23 @@ APLOG_USE_MODULE(msoauth);
 #define JOB_HTTP_IN_FLIGHT 32
 #define JOB_HTTP_PER_HOST 16
 /* Graph work: mailboxes leased at once, each with up to 4 requests in
- * flight; new requests start during GRAPH_SLICE of each tick, so a long
- * initial sync goes on tick after tick while new accounts and actions get
- * their turn within a second or two. */
+ * flight. A pass starts new requests during GRAPH_SLICE, then releases its
+ * mailboxes (a round in progress stays due); passes follow each other within
+ * the tick for up to GRAPH_TICK while there is work, each claiming afresh, so
+ * a long initial sync keeps going while new accounts and queued actions get
+ * their turn within a pass. */
 #define GRAPH_BATCH 100
 #define GRAPH_SLICE apr_time_from_msec(1500)
+#define GRAPH_TICK apr_time_from_sec(10)
 #define GRAPH_IN_FLIGHT 128
-#define GRAPH_PER_HOST 64
+#define GRAPH_PER_HOST 128
 #define GRAPH_MAX_BODY (32 * 1024 * 1024)
+/* On PostgreSQL under a threaded MPM, a pass's mailboxes are split over this
+ * many threads, each with its own database connection (from mod_dbd's pool:
+ * keep DBDMax above it) and HTTP client: one parses pages while another
+ * writes; the job is otherwise CPU-bound on one core during big syncs.
+ * SQLite has one writer at a time: there the job stays on its thread. */
+#define GRAPH_LANES 2
 
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_get_instance) *wd_get_instance;
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_register_callback) *wd_register_callback;
@@ -242,11 +253,165 @@ static const char *access_token(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_db_t 
     return (const char *)plain;
 }
 
+/* One thread's share of a pass. Lane 0 is the job's own thread (its pool,
+ * connection and HTTP client); the others have a pool with its own
+ * allocator, their own connection from mod_dbd and their own HTTP client,
+ * set up and torn down by the job's thread, used by their thread only. */
+typedef struct {
+    apr_pool_t *pool;
+    ap_dbd_t *dbd;
+    mso_db_t *db;
+    mso_http_multi_t *m;
+    const char *owner;
+    mso_sync_box_t *boxes;
+    int n;
+    apr_time_t slice_end, deadline;
+    mso_sync_stats_t st;
+} lane_t;
+
+typedef struct {
+    lane_t lane[GRAPH_LANES];
+    int extra;                  /* lanes beyond the first that are set up */
+    int tried;
+} lanes_t;
+
+static apr_status_t graph_http(apr_pool_t *p, mso_http_multi_t **m)
+{
+    mso_http_opts_t http;
+
+    mso_http_opts_default(&http);
+    http.timeout_ms = 30000;
+    http.max_body = GRAPH_MAX_BODY;
+    return mso_http_multi_create(p, &http, GRAPH_IN_FLIGHT, GRAPH_PER_HOST, m);
+}
+
+/* The extra lanes, once per tick and server; on any failure the pass runs
+ * on fewer. */
+static void lanes_setup(job_t *job, server_rec *s, mso_db_t *db, lanes_t *ls)
+{
+    int k, threaded = 0;
+
+    ls->tried = 1;
+    if (db->kind != MSO_DB_PGSQL || ap_mpm_query(AP_MPMQ_IS_THREADED, &threaded) != APR_SUCCESS
+        || threaded == AP_MPMQ_NOT_SUPPORTED) {
+        return;
+    }
+    for (k = 1; k < GRAPH_LANES; k++) {
+        lane_t *l = &ls->lane[k];
+
+        if (apr_pool_create_unmanaged_ex(&l->pool, NULL, NULL) != APR_SUCCESS) {
+            break;
+        }
+        l->dbd = job_dbd_open(l->pool, s);
+        /* Never the job's own connection (a non-pooling mod_dbd hands it out). */
+        if (!l->dbd || l->dbd->handle == db->handle
+            || mso_db_wrap(l->dbd->pool, l->dbd->driver, l->dbd->handle, &l->db)
+               != APR_SUCCESS
+            || graph_http(l->pool, &l->m) != APR_SUCCESS) {
+            if (l->dbd) {
+                job_dbd_close(s, l->dbd);
+            }
+            apr_pool_destroy(l->pool);
+            memset(l, 0, sizeof(*l));
+            break;
+        }
+        l->owner = job->owner;
+        ls->extra++;
+    }
+}
+
+static void lanes_teardown(server_rec *s, lanes_t *ls)
+{
+    int k;
+
+    for (k = 1; k <= ls->extra; k++) {
+        lane_t *l = &ls->lane[k];
+
+        mso_http_multi_destroy(l->m);
+        job_dbd_close(s, l->dbd);
+        apr_pool_destroy(l->pool);
+    }
+    ls->extra = 0;
+}
+
+static void *APR_THREAD_FUNC lane_main(apr_thread_t *t, void *data)
+{
+    lane_t *l = data;
+
+    mso_sync_run(l->db, l->pool, l->owner, l->boxes, l->n, l->m, l->slice_end, l->deadline,
+                 &l->st);
+    apr_thread_exit(t, APR_SUCCESS);
+    return NULL;
+}
+
+/* Runs one pass over boxes, split over the lanes. */
+static void graph_pass(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *bp, lanes_t *ls,
+                       mso_http_multi_t *m, mso_sync_box_t *boxes, int n, apr_time_t slice_end,
+                       apr_time_t deadline, tick_stats_t *st)
+{
+    apr_thread_t *th[GRAPH_LANES];
+    int k, lanes, from, started[GRAPH_LANES];
+
+    if (n > 1 && !ls->tried) {
+        lanes_setup(job, s, db, ls);
+    }
+    lanes = 1 + (n > 1 ? ls->extra : 0);
+    if (lanes > n) {
+        lanes = n;
+    }
+    for (k = 0, from = 0; k < lanes; k++) {
+        lane_t *l = &ls->lane[k];
+        int to = (int)((apr_int64_t)n * (k + 1) / lanes);
+
+        l->boxes = boxes + from;
+        l->n = to - from;
+        l->slice_end = slice_end;
+        l->deadline = deadline;
+        memset(&l->st, 0, sizeof(l->st));
+        from = to;
+        started[k] = 0;
+        if (k > 0) {
+            started[k] = apr_thread_create(&th[k], NULL, lane_main, l, bp) == APR_SUCCESS;
+            if (!started[k]) {
+                /* No thread: this share runs here after lane 0. */
+                ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(215) "job: cannot "
+                             "start a Graph thread; running its mailboxes on the job's thread");
+            }
+        }
+    }
+    mso_sync_run(db, bp, job->owner, ls->lane[0].boxes, ls->lane[0].n, m, slice_end,
+                 deadline, &ls->lane[0].st);
+    for (k = 1; k < lanes; k++) {
+        apr_status_t trv;
+
+        if (started[k]) {
+            apr_thread_join(&trv, th[k]);
+        }
+        else {
+            mso_sync_run(db, bp, job->owner, ls->lane[k].boxes, ls->lane[k].n, m, slice_end,
+                         deadline, &ls->lane[k].st);
+        }
+    }
+    for (k = 0; k < lanes; k++) {
+        mso_sync_stats_t *a = &st->sync, *b = &ls->lane[k].st;
+
+        a->mailboxes += b->mailboxes;
+        a->pages += b->pages;
+        a->messages += b->messages;
+        a->resyncs += b->resyncs;
+        a->actions_done += b->actions_done;
+        a->actions_failed += b->actions_failed;
+        a->actions_waiting += b->actions_waiting;
+        a->throttled += b->throttled;
+        a->errors += b->errors;
+    }
+}
+
 /* Leases one batch of mailboxes with Graph work and runs one pass over them;
  * returns how many it leased. */
 static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
                        apr_time_t slice_end, apr_time_t deadline, mso_http_multi_t **gm,
-                       tick_stats_t *st)
+                       lanes_t *ls, tick_stats_t *st)
 {
     apr_array_header_t *works = NULL;
     mso_sync_box_t *boxes;
@@ -287,13 +452,8 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         n++;
     }
     if (n && !*gm) {
-        mso_http_opts_t http;
-        apr_status_t rv;
+        apr_status_t rv = graph_http(p, gm);
 
-        mso_http_opts_default(&http);
-        http.timeout_ms = 30000;
-        http.max_body = GRAPH_MAX_BODY;
-        rv = mso_http_multi_create(p, &http, GRAPH_IN_FLIGHT, GRAPH_PER_HOST, gm);
         if (rv != APR_SUCCESS) {
             ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(212) "job: cannot set up the "
                          "HTTP client for Graph; the mailboxes are left for the next tick");
@@ -314,7 +474,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         }
     }
     if (n) {
-        mso_sync_run(db, bp, job->owner, boxes, n, *gm, slice_end, deadline, &st->sync);
+        graph_pass(job, s, db, bp, ls, *gm, boxes, n, slice_end, deadline, st);
     }
     apr_pool_destroy(bp);
     return claimed;
@@ -357,15 +517,17 @@ static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t
 /* Everything due in one server's database, batch after batch, until none is
  * left or the tick's time is up; then the node's health row. */
 static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t deadline,
-                        apr_time_t slice_end, mso_http_multi_t **m, mso_http_multi_t **gm)
+                        mso_http_multi_t **m, mso_http_multi_t **gm)
 {
     ap_dbd_t *dbd = job_dbd_open(p, s);
-    apr_time_t started = apr_time_now();
+    apr_time_t started = apr_time_now(), graph_end;
+    lanes_t lanes;
     tick_stats_t st;
     mso_job_run_t run;
     mso_db_t *db;
 
     memset(&st, 0, sizeof(st));
+    memset(&lanes, 0, sizeof(lanes));
     if (!dbd) {
         ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(200) "job: no database connection "
                      "from mod_dbd for this server; check DBDriver/DBDParams");
@@ -380,9 +542,21 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
                && apr_time_now() < deadline) {
         }
         /* Then the mail: actions and delta pages, with fresh tokens. */
-        while (apr_time_now() < slice_end
-               && graph_batch(job, s, db, p, slice_end, deadline, gm, &st) == GRAPH_BATCH) {
+        graph_end = apr_time_now() + GRAPH_TICK;
+        if (graph_end > deadline - apr_time_from_sec(5)) {
+            graph_end = deadline - apr_time_from_sec(5);
         }
+        while (apr_time_now() < graph_end) {
+            apr_time_t slice_end = apr_time_now() + GRAPH_SLICE;
+
+            if (slice_end > graph_end) {
+                slice_end = graph_end;
+            }
+            if (!graph_batch(job, s, db, p, slice_end, deadline, gm, &lanes, &st)) {
+                break;          /* nothing left to do */
+            }
+        }
+        lanes_teardown(s, &lanes);
         if (st.sync.mailboxes) {
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(213) "job: Graph work on %d "
                          "mailboxes: %d pages, %d messages, %d resyncs, %d actions done, %d "
@@ -438,7 +612,7 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
 {
     job_t *job = data;
     server_rec *s;
-    apr_time_t deadline, slice_end;
+    apr_time_t deadline;
     mso_http_multi_t *m = NULL, *gm = NULL;
 
     switch (state) {
@@ -459,10 +633,9 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
         job->busy = 1;
         apr_thread_mutex_unlock(job->lock);
         deadline = apr_time_now() + TICK_BUDGET;
-        slice_end = apr_time_now() + GRAPH_SLICE;
         for (s = job->main_s; s; s = s->next) {
             if (msoauth_server_in_use(s)) {
-                refresh_due(job, s, pool, deadline, slice_end, &m, &gm);
+                refresh_due(job, s, pool, deadline, &m, &gm);
             }
         }
         /* The connections close with the tick: nothing is kept between ticks. */

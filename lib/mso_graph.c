@@ -194,38 +194,33 @@ static int id_ok(const char *id)
     return 1;
 }
 
+/* The strings point into the parsed document, which lives as long as the
+ * pool the page was parsed in: no copy of every body. */
 static void parse_entry(apr_pool_t *p, const json_t *e, mso_graph_msg_t *m)
 {
     const json_t *from = mso_json_obj(e, "from"), *body = mso_json_obj(e, "body");
     const char *when = mso_json_str(e, "receivedDateTime");
 
     memset(m, 0, sizeof(*m));
-    m->graph_id = apr_pstrdup(p, mso_json_str(e, "id"));
+    m->graph_id = mso_json_str(e, "id");
     m->removed = json_object_get(e, "@removed") != NULL;
     m->received_at = when ? mso_graph_time(when) : -1;
     m->is_read = flag_of(e, "isRead");
     m->has_attachments = flag_of(e, "hasAttachments");
-#define STR(field, key) do { const char *v_ = mso_json_str(e, key); \
-        m->field = v_ ? apr_pstrdup(p, v_) : NULL; } while (0)
-    STR(internet_message_id, "internetMessageId");
-    STR(conversation_id, "conversationId");
-    STR(subject, "subject");
-    STR(importance, "importance");
-    STR(body_preview, "bodyPreview");
-    STR(web_link, "webLink");
-#undef STR
+    m->internet_message_id = mso_json_str(e, "internetMessageId");
+    m->conversation_id = mso_json_str(e, "conversationId");
+    m->subject = mso_json_str(e, "subject");
+    m->importance = mso_json_str(e, "importance");
+    m->body_preview = mso_json_str(e, "bodyPreview");
+    m->web_link = mso_json_str(e, "webLink");
     if (from) {
-        const char *a = email_field(from, "address"), *n = email_field(from, "name");
-
-        m->from_address = a ? apr_pstrdup(p, a) : NULL;
-        m->from_name = n ? apr_pstrdup(p, n) : NULL;
+        m->from_address = email_field(from, "address");
+        m->from_name = email_field(from, "name");
     }
     m->to_json = recipients_json(p, json_object_get(e, "toRecipients"));
     if (body) {
-        const char *t = mso_json_str(body, "contentType"), *c = mso_json_str(body, "content");
-
-        m->body_type = t ? apr_pstrdup(p, t) : NULL;
-        m->body = c ? apr_pstrdup(p, c) : NULL;
+        m->body_type = mso_json_str(body, "contentType");
+        m->body = mso_json_str(body, "content");
     }
     /* New items come whole; an update carries the id and what changed. */
     m->full = !m->removed && m->received_at >= 0 && m->is_read >= 0;

@@ -57,7 +57,8 @@ int mso_graph_link_ok(const char *graph_root, const char *url);
  * page_size > 0), a fresh client-request-id, JSON. */
 apr_array_header_t *mso_graph_headers(apr_pool_t *p, const char *access_token, int page_size);
 
-/* Parses a delta page. APR_EINVAL (and *err) when it is not one. */
+/* Parses a delta page. The items' strings live in the parsed document,
+ * released with p. APR_EINVAL (and *err) when it is not a page. */
 apr_status_t mso_graph_parse_page(apr_pool_t *p, const char *body, apr_size_t len,
                                   mso_graph_page_t *page, const char **err);
 

@@ -2,7 +2,7 @@
  * and PostgreSQL; every value is bound.
  *
  * Pages. New messages of a page go in with multi-row upserts (one statement
- * per chunk of up to CHUNK rows: one round trip to PostgreSQL instead of one
+ * per chunk of up to CHUNK rows, 1,900 values: one round trip to PostgreSQL instead of one
  * per row). A chunk never holds the same id twice (ON CONFLICT DO UPDATE
  * refuses to touch a row twice in one statement), so a repeated id starts a
  * new chunk, which keeps the page's order. Partial updates (only the changed
@@ -16,7 +16,7 @@
 #include "mso_mirror.h"
 #include "mso_store_int.h"
 
-#define CHUNK 50
+#define CHUNK 100                   /* a whole page in one statement */
 #define UPSERT_COLS 19
 
 /* ------------------------------------------------------------------------- */
