@@ -107,7 +107,8 @@ static size_t read_request(int fd, char *buf, size_t size)
     return len;
 }
 
-/* Returns 1 when the connection stays open for another request. */
+/* Returns 1 when the connection stays open for another request, 0 when it
+ * closes, -1 when it closes and is no longer counted as open. */
 static int respond(int fd, const char *req, size_t req_len)
 {
     char path[128] = "";
@@ -173,7 +174,11 @@ static int respond(int fd, const char *req, size_t req_len)
     }
     else if (strcmp(path, "/slow") == 0) {
         usleep(300 * 1000);
+        /* No longer counted as open once the client can have the answer: it
+         * may connect again before this thread gets to run after the send. */
+        __atomic_sub_fetch(&srv.open, 1, __ATOMIC_SEQ_CST);
         send_str(fd, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nslow");
+        return -1;
     }
     else if (strcmp(path, "/ka") == 0 || strcmp(path, "/ka-slow") == 0) {
         /* Keep-alive: the client may send its next request on this connection. */
@@ -202,7 +207,7 @@ static void *serve_conn(void *arg)
     int fd = (int)(intptr_t)arg;
     char req[65536];
     size_t len;
-    int open, max;
+    int open, max, more = 1;
 
     open = __atomic_add_fetch(&srv.open, 1, __ATOMIC_SEQ_CST);
     max = __atomic_load_n(&srv.max_open, __ATOMIC_SEQ_CST);
@@ -210,9 +215,12 @@ static void *serve_conn(void *arg)
            && !__atomic_compare_exchange_n(&srv.max_open, &max, open, 0, __ATOMIC_SEQ_CST,
                                            __ATOMIC_SEQ_CST)) {
     }
-    while ((len = read_request(fd, req, sizeof(req))) != 0 && respond(fd, req, len)) {
+    while (more == 1 && (len = read_request(fd, req, sizeof(req))) != 0) {
+        more = respond(fd, req, len);
     }
-    __atomic_sub_fetch(&srv.open, 1, __ATOMIC_SEQ_CST);
+    if (more != -1) {           /* -1: respond already stopped counting it */
+        __atomic_sub_fetch(&srv.open, 1, __ATOMIC_SEQ_CST);
+    }
     close(fd);
     __atomic_sub_fetch(&srv.threads, 1, __ATOMIC_SEQ_CST);
     return NULL;
