@@ -22,9 +22,8 @@
 /* ------------------------------------------------------------------------- */
 /* Statements */
 
-#define WORK_COLUMNS \
-    "id, company, mailbox, display_name, tenant_id, object_id, scopes, state, " \
-    "access_expires_at, last_sync_at, refresh_due_at, sync_due_at, sync_retry_at, " \
+/* The account row, then its Graph work (from MSO_ACCOUNT_NCOLS on). */
+#define WORK_COLUMNS MSO_ACCOUNT_COLUMNS ", sync_due_at, sync_retry_at, " \
     "sync_phase, sync_error, sync_error_runs, auth_retry, " \
     "(SELECT COUNT(*) FROM msoauth_actions q WHERE q.account_id = msoauth_accounts.id " \
     "AND q.state = 'queued')"
@@ -287,28 +286,33 @@ static apr_status_t commit(mso_db_t *db, apr_pool_t *p, const char *what, const 
 static mso_work_t *work_from_row(mso_db_t *db, apr_pool_t *p, apr_dbd_row_t *row)
 {
     mso_work_t *w = apr_pcalloc(p, sizeof(*w));
-    mso_account_t *a = apr_pcalloc(p, sizeof(*a));
+    int c = MSO_ACCOUNT_NCOLS;
 
-    a->id = mso_db_col_i64(db, row, 0);
-    a->company = mso_db_col_str(db, p, row, 1);
-    a->mailbox = mso_db_col_str(db, p, row, 2);
-    a->display_name = mso_db_col_str(db, p, row, 3);
-    a->tenant_id = mso_db_col_str(db, p, row, 4);
-    a->object_id = mso_db_col_str(db, p, row, 5);
-    a->scopes = mso_db_col_str(db, p, row, 6);
-    a->state = mso_db_col_str(db, p, row, 7);
-    a->access_expires_at = mso_db_col_i64(db, row, 8);
-    a->last_sync_at = mso_db_col_i64(db, row, 9);
-    a->refresh_due_at = mso_db_col_i64(db, row, 10);
-    w->acct = a;
-    w->sync_due_at = mso_db_col_i64(db, row, 11);
-    w->sync_retry_at = mso_db_col_i64(db, row, 12);
-    w->sync_phase = mso_db_col_str(db, p, row, 13);
-    w->sync_error = mso_db_col_str(db, p, row, 14);
-    w->sync_error_runs = (int)mso_db_col_i64(db, row, 15);
-    w->auth_retry = (int)mso_db_col_i64(db, row, 16);
-    w->queued_actions = (int)mso_db_col_i64(db, row, 17);
+    w->acct = mso_db_account_from_row(db, p, row);
+    w->sync_due_at = mso_db_col_i64(db, row, c);
+    w->sync_retry_at = mso_db_col_i64(db, row, c + 1);
+    w->sync_phase = mso_db_col_str(db, p, row, c + 2);
+    w->sync_error = mso_db_col_str(db, p, row, c + 3);
+    w->sync_error_runs = (int)mso_db_col_i64(db, row, c + 4);
+    w->auth_retry = (int)mso_db_col_i64(db, row, c + 5);
+    w->queued_actions = (int)mso_db_col_i64(db, row, c + 6);
     return w;
+}
+
+typedef struct {
+    const char *owner;
+    const apr_int64_t *until, *now;
+} claim_baton_t;
+
+static void claim_args(const void **args, const apr_int64_t *id, void *baton)
+{
+    claim_baton_t *c = baton;
+
+    args[0] = c->owner;
+    args[1] = c->until;
+    args[2] = id;
+    args[3] = c->now;
+    args[4] = c->owner;
 }
 
 apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, apr_int64_t now,
@@ -316,10 +320,12 @@ apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, ap
 {
     apr_dbd_results_t *res = NULL;
     apr_dbd_row_t *row = NULL;
-    apr_array_header_t *ids;
+    apr_array_header_t *ids = NULL;
     apr_int64_t until = now + lease_seconds, token_floor = now + 60;
-    const void *args[7];
-    int rc, i, n;
+    claim_baton_t baton;
+    const char *step = NULL;
+    const void *args[6];
+    int rc, i;
 
     *works = apr_array_make(p, max > 0 ? max : 1, sizeof(mso_work_t *));
     args[0] = &now;
@@ -328,51 +334,28 @@ apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, ap
     args[3] = &now;
     args[4] = &now;
     args[5] = &max;
-    rc = mso_db_stmt_run(db, p, &ST_WORK_DUE, args, NULL, &res);
+    baton.owner = owner;
+    baton.until = &until;
+    baton.now = &now;
+    rc = mso_db_take_each(db, p, &ST_WORK_DUE, args, &ST_WORK_CLAIM, claim_args, &baton, &ids,
+                          &step);
     if (rc != 0) {
-        return fail_text(db, p, rc, "look for mailboxes with Graph work", NULL);
-    }
-    ids = apr_array_make(p, max > 0 ? max : 1, sizeof(apr_int64_t));
-    while (apr_dbd_get_row(db->driver, p, res, &row, -1) == 0) {
-        APR_ARRAY_PUSH(ids, apr_int64_t) = mso_db_col_i64(db, row, 0);
-    }
-    if (!ids->nelts) {
-        return APR_SUCCESS;
-    }
-    /* One transaction for the batch: one lock wait on SQLite, not one per row. */
-    rc = mso_db_tx_begin(db);
-    if (rc != 0) {
-        return fail_text(db, p, rc, "start a transaction", NULL);
+        return fail_text(db, p, rc, apr_pstrcat(p, step, " for Graph work", NULL), NULL);
     }
     for (i = 0; i < ids->nelts; i++) {
-        apr_int64_t id = APR_ARRAY_IDX(ids, i, apr_int64_t);
-
-        args[0] = owner;
-        args[1] = &until;
-        args[2] = &id;
-        args[3] = &now;
-        args[4] = owner;
-        n = 0;
-        rc = mso_db_stmt_run(db, p, &ST_WORK_CLAIM, args, &n, NULL);
-        if (rc != 0) {
-            mso_db_tx_rollback(db, p);
-            return fail_text(db, p, rc, "lease a mailbox for Graph work", NULL);
-        }
-        if (n != 1) {
-            continue;           /* another node was faster */
-        }
-        args[0] = &id;
+        args[0] = &APR_ARRAY_IDX(ids, i, apr_int64_t);
         rc = mso_db_stmt_run(db, p, &ST_WORK_GET, args, NULL, &res);
         if (rc != 0) {
-            mso_db_tx_rollback(db, p);
-            return fail_text(db, p, rc, "read a leased mailbox", NULL);
+            /* Leased but unread: the lease runs out and another pass takes it. */
+            fail_text(db, p, rc, "read a leased mailbox", NULL);
+            continue;
         }
         row = mso_db_first_row(db, p, res);
         if (row) {
             APR_ARRAY_PUSH(*works, mso_work_t *) = work_from_row(db, p, row);
         }
     }
-    return commit(db, p, "commit the mailbox leases", NULL);
+    return APR_SUCCESS;
 }
 
 apr_status_t mso_mirror_release(mso_db_t *db, apr_int64_t id, const char *owner,

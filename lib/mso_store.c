@@ -271,12 +271,6 @@ static const mso_stmt_t ST_MIGRATE_LOCK = {
     "migrate_lock", NULL, "SELECT pg_advisory_xact_lock(" MIGRATE_LOCK_KEY ")"
 };
 
-#define ACCOUNT_COLUMNS \
-    "id, company, mailbox, display_name, tenant_id, object_id, scopes, state, authority, " \
-    "access_expires_at, last_sync_at, last_error, connected_by, created_at, updated_at, " \
-    "refresh_due_at, retry_at, error_runs, reason, aadsts, last_refresh_at, lease_owner, " \
-    "lease_until"
-
 static const mso_stmt_t ST_ACCOUNT_KEY = {
     "account_key",
     "SELECT id, created_at FROM msoauth_accounts WHERE company = %s AND mailbox = %s", NULL
@@ -300,11 +294,11 @@ static const mso_stmt_t ST_ACCOUNT_UPDATE = {
     "lease_until = NULL WHERE id = %lld", NULL
 };
 static const mso_stmt_t ST_ACCOUNT_GET = {
-    "account_get", "SELECT " ACCOUNT_COLUMNS " FROM msoauth_accounts WHERE id = %lld", NULL
+    "account_get", "SELECT " MSO_ACCOUNT_COLUMNS " FROM msoauth_accounts WHERE id = %lld", NULL
 };
 static const mso_stmt_t ST_ACCOUNT_FIND = {
     "account_find",
-    "SELECT " ACCOUNT_COLUMNS " FROM msoauth_accounts WHERE company = %s AND mailbox = %s",
+    "SELECT " MSO_ACCOUNT_COLUMNS " FROM msoauth_accounts WHERE company = %s AND mailbox = %s",
     NULL
 };
 static const mso_stmt_t ST_TOKENS_DELETE = {
@@ -396,7 +390,7 @@ static const mso_stmt_t ST_DROP_WORK = {
     NULL
 };
 static const mso_stmt_t ST_ACCOUNTS = {
-    "accounts", "SELECT " ACCOUNT_COLUMNS " FROM msoauth_accounts ORDER BY id", NULL
+    "accounts", "SELECT " MSO_ACCOUNT_COLUMNS " FROM msoauth_accounts ORDER BY id", NULL
 };
 
 static const mso_stmt_t ST_FLOW_PURGE = {
@@ -1024,7 +1018,7 @@ fail_nobegin:
     return APR_EGENERAL;
 }
 
-static mso_account_t *account_from_row(mso_db_t *db, apr_pool_t *p, apr_dbd_row_t *row)
+mso_account_t *mso_db_account_from_row(mso_db_t *db, apr_pool_t *p, apr_dbd_row_t *row)
 {
     mso_account_t *a = apr_pcalloc(p, sizeof(*a));
 
@@ -1076,7 +1070,7 @@ static apr_status_t account_select(mso_db_t *db, apr_pool_t *p, const mso_stmt_t
         rv = APR_NOTFOUND;
     }
     else {
-        *acct = account_from_row(db, p, row);
+        *acct = mso_db_account_from_row(db, p, row);
     }
     apr_pool_destroy(tmp);
     return rv;
@@ -1167,18 +1161,88 @@ static void log_failure(mso_db_t *db, apr_pool_t *p, int rc, const char *what,
                    write ? mso_db_write_hint(db) : mso_db_read_hint(db));
 }
 
+int mso_db_take_each(mso_db_t *db, apr_pool_t *p, const mso_stmt_t *find,
+                     const void **find_args, const mso_stmt_t *take,
+                     mso_db_take_args_fn *args_of, void *baton, apr_array_header_t **taken,
+                     const char **step)
+{
+    apr_dbd_results_t *res = NULL;
+    apr_dbd_row_t *row = NULL;
+    apr_array_header_t *ids = apr_array_make(p, 16, sizeof(apr_int64_t));
+    const void *args[16];
+    int rc, i, n;
+
+    *taken = apr_array_make(p, 16, sizeof(apr_int64_t));
+    *step = "look for what is due";
+    rc = mso_db_stmt_run(db, p, find, find_args, NULL, &res);
+    if (rc != 0) {
+        return rc;
+    }
+    while (apr_dbd_get_row(db->driver, p, res, &row, -1) == 0) {
+        APR_ARRAY_PUSH(ids, apr_int64_t) = mso_db_col_i64(db, row, 0);
+    }
+    if (!ids->nelts) {
+        return 0;
+    }
+    /* One transaction for the whole batch: one disk sync (and on SQLite one
+     * wait for the write lock) instead of one per row; the conditions of
+     * each take still decide who gets the row. */
+    *step = "start a transaction to take leases";
+    rc = mso_db_tx_begin(db);
+    if (rc != 0) {
+        return rc;
+    }
+    *step = "take a lease";
+    for (i = 0; i < ids->nelts; i++) {
+        args_of(args, &APR_ARRAY_IDX(ids, i, apr_int64_t), baton);
+        n = 0;
+        rc = mso_db_stmt_run(db, p, take, args, &n, NULL);
+        if (rc != 0) {
+            mso_db_tx_rollback(db, p);
+            return rc;
+        }
+        if (n == 1) {
+            APR_ARRAY_PUSH(*taken, apr_int64_t) = APR_ARRAY_IDX(ids, i, apr_int64_t);
+        }
+        /* n == 0: another process or node was faster */
+    }
+    *step = "commit the leases";
+    rc = mso_db_tx_commit(db);
+    if (rc != 0) {
+        mso_db_tx_rollback(db, p);
+    }
+    return rc;
+}
+
+typedef struct {
+    const char *owner;
+    const apr_int64_t *until, *now;
+} claim_baton_t;
+
+static void claim_args(const void **args, const apr_int64_t *id, void *baton)
+{
+    claim_baton_t *c = baton;
+
+    args[0] = c->owner;
+    args[1] = c->until;
+    args[2] = id;
+    args[3] = c->now;
+    args[4] = c->now;
+    args[5] = c->now;
+    args[6] = c->owner;
+}
+
 apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
                                  apr_int64_t now, int lease_seconds, int max,
                                  apr_array_header_t **accounts)
 {
     apr_pool_t *tmp;
-    apr_dbd_results_t *res = NULL;
-    apr_dbd_row_t *row = NULL;
-    apr_array_header_t *ids, *claimed;
+    apr_array_header_t *claimed = NULL;
     apr_int64_t until = now + lease_seconds;
-    const void *args[7];
-    apr_status_t rv = APR_SUCCESS;
-    int rc, i, n;
+    claim_baton_t baton;
+    const char *step = NULL;
+    const void *args[4];
+    int rc, i;
 
     *accounts = apr_array_make(p, max > 0 ? max : 1, sizeof(mso_account_t *));
     if (!owner || !*owner) {
@@ -1188,61 +1252,17 @@ apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
         return APR_SUCCESS;
     }
     apr_pool_create(&tmp, db->pool);
-    ids = apr_array_make(tmp, max, sizeof(apr_int64_t));
-    claimed = apr_array_make(tmp, max, sizeof(apr_int64_t));
     args[0] = &now;
     args[1] = &now;
     args[2] = &now;
     args[3] = &max;
-    rc = mso_db_stmt_run(db, tmp, &ST_DUE_IDS, args, NULL, &res);
+    baton.owner = owner;
+    baton.until = &until;
+    baton.now = &now;
+    rc = mso_db_take_each(db, tmp, &ST_DUE_IDS, args, &ST_CLAIM, claim_args, &baton, &claimed,
+                          &step);
     if (rc != 0) {
-        log_failure(db, tmp, rc, "look for accounts whose refresh is due", 0, 0);
-        apr_pool_destroy(tmp);
-        return APR_EGENERAL;
-    }
-    while (apr_dbd_get_row(db->driver, tmp, res, &row, -1) == 0) {
-        APR_ARRAY_PUSH(ids, apr_int64_t) = mso_db_col_i64(db, row, 0);
-    }
-
-    if (ids->nelts == 0) {
-        apr_pool_destroy(tmp);
-        return APR_SUCCESS;
-    }
-    /* One transaction for the whole batch: one disk sync instead of one per
-     * account, and the per-row conditions still decide who gets each row. */
-    rc = mso_db_tx_begin(db);
-    if (rc != 0) {
-        log_failure(db, tmp, rc, "start leasing accounts", 0, 0);
-        apr_pool_destroy(tmp);
-        return APR_EGENERAL;
-    }
-    for (i = 0; i < ids->nelts; i++) {
-        apr_int64_t id = APR_ARRAY_IDX(ids, i, apr_int64_t);
-
-        args[0] = owner;
-        args[1] = &until;
-        args[2] = &id;
-        args[3] = &now;
-        args[4] = &now;
-        args[5] = &now;
-        args[6] = owner;
-        n = 0;
-        rc = mso_db_stmt_run(db, tmp, &ST_CLAIM, args, &n, NULL);
-        if (rc != 0) {
-            log_failure(db, tmp, rc, "lease an account for its refresh", id, 1);
-            mso_db_tx_rollback(db, tmp);
-            apr_pool_destroy(tmp);
-            return APR_EGENERAL;
-        }
-        if (n == 1) {
-            APR_ARRAY_PUSH(claimed, apr_int64_t) = id;
-        }
-        /* n == 0: another process or node was faster */
-    }
-    rc = mso_db_tx_commit(db);
-    if (rc != 0) {
-        log_failure(db, tmp, rc, "commit the leases", 0, 0);
-        mso_db_tx_rollback(db, tmp);
+        log_failure(db, tmp, rc, apr_pstrcat(tmp, step, " for token refreshes", NULL), 0, 1);
         apr_pool_destroy(tmp);
         return APR_EGENERAL;
     }
@@ -1255,7 +1275,7 @@ apr_status_t mso_store_claim_due(mso_db_t *db, apr_pool_t *p, const char *owner,
         }
     }
     apr_pool_destroy(tmp);
-    return rv;
+    return APR_SUCCESS;
 }
 
 apr_status_t mso_store_lease(mso_db_t *db, apr_int64_t id, const char *owner, apr_int64_t now,
@@ -1562,7 +1582,7 @@ apr_status_t mso_store_accounts(mso_db_t *db, apr_pool_t *p, apr_array_header_t 
     }
     else {
         while (apr_dbd_get_row(db->driver, tmp, res, &row, -1) == 0) {
-            APR_ARRAY_PUSH(*accounts, mso_account_t *) = account_from_row(db, p, row);
+            APR_ARRAY_PUSH(*accounts, mso_account_t *) = mso_db_account_from_row(db, p, row);
         }
     }
     apr_pool_destroy(tmp);

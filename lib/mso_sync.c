@@ -32,6 +32,7 @@ struct box_rt_t;
 typedef struct {
     mso_action_t *a;
     act_state_e state;
+    mso_graph_request_t req;        /* the write, built and checked once */
     const char *dest;               /* Graph destination (move/delete) */
     const char *dest_id;            /* its folder id, once looked up */
 } act_rt_t;
@@ -65,6 +66,7 @@ typedef struct box_rt_t {
     const char *error;              /* first failure of the pass */
     const char *graph_error;        /* Graph's answer with it, for the log */
     apr_array_header_t *acts;       /* act_rt_t* */
+    apr_hash_t *seen;               /* pump's scratch: messages with an earlier action */
     apr_array_header_t *folders;    /* folder_rt_t* */
 } box_rt_t;
 
@@ -278,16 +280,9 @@ static void act_check_done(void *baton, apr_status_t rv, mso_http_response_t *re
 /* Sends the write itself, sent_at committed first. */
 static void act_write(box_rt_t *b, act_rt_t *ar)
 {
-    mso_graph_request_t gr;
-    const char *err = NULL;
     apr_status_t rv;
     req_t *rq;
 
-    if (mso_graph_action_request(b->pool, b->in->graph_root, ar->a->action, ar->a->graph_id,
-                                 ar->a->destination, &gr, &err) != APR_SUCCESS) {
-        act_fail(b, ar, "bad_request", err);
-        return;
-    }
     rv = mso_mirror_action_sending(b->pass->db, b->pass->owner, ar->a, now_sec());
     if (rv != APR_SUCCESS) {
         if (rv == APR_EBUSY) {
@@ -306,7 +301,8 @@ static void act_write(box_rt_t *b, act_rt_t *ar)
     rq->act = ar;
     rq->step = STEP_WRITE;
     ar->state = ACT_BUSY;
-    if (send_req(b, rq, gr.method, gr.url, gr.body, 0, act_write_done) != APR_SUCCESS) {
+    if (send_req(b, rq, ar->req.method, ar->req.url, ar->req.body, 0, act_write_done)
+        != APR_SUCCESS) {
         apr_pool_destroy(rq->pool);
         act_wait(b, ar, "the request could not be sent", 0);
     }
@@ -331,7 +327,6 @@ static void act_check(box_rt_t *b, act_rt_t *ar, act_step_e step)
 
 static void act_start(box_rt_t *b, act_rt_t *ar)
 {
-    mso_graph_request_t gr;
     const char *err = NULL;
 
     if (!b->in->can_write) {
@@ -340,7 +335,7 @@ static void act_start(box_rt_t *b, act_rt_t *ar)
         return;
     }
     if (mso_graph_action_request(b->pool, b->in->graph_root, ar->a->action, ar->a->graph_id,
-                                 ar->a->destination, &gr, &err) != APR_SUCCESS) {
+                                 ar->a->destination, &ar->req, &err) != APR_SUCCESS) {
         act_fail(b, ar, "bad_request", err);
         return;
     }
@@ -598,7 +593,6 @@ static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
 
 static void pump(box_rt_t *b)
 {
-    apr_hash_t *seen;
     int i, progress = 1;
 
     while (progress && !b->stop && b->inflight < MSO_SYNC_PER_MAILBOX
@@ -606,7 +600,7 @@ static void pump(box_rt_t *b)
         progress = 0;
         /* Actions: in queue order; an unfinished earlier action on the same
          * message holds back the later ones. */
-        seen = apr_hash_make(b->pool);
+        apr_hash_clear(b->seen);
         for (i = 0; i < b->acts->nelts && b->inflight < MSO_SYNC_PER_MAILBOX && !b->stop;
              i++) {
             act_rt_t *ar = APR_ARRAY_IDX(b->acts, i, act_rt_t *);
@@ -615,10 +609,10 @@ static void pump(box_rt_t *b)
             if (ar->state == ACT_FINISHED) {
                 continue;
             }
-            if (apr_hash_get(seen, gid, APR_HASH_KEY_STRING)) {
+            if (apr_hash_get(b->seen, gid, APR_HASH_KEY_STRING)) {
                 continue;
             }
-            apr_hash_set(seen, gid, APR_HASH_KEY_STRING, ar);
+            apr_hash_set(b->seen, gid, APR_HASH_KEY_STRING, ar);
             if (ar->state == ACT_PENDING) {
                 act_start(b, ar);
                 progress = 1;
@@ -741,6 +735,7 @@ static apr_status_t box_setup(pass_t *pass, mso_sync_box_t *in, box_rt_t **out)
     b->retry_after = -1;
     b->sync_due = in->work->sync_due_at <= now_sec();
     b->acts = apr_array_make(bp, 8, sizeof(act_rt_t *));
+    b->seen = apr_hash_make(bp);
     b->folders = apr_array_make(bp, 4, sizeof(folder_rt_t *));
     *out = b;
     if (in->work->queued_actions > 0
