@@ -1,11 +1,16 @@
 /* mod_msoauth: connects Outlook / Microsoft 365 mailboxes to the web
  * applications behind httpd. This file is the table of contents: the module
- * record and its hooks. Configuration lives in mod_msoauth_config.c; protocol
- * and storage logic in lib/. */
+ * record, its hooks and the per-process state; configuration lives in
+ * mod_msoauth_config.c, the handlers in mod_msoauth_flow.c and
+ * mod_msoauth_admin.c, the background job in mod_msoauth_job.c, protocol and
+ * storage logic in lib/. */
 #include <string.h>
+#include <unistd.h>
 
+#include <apr_lib.h>
 #include <apr_optional.h>
 #include <apr_strings.h>
+#include <apr_file_io.h>
 #include <apr_dbd.h>
 
 #include <httpd.h>
@@ -16,26 +21,60 @@
 #include <mod_dbd.h>
 
 #include "mod_msoauth.h"
+#include "mod_msoauth_admin.h"
+#include "mod_msoauth_config.h"
+#include "mod_msoauth_flow.h"
+#include "mod_msoauth_job.h"
+#include "mso_crypto.h"
 #include "mso_discovery.h"
 #include "mso_http.h"
 #include "mso_log.h"
 #include "mso_store.h"
 
 
+#define NODE_ID_FILE "msoauth-node-id"
+
 /* Per child process: created in child_init, read by request threads. */
 static mso_discovery_cache_t *discovery_cache;
 static const char *process_owner;
+/* Per httpd: set in post_config (the parent), inherited by the children. */
+static const char *node_id;
 
 static APR_OPTIONAL_FN_TYPE(ap_dbd_open) *dbd_open_fn;
 static APR_OPTIONAL_FN_TYPE(ap_dbd_close) *dbd_close_fn;
 static APR_OPTIONAL_FN_TYPE(ap_dbd_acquire) *dbd_acquire_fn;
 
-ap_dbd_t *msoauth_dbd_acquire(request_rec *r)
+int msoauth_have_dbd(void)
 {
-    return dbd_acquire_fn ? dbd_acquire_fn(r) : NULL;
+    return dbd_open_fn && dbd_close_fn && dbd_acquire_fn;
 }
 
-/* lib/ logs through here, tagged as ours. */
+ap_dbd_t *msoauth_dbd_open(apr_pool_t *p, server_rec *s)
+{
+    return dbd_open_fn ? dbd_open_fn(p, s) : NULL;
+}
+
+void msoauth_dbd_close(server_rec *s, ap_dbd_t *dbd)
+{
+    if (dbd_close_fn && dbd) {
+        dbd_close_fn(s, dbd);
+    }
+}
+
+mso_db_t *msoauth_request_db(request_rec *r)
+{
+    ap_dbd_t *dbd = dbd_acquire_fn ? dbd_acquire_fn(r) : NULL;
+    mso_db_t *db = NULL;
+
+    if (!dbd || mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r, MSOLOGNO(300) "no database connection from "
+                      "mod_dbd: check DBDriver/DBDParams and that the database is reachable");
+        return NULL;
+    }
+    return db;
+}
+
+/* lib/ logs through here, tagged as ours, against the server it was given. */
 static void log_from_lib(void *baton, const char *file, int line, mso_log_level_e level,
                          apr_status_t rv, const char *msg)
 {
@@ -50,7 +89,6 @@ static void retrieve_optional_fns(void)
     dbd_acquire_fn = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_acquire);
 }
 
-
 /* True when some server has a company with credentials: then we need mod_dbd. */
 static int in_use(server_rec *main_s)
 {
@@ -64,17 +102,22 @@ static int in_use(server_rec *main_s)
     return 0;
 }
 
+static void no_dbd(server_rec *s)
+{
+    ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(020)
+                 "mod_msoauth stores tokens through mod_dbd, which is not loaded: add "
+                 "'LoadModule dbd_module modules/mod_dbd.so' (Debian: a2enmod dbd) and "
+                 "DBDriver/DBDParams");
+}
+
 /* Checks that hold across directives, for `apachectl -t` (where post_config does not run). */
 static void msoauth_test_config(apr_pool_t *pconf, server_rec *s)
 {
     int errors = msoauth_config_finalize(pconf, s, 1, APLOG_WARNING);
 
     retrieve_optional_fns();
-    if (!errors && in_use(s) && !dbd_open_fn) {
-        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(020)
-                     "mod_msoauth stores tokens through mod_dbd, which is not loaded: add "
-                     "'LoadModule dbd_module modules/mod_dbd.so' (Debian: a2enmod dbd) and "
-                     "DBDriver/DBDParams");
+    if (!errors && in_use(s) && !msoauth_have_dbd()) {
+        no_dbd(s);
         errors++;
     }
     if (errors) {
@@ -84,6 +127,63 @@ static void msoauth_test_config(apr_pool_t *pconf, server_rec *s)
                      errors == 1 ? "" : "s");
         exit(1);
     }
+}
+
+/* The node id: read from DefaultRuntimeDir, or made and written there. It
+ * tells this httpd's processes apart from another node's (whatever their
+ * host names), and outlives graceful and full restarts until the runtime
+ * directory is cleared (usually at boot). */
+static const char *load_node_id(apr_pool_t *p, server_rec *s)
+{
+    const char *path = ap_runtime_dir_relative(p, NODE_ID_FILE);
+    apr_file_t *f;
+    char buf[64];
+    apr_size_t n = sizeof(buf) - 1;
+    const char *id;
+
+    if (path && apr_file_open(&f, path, APR_FOPEN_READ, 0, p) == APR_SUCCESS) {
+        apr_status_t rv = apr_file_read_full(f, buf, n, &n);
+
+        apr_file_close(f);
+        if ((rv == APR_SUCCESS || rv == APR_EOF) && n >= 16) {
+            apr_size_t i;
+
+            buf[n] = '\0';
+            mso_trim(buf);
+            for (i = 0; buf[i] && (apr_isalnum(buf[i]) || buf[i] == '-' || buf[i] == '_'); i++) {
+            }
+            if (!buf[i] && i >= 16) {
+                return apr_pstrdup(p, buf);
+            }
+        }
+    }
+    id = mso_random_token(p, 12);
+    if (!id) {
+        return NULL;
+    }
+    if (path && apr_file_open(&f, path, APR_FOPEN_WRITE | APR_FOPEN_CREATE | APR_FOPEN_TRUNCATE,
+                              APR_FPROT_UREAD | APR_FPROT_UWRITE | APR_FPROT_GREAD
+                              | APR_FPROT_WREAD, p) == APR_SUCCESS) {
+        apr_file_puts(id, f);
+        apr_file_close(f);
+    }
+    else {
+        ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(024) "mod_msoauth: cannot keep "
+                     "the node id in %s; leases of processes that die before a full restart "
+                     "are released after they run out", path ? path : NODE_ID_FILE);
+    }
+    return id;
+}
+
+const char *msoauth_node_id(void)
+{
+    return node_id;
+}
+
+const char *msoauth_lease_owner(apr_pool_t *p)
+{
+    return apr_psprintf(p, "%s:%" APR_PID_T_FMT ":%s", node_id ? node_id : "node", getpid(),
+                        mso_random_token(p, 6));
 }
 
 static int msoauth_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp,
@@ -103,11 +203,8 @@ static int msoauth_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *
     if (!in_use(s)) {
         return OK;
     }
-    if (!dbd_open_fn) {
-        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(020)
-                     "mod_msoauth stores tokens through mod_dbd, which is not loaded: add "
-                     "'LoadModule dbd_module modules/mod_dbd.so' (Debian: a2enmod dbd) and "
-                     "DBDriver/DBDParams");
+    if (!msoauth_have_dbd()) {
+        no_dbd(s);
         return HTTP_INTERNAL_SERVER_ERROR;
     }
     if (preflight) {
@@ -117,19 +214,27 @@ static int msoauth_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *
         ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(023) "libcurl initialisation failed");
         return HTTP_INTERNAL_SERVER_ERROR;
     }
+    node_id = load_node_id(s->process->pool, s);
+    if (!node_id) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(025) "no random bytes for the node "
+                     "id: OpenSSL's random generator failed");
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
     if (msoauth_job_register(pconf, s) != APR_SUCCESS) {
         return HTTP_INTERNAL_SERVER_ERROR;
     }
     for (vs = s; vs; vs = vs->next) {
         msoauth_srv_conf_t *sc = msoauth_srv_conf(vs);
+
         if (msoauth_server_in_use(vs) && sc->keyring) {
             ap_log_error(APLOG_MARK, APLOG_INFO, 0, vs, MSOLOGNO(022)
-                         "mod_msoauth: %u compan%s, redirect URI %s, %d token key%s "
-                         "(sealing with key id %s)", apr_hash_count(sc->companies),
+                         "mod_msoauth %s: %u compan%s, redirect URI %s, %d token key%s "
+                         "(sealing with key id %s), node %s", MSO_VERSION,
+                         apr_hash_count(sc->companies),
                          apr_hash_count(sc->companies) == 1 ? "y" : "ies", sc->redirect_uri,
                          mso_keyring_count(sc->keyring),
                          mso_keyring_count(sc->keyring) == 1 ? "" : "s",
-                         mso_keyring_kid(sc->keyring, 0));
+                         mso_keyring_kid(sc->keyring, 0), node_id);
         }
     }
     return OK;
@@ -145,7 +250,7 @@ static void migrate_server(apr_pool_t *p, server_rec *s)
     int from = 0, to = 0;
     apr_status_t rv;
 
-    dbd = dbd_open_fn(p, s);
+    dbd = msoauth_dbd_open(p, s);
     if (!dbd) {
         ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(030)
                      "mod_msoauth: cannot open the database through mod_dbd: check DBDriver "
@@ -170,19 +275,7 @@ static void migrate_server(apr_pool_t *p, server_rec *s)
         ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(032)
                      "mod_msoauth: database schema migrated from version %d to %d", from, to);
     }
-    dbd_close_fn(s, dbd);
-}
-
-int msoauth_server_in_use(server_rec *s)
-{
-    apr_hash_index_t *hi;
-
-    for (hi = apr_hash_first(NULL, msoauth_srv_conf(s)->companies); hi; hi = apr_hash_next(hi)) {
-        if (((msoauth_company_t *)apr_hash_this_val(hi))->client_id) {
-            return 1;
-        }
-    }
-    return 0;
+    msoauth_dbd_close(s, dbd);
 }
 
 mso_discovery_cache_t *msoauth_discovery_cache(void)
@@ -199,7 +292,7 @@ static void msoauth_child_init(apr_pool_t *pchild, server_rec *main_s)
 {
     server_rec *s;
 
-    if (!dbd_open_fn || !in_use(main_s)) {
+    if (!msoauth_have_dbd() || !in_use(main_s)) {
         return;
     }
     process_owner = msoauth_lease_owner(pchild);
@@ -215,22 +308,30 @@ static void msoauth_child_init(apr_pool_t *pchild, server_rec *main_s)
     }
 }
 
+typedef int msoauth_handler_fn(request_rec *r);
+
+static const struct {
+    const char *name;
+    msoauth_handler_fn *fn;
+} handlers[] = {
+    {"msoauth-connect", msoauth_connect_handler},
+    {"msoauth-confirm", msoauth_confirm_handler},
+    {"msoauth-token", msoauth_token_handler},
+    {"msoauth-admin", msoauth_admin_handler},
+    {NULL, NULL}
+};
+
 static int msoauth_handler(request_rec *r)
 {
+    int i;
+
     if (!r->handler || strncmp(r->handler, "msoauth-", 8)) {
         return DECLINED;
     }
-    if (!strcmp(r->handler, "msoauth-connect")) {
-        return msoauth_connect_handler(r);
-    }
-    if (!strcmp(r->handler, "msoauth-confirm")) {
-        return msoauth_confirm_handler(r);
-    }
-    if (!strcmp(r->handler, "msoauth-token")) {
-        return msoauth_token_handler(r);
-    }
-    if (!strcmp(r->handler, "msoauth-admin")) {
-        return msoauth_admin_handler(r);
+    for (i = 0; handlers[i].name; i++) {
+        if (!strcmp(r->handler, handlers[i].name)) {
+            return handlers[i].fn(r);
+        }
     }
     return DECLINED;
 }
@@ -247,8 +348,8 @@ static void register_hooks(apr_pool_t *p)
 
 AP_DECLARE_MODULE(msoauth) = {
     STANDARD20_MODULE_STUFF,
-    NULL,                       /* per-directory config: all settings are per server */
-    NULL,
+    msoauth_create_dir_conf,    /* per directory: MSOAuthTrustProxy */
+    msoauth_merge_dir_conf,
     msoauth_create_srv_conf,
     msoauth_merge_srv_conf,
     msoauth_cmds,

@@ -16,6 +16,10 @@
 #include <mod_dbd.h>
 
 #include "mod_msoauth.h"
+#include "mod_msoauth_admin.h"
+#include "mod_msoauth_config.h"
+#include "mod_msoauth_guard.h"
+#include "mod_msoauth_job.h"
 #include "mso_identity.h"
 #include "mso_json.h"
 #include "mso_reason.h"
@@ -61,19 +65,6 @@ static int json_error(request_rec *r, int status, const char *reason, const char
     return send_json(r, status, j);
 }
 
-static mso_db_t *db_of(request_rec *r)
-{
-    ap_dbd_t *dbd = msoauth_dbd_acquire(r);
-    mso_db_t *db = NULL;
-
-    if (!dbd || mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) != APR_SUCCESS) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r, MSOLOGNO(300) "no database connection from "
-                      "mod_dbd: check DBDriver/DBDParams");
-        return NULL;
-    }
-    return db;
-}
-
 static int parse_id(const char *s, apr_int64_t *id)
 {
     char *end;
@@ -107,7 +98,7 @@ static void fresh_token(request_rec *r, mso_db_t *db, mso_account_t *a, const ch
     apr_time_t give_up = apr_time_now() + WAIT_FOR_OTHER;
 
     memset(f, 0, sizeof(*f));
-    if (!c || !c->client_id || !c->client_secret || !sc->keyring) {
+    if (!c || !c->set.client_id.value || !c->set.client_secret.value || !sc->keyring) {
         f->reason = "not_configured";
         f->detail = "the account's company has no credentials on this server";
         return;
@@ -203,6 +194,11 @@ int msoauth_token_handler(request_rec *r)
     fresh_t f;
     json_t *j;
 
+    int rc;
+
+    if ((rc = msoauth_guard(r, MSOAUTH_GUARD_KEY_REQUIRED, NULL)) != DECLINED) {
+        return rc;
+    }
     if (r->method_number != M_GET) {
         r->allowed = AP_METHOD_BIT << M_GET;
         return HTTP_METHOD_NOT_ALLOWED;
@@ -224,11 +220,11 @@ int msoauth_token_handler(request_rec *r)
         return json_error(r, HTTP_BAD_REQUEST, "bad_request", "resource must be graph, imap or "
                           "smtp");
     }
-    if (!(db = db_of(r))) {
+    if (!(db = msoauth_request_db(r))) {
         return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
     if (mso_store_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
-        return json_error(r, HTTP_NOT_FOUND, "bad_request", "no such account");
+        return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
     if (!msoauth_company(r->server, a->company)) {
         return json_error(r, HTTP_NOT_FOUND, "not_configured", "the account's company is not "
@@ -303,9 +299,9 @@ static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc, apr_hash_t
     for (hi = apr_hash_first(r->pool, sc->companies); hi; hi = apr_hash_next(hi)) {
         msoauth_company_t *c = apr_hash_this_val(hi);
         json_t *o = json_pack("{s:s, s:s?, s:b, s:s, s:s, s:s, s:s}", "name", c->name,
-                              "client_id", c->client_id, "secret_set", c->client_secret != NULL,
-                              "tenant", c->tenant, "cloud", mso_cloud_name(c->cloud),
-                              "edition", c->edition == MSO_EDITION_PRO ? "pro" : "basic",
+                              "client_id", c->set.client_id.value, "secret_set", c->set.client_secret.value != NULL,
+                              "tenant", c->set.tenant.value, "cloud", mso_cloud_name((mso_cloud_e)c->set.cloud.value),
+                              "edition", c->set.edition.value == MSO_EDITION_PRO ? "pro" : "basic",
                               "redirect_uri", sc->redirect_uri);
         const char *flag = apr_hash_get(flags, c->name, APR_HASH_KEY_STRING);
         const mso_reason_t *rs = mso_reason_get(flag);
@@ -315,9 +311,9 @@ static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc, apr_hash_t
         if (rs) {
             json_object_set_new(o, "problem_fix", json_string(rs->fix));
         }
-        if (c->secret_expires) {
-            long days = mso_days_until(c->secret_expires, now);
-            json_object_set_new(o, "secret_expires", json_string(c->secret_expires_text));
+        if (c->set.secret_expires.value) {
+            long days = mso_days_until(c->set.secret_expires.value, now);
+            json_object_set_new(o, "secret_expires", json_string(c->set.secret_expires.text));
             json_object_set_new(o, "secret_days_left", json_integer(days));
             json_object_set_new(o, "secret_warning", days < 0 ? json_string("expired")
                                 : days < MSOAUTH_SECRET_WARN_DAYS ? json_string("expires soon")
@@ -374,7 +370,8 @@ static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats)
     return o;
 }
 
-/* The one status model: JSON as is, and the HTML page is rendered from it. */
+/* The one status model: JSON as is, and the HTML page is rendered from it.
+ * NULL when the database cannot be read. */
 static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db)
 {
     apr_array_header_t *accounts = NULL, *runs = NULL;
@@ -383,10 +380,14 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
     apr_int64_t now = apr_time_sec(apr_time_now());
     int i, due = 0, overdue = 0;
 
-    if (db && mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS) {
-        stats = NULL;
+    if (mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS
+        || mso_store_accounts(db, r->pool, &accounts) != APR_SUCCESS
+        || mso_store_job_runs(db, r->pool, &runs) != APR_SUCCESS) {
+        json_decref(accs);
+        json_decref(nodes);
+        return NULL;
     }
-    if (db && mso_store_accounts(db, r->pool, &accounts) == APR_SUCCESS) {
+    {
         for (i = 0; i < accounts->nelts; i++) {
             mso_account_t *a = APR_ARRAY_IDX(accounts, i, mso_account_t *);
             if (!msoauth_company(r->server, a->company)) {
@@ -402,7 +403,7 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
             json_array_append_new(accs, account_json(r, a, stats));
         }
     }
-    if (db && mso_store_job_runs(db, r->pool, &runs) == APR_SUCCESS) {
+    {
         for (i = 0; i < runs->nelts; i++) {
             mso_job_run_t *jr = &APR_ARRAY_IDX(runs, i, mso_job_run_t);
             json_array_append_new(nodes, json_pack("{s:s, s:I, s:I, s:i, s:i, s:i}", "node",
@@ -532,17 +533,41 @@ static int status_page(request_rec *r, json_t *m)
     return OK;
 }
 
-/* The request's path below the admin location: "", "accounts", "accounts/7/test". */
+/* The request's path below the admin location, without slashes at either
+ * end: "", "accounts", "accounts/7", "accounts/7/test"; NULL when the URI is
+ * not under the location (a LocationMatch: then from the last "/accounts"). */
 static const char *admin_tail(request_rec *r)
 {
-    const char *p = strstr(r->uri, "/accounts");
-    const char *last = NULL;
+    msoauth_dir_conf_t *dc = msoauth_dir_conf(r);
+    const char *loc = dc ? dc->location : NULL;
+    apr_size_t n = loc ? strlen(loc) : 0;
+    const char *t;
+    char *tail;
 
-    while (p) {
-        last = p;
-        p = strstr(p + 1, "/accounts");
+    while (n > 0 && loc[n - 1] == '/') {
+        n--;
     }
-    return last ? last + 1 : "";
+    if (loc && !strncmp(r->uri, loc, n) && (r->uri[n] == '/' || r->uri[n] == '\0')) {
+        t = r->uri + n;
+    }
+    else {
+        const char *p = strstr(r->uri, "/accounts"), *last = NULL;
+
+        while (p) {
+            last = p;
+            p = strstr(p + 1, "/accounts");
+        }
+        t = last ? last : "";
+    }
+    while (*t == '/') {
+        t++;
+    }
+    tail = apr_pstrdup(r->pool, t);
+    n = strlen(tail);
+    while (n > 0 && tail[n - 1] == '/') {
+        tail[--n] = '\0';
+    }
+    return tail;
 }
 
 static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
@@ -562,7 +587,7 @@ static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
     }
     mso_http_opts_default(&o);
     o.timeout_ms = 30000;
-    url = apr_pstrcat(r->pool, c->graph_url, "/v1.0/me/mailFolders/inbox"
+    url = apr_pstrcat(r->pool, c->set.graph_url.value, "/v1.0/me/mailFolders/inbox"
                       "?$select=id,totalItemCount,unreadItemCount", NULL);
     APR_ARRAY_PUSH(h, const char *) = apr_pstrcat(r->pool, "Authorization: Bearer ", f.token,
                                                   NULL);
@@ -603,37 +628,54 @@ int msoauth_admin_handler(request_rec *r)
     mso_db_t *db;
     mso_account_t *a;
     apr_int64_t id = 0;
-    char *rest, *id_part, *action, *last;
+    char *rest, *id_part, *action = NULL, *last;
+    int rc, page = !*tail && r->method_number == M_GET && !wants_json(r);
 
-    if (!strncmp(tail, "accounts/", 9)) {
+    /* The HTML page is for a browser behind Require; everything a program
+     * uses (JSON, actions) needs the API key when one is configured. */
+    if ((rc = msoauth_guard(r, page ? MSOAUTH_GUARD_KEY_OPTIONAL : MSOAUTH_GUARD_KEY_REQUIRED,
+                            NULL)) != DECLINED) {
+        return rc;
+    }
+    if (*tail && strcmp(tail, "accounts")) {
+        if (strncmp(tail, "accounts/", 9)) {
+            return json_error(r, HTTP_NOT_FOUND, "not_found", "unknown admin path: use /, "
+                              "/accounts, /accounts/ID or /accounts/ID/test|sync|disconnect");
+        }
         rest = apr_pstrdup(r->pool, tail + 9);
         id_part = apr_strtok(rest, "/", &last);
         action = apr_strtok(NULL, "/", &last);
-        if (!parse_id(id_part, &id) || apr_strtok(NULL, "/", &last)) {
-            return json_error(r, HTTP_NOT_FOUND, "bad_request", "unknown admin path");
+        if (!parse_id(id_part, &id) || apr_strtok(NULL, "/", &last)
+            || (action && strcmp(action, "test") && strcmp(action, "sync")
+                && strcmp(action, "disconnect"))) {
+            return json_error(r, HTTP_NOT_FOUND, "not_found", "unknown admin path: use /, "
+                              "/accounts, /accounts/ID or /accounts/ID/test|sync|disconnect");
         }
     }
-    else {
-        action = NULL;
-    }
-    if (action || r->method_number == M_POST) {
-        if (r->method_number != M_POST || !action) {
-            r->allowed = AP_METHOD_BIT << (action ? M_POST : M_GET);
+    if (action) {
+        if (r->method_number != M_POST) {
+            r->allowed = AP_METHOD_BIT << M_POST;
             return HTTP_METHOD_NOT_ALLOWED;
         }
         if (!same_origin(r, sc)) {
             ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(302) "refused a "
                           "cross-origin admin POST");
-            return json_error(r, HTTP_FORBIDDEN, "bad_request", "cross-origin POST refused");
+            return json_error(r, HTTP_FORBIDDEN, "forbidden", "cross-origin POST refused");
         }
     }
     else if (r->method_number != M_GET) {
         r->allowed = AP_METHOD_BIT << M_GET;
         return HTTP_METHOD_NOT_ALLOWED;
     }
-    db = db_of(r);
-    if (!strcmp(tail, "") || !strcmp(tail, "accounts") || tail[0] != 'a') {
-        json_t *m = status_model(r, sc, db);
+    db = msoauth_request_db(r);
+    if (!*tail || !strcmp(tail, "accounts")) {
+        json_t *m = db ? status_model(r, sc, db) : NULL;
+
+        if (!m) {
+            /* Never an empty list that looks like "no accounts". */
+            return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "the database is "
+                              "unavailable: see the error log (DBDriver/DBDParams)");
+        }
         if (!strcmp(tail, "accounts")) {
             json_t *accs = json_incref(json_object_get(m, "accounts"));
             json_decref(m);
@@ -646,7 +688,7 @@ int msoauth_admin_handler(request_rec *r)
     }
     if (mso_store_account_get(db, r->pool, id, &a) != APR_SUCCESS
         || !msoauth_company(r->server, a->company)) {
-        return json_error(r, HTTP_NOT_FOUND, "bad_request", "no such account");
+        return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
     if (!action) {
         apr_hash_t *stats = NULL;
@@ -667,8 +709,9 @@ int msoauth_admin_handler(request_rec *r)
                               "failed");
         }
         ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r, MSOLOGNO(304) "sync of account %"
-                      APR_INT64_T_FMT " (%s) requested by %s", a->id, a->mailbox,
-                      r->user ? r->user : "anonymous");
+                      APR_INT64_T_FMT " (%s) requested by %s", a->id,
+                      ap_escape_logitem(r->pool, a->mailbox),
+                      r->user ? ap_escape_logitem(r->pool, r->user) : "anonymous");
         /* The job picks it up within a tick (about a second). */
         return send_json(r, HTTP_ACCEPTED, json_pack("{s:b, s:I, s:s}", "ok", 1, "account",
                                                      (json_int_t)a->id, "sync", "scheduled"));
@@ -681,17 +724,12 @@ int msoauth_admin_handler(request_rec *r)
         }
         return graph_test(r, db, a);
     }
-    if (!strcmp(action, "disconnect")) {
-        if (mso_store_disconnect(db, a->id, apr_time_sec(apr_time_now())) != APR_SUCCESS) {
-            return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write "
-                              "failed");
-        }
-        ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(303) "account %" APR_INT64_T_FMT
-                      " (%s) disconnected by %s", a->id, a->mailbox,
-                      r->user ? r->user : "anonymous");
-        return send_json(r, HTTP_OK, json_pack("{s:b, s:I, s:s}", "ok", 1, "account",
-                                               (json_int_t)a->id, "state", "disconnected"));
+    if (mso_store_disconnect(db, a->id, apr_time_sec(apr_time_now())) != APR_SUCCESS) {
+        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write failed");
     }
-    return json_error(r, HTTP_NOT_FOUND, "bad_request", "unknown action: use test, sync or "
-                      "disconnect");
+    ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(303) "account %" APR_INT64_T_FMT
+                  " (%s) disconnected by %s", a->id, ap_escape_logitem(r->pool, a->mailbox),
+                  r->user ? ap_escape_logitem(r->pool, r->user) : "anonymous");
+    return send_json(r, HTTP_OK, json_pack("{s:b, s:I, s:s}", "ok", 1, "account",
+                                           (json_int_t)a->id, "state", "disconnected"));
 }

@@ -7,11 +7,14 @@
 #include <apr_file_info.h>
 #include <apr_file_io.h>
 
+#include <openssl/crypto.h>
+
 #include <httpd.h>
 #include <http_config.h>
 #include <http_log.h>
 
 #include "mod_msoauth.h"
+#include "mod_msoauth_config.h"
 
 APLOG_USE_MODULE(msoauth);
 
@@ -20,71 +23,28 @@ msoauth_srv_conf_t *msoauth_srv_conf(server_rec *s)
     return ap_get_module_config(s->module_config, &msoauth_module);
 }
 
+msoauth_dir_conf_t *msoauth_dir_conf(request_rec *r)
+{
+    return ap_get_module_config(r->per_dir_config, &msoauth_module);
+}
+
 msoauth_company_t *msoauth_company(server_rec *s, const char *name)
 {
     msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
-    return sc->companies ? apr_hash_get(sc->companies, name, APR_HASH_KEY_STRING) : NULL;
+    return sc->companies && name ? apr_hash_get(sc->companies, name, APR_HASH_KEY_STRING)
+                                 : NULL;
 }
 
-static void settings_init(msoauth_settings_t *st)
+int msoauth_server_in_use(server_rec *s)
 {
-    memset(st, 0, sizeof(*st));
-    st->cloud = -1;
-    st->edition = -1;
-    st->sync_interval = -1;
-}
-
-/* add over base: what add gives wins, the rest comes from base. */
-static void settings_merge(msoauth_settings_t *out, const msoauth_settings_t *base,
-                           const msoauth_settings_t *add)
-{
-#define PICK(f) out->f = add->f ? add->f : base->f
-#define PICKN(f) out->f = add->f >= 0 ? add->f : base->f
-    if (add->client_id) {
-        out->client_id = add->client_id;
-        out->client_id_at = add->client_id_at;
-    }
-    else {
-        out->client_id = base->client_id;
-        out->client_id_at = base->client_id_at;
-    }
-    if (add->client_secret) {
-        out->client_secret = add->client_secret;
-        out->client_secret_at = add->client_secret_at;
-        out->secret_file = add->secret_file;
-    }
-    else {
-        out->client_secret = base->client_secret;
-        out->client_secret_at = base->client_secret_at;
-        out->secret_file = base->secret_file;
-    }
-    if (add->secret_expires) {
-        out->secret_expires = add->secret_expires;
-        out->secret_expires_at = add->secret_expires_at;
-        out->secret_expires_text = add->secret_expires_text;
-    }
-    else {
-        out->secret_expires = base->secret_expires;
-        out->secret_expires_at = base->secret_expires_at;
-        out->secret_expires_text = base->secret_expires_text;
-    }
-    PICK(tenant);
-    PICKN(cloud);
-    PICK(authority_url);
-    PICK(graph_url);
-    PICKN(edition);
-    PICK(scopes);
-    PICK(folders);
-    PICKN(sync_interval);
-#undef PICK
-#undef PICKN
+    return msoauth_srv_conf(s)->in_use;
 }
 
 void *msoauth_create_srv_conf(apr_pool_t *p, server_rec *s)
 {
     msoauth_srv_conf_t *sc = apr_pcalloc(p, sizeof(*sc));
 
-    settings_init(&sc->level);
+    mso_settings_init(&sc->level);
     sc->decls = apr_hash_make(p);
     sc->s = s;
     return sc;
@@ -95,7 +55,7 @@ void *msoauth_merge_srv_conf(apr_pool_t *p, void *basev, void *addv)
     msoauth_srv_conf_t *base = basev, *add = addv;
     msoauth_srv_conf_t *sc = apr_pcalloc(p, sizeof(*sc));
 
-    settings_merge(&sc->level, &base->level, &add->level);
+    mso_settings_merge(&sc->level, &base->level, &add->level);
     /* A vhost sees the main server's companies; its own sections of the same
      * name are merged over them in finalize. */
     sc->decls = add->decls;
@@ -112,8 +72,29 @@ void *msoauth_merge_srv_conf(apr_pool_t *p, void *basev, void *addv)
         sc->keyring_at = base->keyring_at;
         sc->key_files = base->key_files;
     }
+    sc->api_key = add->api_key ? add->api_key : base->api_key;
+    sc->api_key_file = add->api_key ? add->api_key_file : base->api_key_file;
     sc->s = add->s;
     return sc;
+}
+
+void *msoauth_create_dir_conf(apr_pool_t *p, char *dir)
+{
+    msoauth_dir_conf_t *dc = apr_pcalloc(p, sizeof(*dc));
+
+    dc->trust_proxy = -1;
+    dc->location = dir ? apr_pstrdup(p, dir) : NULL;
+    return dc;
+}
+
+void *msoauth_merge_dir_conf(apr_pool_t *p, void *basev, void *addv)
+{
+    msoauth_dir_conf_t *base = basev, *add = addv;
+    msoauth_dir_conf_t *dc = apr_pcalloc(p, sizeof(*dc));
+
+    dc->trust_proxy = add->trust_proxy >= 0 ? add->trust_proxy : base->trust_proxy;
+    dc->location = add->location ? add->location : base->location;
+    return dc;
 }
 
 /* --- directive callbacks --- */
@@ -129,7 +110,7 @@ static msoauth_srv_conf_t *conf_of(cmd_parms *cmd)
 }
 
 /* The settings a directive writes to: the open company section, else the level. */
-static msoauth_settings_t *target(cmd_parms *cmd)
+static mso_settings_t *target(cmd_parms *cmd)
 {
     msoauth_srv_conf_t *sc = conf_of(cmd);
     return sc->current ? &sc->current->set : &sc->level;
@@ -186,7 +167,7 @@ static const char *set_company(cmd_parms *cmd, void *dummy, const char *arg)
     decl = apr_pcalloc(cmd->pool, sizeof(*decl));
     decl->name = name;
     decl->defined_at = where(cmd);
-    settings_init(&decl->set);
+    mso_settings_init(&decl->set);
     apr_hash_set(sc->decls, name, APR_HASH_KEY_STRING, decl);
 
     sc->current = decl;
@@ -210,7 +191,7 @@ static const char *one_word(cmd_parms *cmd, const char *args, const char **word)
 
 static const char *set_client_id(cmd_parms *cmd, void *dummy, const char *args)
 {
-    msoauth_settings_t *st = target(cmd);
+    mso_settings_t *st = target(cmd);
     const char *msg, *arg;
 
     if ((msg = one_word(cmd, args, &arg)) != NULL) {
@@ -222,14 +203,14 @@ static const char *set_client_id(cmd_parms *cmd, void *dummy, const char *args)
     if ((msg = mso_check_guid(cmd->pool, arg, "Application (client) ID")) != NULL) {
         return fail(cmd, msg);
     }
-    st->client_id = apr_pstrdup(cmd->pool, arg);
-    st->client_id_at = where(cmd);
+    st->client_id.value = apr_pstrdup(cmd->pool, arg);
+    st->client_id.at = where(cmd);
     return NULL;
 }
 
 static const char *set_client_secret(cmd_parms *cmd, void *dummy, const char *args)
 {
-    msoauth_settings_t *st = target(cmd);
+    mso_settings_t *st = target(cmd);
     const char *msg, *arg;
 
     if ((msg = one_word(cmd, args, &arg)) != NULL) {
@@ -238,18 +219,18 @@ static const char *set_client_secret(cmd_parms *cmd, void *dummy, const char *ar
     if (!*arg) {
         return NULL;
     }
-    if (st->secret_file) {
+    if (st->client_secret.file) {
         return fail(cmd, "the secret is already read from MSOAuthClientSecretFile here: "
                     "keep only one of the two");
     }
-    st->client_secret = apr_pstrdup(cmd->pool, arg);
-    st->client_secret_at = where(cmd);
+    st->client_secret.value = apr_pstrdup(cmd->pool, arg);
+    st->client_secret.at = where(cmd);
     return NULL;
 }
 
 static const char *set_client_secret_file(cmd_parms *cmd, void *dummy, const char *arg)
 {
-    msoauth_settings_t *st = target(cmd);
+    mso_settings_t *st = target(cmd);
     const char *path = ap_server_root_relative(cmd->pool, arg);
     apr_file_t *f;
     apr_status_t rv;
@@ -260,7 +241,7 @@ static const char *set_client_secret_file(cmd_parms *cmd, void *dummy, const cha
     if (!path) {
         return fail(cmd, apr_psprintf(cmd->pool, "invalid path '%s'", arg));
     }
-    if (st->client_secret) {
+    if (st->client_secret.value) {
         return fail(cmd, "a secret is already given with MSOAuthClientSecret here: keep only "
                     "one of the two");
     }
@@ -289,23 +270,23 @@ static const char *set_client_secret_file(cmd_parms *cmd, void *dummy, const cha
         return fail(cmd, apr_psprintf(cmd->pool, "%s holds more than one line: put only the "
                                       "client secret Value in it", path));
     }
-    st->client_secret = apr_pstrdup(cmd->pool, secret);
-    memset(buf, 0, sizeof(buf));
-    st->client_secret_at = where(cmd);
-    st->secret_file = path;
+    st->client_secret.value = apr_pstrdup(cmd->pool, secret);
+    OPENSSL_cleanse(buf, sizeof(buf));
+    st->client_secret.at = where(cmd);
+    st->client_secret.file = path;
     return NULL;
 }
 
 static const char *set_secret_expires(cmd_parms *cmd, void *dummy, const char *arg)
 {
-    msoauth_settings_t *st = target(cmd);
-    const char *msg = mso_check_date(cmd->pool, arg, &st->secret_expires);
+    mso_settings_t *st = target(cmd);
+    const char *msg = mso_check_date(cmd->pool, arg, &st->secret_expires.value);
 
     if (msg) {
         return fail(cmd, msg);
     }
-    st->secret_expires_at = where(cmd);
-    st->secret_expires_text = apr_pstrdup(cmd->pool, arg);
+    st->secret_expires.at = where(cmd);
+    st->secret_expires.text = apr_pstrdup(cmd->pool, arg);
     return NULL;
 }
 
@@ -316,7 +297,8 @@ static const char *set_tenant(cmd_parms *cmd, void *dummy, const char *arg)
     if (msg) {
         return fail(cmd, msg);
     }
-    target(cmd)->tenant = apr_pstrdup(cmd->pool, arg);
+    target(cmd)->tenant.value = apr_pstrdup(cmd->pool, arg);
+    target(cmd)->tenant.at = where(cmd);
     return NULL;
 }
 
@@ -328,7 +310,9 @@ static const char *set_cloud(cmd_parms *cmd, void *dummy, const char *arg)
     if (msg) {
         return fail(cmd, msg);
     }
-    target(cmd)->cloud = cloud;
+    target(cmd)->cloud.value = (int)cloud;
+    target(cmd)->cloud.given = 1;
+    target(cmd)->cloud.at = where(cmd);
     return NULL;
 }
 
@@ -340,7 +324,9 @@ static const char *set_edition(cmd_parms *cmd, void *dummy, const char *arg)
     if (msg) {
         return fail(cmd, msg);
     }
-    target(cmd)->edition = edition;
+    target(cmd)->edition.value = (int)edition;
+    target(cmd)->edition.given = 1;
+    target(cmd)->edition.at = where(cmd);
     return NULL;
 }
 
@@ -352,17 +338,13 @@ static const char *set_service_url(cmd_parms *cmd, void *dummy, const char *arg)
     if (msg) {
         return fail(cmd, msg);
     }
-    if (graph) {
-        target(cmd)->graph_url = apr_pstrdup(cmd->pool, arg);
-    }
-    else {
-        target(cmd)->authority_url = apr_pstrdup(cmd->pool, arg);
-    }
+    *(graph ? &target(cmd)->graph_url : &target(cmd)->authority_url) = (mso_setting_str_t){
+        apr_pstrdup(cmd->pool, arg), where(cmd)};
     return NULL;
 }
 
 /* Words of a RAW_ARGS line; each directive line replaces the previous one. */
-static const char *set_word_list(cmd_parms *cmd, const char *args, apr_array_header_t **list,
+static const char *set_word_list(cmd_parms *cmd, const char *args, mso_setting_list_t *list,
                                  const char *(*check)(apr_pool_t *, const char *))
 {
     apr_array_header_t *arr = apr_array_make(cmd->pool, 4, sizeof(const char *));
@@ -377,7 +359,8 @@ static const char *set_word_list(cmd_parms *cmd, const char *args, apr_array_hea
     if (arr->nelts == 0) {
         return fail(cmd, "needs at least one value");
     }
-    *list = arr;
+    list->value = arr;
+    list->at = where(cmd);
     return NULL;
 }
 
@@ -393,8 +376,15 @@ static const char *set_folders(cmd_parms *cmd, void *dummy, const char *args)
 
 static const char *set_interval(cmd_parms *cmd, void *dummy, const char *arg)
 {
-    const char *msg = mso_check_interval(cmd->pool, arg, &target(cmd)->sync_interval);
-    return msg ? fail(cmd, msg) : NULL;
+    mso_setting_int_t *v = &target(cmd)->sync_interval;
+    const char *msg = mso_check_interval(cmd->pool, arg, &v->value);
+
+    if (msg) {
+        return fail(cmd, msg);
+    }
+    v->given = 1;
+    v->at = where(cmd);
+    return NULL;
 }
 
 static const char *set_base_url(cmd_parms *cmd, void *dummy, const char *arg)
@@ -476,6 +466,84 @@ static const char *set_key_files(cmd_parms *cmd, void *dummy, const char *args)
     return NULL;
 }
 
+/* Reads a small secret file (API key): surrounding white space trimmed, one
+ * line. NULL and *value on success, else the directive's error. */
+static const char *read_small_secret(cmd_parms *cmd, const char *arg, const char *what,
+                                     const char **path, const char **value)
+{
+    apr_file_t *f;
+    apr_status_t rv;
+    char buf[1024];
+    apr_size_t n = sizeof(buf) - 1;
+    char *v;
+
+    *path = ap_server_root_relative(cmd->pool, arg);
+    if (!*path) {
+        return fail(cmd, apr_psprintf(cmd->pool, "invalid path '%s'", arg));
+    }
+    rv = apr_file_open(&f, *path, APR_FOPEN_READ, 0, cmd->temp_pool);
+    if (rv != APR_SUCCESS) {
+        return fail(cmd, apr_psprintf(cmd->pool, "cannot read %s (%pm): %s", *path, &rv,
+                                      what));
+    }
+    rv = apr_file_read_full(f, buf, n, &n);
+    apr_file_close(f);
+    if (rv != APR_SUCCESS && rv != APR_EOF) {
+        return fail(cmd, apr_psprintf(cmd->pool, "cannot read %s (%pm)", *path, &rv));
+    }
+    if (n >= sizeof(buf) - 1) {
+        OPENSSL_cleanse(buf, sizeof(buf));
+        return fail(cmd, apr_psprintf(cmd->pool, "%s is too large: %s", *path, what));
+    }
+    buf[n] = '\0';
+    v = mso_trim(buf);
+    *value = apr_pstrdup(cmd->pool, v);
+    OPENSSL_cleanse(buf, sizeof(buf));
+    return NULL;
+}
+
+static const char *set_api_key_file(cmd_parms *cmd, void *dummy, const char *arg)
+{
+    msoauth_srv_conf_t *sc = conf_of(cmd);
+    static const char *how = "create it with 'openssl rand -hex 32 > /etc/apache2/"
+                             "msoauth-api.key && chmod 600 /etc/apache2/msoauth-api.key'";
+    const char *msg, *path, *key, *c;
+
+    if ((msg = not_in_company(cmd)) != NULL) {
+        return msg;
+    }
+    if ((msg = read_small_secret(cmd, arg, how, &path, &key)) != NULL) {
+        return msg;
+    }
+    /* A bearer token: printable, no spaces, long enough not to be guessed. */
+    for (c = key; *c; c++) {
+        if (*c <= ' ' || *c > '~') {
+            return fail(cmd, apr_psprintf(cmd->pool, "%s holds white space or other "
+                                          "characters that cannot be sent in an Authorization "
+                                          "header: put one key on one line; %s", path, how));
+        }
+    }
+    if (strlen(key) < 32) {
+        return fail(cmd, apr_psprintf(cmd->pool, "%s holds a key shorter than 32 characters: "
+                                      "%s", path, how));
+    }
+    sc->api_key = key;
+    sc->api_key_file = path;
+    return NULL;
+}
+
+static const char *set_trust_proxy(cmd_parms *cmd, void *dirconf, int on)
+{
+    msoauth_dir_conf_t *dc = dirconf;
+
+    if (conf_of(cmd)->current) {
+        return fail(cmd, "is set per location, virtual host or server, not inside "
+                    "<MSOAuthCompany>: move it outside the section");
+    }
+    dc->trust_proxy = on ? 1 : 0;
+    return NULL;
+}
+
 const command_rec msoauth_cmds[] = {
     AP_INIT_RAW_ARGS("<MSOAuthCompany", set_company, NULL, RSRC_CONF,
         "<MSOAuthCompany NAME> ... </MSOAuthCompany>: a named set of Microsoft app "
@@ -512,41 +580,27 @@ const command_rec msoauth_cmds[] = {
         "well-known folder names to mirror; default inbox"),
     AP_INIT_TAKE1("MSOAuthSyncInterval", set_interval, NULL, RSRC_CONF,
         "seconds between incremental syncs of a mailbox; default 60"),
+    AP_INIT_TAKE1("MSOAuthAPIKeyFile", set_api_key_file, NULL, RSRC_CONF,
+        "a file holding the key that the token, admin (JSON) and metrics handlers require "
+        "as 'Authorization: Bearer KEY'"),
+    AP_INIT_FLAG("MSOAuthTrustProxy", set_trust_proxy, NULL, RSRC_CONF | ACCESS_CONF,
+        "On: accept requests to the token, admin and metrics handlers that came through a "
+        "proxy (Forwarded, X-Forwarded-For, Via); default Off"),
     {NULL}
 };
 
 /* --- the whole configuration --- */
 
-static apr_array_header_t *single(apr_pool_t *p, const char *v)
-{
-    apr_array_header_t *a = apr_array_make(p, 1, sizeof(const char *));
-    APR_ARRAY_PUSH(a, const char *) = v;
-    return a;
-}
-
 static msoauth_company_t *resolve(apr_pool_t *p, server_rec *s, const char *name,
-                                  const char *defined_at, const msoauth_settings_t *st)
+                                  const char *defined_at, const mso_settings_t *st)
 {
     msoauth_company_t *c = apr_pcalloc(p, sizeof(*c));
 
     c->name = name;
     c->defined_at = defined_at;
     c->s = s;
-    c->client_id = st->client_id;
-    c->client_secret = st->client_secret;
-    c->secret_at = st->client_secret_at;
-    c->secret_file = st->secret_file;
-    c->secret_expires = st->secret_expires;
-    c->secret_expires_text = st->secret_expires_text;
-    c->secret_expires_at = st->secret_expires_at;
-    c->tenant = st->tenant ? st->tenant : "common";
-    c->cloud = st->cloud >= 0 ? (mso_cloud_e)st->cloud : MSO_CLOUD_GLOBAL;
-    c->authority_url = st->authority_url ? st->authority_url : mso_cloud_authority(c->cloud);
-    c->graph_url = st->graph_url ? st->graph_url : mso_cloud_graph(c->cloud);
-    c->edition = st->edition >= 0 ? (mso_edition_e)st->edition : MSO_EDITION_BASIC;
-    c->scopes = st->scopes ? st->scopes : apr_array_make(p, 1, sizeof(const char *));
-    c->folders = st->folders ? st->folders : single(p, "inbox");
-    c->sync_interval = st->sync_interval > 0 ? st->sync_interval : MSOAUTH_DEFAULT_INTERVAL;
+    c->set = *st;
+    mso_settings_resolve(p, &c->set);
     return c;
 }
 
@@ -611,30 +665,32 @@ static void check_company(check_ctx_t *cx, server_rec *s, msoauth_company_t *c)
 {
     apr_pool_t *p = cx->p;
 
-    if (!c->client_id || !c->client_secret) {
+    const mso_settings_t *st = &c->set;
+
+    if (!st->client_id.value || !st->client_secret.value) {
         if (cx->log_warnings && first_time(cx, apr_pstrcat(p, "nocred:", c->defined_at, NULL))) {
             ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(002)
                          "MSOAuthCompany %s (%s) has no %s and none to fall back to in the "
                          "main server: sign-ins for it will fail with not_configured. Set "
                          "MSOAuthClientID and MSOAuthClientSecret(File) in the section or in "
                          "the main server configuration", c->name, c->defined_at,
-                         !c->client_id ? "MSOAuthClientID" : "MSOAuthClientSecret");
+                         !st->client_id.value ? "MSOAuthClientID" : "MSOAuthClientSecret");
         }
         return;
     }
-    warn_if_world_readable(cx, s, "MSOAuthClientSecretFile", c->secret_file);
-    if (mso_secret_looks_like_id(c->client_secret) && cx->log_warnings
-        && first_time(cx, apr_pstrcat(p, "guid:", c->secret_at, NULL))) {
+    warn_if_world_readable(cx, s, "MSOAuthClientSecretFile", st->client_secret.file);
+    if (mso_secret_looks_like_id(st->client_secret.value) && cx->log_warnings
+        && first_time(cx, apr_pstrcat(p, "guid:", st->client_secret.at, NULL))) {
         ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(003)
                      "MSOAuthClientSecret (%s, used by company %s) is shaped like a GUID: "
                      "that is usually the secret's Secret ID, not its Value, and Microsoft "
                      "will refuse it (AADSTS7000215). Copy the Value column under "
                      "Certificates & secrets (it is shown only once; create a new secret "
-                     "if it is hidden)", c->secret_at, c->name);
+                     "if it is hidden)", st->client_secret.at, c->name);
     }
-    if (c->secret_expires && cx->log_warnings
-        && first_time(cx, apr_pstrcat(p, "exp:", c->secret_expires_at, NULL))) {
-        long days = mso_days_until(c->secret_expires, apr_time_now());
+    if (st->secret_expires.value && cx->log_warnings
+        && first_time(cx, apr_pstrcat(p, "exp:", st->secret_expires.at, NULL))) {
+        long days = mso_days_until(st->secret_expires.value, apr_time_now());
 
         if (days < 0) {
             ap_log_error(APLOG_MARK, cx->expired_level, 0, s, MSOLOGNO(004)
@@ -642,15 +698,15 @@ static void check_company(check_ctx_t *cx, server_rec *s, msoauth_company_t *c)
                          "on %s; token calls will fail with client_secret_expired "
                          "(AADSTS7000222). Create a new secret under Certificates & secrets, "
                          "put its Value into the configuration and update "
-                         "MSOAuthSecretExpires", c->secret_expires_at, c->name,
-                         c->secret_expires_text);
+                         "MSOAuthSecretExpires", st->secret_expires.at, c->name,
+                         st->secret_expires.text);
         }
         else if (days < MSOAUTH_SECRET_WARN_DAYS) {
             ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(005)
                          "MSOAuthSecretExpires (%s): the client secret of company %s expires "
                          "in %ld day%s (%s). Create a new secret under Certificates & secrets "
-                         "now, deploy its Value, then delete the old one", c->secret_expires_at,
-                         c->name, days, days == 1 ? "" : "s", c->secret_expires_text);
+                         "now, deploy its Value, then delete the old one", st->secret_expires.at,
+                         c->name, days, days == 1 ? "" : "s", st->secret_expires.text);
         }
     }
 }
@@ -675,7 +731,7 @@ static void finalize_server(check_ctx_t *cx, server_rec *s, msoauth_srv_conf_t *
     for (hi = apr_hash_first(p, sc->decls); hi; hi = apr_hash_next(hi)) {
         apr_hash_set(names, apr_hash_this_key(hi), APR_HASH_KEY_STRING, "");
     }
-    if (sc->level.client_id || sc->level.client_secret) {
+    if (sc->level.client_id.value || sc->level.client_secret.value) {
         apr_hash_set(names, MSOAUTH_DEFAULT_COMPANY, APR_HASH_KEY_STRING, "");
     }
     for (hi = apr_hash_first(p, names); hi; hi = apr_hash_next(hi)) {
@@ -683,16 +739,16 @@ static void finalize_server(check_ctx_t *cx, server_rec *s, msoauth_srv_conf_t *
         msoauth_company_decl_t *md = s->is_virtual
             ? apr_hash_get(main_sc->decls, name, APR_HASH_KEY_STRING) : NULL;
         msoauth_company_decl_t *own = apr_hash_get(sc->decls, name, APR_HASH_KEY_STRING);
-        msoauth_settings_t eff = sc->level, tmp;
+        mso_settings_t eff = sc->level, tmp;
         const char *at;
         msoauth_company_t *c;
 
         if (md) {
-            settings_merge(&tmp, &eff, &md->set);
+            mso_settings_merge(&tmp, &eff, &md->set);
             eff = tmp;
         }
         if (own) {
-            settings_merge(&tmp, &eff, &own->set);
+            mso_settings_merge(&tmp, &eff, &own->set);
             eff = tmp;
         }
         at = own ? own->defined_at : md ? md->defined_at
@@ -700,7 +756,7 @@ static void finalize_server(check_ctx_t *cx, server_rec *s, msoauth_srv_conf_t *
                 : "the main server configuration");
         c = resolve(p, s, name, at, &eff);
         apr_hash_set(sc->companies, name, APR_HASH_KEY_STRING, c);
-        if (c->client_id) {
+        if (c->set.client_id.value) {
             with_credentials++;
         }
         check_company(cx, s, c);
@@ -710,9 +766,11 @@ static void finalize_server(check_ctx_t *cx, server_rec *s, msoauth_srv_conf_t *
     sc->effective_base_url = sc->base_url ? sc->base_url : derive_base_url(p, s);
     sc->redirect_uri = apr_pstrcat(p, sc->effective_base_url, sc->redirect_path, NULL);
 
+    sc->in_use = with_credentials > 0;
     if (!with_credentials) {
         return;     /* nothing of ours runs on this server */
     }
+    warn_if_world_readable(cx, s, "MSOAuthAPIKeyFile", sc->api_key_file);
     if (sc->key_files) {
         int i;
         for (i = 0; i < sc->key_files->nelts; i++) {

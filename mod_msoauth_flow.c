@@ -14,8 +14,11 @@
 #include <mod_dbd.h>
 
 #include "mod_msoauth.h"
+#include "mod_msoauth_config.h"
+#include "mod_msoauth_flow.h"
 #include "mso_discovery.h"
 #include "mso_flow.h"
+#include "mso_graph.h"
 #include "mso_identity.h"
 #include "mso_reason.h"
 #include "mso_store.h"
@@ -142,9 +145,31 @@ static int fail_reason(request_rec *r, msoauth_srv_conf_t *sc, const char *reaso
     return fail(r, sc, &f, return_to);
 }
 
+/* Each parameter of the query once, as valid UTF-8 without control
+ * characters: anything else is refused rather than passed on. Microsoft's
+ * error_description (several lines) is only ever shown escaped. */
+static int check_param(void *why, const char *key, const char *value)
+{
+    const char *w = mso_check_text_param(key);
+
+    if (!w && strcmp(key, "error_description")) {
+        w = mso_check_text_param(value);
+    }
+    if (w) {
+        *(const char **)why = w;
+        return 0;
+    }
+    return 1;
+}
+
 static const char *query(request_rec *r, apr_table_t **args)
 {
-    return mso_query_parse(r->pool, r->args, args);
+    const char *why = mso_query_parse(r->pool, r->args, args);
+
+    if (!why) {
+        apr_table_do(check_param, &why, *args, NULL);
+    }
+    return why;
 }
 
 static msoauth_company_t *usable_company(request_rec *r, msoauth_srv_conf_t *sc,
@@ -155,7 +180,7 @@ static msoauth_company_t *usable_company(request_rec *r, msoauth_srv_conf_t *sc,
     if (!c) {
         *why = apr_psprintf(r->pool, "no company '%s' on this server", name);
     }
-    else if (!c->client_id || !c->client_secret) {
+    else if (!c->set.client_id.value || !c->set.client_secret.value) {
         *why = apr_psprintf(r->pool, "company '%s' has no client ID or secret", name);
         c = NULL;
     }
@@ -170,17 +195,17 @@ static mso_app_t *app_of(request_rec *r, msoauth_srv_conf_t *sc, msoauth_company
 {
     mso_app_t *app = apr_pcalloc(r->pool, sizeof(*app));
 
-    app->authority = mso_authority(r->pool, c->authority_url, c->tenant);
-    app->client_id = c->client_id;
-    app->client_secret = c->client_secret;
+    app->authority = mso_authority(r->pool, c->set.authority_url.value, c->set.tenant.value);
+    app->client_id = c->set.client_id.value;
+    app->client_secret = c->set.client_secret.value;
     app->redirect_uri = sc->redirect_uri;
     return app;
 }
 
 static const char *signin_scopes(request_rec *r, msoauth_company_t *c)
 {
-    return mso_signin_scopes(r->pool, mso_cloud_graph(c->cloud), c->edition == MSO_EDITION_PRO,
-                             c->scopes);
+    return mso_signin_scopes(r->pool, mso_cloud_graph((mso_cloud_e)c->set.cloud.value), c->set.edition.value == MSO_EDITION_PRO,
+                             c->set.scopes.value);
 }
 
 static int is_https(msoauth_srv_conf_t *sc)
@@ -214,7 +239,7 @@ int msoauth_connect_handler(request_rec *r)
 {
     msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
     apr_table_t *args;
-    const char *company_name, *mailbox, *return_to, *why, *cookie_value;
+    const char *company_name, *mailbox, *return_to, *why, *cookie_value, *fetch_site, *name;
     msoauth_company_t *c;
     mso_flow_t *flow;
     mso_authorize_req_t req;
@@ -225,6 +250,13 @@ int msoauth_connect_handler(request_rec *r)
     if (r->method_number != M_GET) {
         r->allowed = AP_METHOD_BIT << M_GET;
         return HTTP_METHOD_NOT_ALLOWED;
+    }
+    /* A page of another site must not start a sign-in in this person's
+     * browser: it could end silently with their mailbox connected. */
+    fetch_site = apr_table_get(r->headers_in, "Sec-Fetch-Site");
+    if (fetch_site && !strcasecmp(fetch_site, "cross-site")) {
+        return fail_reason(r, sc, "cross_site", "the Connect link was opened from another "
+                           "site (Sec-Fetch-Site: cross-site)", NULL);
     }
     if ((why = query(r, &args)) != NULL) {
         return fail_reason(r, sc, "bad_request", why, NULL);
@@ -256,23 +288,30 @@ int msoauth_connect_handler(request_rec *r)
 
     flow = mso_flow_new(r->pool, c->name, mailbox, return_to, r->user,
                         (long long)apr_time_sec(r->request_time));
-    rv = mso_flow_seal(r->pool, sc->keyring, flow, &cookie_value);
+    rv = flow ? mso_flow_seal(r->pool, sc->keyring, flow, &cookie_value) : APR_EGENERAL;
     if (rv != APR_SUCCESS) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(101) "sealing the sign-in state "
-                      "failed");
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(101) "%s",
+                      flow ? "sealing the sign-in state failed"
+                           : "no random bytes for the sign-in state (OpenSSL's RNG failed)");
         return HTTP_INTERNAL_SERVER_ERROR;
     }
+    name = mso_flow_cookie_name(r->pool, flow->state, flow->created);
     /* Abandoned sign-ins must not pile up until requests get too large. */
-    drop = mso_flow_cookies_to_drop(r->pool, flow_cookies(r), flow->created);
+    drop = mso_flow_cookies_to_drop(r->pool, flow_cookies(r), flow->created,
+                                    strlen(name) + strlen(cookie_value) + 2);
     for (i = 0; i < drop->nelts; i++) {
         set_flow_cookie(r, sc, APR_ARRAY_IDX(drop, i, const char *), "", 0);
     }
-    set_flow_cookie(r, sc, mso_flow_cookie_name(r->pool, flow->state, flow->created),
-                    cookie_value, MSO_FLOW_LIFETIME);
+    set_flow_cookie(r, sc, name, cookie_value, MSO_FLOW_LIFETIME);
+    memset(&req, 0, sizeof(req));
     req.state = flow->state;
     req.nonce = flow->nonce;
     req.code_challenge = mso_pkce_s256(r->pool, flow->verifier);
+    /* The person always sees which account is connected: Microsoft's account
+     * picker, or, when the application names the mailbox, a sign-in as it
+     * (Microsoft refuses select_account together with a login_hint). */
     req.login_hint = mailbox;
+    req.prompt = mailbox ? "login" : "select_account";
     req.scope = signin_scopes(r, c);
     return redirect(r, mso_authorize_url(r->pool, app_of(r, sc, c), &req));
 }
@@ -283,22 +322,50 @@ static void http_opts(mso_http_opts_t *o)
     o->timeout_ms = TOKEN_TIMEOUT_MS;
 }
 
-/* The mailbox the ID token says signed in, lower case; NULL if it names none. */
-static const char *signed_in_mailbox(request_rec *r, const mso_id_claims_t *cl)
+/* Who signed in, as Graph says: the address of the object the ID token names.
+ * The ID token's email / preferred_username are claims a user of another
+ * tenant may set to anyone's address; Graph's /me answers for the object
+ * itself. NULL with *f filled when it cannot be told. */
+static const char *graph_mailbox(request_rec *r, msoauth_company_t *c, const char *access_token,
+                                 const mso_id_claims_t *cl, failure_t *f)
 {
-    if (cl->email && !mso_check_mailbox(cl->email)) {
-        return mso_lower(r->pool, cl->email);
-    }
-    if (cl->preferred_username && !mso_check_mailbox(cl->preferred_username)) {
-        return mso_lower(r->pool, cl->preferred_username);
-    }
-    return NULL;
-}
+    mso_http_opts_t o;
+    mso_http_response_t *resp = NULL;
+    mso_graph_result_t g;
+    mso_graph_me_t me;
+    const char *err = NULL, *addr;
+    apr_status_t rv;
 
-static int same_mailbox(request_rec *r, const char *wanted, const mso_id_claims_t *cl)
-{
-    return (cl->email && !strcasecmp(wanted, cl->email))
-           || (cl->preferred_username && !strcasecmp(wanted, cl->preferred_username));
+    http_opts(&o);
+    rv = mso_http_request(r->pool, &o, "GET", mso_graph_me_url(r->pool,
+                          c->set.graph_url.value), mso_graph_headers(r->pool, access_token, 0),
+                          NULL, 0, &resp);
+    mso_graph_classify(r->pool, rv, resp, &g);
+    if (g.cls != MSO_GRAPH_OK) {
+        f->reason = g.cls == MSO_GRAPH_THROTTLED ? "throttled" : "graph_error";
+        f->detail = apr_pstrcat(r->pool, "Graph /me, asked which mailbox signed in, failed: ",
+                                mso_graph_result_text(r->pool, &g), NULL);
+        return NULL;
+    }
+    if (mso_graph_parse_me(r->pool, resp->body, resp->body_len, &me, &err) != APR_SUCCESS) {
+        f->reason = "graph_error";
+        f->detail = apr_pstrcat(r->pool, "Graph /me: ", err, NULL);
+        return NULL;
+    }
+    if (!mso_graph_me_is_object(&me, cl->tid, cl->oid)) {
+        f->reason = "id_token_invalid";
+        f->detail = apr_psprintf(r->pool, "Graph /me names object %s, the ID token object %s",
+                                 me.id, cl->oid);
+        return NULL;
+    }
+    addr = mso_graph_me_address(r->pool, &me);
+    if (!addr || mso_check_mailbox(addr)) {
+        f->reason = "mailbox_not_found";
+        f->detail = "Graph gives the signed-in account no mailbox address (mail or "
+                    "userPrincipalName)";
+        return NULL;
+    }
+    return addr;
 }
 
 static const char *jwt_problem(mso_jwt_result_e res)
@@ -342,7 +409,7 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
     app = app_of(r, sc, c);
     http_opts(&o);
     mso_token_from_code(r->pool, &o, app, code, flow->verifier,
-                        mso_token_scopes(r->pool, signin_scopes(r, c), mso_cloud_graph(c->cloud),
+                        mso_token_scopes(r->pool, signin_scopes(r, c), mso_cloud_graph((mso_cloud_e)c->set.cloud.value),
                                          "graph"), &tok);
     if (!tok->ok) {
         f.reason = tok->reason;
@@ -359,9 +426,9 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
     }
 
     memset(&expect, 0, sizeof(expect));
-    expect.client_id = c->client_id;
+    expect.client_id = c->set.client_id.value;
     expect.nonce = flow->nonce;
-    expect.tenant_id = mso_is_guid(c->tenant) ? c->tenant : NULL;
+    expect.tenant_id = mso_is_guid(c->set.tenant.value) ? c->set.tenant.value : NULL;
     expect.now = now;
     expect.skew = CLOCK_SKEW;
     rv = mso_discovery_verify(msoauth_discovery_cache(), r->pool, &o, app->authority,
@@ -377,30 +444,35 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
         return fail(r, sc, &f, flow->return_to);
     }
 
-    if (flow->mailbox && !same_mailbox(r, flow->mailbox, cl)) {
-        f.reason = "mailbox_mismatch";
-        f.detail = apr_psprintf(r->pool, "asked for %s, signed in as %s", flow->mailbox,
-                                cl->preferred_username ? cl->preferred_username : "?");
-        f.message = apr_psprintf(r->pool, "The application asked to connect %s, but %s signed "
-                                 "in at Microsoft.", flow->mailbox,
-                                 cl->preferred_username ? cl->preferred_username
-                                 : "another account");
+    /* The Microsoft object is the account: an ID token without tid and oid
+     * cannot name one. */
+    if (!mso_is_guid(cl->tid) || !cl->oid || !*cl->oid) {
+        return fail_reason(r, sc, "id_token_invalid", "the ID token has no tid or oid claim "
+                           "(the profile scope is needed)", flow->return_to);
+    }
+    if (!(mailbox = graph_mailbox(r, c, tok->access_token, cl, &f))) {
         return fail(r, sc, &f, flow->return_to);
     }
-    mailbox = flow->mailbox ? flow->mailbox : signed_in_mailbox(r, cl);
-    if (!mailbox) {
-        return fail_reason(r, sc, "id_token_invalid", "the ID token names no e-mail address "
-                           "(preferred_username/email); the profile and email scopes are "
-                           "needed", flow->return_to);
-    }
-    /* A reconnect must be the same person: a mailbox name now owned by another
-     * directory object is not silently taken over. */
-    if (mso_store_account_find(db, r->pool, c->name, mailbox, &existing) == APR_SUCCESS
-        && existing->object_id && cl->oid && strcmp(existing->object_id, cl->oid)) {
+    if (flow->mailbox && strcmp(flow->mailbox, mailbox)) {
         f.reason = "mailbox_mismatch";
-        f.detail = apr_psprintf(r->pool, "account %" APR_INT64_T_FMT " belongs to object %s, "
-                                "the sign-in was object %s", existing->id, existing->object_id,
-                                cl->oid);
+        f.detail = apr_psprintf(r->pool, "asked for %s, signed in as %s", flow->mailbox,
+                                mailbox);
+        f.message = apr_psprintf(r->pool, "The application asked to connect %s, but %s signed "
+                                 "in at Microsoft.", flow->mailbox, mailbox);
+        return fail(r, sc, &f, flow->return_to);
+    }
+    /* A mailbox bound to another Microsoft object is not taken over; only a
+     * disconnect (which unbinds it) lets another object connect it. */
+    if (mso_store_account_find(db, r->pool, c->name, mailbox, &existing) == APR_SUCCESS
+        && existing->object_id
+        && (strcmp(existing->object_id, cl->oid)
+            || (existing->tenant_id && strcasecmp(existing->tenant_id, cl->tid)))) {
+        f.reason = "mailbox_mismatch";
+        f.detail = apr_psprintf(r->pool, "account %" APR_INT64_T_FMT " belongs to object %s "
+                                "of tenant %s, the sign-in was object %s of tenant %s",
+                                existing->id, existing->object_id,
+                                existing->tenant_id ? existing->tenant_id : "?", cl->oid,
+                                cl->tid);
         f.message = apr_psprintf(r->pool, "%s is already connected for another Microsoft "
                                  "account. Disconnect it first to connect a different one.",
                                  mailbox);
@@ -422,7 +494,7 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
     memset(&acct, 0, sizeof(acct));
     acct.company = c->name;
     acct.mailbox = mailbox;
-    acct.display_name = cl->name;
+    acct.display_name = cl->name;     /* a label only */
     acct.tenant_id = cl->tid;
     acct.object_id = cl->oid;
     acct.scopes = tok->scope;
@@ -432,13 +504,15 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
     rv = mso_store_account_connect(db, &acct, sealed_refresh, sealed_access, now, &err);
     if (rv != APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(103) "storing the account %s of "
-                      "company %s failed: %s", mailbox, c->name, err ? err : "");
+                      "company %s failed: %s", ap_escape_logitem(r->pool, mailbox), c->name,
+                      err ? ap_escape_logitem(r->pool, err) : "");
         return HTTP_INTERNAL_SERVER_ERROR;
     }
     ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(104) "mailbox %s of company %s "
-                  "%sconnected as account %" APR_INT64_T_FMT " (tenant %s, by %s)", mailbox,
-                  c->name, existing ? "re" : "", acct.id, cl->tid ? cl->tid : "?",
-                  flow->user ? flow->user : "anonymous");
+                  "%sconnected as account %" APR_INT64_T_FMT " (tenant %s, by %s)",
+                  ap_escape_logitem(r->pool, mailbox), c->name, existing ? "re" : "", acct.id,
+                  ap_escape_logitem(r->pool, cl->tid),
+                  flow->user ? ap_escape_logitem(r->pool, flow->user) : "anonymous");
     if (flow->return_to) {
         return redirect(r, back_to_app(r, flow->return_to,
                                        apr_psprintf(r->pool, "msoauth=connected&account=%"
@@ -458,7 +532,6 @@ int msoauth_confirm_handler(request_rec *r)
     const mso_flow_cookie_t *fc;
     mso_flow_t *flow = NULL;
     mso_flow_check_e check;
-    ap_dbd_t *dbd;
     mso_db_t *db;
     apr_status_t rv;
     failure_t f;
@@ -500,10 +573,7 @@ int msoauth_confirm_handler(request_rec *r)
                            "ago", flow->return_to);
     }
 
-    dbd = msoauth_dbd_acquire(r);
-    if (!dbd || mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) != APR_SUCCESS) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r, MSOLOGNO(105) "no database connection "
-                      "from mod_dbd: check DBDriver/DBDParams");
+    if (!(db = msoauth_request_db(r))) {
         return HTTP_SERVICE_UNAVAILABLE;
     }
     /* Single use across every node: the first hit records the state. */

@@ -24,6 +24,8 @@
 #include <mod_watchdog.h>
 
 #include "mod_msoauth.h"
+#include "mod_msoauth_config.h"
+#include "mod_msoauth_job.h"
 #include "mso_identity.h"
 #include "mso_refresh.h"
 #include "mso_store.h"
@@ -63,12 +65,10 @@ APLOG_USE_MODULE(msoauth);
 
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_get_instance) *wd_get_instance;
 static APR_OPTIONAL_FN_TYPE(ap_watchdog_register_callback) *wd_register_callback;
-static APR_OPTIONAL_FN_TYPE(ap_dbd_open) *job_dbd_open;
-static APR_OPTIONAL_FN_TYPE(ap_dbd_close) *job_dbd_close;
 
 typedef struct {
     server_rec *main_s;
-    const char *owner;          /* lease owner: host and pid of the job's child */
+    const char *owner;          /* lease owner: node, pid and a random part */
     apr_time_t secrets_checked;
     apr_time_t owners_checked;
     /* A child that goes away (graceful restart, stop) destroys mod_dbd's
@@ -91,25 +91,14 @@ void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_
     ctx->keyring = sc->keyring;
     ctx->http = http;
     ctx->owner = owner;
-    ctx->client_id = c->client_id;
-    ctx->client_secret = c->client_secret;
-    ctx->graph_resource = mso_cloud_graph(c->cloud);
+    ctx->authority = mso_authority(p, c->set.authority_url.value, c->set.tenant.value);
+    ctx->client_id = c->set.client_id.value;
+    ctx->client_secret = c->set.client_secret.value;
+    ctx->graph_resource = mso_cloud_graph((mso_cloud_e)c->set.cloud.value);
     ctx->signin_scopes = mso_signin_scopes(p, ctx->graph_resource,
-                                           c->edition == MSO_EDITION_PRO, c->scopes);
+                                           c->set.edition.value == MSO_EDITION_PRO, c->set.scopes.value);
     ctx->margin = MSOAUTH_REFRESH_MARGIN;
     ctx->keepalive = MSOAUTH_KEEPALIVE;
-}
-
-const char *msoauth_lease_owner(apr_pool_t *p)
-{
-    char host[256];
-
-    if (gethostname(host, sizeof(host)) != 0) {
-        apr_cpystrn(host, "localhost", sizeof(host));
-    }
-    host[sizeof(host) - 1] = '\0';
-    return apr_psprintf(p, "%s:%" APR_PID_T_FMT ":%s", host, getpid(),
-                        mso_random_token(p, 6));
 }
 
 /* The company of an account: this server's, else another virtual host's that
@@ -167,7 +156,7 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         mso_refresh_ctx_t *ctx;
         mso_http_opts_t *http;
 
-        if (!c || !c->client_id || !c->client_secret) {
+        if (!c || !c->set.client_id.value || !c->set.client_secret.value) {
             /* The company left the configuration: keep the account, say why. */
             mso_store_refresh_failed(db, a->id, job->owner, "connected", "not_configured", 0,
                                      "the account's company is not configured on this "
@@ -302,14 +291,14 @@ static void lanes_setup(job_t *job, server_rec *s, mso_db_t *db, lanes_t *ls)
         if (apr_pool_create_unmanaged_ex(&l->pool, NULL, NULL) != APR_SUCCESS) {
             break;
         }
-        l->dbd = job_dbd_open(l->pool, s);
+        l->dbd = msoauth_dbd_open(l->pool, s);
         /* Never the job's own connection (a non-pooling mod_dbd hands it out). */
         if (!l->dbd || l->dbd->handle == db->handle
             || mso_db_wrap(l->dbd->pool, l->dbd->driver, l->dbd->handle, &l->db)
                != APR_SUCCESS
             || graph_http(l->pool, &l->m) != APR_SUCCESS) {
             if (l->dbd) {
-                job_dbd_close(s, l->dbd);
+                msoauth_dbd_close(s, l->dbd);
             }
             apr_pool_destroy(l->pool);
             memset(l, 0, sizeof(*l));
@@ -328,7 +317,7 @@ static void lanes_teardown(server_rec *s, lanes_t *ls)
         lane_t *l = &ls->lane[k];
 
         mso_http_multi_destroy(l->m);
-        job_dbd_close(s, l->dbd);
+        msoauth_dbd_close(s, l->dbd);
         apr_pool_destroy(l->pool);
     }
     ls->extra = 0;
@@ -433,7 +422,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         msoauth_company_t *c = company_of(job, s, w->acct->company, &cs);
         mso_work_done_t keep;
 
-        if (!c || !c->client_id) {
+        if (!c || !c->set.client_id.value) {
             /* Its company left the configuration: leave it as it is. */
             memset(&keep, 0, sizeof(keep));
             keep.sync_due_at = now + 3600;
@@ -445,9 +434,9 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         }
         boxes[n].work = w;
         boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
-        boxes[n].graph_root = c->graph_url;
-        boxes[n].folders = c->folders;
-        boxes[n].interval = c->sync_interval;
+        boxes[n].graph_root = c->set.graph_url.value;
+        boxes[n].folders = c->set.folders.value;
+        boxes[n].interval = c->set.sync_interval.value;
         boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);
         n++;
     }
@@ -480,18 +469,19 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
     return claimed;
 }
 
-/* Leases of a process of this host that died (kill -9, a crash) are dropped
+/* Leases of a process of this node that died (kill -9, a crash) are dropped
  * at once instead of blocking its accounts until they run out. The owner is
- * "host:pid:random"; a pid that exists (or belongs to another user) counts as
- * alive. */
+ * "node:pid:random", the node id being this httpd's (see msoauth_node_id): a
+ * pid of another node, even one with the same host name, is never looked at
+ * here. A pid that exists (or belongs to another user) counts as alive. */
 static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p)
 {
     apr_array_header_t *owners = NULL;
     const char *colon = strchr(job->owner, ':');
-    apr_size_t host_len = colon ? (apr_size_t)(colon - job->owner) + 1 : 0;
+    apr_size_t node_len = colon ? (apr_size_t)(colon - job->owner) + 1 : 0;
     int i;
 
-    if (!host_len || mso_store_lease_owners(db, p, &owners) != APR_SUCCESS) {
+    if (!node_len || mso_store_lease_owners(db, p, &owners) != APR_SUCCESS) {
         return;
     }
     for (i = 0; i < owners->nelts; i++) {
@@ -499,16 +489,16 @@ static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t
         char *end = NULL;
         long pid;
 
-        if (strncmp(o, job->owner, host_len) != 0 || !strcmp(o, job->owner)) {
+        if (strncmp(o, job->owner, node_len) != 0 || !strcmp(o, job->owner)) {
             continue;
         }
-        pid = strtol(o + host_len, &end, 10);
+        pid = strtol(o + node_len, &end, 10);
         if (pid <= 1 || !end || *end != ':' || pid == (long)getpid()) {
             continue;
         }
         if (kill((pid_t)pid, 0) == -1 && errno == ESRCH) {
             ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(214) "job: process %ld of "
-                         "this host died holding leases; they are released", pid);
+                         "this node died holding leases; they are released", pid);
             mso_store_drop_owner(db, o);
         }
     }
@@ -519,7 +509,7 @@ static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t
 static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t deadline,
                         mso_http_multi_t **m, mso_http_multi_t **gm)
 {
-    ap_dbd_t *dbd = job_dbd_open(p, s);
+    ap_dbd_t *dbd = msoauth_dbd_open(p, s);
     apr_time_t started = apr_time_now(), graph_end;
     lanes_t lanes;
     tick_stats_t st;
@@ -573,7 +563,7 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         run.failed = st.failed;
         mso_store_job_record(db, &run);
     }
-    job_dbd_close(s, dbd);
+    msoauth_dbd_close(s, dbd);
 }
 
 /* Secret expiry: a warning once a day from 30 days before, an error after. */
@@ -588,21 +578,21 @@ static void check_secrets(job_t *job, apr_pool_t *p)
             msoauth_company_t *c = apr_hash_this_val(hi);
             long days;
 
-            if (!c->secret_expires || !c->client_id) {
+            if (!c->set.secret_expires.value || !c->set.client_id.value) {
                 continue;
             }
-            days = mso_days_until(c->secret_expires, now);
+            days = mso_days_until(c->set.secret_expires.value, now);
             if (days < 0) {
                 ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(210) "the client secret of "
                              "company %s expired on %s: refreshes fail with "
                              "client_secret_expired. Create a new secret, deploy its Value and "
                              "update MSOAuthSecretExpires (%s)", c->name,
-                             c->secret_expires_text, c->secret_expires_at);
+                             c->set.secret_expires.text, c->set.secret_expires.at);
             }
             else if (days < MSOAUTH_SECRET_WARN_DAYS) {
                 ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(211) "the client secret "
                              "of company %s expires in %ld day%s (%s): create a new one now",
-                             c->name, days, days == 1 ? "" : "s", c->secret_expires_text);
+                             c->name, days, days == 1 ? "" : "s", c->set.secret_expires.text);
             }
         }
     }
@@ -665,8 +655,6 @@ apr_status_t msoauth_job_register(apr_pool_t *pconf, server_rec *main_s)
 
     wd_get_instance = APR_RETRIEVE_OPTIONAL_FN(ap_watchdog_get_instance);
     wd_register_callback = APR_RETRIEVE_OPTIONAL_FN(ap_watchdog_register_callback);
-    job_dbd_open = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_open);
-    job_dbd_close = APR_RETRIEVE_OPTIONAL_FN(ap_dbd_close);
     if (!wd_get_instance || !wd_register_callback) {
         ap_log_error(APLOG_MARK, APLOG_CRIT, 0, main_s, MSOLOGNO(205) "mod_watchdog is not "
                      "loaded: tokens would not be refreshed. Load it (Debian has it built in; "

@@ -18,6 +18,9 @@ mso_flow_t *mso_flow_new(apr_pool_t *p, const char *company, const char *mailbox
     f->state = mso_random_token(p, 32);
     f->nonce = mso_random_token(p, 32);
     f->verifier = mso_random_token(p, 48);     /* 64 characters, RFC 7636 allows 43-128 */
+    if (!f->state || !f->nonce || !f->verifier) {
+        return NULL;            /* the RNG failed: no predictable sign-in state */
+    }
     f->company = company;
     f->mailbox = mailbox;
     f->return_to = return_to;
@@ -136,17 +139,33 @@ const mso_flow_cookie_t *mso_flow_cookie_for(const apr_array_header_t *cookies,
 }
 
 apr_array_header_t *mso_flow_cookies_to_drop(apr_pool_t *p, const apr_array_header_t *cookies,
-                                             long long now)
+                                             long long now, apr_size_t new_bytes)
 {
     apr_array_header_t *drop = apr_array_make(p, 2, sizeof(const char *));
-    int i, keep = MSO_FLOW_MAX_COOKIES - 1;
+    apr_size_t bytes = new_bytes;
+    int i, kept = 1;
 
-    for (i = 0; i < cookies->nelts; i++) {
+    /* Newest first: keep while both the count and the bytes fit with the new
+     * cookie; drop the older rest and every expired one. */
+    for (i = cookies->nelts - 1; i >= 0; i--) {
         const mso_flow_cookie_t *fc = &APR_ARRAY_IDX(cookies, i, mso_flow_cookie_t);
-        /* Oldest first: drop while too many remain, and every expired one. */
-        if (cookies->nelts - i > keep || fc->created + MSO_FLOW_LIFETIME <= now) {
+        apr_size_t size = strlen(fc->name) + strlen(fc->value) + 2;
+
+        if (kept < MSO_FLOW_MAX_COOKIES && bytes + size <= MSO_FLOW_MAX_BYTES
+            && fc->created + MSO_FLOW_LIFETIME > now) {
+            kept++;
+            bytes += size;
+        }
+        else {
             APR_ARRAY_PUSH(drop, const char *) = fc->name;
         }
+    }
+    for (i = 0; i < drop->nelts / 2; i++) {     /* oldest first, as the cookies came */
+        const char *t = APR_ARRAY_IDX(drop, i, const char *);
+
+        APR_ARRAY_IDX(drop, i, const char *) = APR_ARRAY_IDX(drop, drop->nelts - 1 - i,
+                                                             const char *);
+        APR_ARRAY_IDX(drop, drop->nelts - 1 - i, const char *) = t;
     }
     return drop;
 }
@@ -276,6 +295,58 @@ const char *mso_check_mailbox(const char *m)
         if (*c < 0x21 || *c == 0x7f || strchr("<>()[]\\,;:\"", *c)) {
             return "mailbox must be a plain e-mail address without spaces or quotes";
         }
+    }
+    return NULL;
+}
+
+const char *mso_check_text_param(const char *value)
+{
+    const unsigned char *c = (const unsigned char *)value;
+
+    if (!value) {
+        return NULL;
+    }
+    if (strlen(value) > 4096) {
+        return "a parameter is longer than 4096 bytes";
+    }
+    while (*c) {
+        apr_size_t n, i;
+        apr_uint32_t cp;
+
+        if (*c < 0x20 || *c == 0x7f) {
+            return "control characters are not allowed in a parameter";
+        }
+        if (*c < 0x80) {
+            c++;
+            continue;
+        }
+        /* UTF-8, shortest form, no surrogates, at most U+10FFFF. */
+        if (*c >= 0xc2 && *c <= 0xdf) {
+            n = 1, cp = *c & 0x1f;
+        }
+        else if (*c >= 0xe0 && *c <= 0xef) {
+            n = 2, cp = *c & 0x0f;
+        }
+        else if (*c >= 0xf0 && *c <= 0xf4) {
+            n = 3, cp = *c & 0x07;
+        }
+        else {
+            return "a parameter is not valid UTF-8";
+        }
+        for (i = 1; i <= n; i++) {
+            if ((c[i] & 0xc0) != 0x80) {
+                return "a parameter is not valid UTF-8";
+            }
+            cp = (cp << 6) | (c[i] & 0x3f);
+        }
+        if ((n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) || cp > 0x10ffff
+            || (cp >= 0xd800 && cp <= 0xdfff)) {
+            return "a parameter is not valid UTF-8";
+        }
+        if (cp >= 0x80 && cp < 0xa0) {
+            return "control characters are not allowed in a parameter";
+        }
+        c += n + 1;
     }
     return NULL;
 }

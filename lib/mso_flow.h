@@ -13,6 +13,10 @@
 #define MSO_FLOW_LIFETIME 600       /* seconds: a sign-in must finish in 10 minutes */
 #define MSO_FLOW_COOKIE_PREFIX "msoauth_flow_"
 #define MSO_FLOW_MAX_COOKIES 5      /* sign-ins in flight per browser; older ones are dropped */
+/* Bytes our flow cookies may take in one Cookie header, with the new one:
+ * well inside httpd's LimitRequestFieldSize (8190) next to the site's own
+ * cookies, so a few long return_to values cannot lock sign-ins out. */
+#define MSO_FLOW_MAX_BYTES 4096
 
 typedef struct {
     const char *state;          /* random, echoed by Microsoft */
@@ -26,7 +30,8 @@ typedef struct {
     long long expires;
 } mso_flow_t;
 
-/* A new flow with fresh random state, nonce and verifier. */
+/* A new flow with fresh random state, nonce and verifier; NULL when the
+ * random generator failed. */
 mso_flow_t *mso_flow_new(apr_pool_t *p, const char *company, const char *mailbox,
                          const char *return_to, const char *user, long long now);
 
@@ -47,11 +52,12 @@ apr_array_header_t *mso_flow_cookies(apr_pool_t *p, const char *cookie_header);
 /* The cookie of state among them, or NULL. */
 const mso_flow_cookie_t *mso_flow_cookie_for(const apr_array_header_t *cookies,
                                              const char *state);
-/* Names of the cookies to drop before one more is added: the expired ones and
- * the oldest beyond MSO_FLOW_MAX_COOKIES - 1 (each cookie is a few hundred
- * bytes; too many make the browser's requests too large for the server). */
+/* Names of the cookies to drop before one more of new_bytes (name, value and
+ * separators) is added: the expired ones, and the oldest while more than
+ * MSO_FLOW_MAX_COOKIES or MSO_FLOW_MAX_BYTES would remain (too many or too
+ * large make the browser's requests too large for the server). */
 apr_array_header_t *mso_flow_cookies_to_drop(apr_pool_t *p, const apr_array_header_t *cookies,
-                                             long long now);
+                                             long long now, apr_size_t new_bytes);
 
 /* A one-way digest of a state, recorded to make each state single-use
  * without storing the state itself. */
@@ -77,6 +83,10 @@ mso_flow_check_e mso_flow_open(apr_pool_t *p, const mso_keyring_t *kr, const cha
 const char *mso_check_return_to(const char *return_to);
 /* An e-mail address of sane shape (local@domain, at most 254 bytes). */
 const char *mso_check_mailbox(const char *mailbox);
+/* NULL when a request parameter is acceptable text: valid UTF-8 (shortest
+ * form, no surrogates), no C0/C1 control characters, at most 4096 bytes;
+ * else why not. NULL value: nothing to check. */
+const char *mso_check_text_param(const char *value);
 /* ASCII lower case copy. */
 char *mso_lower(apr_pool_t *p, const char *s);
 

@@ -502,3 +502,76 @@ const char *mso_graph_folder_url(apr_pool_t *p, const char *graph_root, const ch
     return apr_pstrcat(p, graph_root, "/v1.0/me/mailFolders/", mso_url_encode(p, folder),
                        "?$select=id", NULL);
 }
+
+/* ------------------------------------------------------------------------- */
+/* Who a token belongs to */
+
+#define MSA_TENANT "9188040d-6c67-4c5b-b112-36a304b66dad"
+
+const char *mso_graph_me_url(apr_pool_t *p, const char *graph_root)
+{
+    return apr_pstrcat(p, graph_root, "/v1.0/me?$select=id,displayName,mail,userPrincipalName",
+                       NULL);
+}
+
+static const char *me_str(apr_pool_t *p, const json_t *j, const char *key, apr_size_t max)
+{
+    const char *v = mso_json_str(j, key);
+
+    return v && *v && strlen(v) <= max ? apr_pstrdup(p, v) : NULL;
+}
+
+apr_status_t mso_graph_parse_me(apr_pool_t *p, const char *body, apr_size_t len,
+                                mso_graph_me_t *me, const char **err)
+{
+    json_t *j = mso_json_parse(p, body, len, err);
+
+    memset(me, 0, sizeof(*me));
+    if (!j || !json_is_object(j)) {
+        if (err && !*err) {
+            *err = "Graph's answer about the signed-in account is not a JSON object";
+        }
+        return APR_EINVAL;
+    }
+    me->id = me_str(p, j, "id", 128);
+    me->display_name = me_str(p, j, "displayName", 256);
+    me->mail = me_str(p, j, "mail", 320);
+    me->upn = me_str(p, j, "userPrincipalName", 320);
+    if (!me->id) {
+        *err = "Graph's answer about the signed-in account has no id";
+        return APR_EINVAL;
+    }
+    return APR_SUCCESS;
+}
+
+const char *mso_graph_me_address(apr_pool_t *p, const mso_graph_me_t *me)
+{
+    const char *a = me->mail ? me->mail : me->upn;
+    char *out, *c;
+
+    if (!a) {
+        return NULL;
+    }
+    out = apr_pstrdup(p, a);
+    for (c = out; *c; c++) {
+        *c = (char)apr_tolower(*c);
+    }
+    return out;
+}
+
+int mso_graph_me_is_object(const mso_graph_me_t *me, const char *tid, const char *oid)
+{
+    apr_size_t n;
+
+    if (!me || !me->id || !oid) {
+        return 0;
+    }
+    if (!strcasecmp(me->id, oid)) {
+        return 1;
+    }
+    /* Personal accounts: Graph's id is the oid's last 16 hex digits. */
+    n = strlen(me->id);
+    return tid && !strcasecmp(tid, MSA_TENANT) && n == 16 && strlen(oid) == 36
+           && !strncmp(oid, "00000000-0000-0000-", 19) && oid[23] == '-'
+           && !strncasecmp(oid + 19, me->id, 4) && !strcasecmp(oid + 24, me->id + 4);
+}

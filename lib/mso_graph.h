@@ -125,4 +125,30 @@ const char *mso_graph_folder_url(apr_pool_t *p, const char *graph_root, const ch
  * spells in any case, or NULL when it is not one (a folder id). */
 const char *mso_graph_well_known_folder(apr_pool_t *p, const char *name);
 
+/* --- who a token belongs to --- */
+
+/* "{root}/v1.0/me?$select=id,displayName,mail,userPrincipalName". */
+const char *mso_graph_me_url(apr_pool_t *p, const char *graph_root);
+
+typedef struct {
+    const char *id;
+    const char *display_name;
+    const char *mail;               /* NULL for accounts without a mailbox address */
+    const char *upn;                /* userPrincipalName */
+} mso_graph_me_t;
+
+/* Parses Graph's /me answer. APR_EINVAL (and *err) without an id. */
+apr_status_t mso_graph_parse_me(apr_pool_t *p, const char *body, apr_size_t len,
+                                mso_graph_me_t *me, const char **err);
+
+/* The mailbox address Graph gives the object: mail, else userPrincipalName,
+ * in lower case; NULL when it has neither. */
+const char *mso_graph_me_address(apr_pool_t *p, const mso_graph_me_t *me);
+
+/* True when Graph's object is the ID token's: the same id (work and school
+ * accounts), or for a personal account (tid the consumers tenant
+ * 9188040d-6c67-4c5b-b112-36a304b66dad) the 16 hex digits that end its oid
+ * 00000000-0000-0000-XXXX-XXXXXXXXXXXX. Case-insensitive. */
+int mso_graph_me_is_object(const mso_graph_me_t *me, const char *tid, const char *oid);
+
 #endif

@@ -79,6 +79,9 @@ char *mso_authorize_url(apr_pool_t *p, const mso_app_t *app, const mso_authorize
                             "&nonce=", urlenc(p, req->nonce),
                             "&code_challenge=", urlenc(p, req->code_challenge),
                             "&code_challenge_method=S256", NULL);
+    if (req->prompt && *req->prompt) {
+        url = apr_pstrcat(p, url, "&prompt=", urlenc(p, req->prompt), NULL);
+    }
     if (req->login_hint && *req->login_hint) {
         url = apr_pstrcat(p, url, "&login_hint=", urlenc(p, req->login_hint), NULL);
     }
@@ -191,6 +194,34 @@ static mso_token_result_t *failure(apr_pool_t *p, const char *reason, const char
     return r;
 }
 
+/* expires_in as a number or (older Entra answers) a decimal string, clamped
+ * to MSO_TOKEN_MAX_LIFETIME so that now + expires_in cannot overflow and a
+ * hostile answer cannot park a token for years. 0 when absent or not
+ * positive. */
+static int expires_in_of(const json_t *j, apr_int64_t *n)
+{
+    const char *s = mso_json_str(j, "expires_in");
+
+    if (!mso_json_int(j, "expires_in", n)) {
+        char *end;
+
+        if (!s || !*s || strlen(s) > 18) {
+            return 0;
+        }
+        *n = apr_strtoi64(s, &end, 10);
+        if (*end) {
+            return 0;
+        }
+    }
+    if (*n <= 0) {
+        return 0;
+    }
+    if (*n > MSO_TOKEN_MAX_LIFETIME) {
+        *n = MSO_TOKEN_MAX_LIFETIME;
+    }
+    return 1;
+}
+
 static mso_token_result_t *parse_answer(apr_pool_t *p, mso_http_response_t *resp,
                                         int during_refresh)
 {
@@ -248,7 +279,7 @@ static mso_token_result_t *parse_answer(apr_pool_t *p, mso_http_response_t *resp
     r->refresh_token = mso_json_str(j, "refresh_token");
     r->id_token = mso_json_str(j, "id_token");
     r->scope = mso_json_str(j, "scope");
-    if (!r->access_token || !*r->access_token || !mso_json_int(j, "expires_in", &n) || n <= 0
+    if (!r->access_token || !*r->access_token || !expires_in_of(j, &n)
         || !mso_json_str(j, "token_type") || strcasecmp(mso_json_str(j, "token_type"), "Bearer")) {
         return failure(p, "token_endpoint_unreachable",
                        "the token endpoint's answer lacks access_token, token_type Bearer or "

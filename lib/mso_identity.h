@@ -34,7 +34,12 @@ const char *mso_token_scopes(apr_pool_t *p, const char *signin_scopes,
 
 typedef struct {
     const char *state, *nonce, *code_challenge, *login_hint, *scope;
+    const char *prompt;         /* select_account, login, ...; NULL: none */
 } mso_authorize_req_t;
+
+/* The longest access token life believed (seconds): Microsoft's own are at
+ * most about a day (CAE tokens 28 h). */
+#define MSO_TOKEN_MAX_LIFETIME (2 * 86400)
 
 char *mso_authorize_url(apr_pool_t *p, const mso_app_t *app, const mso_authorize_req_t *req);
 

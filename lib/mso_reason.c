@@ -90,6 +90,48 @@ static const mso_reason_t reasons[] = {
      "A call to Microsoft Graph failed.",
      "See the account's last_error and the error log for Graph's error code and request-id; "
      "transient errors clear by themselves."},
+    {"not_found", 404, "Not found",
+     "The account, message or attachment asked for does not exist (or no longer exists in "
+     "Outlook).",
+     "Check the identifiers the application sends; a message deleted or moved in Outlook "
+     "leaves the mirror at the next sync."},
+    {"forbidden", 403, "This request is not allowed",
+     "The local API refused the request: it came through a proxy without MSOAuthTrustProxy, "
+     "it lacks the API key of MSOAuthAPIKeyFile, or its Host does not name this server.",
+     "Call the token, admin and metrics handlers directly (not through a proxy) with "
+     "'Authorization: Bearer KEY' (the key in MSOAuthAPIKeyFile) and a Host of this server; "
+     "behind a trusted proxy set MSOAuthTrustProxy on for that location."},
+    {"cross_site", 403, "Connecting from another site is not allowed",
+     "The Connect link was opened from another web site (Sec-Fetch-Site: cross-site); a "
+     "mailbox is only connected from the application's own pages.",
+     "Open the Connect link from the application's own page on this site."},
+    {"certificate_invalid", 502, "The app's certificate was refused",
+     "Microsoft refused the signed client assertion (AADSTS700027 and the like): the "
+     "certificate is not uploaded to the app registration, or the key does not match it.",
+     "Upload the certificate (the .crt/.pem, not the key) under Certificates & secrets of "
+     "the app registration, check that MSOAuthClientCertificateFile names its key, and "
+     "reload httpd."},
+    {"certificate_expired", 502, "The app's certificate has expired",
+     "The certificate in MSOAuthClientCertificateFile is past its expiry date.",
+     "Make a new certificate, upload it under Certificates & secrets, point "
+     "MSOAuthClientCertificateFile at it, reload httpd, then remove the old one."},
+    {"mailbox_not_found", 404, "The mailbox does not exist",
+     "Microsoft Graph does not know this mailbox in the company's tenant (ErrorInvalidUser "
+     "or ResourceNotFound).",
+     "Check the address in MSOAuthMailbox or on the admin page; a shared mailbox must exist "
+     "in Exchange Online of the tenant named by MSOAuthTenant."},
+    {"access_denied_by_policy", 403, "The app may not open this mailbox",
+     "An Exchange Online application access policy (or RBAC for Applications) keeps the "
+     "company's app out of this mailbox (ErrorAccessDenied: Access to OData is disabled).",
+     "An Exchange administrator adds the mailbox to the group the policy allows, e.g. "
+     "Add-DistributionGroupMember -Identity <policy group> -Member <mailbox>, checks it with "
+     "Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client id>, and waits up to "
+     "an hour for the change."},
+    {"send_not_permitted", 403, "Mail cannot be sent from this mailbox",
+     "The mailbox's grant lacks Mail.Send, so Microsoft refuses to send as it.",
+     "Set MSOAuthEdition pro for the company (it asks for Mail.Send), reload httpd and "
+     "reconnect the mailbox; for an app-only company grant the application permission "
+     "Mail.Send with admin consent."},
     {NULL, 0, NULL, NULL, NULL}
 };
 

@@ -286,7 +286,8 @@ static apr_status_t refresh_prepare(mso_db_t *db, apr_pool_t *p, const mso_refre
     out->result = MSO_REFRESH_FAILED;
     out->retry_after = -1;
     if (!db || !ctx || !ctx->keyring || !ctx->owner || !ctx->client_id || !ctx->graph_resource
-        || !ctx->signin_scopes || !acct || !acct->company || !acct->mailbox || !resource
+        || !ctx->signin_scopes || !ctx->authority || !acct || !acct->company || !acct->mailbox
+        || !resource
         || !*resource) {
         out->detail = "the refresh was called without its account, resource or settings";
         return APR_EINVAL;
@@ -299,10 +300,6 @@ static apr_status_t refresh_prepare(mso_db_t *db, apr_pool_t *p, const mso_refre
     r->out = out;
     r->kind = strcmp(resource, "graph") ? "outlook" : "graph";
 
-    if (!acct->authority || !*acct->authority) {
-        return fail_ours(db, ctx, acct, r->kind, out, "bad_request",
-                         "the account has no authority recorded; connect the mailbox again");
-    }
     r->scopes = mso_token_scopes(p, ctx->signin_scopes, ctx->graph_resource, resource);
     if (!has_resource_scope(p, r->scopes)) {
         return fail_ours(db, ctx, acct, r->kind, out, "bad_request",
@@ -346,8 +343,9 @@ static apr_status_t refresh_prepare(mso_db_t *db, apr_pool_t *p, const mso_refre
         return APR_SUCCESS;
     }
 
-    /* Always the account's own authority: the tenant it signed in through. */
-    r->app.authority = acct->authority;
+    /* The configured authority, as at sign-in; never a value from the
+     * database, which whoever can write it would point at their own host. */
+    r->app.authority = ctx->authority;
     r->app.client_id = ctx->client_id;
     r->app.client_secret = ctx->client_secret;
     return APR_INCOMPLETE;

@@ -16,6 +16,9 @@ typedef struct {
     const mso_keyring_t *keyring;
     const mso_http_opts_t *http;
     const char *owner;              /* lease owner: this process, unique per node */
+    const char *authority;          /* the company's sign-in authority URL + tenant: where
+                                     * the secret and refresh token go, from the
+                                     * configuration only (never from the database) */
     const char *client_id;          /* the account's company's credentials */
     const char *client_secret;
     const char *graph_resource;     /* https://graph.microsoft.com (cloud's) */

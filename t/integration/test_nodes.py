@@ -264,7 +264,7 @@ def interrupted_refresh(httpd, simulator, pg_schema, interrupt):
         # The new job saw that the lease's owner, a process of this host, is
         # dead, and released the lease at once instead of waiting 90 s.
         path = "dead owner released"
-        assert f"process {pid} of this host died holding leases" in s.h.log()
+        assert f"process {pid} of this node died holding leases" in s.h.log()
         poll("the refresh by the new job", lambda: row(s, acc)["last_refresh_at"] not in
              ("", None), timeout=15)
         assert rt_grants(simulator) == 2

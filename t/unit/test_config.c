@@ -9,6 +9,7 @@
 #include <apr_strings.h>
 
 #include "mso_config.h"
+#include "mso_settings.h"
 
 static apr_pool_t *pool;
 
@@ -196,6 +197,108 @@ START_TEST(trim)
 }
 END_TEST
 
+/* --- the inheritable settings (lib/mso_settings) --- */
+
+/* The table covers mso_settings_t member by member, in order, without gaps:
+ * a member added to the struct but not to the table fails here. */
+START_TEST(settings_table_covers_struct)
+{
+    const mso_setting_field_t *f = mso_settings_fields();
+    apr_size_t next = 0;
+
+    for (; f->directive; f++) {
+        ck_assert_msg(f->offset == next, "%s is not where the table expects it", f->directive);
+        ck_assert_uint_gt(mso_setting_size(f->kind), 0);
+        next = f->offset + mso_setting_size(f->kind);
+    }
+    ck_assert_uint_eq(next, sizeof(mso_settings_t));
+}
+END_TEST
+
+/* Marks one setting given, its bytes filled with a pattern. */
+static void give(mso_settings_t *s, const mso_setting_field_t *f, unsigned char pattern)
+{
+    char *at = (char *)s + f->offset;
+
+    memset(at, pattern, mso_setting_size(f->kind));
+    if (f->kind == MSO_SETTING_INT) {
+        ((mso_setting_int_t *)at)->given = 1;
+    }
+    else if (f->kind == MSO_SETTING_I64) {
+        ((mso_setting_i64_t *)at)->given = 1;
+    }
+    ck_assert(mso_setting_given(s, f));
+}
+
+/* Every setting: given at the adding level it wins as a whole; not given
+ * there, the base's comes through; the other settings are untouched. */
+START_TEST(settings_merge_every_field)
+{
+    const mso_setting_field_t *f, *g;
+    mso_settings_t base, add, out;
+
+    for (f = mso_settings_fields(); f->directive; f++) {
+        mso_settings_init(&base);
+        for (g = mso_settings_fields(); g->directive; g++) {
+            give(&base, g, 0x11);
+        }
+        mso_settings_init(&add);
+        ck_assert(!mso_setting_given(&add, f));
+        give(&add, f, 0x22);
+        memset(&out, 0x33, sizeof(out));
+        mso_settings_merge(&out, &base, &add);
+        for (g = mso_settings_fields(); g->directive; g++) {
+            const mso_settings_t *want = g == f ? &add : &base;
+
+            ck_assert_msg(!memcmp((char *)&out + g->offset, (const char *)want + g->offset,
+                                  mso_setting_size(g->kind)),
+                          "merge of %s: %s came from the wrong level", f->directive,
+                          g->directive);
+        }
+        /* Not given at the adding level: inherited. */
+        mso_settings_init(&add);
+        mso_settings_merge(&out, &base, &add);
+        ck_assert(!memcmp((char *)&out + f->offset, (char *)&base + f->offset,
+                          mso_setting_size(f->kind)));
+    }
+}
+END_TEST
+
+START_TEST(settings_resolve_defaults)
+{
+    mso_settings_t s;
+    const mso_setting_field_t *f;
+
+    mso_settings_init(&s);
+    mso_settings_resolve(pool, &s);
+    for (f = mso_settings_fields(); f->directive; f++) {
+        int optional = !strcmp(f->directive, "MSOAuthClientID")
+                       || !strcmp(f->directive, "MSOAuthClientSecret")
+                       || !strcmp(f->directive, "MSOAuthSecretExpires");
+
+        ck_assert_msg(optional || mso_setting_given(&s, f), "%s has no default", f->directive);
+    }
+    ck_assert_str_eq(s.tenant.value, "common");
+    ck_assert_int_eq(s.cloud.value, MSO_CLOUD_GLOBAL);
+    ck_assert_str_eq(s.authority_url.value, "https://login.microsoftonline.com");
+    ck_assert_str_eq(s.graph_url.value, "https://graph.microsoft.com");
+    ck_assert_int_eq(s.edition.value, MSO_EDITION_BASIC);
+    ck_assert_int_eq(s.scopes.value->nelts, 0);
+    ck_assert_str_eq(APR_ARRAY_IDX(s.folders.value, 0, const char *), "inbox");
+    ck_assert_int_eq(s.sync_interval.value, 60);
+
+    /* The hosts follow the cloud; given values stay. */
+    mso_settings_init(&s);
+    s.cloud.value = MSO_CLOUD_USGOV_DOD;
+    s.cloud.given = 1;
+    s.tenant.value = "contoso.com";
+    mso_settings_resolve(pool, &s);
+    ck_assert_str_eq(s.graph_url.value, "https://dod-graph.microsoft.us");
+    ck_assert_str_eq(s.authority_url.value, "https://login.microsoftonline.us");
+    ck_assert_str_eq(s.tenant.value, "contoso.com");
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("config");
@@ -214,6 +317,12 @@ int main(void)
     tcase_add_test(tc, dates);
     tcase_add_test(tc, folders_scopes_interval);
     tcase_add_test(tc, trim);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("settings");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, settings_table_covers_struct);
+    tcase_add_test(tc, settings_merge_every_field);
+    tcase_add_test(tc, settings_resolve_defaults);
     suite_add_tcase(s, tc);
     failed = mso_check_run(s);
     apr_terminate();

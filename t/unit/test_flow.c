@@ -140,12 +140,71 @@ START_TEST(cookie_cap)
                                                 "123456789012345678"), 1000 + i * 60);
         strcat(header, apr_psprintf(pool, "%s=x; ", name));
     }
-    drop = mso_flow_cookies_to_drop(pool, mso_flow_cookies(pool, header), 1000 + 601);
+    drop = mso_flow_cookies_to_drop(pool, mso_flow_cookies(pool, header), 1000 + 601, 300);
     ck_assert_int_eq(drop->nelts, 3);
     ck_assert_ptr_nonnull(strstr(APR_ARRAY_IDX(drop, 0, const char *), "_a1234"));
     ck_assert_ptr_nonnull(strstr(APR_ARRAY_IDX(drop, 2, const char *), "_c1234"));
-    drop = mso_flow_cookies_to_drop(pool, mso_flow_cookies(pool, "a=b"), 5000);
+    drop = mso_flow_cookies_to_drop(pool, mso_flow_cookies(pool, "a=b"), 5000, 300);
     ck_assert_int_eq(drop->nelts, 0);
+}
+END_TEST
+
+/* Bytes count, not only cookies: three sign-ins with long return_to values
+ * must not add up to a Cookie header httpd refuses (LimitRequestFieldSize),
+ * which would lock connect and confirm out until they expire. */
+START_TEST(cookie_byte_budget)
+{
+    char *header = "";
+    char *big = apr_palloc(pool, 1701);
+    apr_array_header_t *drop, *cs;
+    apr_size_t total = 0;
+    int i;
+
+    memset(big, 'v', 1700);
+    big[1700] = '\0';
+    for (i = 0; i < 3; i++) {
+        const char *name = mso_flow_cookie_name(pool, apr_psprintf(pool, "%c%s", 'a' + i,
+                                                "123456789012345678"), 1000 + i);
+        header = apr_psprintf(pool, "%s%s=%s; ", header, name, big);
+    }
+    cs = mso_flow_cookies(pool, header);
+    ck_assert_int_eq(cs->nelts, 3);
+    /* A fourth of the same size: only the newest one fits beside it. */
+    drop = mso_flow_cookies_to_drop(pool, cs, 1010, 1730);
+    ck_assert_int_eq(drop->nelts, 2);
+    ck_assert_ptr_nonnull(strstr(APR_ARRAY_IDX(drop, 0, const char *), "_a1234"));
+    ck_assert_ptr_nonnull(strstr(APR_ARRAY_IDX(drop, 1, const char *), "_b1234"));
+    for (i = 0; i < cs->nelts; i++) {
+        const mso_flow_cookie_t *fc = &APR_ARRAY_IDX(cs, i, mso_flow_cookie_t);
+        int dropped = 0, k;
+
+        for (k = 0; k < drop->nelts; k++) {
+            dropped |= !strcmp(APR_ARRAY_IDX(drop, k, const char *), fc->name);
+        }
+        if (!dropped) {
+            total += strlen(fc->name) + strlen(fc->value) + 2;
+        }
+    }
+    ck_assert_uint_le(total + 1730, MSO_FLOW_MAX_BYTES);
+}
+END_TEST
+
+START_TEST(text_params)
+{
+    ck_assert_ptr_null(mso_check_text_param("acme"));
+    ck_assert_ptr_null(mso_check_text_param("J\xc3\xbcrgen@m\xc3\xbcller.example"));
+    ck_assert_ptr_null(mso_check_text_param("\xf0\x9f\x93\xa7 mail"));
+    ck_assert_ptr_null(mso_check_text_param(NULL));
+    ck_assert_ptr_nonnull(mso_check_text_param("a\x01b"));
+    ck_assert_ptr_nonnull(mso_check_text_param("a\nb"));
+    ck_assert_ptr_nonnull(mso_check_text_param("a\x7f"));
+    ck_assert_ptr_nonnull(mso_check_text_param("\xc2\x85"));          /* C1 NEL */
+    ck_assert_ptr_nonnull(mso_check_text_param("\xff"));
+    ck_assert_ptr_nonnull(mso_check_text_param("\xc0\xaf"));          /* overlong / */
+    ck_assert_ptr_nonnull(mso_check_text_param("\xe0\x80\xaf"));      /* overlong */
+    ck_assert_ptr_nonnull(mso_check_text_param("\xed\xa0\x80"));      /* surrogate */
+    ck_assert_ptr_nonnull(mso_check_text_param("\xf4\x90\x80\x80"));  /* > U+10FFFF */
+    ck_assert_ptr_nonnull(mso_check_text_param("abc\xe2\x82"));        /* cut short */
 }
 END_TEST
 
@@ -194,6 +253,8 @@ int main(void)
     tcase_add_test(tc, rejections);
     tcase_add_test(tc, cookie_names);
     tcase_add_test(tc, cookie_cap);
+    tcase_add_test(tc, cookie_byte_budget);
+    tcase_add_test(tc, text_params);
     tcase_add_test(tc, return_to_checks);
     tcase_add_test(tc, mailbox_checks);
     suite_add_tcase(s, tc);

@@ -293,6 +293,50 @@ START_TEST(write_scopes)
 }
 END_TEST
 
+/* Who signed in, from Graph's /me: the address is mail, else the UPN; the
+ * object must be the ID token's (personal accounts: the oid's tail). */
+START_TEST(me_identity)
+{
+    mso_graph_me_t me;
+    const char *err = NULL;
+    const char *body = "{\"id\":\"6e2b8f3a-1c4d-4e5f-8a9b-0c1d2e3f4a5b\",\"displayName\":\"A\","
+                       "\"mail\":\"Adele@Contoso.com\",\"userPrincipalName\":\"adele@contoso"
+                       ".onmicrosoft.com\"}";
+
+    ck_assert_str_eq(mso_graph_me_url(pool, "https://graph.microsoft.com"),
+                     "https://graph.microsoft.com/v1.0/me?$select=id,displayName,mail,"
+                     "userPrincipalName");
+    ck_assert_int_eq(mso_graph_parse_me(pool, body, strlen(body), &me, &err), APR_SUCCESS);
+    ck_assert_str_eq(mso_graph_me_address(pool, &me), "adele@contoso.com");
+    ck_assert(mso_graph_me_is_object(&me, "b3a8f1e2-5c47-4d1a-9e36-2f0c8d7a6b51",
+                                     "6E2B8F3A-1C4D-4E5F-8A9B-0C1D2E3F4A5B"));
+    ck_assert(!mso_graph_me_is_object(&me, "b3a8f1e2-5c47-4d1a-9e36-2f0c8d7a6b51",
+                                      "7f3c9a4b-2d5e-4f60-9bac-1d2e3f4a5b6c"));
+    ck_assert(!mso_graph_me_is_object(&me, NULL, NULL));
+
+    body = "{\"id\":\"a1b2c3d4e5f60718\",\"mail\":null,\"userPrincipalName\":\"Pat@outlook.com\"}";
+    ck_assert_int_eq(mso_graph_parse_me(pool, body, strlen(body), &me, &err), APR_SUCCESS);
+    ck_assert_str_eq(mso_graph_me_address(pool, &me), "pat@outlook.com");
+    ck_assert(mso_graph_me_is_object(&me, "9188040d-6c67-4c5b-b112-36a304b66dad",
+                                     "00000000-0000-0000-a1b2-c3d4e5f60718"));
+    /* The same tail in a work tenant, or a wrong tail, is not the object. */
+    ck_assert(!mso_graph_me_is_object(&me, "b3a8f1e2-5c47-4d1a-9e36-2f0c8d7a6b51",
+                                      "00000000-0000-0000-a1b2-c3d4e5f60718"));
+    ck_assert(!mso_graph_me_is_object(&me, "9188040d-6c67-4c5b-b112-36a304b66dad",
+                                      "00000000-0000-0000-a1b2-c3d4e5f60719"));
+    ck_assert(!mso_graph_me_is_object(&me, "9188040d-6c67-4c5b-b112-36a304b66dad",
+                                      "10000000-0000-0000-a1b2-c3d4e5f60718"));
+
+    body = "{\"displayName\":\"no id\"}";
+    ck_assert_int_eq(mso_graph_parse_me(pool, body, strlen(body), &me, &err), APR_EINVAL);
+    body = "[1]";
+    ck_assert_int_eq(mso_graph_parse_me(pool, body, strlen(body), &me, &err), APR_EINVAL);
+    body = "{\"id\":\"x\"}";
+    ck_assert_int_eq(mso_graph_parse_me(pool, body, strlen(body), &me, &err), APR_SUCCESS);
+    ck_assert_ptr_null(mso_graph_me_address(pool, &me));
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("graph");
@@ -309,6 +353,7 @@ int main(void)
     tcase_add_test(tc, errors);
     tcase_add_test(tc, action_requests);
     tcase_add_test(tc, write_scopes);
+    tcase_add_test(tc, me_identity);
     suite_add_tcase(s, tc);
     failed = mso_check_run(s);
     apr_terminate();

@@ -48,7 +48,8 @@ START_TEST(authorize_url)
     mso_app_t app = {"https://login.microsoftonline.com/contoso.com",
                      "6731de76-14a6-49ae-97bc-6eba6914391e", "s3cr~et",
                      "https://erp.example.com/microsoft_outlook/confirm"};
-    mso_authorize_req_t req = {"st", "no", "ch", "a.b+c@example.com", "openid Mail.Read"};
+    mso_authorize_req_t req = {"st", "no", "ch", "a.b+c@example.com", "openid Mail.Read",
+                               "login"};
     const char *url = mso_authorize_url(pool, &app, &req);
 
     ck_assert_str_eq(url, "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/authorize"
@@ -56,10 +57,13 @@ START_TEST(authorize_url)
                      "&redirect_uri=https%3A%2F%2Ferp.example.com%2Fmicrosoft_outlook%2Fconfirm"
                      "&response_mode=query&scope=openid%20Mail.Read&state=st&nonce=no"
                      "&code_challenge=ch&code_challenge_method=S256"
-                     "&login_hint=a.b%2Bc%40example.com");
+                     "&prompt=login&login_hint=a.b%2Bc%40example.com");
     ck_assert_ptr_null(strstr(url, "s3cr"));    /* the secret never goes to the browser */
     req.login_hint = NULL;
-    ck_assert_ptr_null(strstr(mso_authorize_url(pool, &app, &req), "login_hint"));
+    req.prompt = "select_account";
+    url = mso_authorize_url(pool, &app, &req);
+    ck_assert_ptr_null(strstr(url, "login_hint"));
+    ck_assert_ptr_nonnull(strstr(url, "&prompt=select_account"));
 }
 END_TEST
 
@@ -126,6 +130,47 @@ START_TEST(query_parsing)
 }
 END_TEST
 
+static mso_token_result_t *answer(const char *body)
+{
+    mso_http_response_t resp;
+
+    memset(&resp, 0, sizeof(resp));
+    resp.status = 200;
+    resp.body = body;
+    resp.body_len = strlen(body);
+    resp.retry_after = -1;
+    return mso_token_result_from_response(pool, APR_SUCCESS, &resp, 1);
+}
+
+/* expires_in from Microsoft is hostile input: a string form is read, a value
+ * beyond any real token life is clamped (now + expires_in cannot overflow),
+ * zero, negative or garbage is refused. */
+START_TEST(expires_in_clamped)
+{
+    mso_token_result_t *t;
+
+    t = answer("{\"token_type\":\"Bearer\",\"access_token\":\"A\",\"expires_in\":3599}");
+    ck_assert(t->ok);
+    ck_assert_int_eq(t->expires_in, 3599);
+    t = answer("{\"token_type\":\"Bearer\",\"access_token\":\"A\",\"expires_in\":\"3600\"}");
+    ck_assert(t->ok);
+    ck_assert_int_eq(t->expires_in, 3600);
+    t = answer("{\"token_type\":\"Bearer\",\"access_token\":\"A\","
+               "\"expires_in\":9223372036854775807}");
+    ck_assert(t->ok);
+    ck_assert_int_eq(t->expires_in, MSO_TOKEN_MAX_LIFETIME);
+    t = answer("{\"token_type\":\"Bearer\",\"access_token\":\"A\","
+               "\"expires_in\":\"99999999999999999999\"}");
+    ck_assert(!t->ok);
+    t = answer("{\"token_type\":\"Bearer\",\"access_token\":\"A\",\"expires_in\":0}");
+    ck_assert(!t->ok);
+    t = answer("{\"token_type\":\"Bearer\",\"access_token\":\"A\",\"expires_in\":-5}");
+    ck_assert(!t->ok);
+    t = answer("{\"token_type\":\"Bearer\",\"access_token\":\"A\",\"expires_in\":\"1h\"}");
+    ck_assert(!t->ok);
+}
+END_TEST
+
 START_TEST(every_reason_has_text)
 {
     static const char *const contract[] = {
@@ -133,7 +178,11 @@ START_TEST(every_reason_has_text)
         "consent_required", "admin_consent_required", "redirect_uri_mismatch",
         "invalid_client_secret", "client_secret_expired", "app_not_found", "wrong_tenant",
         "mailbox_mismatch", "id_token_invalid", "token_endpoint_unreachable",
-        "reconnect_required", "read_only", "throttled", "graph_error", NULL
+        "reconnect_required", "read_only", "throttled", "graph_error",
+        /* version 2 */
+        "certificate_invalid", "certificate_expired", "mailbox_not_found",
+        "access_denied_by_policy", "send_not_permitted", "not_found", "forbidden",
+        "cross_site", NULL
     };
     const mso_reason_t *r;
     int i, n = 0;
@@ -170,6 +219,7 @@ int main(void)
     tcase_add_test(tc, reasons_for_errors);
     tcase_add_test(tc, query_parsing);
     tcase_add_test(tc, every_reason_has_text);
+    tcase_add_test(tc, expires_in_clamped);
     suite_add_tcase(s, tc);
     failed = mso_check_run(s);
     apr_terminate();

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -264,6 +265,7 @@ static void setup(void)
     ctx.keyring = keyring;
     ctx.http = &http;
     ctx.owner = "node-a";
+    ctx.authority = apr_psprintf(pool, "http://127.0.0.1:%d/tenant-x", srv.port);
     ctx.client_id = "client-1";
     ctx.client_secret = SECRET;
     ctx.graph_resource = GRAPH;
@@ -389,6 +391,38 @@ START_TEST(success_with_rotation)
     out = refresh("graph", NOW + 3000);
     ck_assert_int_eq(out.result, MSO_REFRESHED);
     ck_assert_str_eq(apr_table_get(form(), "refresh_token"), "RT-2");
+}
+END_TEST
+
+/* The token address comes from the configuration only: a database row
+ * pointing the account's authority at another host (anyone who can write the
+ * table) receives neither the client secret nor the refresh token. */
+START_TEST(database_authority_not_followed)
+{
+    mso_refresh_outcome_t out;
+    int trap = socket(AF_INET, SOCK_STREAM, 0), n = 0, got;
+    struct sockaddr_in sa;
+    socklen_t sl = sizeof(sa);
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(trap, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    ck_assert_int_eq(getsockname(trap, (struct sockaddr *)&sa, &sl), 0);
+    ck_assert_int_eq(listen(trap, 4), 0);
+    ck_assert_int_eq(apr_dbd_query(db->driver, db->handle, &n, apr_psprintf(pool,
+                     "UPDATE msoauth_accounts SET authority = 'http://127.0.0.1:%d/attacker'",
+                     ntohs(sa.sin_port))), 0);
+
+    srv.answer = token_ok("AT-1", "RT-2", "Mail.Read");
+    out = refresh("graph", NOW);
+    ck_assert_int_eq(out.result, MSO_REFRESHED);
+    check_request(GRAPH "/Mail.Read", NULL);
+    /* Nobody knocked at the trap. */
+    ck_assert_int_eq(fcntl(trap, F_SETFL, O_NONBLOCK), 0);
+    got = accept(trap, NULL, NULL);
+    ck_assert_int_lt(got, 0);
+    close(trap);
 }
 END_TEST
 
@@ -542,13 +576,14 @@ START_TEST(unavailable_is_transient)
         sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
         ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
         ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &sl), 0);
-        args[0] = apr_psprintf(pool, "http://127.0.0.1:%d/tenant-x", ntohs(sa.sin_port));
-        args[1] = &account_id;
-        ck_assert_int_eq(apr_dbd_prepare(db->driver, pool, db->handle, "UPDATE "
-                                         "msoauth_accounts SET authority = %s WHERE id = %lld",
-                                         NULL, &st), 0);
-        ck_assert_int_eq(apr_dbd_pbquery(db->driver, pool, db->handle, &n, st, args), 0);
+        const char *configured = ctx.authority;
+
+        (void)args;
+        (void)st;
+        (void)n;
+        ctx.authority = apr_psprintf(pool, "http://127.0.0.1:%d/tenant-x", ntohs(sa.sin_port));
         out = refresh("graph", NOW + 1000);
+        ctx.authority = configured;
         close(fd);
         ck_assert_int_eq(out.result, MSO_REFRESH_TRANSIENT);
         ck_assert_str_eq(out.reason, "token_endpoint_unreachable");
@@ -917,6 +952,7 @@ int main(void)
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, success_with_rotation);
     tcase_add_test(tc, success_without_refresh_token);
+    tcase_add_test(tc, database_authority_not_followed);
     tcase_add_test(tc, outlook_resource);
     tcase_add_test(tc, invalid_grant_needs_reconnect);
     tcase_add_test(tc, expired_secret_flags_admin);
