@@ -10,6 +10,7 @@
 
 #include <httpd.h>
 #include <http_config.h>
+#include <http_core.h>
 #include <http_log.h>
 #include <http_protocol.h>
 #include <http_request.h>
@@ -538,8 +539,9 @@ static int status_page(request_rec *r, json_t *m)
  * not under the location (a LocationMatch: then from the last "/accounts"). */
 static const char *admin_tail(request_rec *r)
 {
-    msoauth_dir_conf_t *dc = msoauth_dir_conf(r);
-    const char *loc = dc ? dc->location : NULL;
+    /* The path of the section that mapped the handler (<Location>). */
+    core_dir_config *cd = ap_get_core_module_config(r->per_dir_config);
+    const char *loc = cd && cd->d && cd->d[0] == '/' && !cd->r ? cd->d : NULL;
     apr_size_t n = loc ? strlen(loc) : 0;
     const char *t;
     char *tail;

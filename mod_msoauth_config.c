@@ -83,7 +83,6 @@ void *msoauth_create_dir_conf(apr_pool_t *p, char *dir)
     msoauth_dir_conf_t *dc = apr_pcalloc(p, sizeof(*dc));
 
     dc->trust_proxy = -1;
-    dc->location = dir ? apr_pstrdup(p, dir) : NULL;
     return dc;
 }
 
@@ -93,7 +92,6 @@ void *msoauth_merge_dir_conf(apr_pool_t *p, void *basev, void *addv)
     msoauth_dir_conf_t *dc = apr_pcalloc(p, sizeof(*dc));
 
     dc->trust_proxy = add->trust_proxy >= 0 ? add->trust_proxy : base->trust_proxy;
-    dc->location = add->location ? add->location : base->location;
     return dc;
 }
 

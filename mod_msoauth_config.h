@@ -53,7 +53,6 @@ typedef struct {
 /* Per directory (<Location>): only what a location decides. */
 typedef struct {
     int trust_proxy;                /* -1: not given (off) */
-    const char *location;           /* the <Location> path, to find a handler's sub-path */
 } msoauth_dir_conf_t;
 
 void *msoauth_create_srv_conf(apr_pool_t *p, server_rec *s);

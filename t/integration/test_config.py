@@ -61,6 +61,8 @@ def test_shipped_sample_passes_configtest(httpd):
     the key and secret files at the paths the sample names (relative to ServerRoot)."""
     httpd.file("msoauth.key", secrets.token_hex(32) + "\n")
     httpd.file("msoauth-secret.txt", SECRET + "\n")
+    httpd.file("msoauth-api.key", secrets.token_hex(32) + "\n")
+    httpd.modules += ["auth_basic", "authn_core", "authn_file", "authz_user"]
     sample = (REPO / "conf" / "msoauth.conf").read_text()
     httpd.file("msoauth.conf", sample, 0o644)
     httpd.with_msoauth = False
