@@ -201,12 +201,13 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         if (out->result == MSO_REFRESHED) {
             st->refreshed++;
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(201) "job: account %"
-                         APR_INT64_T_FMT " (%s) refreshed", a->id, a->mailbox);
+                         APR_INT64_T_FMT " (%s) refreshed", a->id,
+                         ap_escape_logitem(bp, a->mailbox));
         }
         else if (out->result == MSO_REFRESH_DEFERRED) {
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(209) "job: account %"
                          APR_INT64_T_FMT " (%s) left for the next tick: the tick's time "
-                         "budget ran out", a->id, a->mailbox);
+                         "budget ran out", a->id, ap_escape_logitem(bp, a->mailbox));
             continue;
         }
         else if (out->result != MSO_REFRESH_BUSY) {
@@ -214,9 +215,11 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
             ap_log_error(APLOG_MARK, out->result == MSO_REFRESH_TRANSIENT ? APLOG_WARNING
                          : APLOG_ERR, 0, s, MSOLOGNO(202) "job: refreshing account %"
                          APR_INT64_T_FMT " (%s, company %s) failed: %s%s%s", a->id,
-                         a->mailbox, a->company, out->reason ? out->reason : "error",
+                         ap_escape_logitem(bp, a->mailbox), ap_escape_logitem(bp, a->company),
+                         out->reason ? out->reason : "error",
                          out->aadsts ? apr_psprintf(bp, " AADSTS%ld", out->aadsts) : "",
-                         out->detail ? apr_pstrcat(bp, " (", out->detail, ")", NULL) : "");
+                         out->detail ? apr_pstrcat(bp, " (", ap_escape_logitem(bp, out->detail),
+                                                   ")", NULL) : "");
         }
     }
     apr_pool_destroy(bp);

@@ -21,6 +21,17 @@ int mso_log_is_level(mso_log_level_e level)
     return level <= log_max;
 }
 
+void mso_log_clean(char *s)
+{
+    /* Messages carry values from requests, Microsoft and the database: a
+     * CR/LF or escape sequence in one must not forge a log line. */
+    for (; *s; s++) {
+        if ((unsigned char)*s < 0x20 || *s == 0x7f) {
+            *s = '?';
+        }
+    }
+}
+
 void mso_log_perror(const char *file, int line, mso_log_level_e level, apr_status_t rv,
                     const char *fmt, ...)
 {
@@ -33,6 +44,7 @@ void mso_log_perror(const char *file, int line, mso_log_level_e level, apr_statu
     va_start(ap, fmt);
     apr_vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
+    mso_log_clean(buf);
     if (log_cb) {
         log_cb(log_baton, file, line, level, rv, buf);
     }

@@ -23,6 +23,10 @@ void mso_log_perror(const char *file, int line, mso_log_level_e level, apr_statu
                     const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 
+/* Replaces control characters (CR, LF, ESC...) in place: every message goes
+ * through it, so no value in a message can forge a line of the log. */
+void mso_log_clean(char *s);
+
 #define MSO_LOG_MARK __FILE__, __LINE__
 
 #endif

@@ -217,3 +217,18 @@ def test_shipped_sample_protects_connect_and_the_local_api(httpd):
         assert r.status == 403, (path, r.text)
     r = Browser().get(httpd.url + "/microsoft_outlook/admin/accounts", headers=bearer())
     assert r.status == 200 and json.loads(r.text) == [], r.text
+
+
+def test_long_return_to_values_never_lock_out_sign_ins(httpd, simulator):
+    """Flow cookies are budgeted by bytes: abandoned sign-ins with long
+    return_to values must not grow the Cookie header past what httpd accepts
+    (LimitRequestFieldSize), which would refuse connect and confirm."""
+    s = Setup(httpd, simulator)
+    b = s.browser
+    for i in range(6):
+        r = b.get(s.connect_url(return_to="/" + "a" * 2000 + str(i)))
+        assert r.status == 302, r.text
+        total = sum(len(c.name) + len(c.value) + 2 for c in b.cookies("msoauth_flow_"))
+        assert total <= 4096, total
+    _, _, r3 = s.sign_in(mailbox=ADELE[0], return_to="/a")
+    assert r3.query()["msoauth"] == "connected", r3.location

@@ -10,6 +10,7 @@
 
 #include "mso_config.h"
 #include "mso_settings.h"
+#include "mso_log.h"
 
 static apr_pool_t *pool;
 
@@ -299,6 +300,16 @@ START_TEST(settings_resolve_defaults)
 }
 END_TEST
 
+/* Values in log messages come from requests, Microsoft and the database. */
+START_TEST(log_lines_cannot_be_forged)
+{
+    char m[] = "mailbox evil@x.com\r\n[error] forged\x1b[31m\x7f";
+
+    mso_log_clean(m);
+    ck_assert_str_eq(m, "mailbox evil@x.com??[error] forged?[31m?");
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("config");
@@ -317,6 +328,7 @@ int main(void)
     tcase_add_test(tc, dates);
     tcase_add_test(tc, folders_scopes_interval);
     tcase_add_test(tc, trim);
+    tcase_add_test(tc, log_lines_cannot_be_forged);
     suite_add_tcase(s, tc);
     tc = tcase_create("settings");
     tcase_add_checked_fixture(tc, setup, teardown);
