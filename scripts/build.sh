@@ -9,7 +9,13 @@ if [ ! -x configure ] || [ configure.ac -nt configure ] || [ Makefile.am -nt con
 fi
 mkdir -p "$dir"
 cd "$dir"
-if [ ! -f Makefile ] || [ "$top/configure" -nt Makefile ]; then
+# Configure again when the options differ from the last run (another command
+# may have configured this directory differently).
+opts="$*"
+if [ ! -f Makefile ] || [ "$top/configure" -nt Makefile ] \
+   || [ "$(cat .build-options 2>/dev/null)" != "$opts" ]; then
+  [ -f Makefile ] && make clean >/dev/null 2>&1 || true   # objects of other flags
   "$top/configure" --quiet "$@"
+  printf '%s' "$opts" > .build-options
 fi
 make -j"$(nproc)"

@@ -17,7 +17,8 @@ stop() {
 if [ "${1:-}" = stop ]; then stop; echo "stopped"; exit 0; fi
 
 sh "$top/scripts/install-deps.sh" build
-sh "$top/scripts/build.sh" "$top/build/release" CFLAGS="-O2 -g"
+# Its own build directory: the test command configures build/release differently.
+sh "$top/scripts/build.sh" "$top/build/demo" CFLAGS="-O2 -g"
 stop
 mkdir -p "$run/data" "$run/logs" "$run/htdocs" "$run/runtime"
 id www-data >/dev/null 2>&1 && chown www-data:www-data "$run/data"
@@ -59,7 +60,7 @@ LoadModule authz_host_module $mods/mod_authz_host.so
 LoadModule mime_module $mods/mod_mime.so
 LoadModule dir_module $mods/mod_dir.so
 LoadModule dbd_module $mods/mod_dbd.so
-LoadModule msoauth_module $top/build/release/.libs/mod_msoauth.so
+LoadModule msoauth_module $top/build/demo/.libs/mod_msoauth.so
 TypesConfig /etc/mime.types
 DocumentRoot "$run/htdocs"
 DirectoryIndex index.html
