@@ -99,7 +99,7 @@ static void fresh_token(request_rec *r, mso_db_t *db, mso_account_t *a, const ch
     apr_time_t give_up = apr_time_now() + WAIT_FOR_OTHER;
 
     memset(f, 0, sizeof(*f));
-    if (!c || !c->set.client_id.value || !c->set.client_secret.value || !sc->keyring) {
+    if (!msoauth_company_has_credentials(c) || !sc->keyring) {
         f->reason = "not_configured";
         f->detail = "the account's company has no credentials on this server";
         return;

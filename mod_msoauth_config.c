@@ -15,6 +15,8 @@
 
 #include "mod_msoauth.h"
 #include "mod_msoauth_config.h"
+#include "mso_cert.h"
+#include "mso_flow.h"
 
 APLOG_USE_MODULE(msoauth);
 
@@ -40,12 +42,18 @@ int msoauth_server_in_use(server_rec *s)
     return msoauth_srv_conf(s)->in_use;
 }
 
+int msoauth_company_has_credentials(const msoauth_company_t *c)
+{
+    return c && c->set.client_id.value && (c->set.client_secret.value || c->set.client_cert.cert);
+}
+
 void *msoauth_create_srv_conf(apr_pool_t *p, server_rec *s)
 {
     msoauth_srv_conf_t *sc = apr_pcalloc(p, sizeof(*sc));
 
     mso_settings_init(&sc->level);
     sc->decls = apr_hash_make(p);
+    sc->retention_days = -1;
     sc->s = s;
     return sc;
 }
@@ -74,6 +82,9 @@ void *msoauth_merge_srv_conf(apr_pool_t *p, void *basev, void *addv)
     }
     sc->api_key = add->api_key ? add->api_key : base->api_key;
     sc->api_key_file = add->api_key ? add->api_key_file : base->api_key_file;
+    sc->retention_days = add->retention_days >= 0 ? add->retention_days : base->retention_days;
+    sc->http_proxy = add->http_proxy ? add->http_proxy : base->http_proxy;
+    sc->ca_file = add->ca_file ? add->ca_file : base->ca_file;
     sc->s = add->s;
     return sc;
 }
@@ -542,6 +553,144 @@ static const char *set_trust_proxy(cmd_parms *cmd, void *dirconf, int on)
     return NULL;
 }
 
+static const char *set_client_cert(cmd_parms *cmd, void *dummy, const char *cert,
+                                   const char *key)
+{
+    mso_setting_cert_t *v = &target(cmd)->client_cert;
+    const char *cp = ap_server_root_relative(cmd->pool, cert);
+    const char *kp = key ? ap_server_root_relative(cmd->pool, key) : NULL;
+    const char *why = NULL;
+
+    if (!cp || (key && !kp)) {
+        return fail(cmd, "invalid path");
+    }
+    if (mso_cert_load(cmd->pool, cp, kp, &v->cert, &why) != APR_SUCCESS) {
+        return fail(cmd, why);
+    }
+    v->cert_file = cp;
+    v->key_file = kp;
+    v->at = where(cmd);
+    return NULL;
+}
+
+static const char *set_app_only(cmd_parms *cmd, void *dummy, int on)
+{
+    mso_setting_int_t *v = &target(cmd)->app_only;
+
+    v->value = on;
+    v->given = 1;
+    v->at = where(cmd);
+    return NULL;
+}
+
+static const char *set_mailboxes(cmd_parms *cmd, void *dummy, const char *args)
+{
+    msoauth_srv_conf_t *sc = conf_of(cmd);
+    apr_array_header_t *list = sc->current && sc->current->mailboxes
+                               ? sc->current->mailboxes
+                               : apr_array_make(cmd->pool, 4, sizeof(const char *));
+    const char *word, *msg;
+    int i;
+
+    if (!sc->current) {
+        return fail(cmd, "belongs inside <MSOAuthCompany NAME> of an app-only company "
+                    "(MSOAuthAppOnly on): each company lists its own mailboxes");
+    }
+    while (*(word = ap_getword_conf(cmd->pool, &args))) {
+        const char *m = mso_lower(cmd->pool, word);
+
+        if ((msg = mso_check_mailbox(m)) != NULL || (msg = mso_check_text_param(m)) != NULL) {
+            return fail(cmd, apr_psprintf(cmd->pool, "'%s': %s", word, msg));
+        }
+        for (i = 0; i < list->nelts; i++) {
+            if (!strcmp(APR_ARRAY_IDX(list, i, const char *), m)) {
+                return fail(cmd, apr_psprintf(cmd->pool, "%s is listed twice", m));
+            }
+        }
+        APR_ARRAY_PUSH(list, const char *) = m;
+    }
+    if (!list->nelts) {
+        return fail(cmd, "needs at least one mailbox address, e.g. support@contoso.com");
+    }
+    sc->current->mailboxes = list;
+    sc->current->mailboxes_at = where(cmd);
+    return NULL;
+}
+
+static const char *set_outlook_url(cmd_parms *cmd, void *dummy, const char *arg)
+{
+    const char *msg = mso_check_service_url(cmd->pool, arg, 0);
+
+    if (msg) {
+        return fail(cmd, msg);
+    }
+    target(cmd)->outlook_url = (mso_setting_str_t){apr_pstrdup(cmd->pool, arg), where(cmd)};
+    return NULL;
+}
+
+static const char *set_attachment_max(cmd_parms *cmd, void *dummy, const char *arg)
+{
+    mso_setting_i64_t *v = &target(cmd)->attachment_max_bytes;
+    const char *msg = mso_check_bytes(cmd->pool, arg, &v->value);
+
+    if (msg) {
+        return fail(cmd, msg);
+    }
+    v->given = 1;
+    v->at = where(cmd);
+    return NULL;
+}
+
+static const char *set_retention(cmd_parms *cmd, void *dummy, const char *arg)
+{
+    const char *msg;
+
+    if ((msg = not_in_company(cmd)) != NULL) {
+        return msg;
+    }
+    msg = mso_check_days(cmd->pool, arg, &conf_of(cmd)->retention_days);
+    return msg ? fail(cmd, msg) : NULL;
+}
+
+static const char *set_http_proxy(cmd_parms *cmd, void *dummy, const char *arg)
+{
+    const char *msg;
+
+    if ((msg = not_in_company(cmd)) != NULL) {
+        return msg;
+    }
+    if (strncasecmp(arg, "http://", 7) && strncasecmp(arg, "https://", 8)
+        && strncasecmp(arg, "socks5h://", 10)) {
+        return fail(cmd, apr_psprintf(cmd->pool, "'%s' is not a proxy URL: use "
+                                      "http://proxy.example:3128 (https:// and socks5h:// work "
+                                      "too)", arg));
+    }
+    if (mso_check_text_param(arg) || strchr(arg, ' ')) {
+        return fail(cmd, "the proxy URL holds spaces or control characters");
+    }
+    conf_of(cmd)->http_proxy = apr_pstrdup(cmd->pool, arg);
+    return NULL;
+}
+
+static const char *set_ca_file(cmd_parms *cmd, void *dummy, const char *arg)
+{
+    const char *path = ap_server_root_relative(cmd->pool, arg), *msg;
+    apr_finfo_t fi;
+
+    if ((msg = not_in_company(cmd)) != NULL) {
+        return msg;
+    }
+    if (!path || apr_stat(&fi, path, APR_FINFO_TYPE, cmd->temp_pool) != APR_SUCCESS
+        || fi.filetype != APR_REG) {
+        return fail(cmd, apr_psprintf(cmd->pool, "cannot read %s: give a PEM file with the CA "
+                                      "certificates to trust for calls to Microsoft (the "
+                                      "system's trust store is used without this directive)",
+                                      path ? path : arg));
+    }
+    conf_of(cmd)->ca_file = path;
+    return NULL;
+}
+
 const command_rec msoauth_cmds[] = {
     AP_INIT_RAW_ARGS("<MSOAuthCompany", set_company, NULL, RSRC_CONF,
         "<MSOAuthCompany NAME> ... </MSOAuthCompany>: a named set of Microsoft app "
@@ -584,6 +733,28 @@ const command_rec msoauth_cmds[] = {
     AP_INIT_FLAG("MSOAuthTrustProxy", set_trust_proxy, NULL, RSRC_CONF | ACCESS_CONF,
         "On: accept requests to the token, admin and metrics handlers that came through a "
         "proxy (Forwarded, X-Forwarded-For, Via); default Off"),
+    AP_INIT_TAKE12("MSOAuthClientCertificateFile", set_client_cert, NULL, RSRC_CONF,
+        "CERT [KEY]: a PEM certificate uploaded to the app registration and its RSA key (in "
+        "CERT when KEY is not given); used instead of the client secret"),
+    AP_INIT_FLAG("MSOAuthAppOnly", set_app_only, NULL, RSRC_CONF,
+        "On: the company uses application permissions (client credentials) for the "
+        "mailboxes of MSOAuthMailbox and the admin page; needs a tenant GUID or domain"),
+    AP_INIT_RAW_ARGS("MSOAuthMailbox", set_mailboxes, NULL, RSRC_CONF,
+        "mailbox addresses of an app-only company (inside <MSOAuthCompany>)"),
+    AP_INIT_TAKE1("MSOAuthOutlookURL", set_outlook_url, NULL, RSRC_CONF,
+        "overrides the Outlook resource of IMAP/SMTP tokens (default per cloud, "
+        "https://outlook.office.com in the global cloud)"),
+    AP_INIT_TAKE1("MSOAuthAttachmentMaxBytes", set_attachment_max, NULL, RSRC_CONF,
+        "attachments up to this size are stored in msoauth_attachments, larger ones are "
+        "fetched on demand (0: metadata only); default 10485760"),
+    AP_INIT_TAKE1("MSOAuthRetentionDays", set_retention, NULL, RSRC_CONF,
+        "days to keep done actions, sent mail and removed messages (0 keeps them); "
+        "default 30"),
+    AP_INIT_TAKE1("MSOAuthHTTPProxy", set_http_proxy, NULL, RSRC_CONF,
+        "a proxy for the calls to Microsoft (http://host:port)"),
+    AP_INIT_TAKE1("MSOAuthCACertificateFile", set_ca_file, NULL, RSRC_CONF,
+        "PEM file of the CA certificates trusted for the calls to Microsoft (default: the "
+        "system's)"),
     {NULL}
 };
 
@@ -665,19 +836,66 @@ static void check_company(check_ctx_t *cx, server_rec *s, msoauth_company_t *c)
 
     const mso_settings_t *st = &c->set;
 
-    if (!st->client_id.value || !st->client_secret.value) {
+    if (st->app_only.value && mso_tenant_is_multi(st->tenant.value)) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(009)
+                     "MSOAuthAppOnly (%s): company %s uses application permissions, which "
+                     "Microsoft grants per directory: set MSOAuthTenant to its Directory "
+                     "(tenant) ID or a verified domain, not %s (AADSTS9001023)",
+                     st->app_only.at ? st->app_only.at : c->defined_at, c->name,
+                     st->tenant.value);
+        cx->errors++;
+    }
+    if (c->mailboxes && !st->app_only.value) {
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(010)
+                     "MSOAuthMailbox in company %s (%s), which is not app-only: add "
+                     "'MSOAuthAppOnly on' to the section (shared mailboxes without a person), "
+                     "or remove the list (delegated mailboxes are connected by signing in)",
+                     c->name, c->defined_at);
+        cx->errors++;
+    }
+    if (st->client_cert.cert) {
+        long days = mso_days_until(mso_cert_not_after(st->client_cert.cert), apr_time_now());
+
+        warn_if_world_readable(cx, s, "MSOAuthClientCertificateFile",
+                               st->client_cert.key_file ? st->client_cert.key_file
+                                                        : st->client_cert.cert_file);
+        if (cx->log_warnings && first_time(cx, apr_pstrcat(p, "cert:", st->client_cert.at, NULL))) {
+            if (days < 0) {
+                ap_log_error(APLOG_MARK, cx->expired_level, 0, s, MSOLOGNO(011)
+                             "MSOAuthClientCertificateFile (%s): the certificate of company %s "
+                             "(%s, thumbprint %s) has expired; token calls fail with "
+                             "certificate_expired. Make a new certificate, upload it under "
+                             "Certificates & secrets and point the directive at it",
+                             st->client_cert.at, c->name,
+                             mso_cert_subject(st->client_cert.cert),
+                             mso_cert_sha1_hex(st->client_cert.cert));
+            }
+            else if (days < MSOAUTH_SECRET_WARN_DAYS) {
+                ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(012)
+                             "MSOAuthClientCertificateFile (%s): the certificate of company %s "
+                             "(thumbprint %s) expires in %ld day%s: make a new one, upload it "
+                             "and switch to it now", st->client_cert.at, c->name,
+                             mso_cert_sha1_hex(st->client_cert.cert), days,
+                             days == 1 ? "" : "s");
+            }
+        }
+    }
+    if (!st->client_id.value || (!st->client_secret.value && !st->client_cert.cert)) {
         if (cx->log_warnings && first_time(cx, apr_pstrcat(p, "nocred:", c->defined_at, NULL))) {
             ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(002)
                          "MSOAuthCompany %s (%s) has no %s and none to fall back to in the "
                          "main server: sign-ins for it will fail with not_configured. Set "
-                         "MSOAuthClientID and MSOAuthClientSecret(File) in the section or in "
-                         "the main server configuration", c->name, c->defined_at,
-                         !st->client_id.value ? "MSOAuthClientID" : "MSOAuthClientSecret");
+                         "MSOAuthClientID and MSOAuthClientSecret(File) or "
+                         "MSOAuthClientCertificateFile in the section or in the main server "
+                         "configuration", c->name, c->defined_at,
+                         !st->client_id.value ? "MSOAuthClientID"
+                         : "MSOAuthClientSecret or MSOAuthClientCertificateFile");
         }
         return;
     }
     warn_if_world_readable(cx, s, "MSOAuthClientSecretFile", st->client_secret.file);
-    if (mso_secret_looks_like_id(st->client_secret.value) && cx->log_warnings
+    if (st->client_secret.value && mso_secret_looks_like_id(st->client_secret.value)
+        && cx->log_warnings
         && first_time(cx, apr_pstrcat(p, "guid:", st->client_secret.at, NULL))) {
         ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(003)
                      "MSOAuthClientSecret (%s, used by company %s) is shaped like a GUID: "
@@ -753,8 +971,9 @@ static void finalize_server(check_ctx_t *cx, server_rec *s, msoauth_srv_conf_t *
              : (s->defn_name ? apr_psprintf(p, "%s:%d", s->defn_name, s->defn_line_number)
                 : "the main server configuration");
         c = resolve(p, s, name, at, &eff);
+        c->mailboxes = own && own->mailboxes ? own->mailboxes : md ? md->mailboxes : NULL;
         apr_hash_set(sc->companies, name, APR_HASH_KEY_STRING, c);
-        if (c->set.client_id.value) {
+        if (msoauth_company_has_credentials(c)) {
             with_credentials++;
         }
         check_company(cx, s, c);

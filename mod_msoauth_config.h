@@ -21,6 +21,7 @@ typedef struct {
     const char *defined_at;         /* file:line of its section, or of the vhost */
     server_rec *s;
     mso_settings_t set;
+    apr_array_header_t *mailboxes;  /* MSOAuthMailbox (const char *, lower case), or NULL */
 } msoauth_company_t;
 
 /* A <MSOAuthCompany> section as written. */
@@ -28,6 +29,8 @@ typedef struct {
     const char *name;
     const char *defined_at;
     mso_settings_t set;
+    apr_array_header_t *mailboxes;  /* MSOAuthMailbox, only in a section */
+    const char *mailboxes_at;
 } msoauth_company_decl_t;
 
 typedef struct {
@@ -40,6 +43,9 @@ typedef struct {
     apr_array_header_t *key_files;  /* const char *, for messages */
     const char *api_key;            /* MSOAuthAPIKeyFile's key, NULL when not set */
     const char *api_key_file;
+    int retention_days;             /* -1: not given (30) */
+    const char *http_proxy;         /* MSOAuthHTTPProxy: calls to Microsoft go through it */
+    const char *ca_file;            /* MSOAuthCACertificateFile: trust for those calls */
 
     /* Filled by msoauth_config_finalize. */
     server_rec *s;
@@ -74,5 +80,10 @@ msoauth_dir_conf_t *msoauth_dir_conf(request_rec *r);
 msoauth_company_t *msoauth_company(server_rec *s, const char *name);
 /* True when the server has a company with credentials (set at finalize). */
 int msoauth_server_in_use(server_rec *s);
+/* True when the company can authenticate: a client ID and a secret or a
+ * certificate. */
+int msoauth_company_has_credentials(const msoauth_company_t *c);
+
+#define MSOAUTH_DEFAULT_RETENTION_DAYS 30
 
 #endif

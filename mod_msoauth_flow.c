@@ -180,8 +180,9 @@ static msoauth_company_t *usable_company(request_rec *r, msoauth_srv_conf_t *sc,
     if (!c) {
         *why = apr_psprintf(r->pool, "no company '%s' on this server", name);
     }
-    else if (!c->set.client_id.value || !c->set.client_secret.value) {
-        *why = apr_psprintf(r->pool, "company '%s' has no client ID or secret", name);
+    else if (!msoauth_company_has_credentials(c)) {
+        *why = apr_psprintf(r->pool, "company '%s' has no client ID, secret or certificate",
+                            name);
         c = NULL;
     }
     else if (!sc->keyring) {
@@ -198,6 +199,7 @@ static mso_app_t *app_of(request_rec *r, msoauth_srv_conf_t *sc, msoauth_company
     app->authority = mso_authority(r->pool, c->set.authority_url.value, c->set.tenant.value);
     app->client_id = c->set.client_id.value;
     app->client_secret = c->set.client_secret.value;
+    app->cert = c->set.client_cert.cert;
     app->redirect_uri = sc->redirect_uri;
     return app;
 }
@@ -284,6 +286,12 @@ int msoauth_connect_handler(request_rec *r)
     }
     if (!(c = usable_company(r, sc, company_name, &why))) {
         return fail_reason(r, sc, "not_configured", why, return_to);
+    }
+    if (c->set.app_only.value) {
+        return fail_reason(r, sc, "bad_request", apr_psprintf(r->pool, "company %s uses "
+                           "application permissions: its mailboxes are listed with "
+                           "MSOAuthMailbox or added on the admin page, nobody signs in", c->name),
+                           return_to);
     }
 
     flow = mso_flow_new(r->pool, c->name, mailbox, return_to, r->user,

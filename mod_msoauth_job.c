@@ -94,6 +94,7 @@ void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_
     ctx->authority = mso_authority(p, c->set.authority_url.value, c->set.tenant.value);
     ctx->client_id = c->set.client_id.value;
     ctx->client_secret = c->set.client_secret.value;
+    ctx->cert = c->set.client_cert.cert;
     ctx->graph_resource = mso_cloud_graph((mso_cloud_e)c->set.cloud.value);
     ctx->signin_scopes = mso_signin_scopes(p, ctx->graph_resource,
                                            c->set.edition.value == MSO_EDITION_PRO, c->set.scopes.value);
@@ -156,7 +157,7 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         mso_refresh_ctx_t *ctx;
         mso_http_opts_t *http;
 
-        if (!c || !c->set.client_id.value || !c->set.client_secret.value) {
+        if (!msoauth_company_has_credentials(c)) {
             /* The company left the configuration: keep the account, say why. */
             mso_store_refresh_failed(db, a->id, job->owner, "connected", "not_configured", 0,
                                      "the account's company is not configured on this "

@@ -89,6 +89,14 @@ const char *mso_check_cloud(apr_pool_t *p, const char *value, mso_cloud_e *cloud
 }
 
 const char *mso_cloud_name(mso_cloud_e cloud) { return cloud_names[cloud]; }
+static const char *const cloud_outlooks[] = {
+    "https://outlook.office.com",
+    "https://outlook.office365.us",
+    "https://outlook-dod.office365.us",
+    "https://partner.outlook.cn",
+};
+
+const char *mso_cloud_outlook(mso_cloud_e cloud) { return cloud_outlooks[cloud]; }
 const char *mso_cloud_authority(mso_cloud_e cloud) { return cloud_authorities[cloud]; }
 const char *mso_cloud_graph(mso_cloud_e cloud) { return cloud_graphs[cloud]; }
 
@@ -360,4 +368,36 @@ char *mso_trim(char *s)
         *--e = '\0';
     }
     return s;
+}
+
+const char *mso_check_bytes(apr_pool_t *p, const char *value, apr_int64_t *bytes)
+{
+    char *end;
+    apr_int64_t v = apr_strtoi64(value, &end, 10);
+
+    if (end == value || *end || v < 0 || v > 150 * 1024 * 1024) {
+        return apr_psprintf(p, "'%s' is not a number of bytes between 0 and 157286400 "
+                            "(150 MiB)", value);
+    }
+    *bytes = v;
+    return NULL;
+}
+
+const char *mso_check_days(apr_pool_t *p, const char *value, int *days)
+{
+    char *end;
+    apr_int64_t v = apr_strtoi64(value, &end, 10);
+
+    if (end == value || *end || v < 0 || v > 3650) {
+        return apr_psprintf(p, "'%s' is not a number of days between 0 (keep everything) and "
+                            "3650", value);
+    }
+    *days = (int)v;
+    return NULL;
+}
+
+int mso_tenant_is_multi(const char *tenant)
+{
+    return tenant && (!strcasecmp(tenant, "common") || !strcasecmp(tenant, "organizations")
+                      || !strcasecmp(tenant, "consumers"));
 }

@@ -52,6 +52,16 @@ int mso_host_is_loopback(const char *host);
 const char *mso_cloud_name(mso_cloud_e cloud);
 const char *mso_cloud_authority(mso_cloud_e cloud);   /* https://login... */
 const char *mso_cloud_graph(mso_cloud_e cloud);       /* https://graph... */
+/* The Outlook resource of IMAP/SMTP tokens (https://outlook.office.com in the
+ * global cloud; the national clouds' hosts are Microsoft's Exchange Online
+ * endpoints there: override with MSOAuthOutlookURL if yours differs). */
+const char *mso_cloud_outlook(mso_cloud_e cloud);
+/* A byte count 0 .. 150 MiB (the largest message Exchange Online takes). */
+const char *mso_check_bytes(apr_pool_t *p, const char *value, apr_int64_t *bytes);
+/* Days 0 .. 3650. */
+const char *mso_check_days(apr_pool_t *p, const char *value, int *days);
+/* True for common, organizations and consumers: no single directory. */
+int mso_tenant_is_multi(const char *tenant);
 
 /* Days from now until when, rounded down (negative once passed). */
 long mso_days_until(apr_time_t when, apr_time_t now);

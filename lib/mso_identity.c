@@ -124,6 +124,16 @@ void mso_error_ids(apr_pool_t *p, const char *description, const char **trace_id
     *correlation_id = id_after(p, description, "Correlation ID:");
 }
 
+const char *mso_reason_for_client(const mso_app_t *app, const char *reason)
+{
+    /* invalid_client means the credential: with a certificate it is the
+     * certificate, not a secret. */
+    if (app && app->cert && reason && !strcmp(reason, "invalid_client_secret")) {
+        return "certificate_invalid";
+    }
+    return reason;
+}
+
 const char *mso_reason_for_error(const char *error, long aadsts, int during_refresh)
 {
     switch (aadsts) {
@@ -133,6 +143,9 @@ const char *mso_reason_for_error(const char *error, long aadsts, int during_refr
         return "invalid_client_secret";
     case 7000222:
         return "client_secret_expired";
+    case 700027: case 700024: case 700021: case 700023:
+        /* The client assertion: signature, unknown key, times, claims. */
+        return "certificate_invalid";
     case 700016:
         return "app_not_found";
     case 50194: case 50020: case 90002: case 7000012:
@@ -311,6 +324,30 @@ mso_token_result_t *mso_token_result_from_response(apr_pool_t *p, apr_status_t r
     return parse_answer(p, resp, during_refresh);
 }
 
+/* The client's credentials in a token form: the secret, or a client
+ * assertion signed for this token URL. NULL when the assertion could not be
+ * made (the form must then not be sent). */
+static const char *with_client_auth(apr_pool_t *p, const mso_app_t *app, const char *form)
+{
+    const char *jwt = NULL;
+
+    if (!form) {
+        return NULL;
+    }
+    if (!app->cert) {
+        return apr_pstrcat(p, form, "&", mso_form_encode(p, "client_secret",
+                                                         app->client_secret, NULL), NULL);
+    }
+    if (mso_cert_assertion(p, app->cert, MSO_ASSERTION_PS256, app->client_id,
+                           mso_token_url(p, app), apr_time_sec(apr_time_now()),
+                           MSO_ASSERTION_LIFETIME, &jwt) != APR_SUCCESS) {
+        return NULL;
+    }
+    return apr_pstrcat(p, form, "&", mso_form_encode(p, "client_assertion_type",
+                                                     MSO_ASSERTION_TYPE, "client_assertion",
+                                                     jwt, NULL), NULL);
+}
+
 static apr_status_t token_call(apr_pool_t *p, const mso_http_opts_t *o, const mso_app_t *app,
                                const char *form, int during_refresh, mso_token_result_t **res)
 {
@@ -318,10 +355,21 @@ static apr_status_t token_call(apr_pool_t *p, const mso_http_opts_t *o, const ms
     mso_http_response_t *resp = NULL;
     apr_status_t rv;
 
+    if (app->cert && mso_cert_not_after(app->cert) <= apr_time_now()) {
+        *res = failure(p, "certificate_expired", "the certificate in "
+                       "MSOAuthClientCertificateFile has expired; nothing was sent");
+        return APR_SUCCESS;
+    }
+    if (!form) {
+        *res = failure(p, "certificate_invalid", "the client assertion could not be signed "
+                       "with the certificate's key");
+        return APR_SUCCESS;
+    }
     APR_ARRAY_PUSH(hdrs, const char *) = "Content-Type: application/x-www-form-urlencoded";
     APR_ARRAY_PUSH(hdrs, const char *) = "Accept: application/json";
     rv = mso_http_request(p, o, "POST", mso_token_url(p, app), hdrs, form, strlen(form), &resp);
     *res = mso_token_result_from_response(p, rv, resp, during_refresh);
+    (*res)->reason = mso_reason_for_client(app, (*res)->reason);
     return APR_SUCCESS;
 }
 
@@ -334,19 +382,36 @@ apr_status_t mso_token_from_code(apr_pool_t *p, const mso_http_opts_t *o, const 
                                        "code", code,
                                        "redirect_uri", app->redirect_uri,
                                        "code_verifier", verifier,
-                                       "scope", scope,
-                                       "client_secret", app->client_secret, NULL);
-    return token_call(p, o, app, form, 0, res);
+                                       "scope", scope, NULL);
+    return token_call(p, o, app, with_client_auth(p, app, form), 0, res);
 }
 
 const char *mso_token_refresh_form(apr_pool_t *p, const mso_app_t *app,
                                    const char *refresh_token, const char *scope)
 {
-    return mso_form_encode(p, "client_id", app->client_id,
-                           "grant_type", "refresh_token",
-                           "refresh_token", refresh_token,
-                           "scope", scope,
-                           "client_secret", app->client_secret, NULL);
+    return with_client_auth(p, app, mso_form_encode(p, "client_id", app->client_id,
+                                                    "grant_type", "refresh_token",
+                                                    "refresh_token", refresh_token,
+                                                    "scope", scope, NULL));
+}
+
+const char *mso_app_scope(apr_pool_t *p, const char *resource_url)
+{
+    return apr_pstrcat(p, resource_url, "/.default", NULL);
+}
+
+const char *mso_token_app_form(apr_pool_t *p, const mso_app_t *app, const char *resource_url)
+{
+    return with_client_auth(p, app, mso_form_encode(p, "client_id", app->client_id,
+                                                    "grant_type", "client_credentials",
+                                                    "scope", mso_app_scope(p, resource_url),
+                                                    NULL));
+}
+
+apr_status_t mso_token_for_app(apr_pool_t *p, const mso_http_opts_t *o, const mso_app_t *app,
+                               const char *resource_url, mso_token_result_t **res)
+{
+    return token_call(p, o, app, mso_token_app_form(p, app, resource_url), 0, res);
 }
 
 apr_status_t mso_token_from_refresh(apr_pool_t *p, const mso_http_opts_t *o,

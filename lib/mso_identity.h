@@ -8,14 +8,18 @@
 #include <apr_errno.h>
 #include <apr_tables.h>
 
+#include "mso_cert.h"
 #include "mso_http.h"
 
-/* One app as seen by Microsoft, with the authority it signs in through. */
+/* One app as seen by Microsoft, with the authority it signs in through. It
+ * authenticates with its certificate (a signed client assertion per request)
+ * when cert is set, else with its client secret. */
 typedef struct {
     const char *authority;      /* https://login.microsoftonline.com/{tenant}, no trailing / */
     const char *client_id;
     const char *client_secret;
     const char *redirect_uri;
+    const mso_cert_t *cert;
 } mso_app_t;
 
 /* authority_base + "/" + tenant. */
@@ -66,13 +70,21 @@ apr_status_t mso_token_from_code(apr_pool_t *p, const mso_http_opts_t *o, const 
 apr_status_t mso_token_from_refresh(apr_pool_t *p, const mso_http_opts_t *o,
                                     const mso_app_t *app, const char *refresh_token,
                                     const char *scope, mso_token_result_t **res);
+/* grant_type=client_credentials: an application token for resource_url's
+ * .default scope (https://graph.microsoft.com, https://outlook.office365.com). */
+apr_status_t mso_token_for_app(apr_pool_t *p, const mso_http_opts_t *o, const mso_app_t *app,
+                               const char *resource_url, mso_token_result_t **res);
+/* "{resource_url}/.default". */
+const char *mso_app_scope(apr_pool_t *p, const char *resource_url);
 
-/* The pieces of a refresh call, for callers that send it themselves (the
- * job's concurrent requests): the token URL, the form body, and the result
- * of the response (resp->status 0 or rv != APR_SUCCESS: the call failed). */
+/* The pieces of a token call, for callers that send it themselves (the
+ * job's concurrent requests): the token URL, the form body (NULL when the
+ * client assertion could not be signed), and the result of the response
+ * (resp->status 0 or rv != APR_SUCCESS: the call failed). */
 const char *mso_token_url(apr_pool_t *p, const mso_app_t *app);
 const char *mso_token_refresh_form(apr_pool_t *p, const mso_app_t *app,
                                    const char *refresh_token, const char *scope);
+const char *mso_token_app_form(apr_pool_t *p, const mso_app_t *app, const char *resource_url);
 mso_token_result_t *mso_token_result_from_response(apr_pool_t *p, apr_status_t rv,
                                                    mso_http_response_t *resp,
                                                    int during_refresh);
@@ -80,6 +92,9 @@ mso_token_result_t *mso_token_result_from_response(apr_pool_t *p, apr_status_t r
 /* Reason for an OAuth error (token endpoint or authorize redirect).
  * during_refresh: invalid_grant means the refresh token is dead. */
 const char *mso_reason_for_error(const char *error, long aadsts, int during_refresh);
+/* The reason for the credential app used: invalid_client_secret becomes
+ * certificate_invalid when the app authenticates with a certificate. */
+const char *mso_reason_for_client(const mso_app_t *app, const char *reason);
 /* The AADSTS number at the start of an error_description, 0 when none. */
 long mso_aadsts_of(const char *description);
 

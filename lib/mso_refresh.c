@@ -128,7 +128,8 @@ static int reason_in(const char *reason, const char *const *list)
 
 static const char *const admin_reasons[] = {
     "invalid_client_secret", "client_secret_expired", "app_not_found", "wrong_tenant",
-    "redirect_uri_mismatch", "admin_consent_required", NULL
+    "redirect_uri_mismatch", "admin_consent_required", "certificate_invalid",
+    "certificate_expired", NULL
 };
 static const char *const transient_reasons[] = {
     "token_endpoint_unreachable", "throttled", NULL
@@ -144,6 +145,14 @@ static const char *admin_fix(const char *reason)
     if (!strcmp(reason, "client_secret_expired")) {
         return "the company's client secret has expired: create a new one in the app "
                "registration and deploy it";
+    }
+    if (!strcmp(reason, "certificate_invalid")) {
+        return "Microsoft refused the company's certificate credential: upload the "
+               "certificate to the app registration (Certificates & secrets) and check "
+               "MSOAuthClientCertificateFile";
+    }
+    if (!strcmp(reason, "certificate_expired")) {
+        return "the company's certificate has expired: make and upload a new one";
     }
     if (!strcmp(reason, "app_not_found")) {
         return "Microsoft does not know the company's client ID in this tenant or cloud";
@@ -348,6 +357,7 @@ static apr_status_t refresh_prepare(mso_db_t *db, apr_pool_t *p, const mso_refre
     r->app.authority = ctx->authority;
     r->app.client_id = ctx->client_id;
     r->app.client_secret = ctx->client_secret;
+    r->app.cert = ctx->cert;
     return APR_INCOMPLETE;
 }
 
@@ -538,7 +548,12 @@ static void batch_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
         mso_store_release(r->db, r->acct->id, r->ctx->owner);
         return;
     }
-    refresh_finish(r, mso_token_result_from_response(r->p, rv, resp, 1));
+    {
+        mso_token_result_t *tok = mso_token_result_from_response(r->p, rv, resp, 1);
+
+        tok->reason = mso_reason_for_client(&r->app, tok->reason);
+        refresh_finish(r, tok);
+    }
 }
 
 apr_status_t mso_refresh_batch(mso_db_t *db, apr_pool_t *p,
@@ -569,6 +584,22 @@ apr_status_t mso_refresh_batch(mso_db_t *db, apr_pool_t *p,
         }
         r->form = (char *)mso_token_refresh_form(p, &r->app, (const char *)r->plain, r->scopes);
         wipe(r->plain, r->plain_len);
+        if (!r->form || (r->app.cert && mso_cert_not_after(r->app.cert) <= apr_time_now())) {
+            mso_token_result_t *t = apr_pcalloc(p, sizeof(*t));
+            int expired = r->app.cert && mso_cert_not_after(r->app.cert) <= apr_time_now();
+
+            t->reason = expired ? "certificate_expired" : "certificate_invalid";
+            t->detail = expired ? "the certificate in MSOAuthClientCertificateFile has expired; "
+                                  "nothing was sent"
+                                : "the client assertion could not be signed with the "
+                                  "certificate's key";
+            t->retry_after = -1;
+            if (r->form) {
+                wipe(r->form, strlen(r->form));
+            }
+            refresh_finish(r, t);
+            continue;
+        }
         rv = mso_http_multi_add(m, p, "POST", mso_token_url(p, &r->app), hdrs, r->form,
                                 strlen(r->form), batch_done, r);
         if (rv != APR_SUCCESS) {

@@ -8,6 +8,7 @@
 #include <apr_pools.h>
 #include <apr_errno.h>
 
+#include "mso_cert.h"
 #include "mso_crypto.h"
 #include "mso_http.h"
 #include "mso_store.h"
@@ -19,8 +20,9 @@ typedef struct {
     const char *authority;          /* the company's sign-in authority URL + tenant: where
                                      * the secret and refresh token go, from the
                                      * configuration only (never from the database) */
-    const char *client_id;          /* the account's company's credentials */
-    const char *client_secret;
+    const char *client_id;          /* the account's company's credentials: */
+    const char *client_secret;      /* its secret, */
+    const mso_cert_t *cert;         /* or its certificate (used when set) */
     const char *graph_resource;     /* https://graph.microsoft.com (cloud's) */
     const char *signin_scopes;      /* what the company asks at sign-in */
     int margin;                     /* refresh this long before the access token expires */

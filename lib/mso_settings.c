@@ -20,6 +20,10 @@ static const mso_setting_field_t fields[] = {
     FIELD("MSOAuthScope", scopes, LIST),
     FIELD("MSOAuthSyncFolders", folders, LIST),
     FIELD("MSOAuthSyncInterval", sync_interval, INT),
+    FIELD("MSOAuthClientCertificateFile", client_cert, CERT),
+    FIELD("MSOAuthAppOnly", app_only, INT),
+    FIELD("MSOAuthOutlookURL", outlook_url, STR),
+    FIELD("MSOAuthAttachmentMaxBytes", attachment_max_bytes, I64),
     {NULL, 0, MSO_SETTING_STR}
 };
 
@@ -37,6 +41,7 @@ apr_size_t mso_setting_size(mso_setting_kind_e kind)
     case MSO_SETTING_LIST: return sizeof(mso_setting_list_t);
     case MSO_SETTING_DATE: return sizeof(mso_setting_date_t);
     case MSO_SETTING_SECRET: return sizeof(mso_setting_secret_t);
+    case MSO_SETTING_CERT: return sizeof(mso_setting_cert_t);
     }
     return 0;
 }
@@ -52,6 +57,7 @@ int mso_setting_given(const mso_settings_t *s, const mso_setting_field_t *f)
     case MSO_SETTING_LIST: return ((const mso_setting_list_t *)at)->value != NULL;
     case MSO_SETTING_DATE: return ((const mso_setting_date_t *)at)->value != 0;
     case MSO_SETTING_SECRET: return ((const mso_setting_secret_t *)at)->value != NULL;
+    case MSO_SETTING_CERT: return ((const mso_setting_cert_t *)at)->cert != NULL;
     }
     return 0;
 }
@@ -111,5 +117,16 @@ void mso_settings_resolve(apr_pool_t *p, mso_settings_t *s)
     if (!s->sync_interval.given) {
         s->sync_interval.value = MSO_DEFAULT_SYNC_INTERVAL;
         s->sync_interval.given = 1;
+    }
+    if (!s->app_only.given) {
+        s->app_only.value = 0;
+        s->app_only.given = 1;
+    }
+    if (!s->outlook_url.value) {
+        s->outlook_url.value = mso_cloud_outlook((mso_cloud_e)s->cloud.value);
+    }
+    if (!s->attachment_max_bytes.given) {
+        s->attachment_max_bytes.value = MSO_DEFAULT_ATTACHMENT_MAX;
+        s->attachment_max_bytes.given = 1;
     }
 }

@@ -9,6 +9,8 @@
 #include <apr_tables.h>
 #include <apr_time.h>
 
+#include "mso_cert.h"
+
 /* Each setting is its value and where it was given ("file:line"), moved as a
  * whole by the merge. A zeroed setting is "not given". Every variant is a
  * multiple of 8 bytes without padding, so the field table can be checked
@@ -49,6 +51,14 @@ typedef struct {
     const char *at;
 } mso_setting_secret_t;
 
+/* The certificate credential, loaded when the directive is read. */
+typedef struct {
+    const char *cert_file;
+    const char *key_file;           /* NULL: the key is in cert_file */
+    const char *at;
+    mso_cert_t *cert;               /* NULL = not given */
+} mso_setting_cert_t;
+
 typedef struct {
     mso_setting_str_t client_id;
     mso_setting_secret_t client_secret;
@@ -61,15 +71,20 @@ typedef struct {
     mso_setting_list_t scopes;      /* default: none (an empty list) */
     mso_setting_list_t folders;     /* default: inbox */
     mso_setting_int_t sync_interval;/* seconds; default 60 */
+    mso_setting_cert_t client_cert; /* used instead of the secret when given */
+    mso_setting_int_t app_only;     /* application permissions; default off */
+    mso_setting_str_t outlook_url;  /* IMAP/SMTP resource; default: the cloud's */
+    mso_setting_i64_t attachment_max_bytes; /* default 10 MiB */
 } mso_settings_t;
 
 #define MSO_DEFAULT_TENANT "common"
 #define MSO_DEFAULT_FOLDER "inbox"
 #define MSO_DEFAULT_SYNC_INTERVAL 60
+#define MSO_DEFAULT_ATTACHMENT_MAX (10 * 1024 * 1024)
 
 typedef enum {
     MSO_SETTING_STR, MSO_SETTING_INT, MSO_SETTING_I64, MSO_SETTING_LIST, MSO_SETTING_DATE,
-    MSO_SETTING_SECRET
+    MSO_SETTING_SECRET, MSO_SETTING_CERT
 } mso_setting_kind_e;
 
 typedef struct {
@@ -92,7 +107,8 @@ void mso_settings_init(mso_settings_t *s);
 void mso_settings_merge(mso_settings_t *out, const mso_settings_t *base,
                         const mso_settings_t *add);
 /* Fills what no level gave with its default (the cloud's hosts, common, basic,
- * inbox, 60 s); values given keep their "at", defaults have at NULL. */
+ * inbox, 60 s, app-only off, 10 MiB); values given keep their "at", defaults
+ * have at NULL. */
 void mso_settings_resolve(apr_pool_t *p, mso_settings_t *s);
 
 #endif

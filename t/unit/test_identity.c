@@ -47,7 +47,7 @@ START_TEST(authorize_url)
 {
     mso_app_t app = {"https://login.microsoftonline.com/contoso.com",
                      "6731de76-14a6-49ae-97bc-6eba6914391e", "s3cr~et",
-                     "https://erp.example.com/microsoft_outlook/confirm"};
+                     "https://erp.example.com/microsoft_outlook/confirm", NULL};
     mso_authorize_req_t req = {"st", "no", "ch", "a.b+c@example.com", "openid Mail.Read",
                                "login"};
     const char *url = mso_authorize_url(pool, &app, &req);
