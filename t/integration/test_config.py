@@ -281,3 +281,105 @@ MSOAuthCloud usgov
     assert rc == 0, out
     bad = body.replace("MSOAuthCloud usgov", "MSOAuthCloud mars")
     assert_fails(h, bad, "MSOAuthCloud", "MSOAuthCloud mars", "usgov")
+
+
+# --- version 2: certificates, app-only companies, operations ---
+
+def make_cert(h, name, days=365, key_bits=2048, encrypt=False, separate_key=True):
+    """A self-signed certificate and its key, made with the openssl tool."""
+    import subprocess
+    cert, key = h.root / f"{name}.pem", h.root / f"{name}.key"
+    args = ["openssl", "req", "-x509", "-newkey", f"rsa:{key_bits}", "-subj", "/CN=msoauth-test",
+            "-keyout", str(key), "-out", str(cert), "-days", str(days)]
+    args += ["-passout", "pass:secret1234"] if encrypt else ["-nodes"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    key.chmod(0o600)
+    if not separate_key:
+        cert.write_text(cert.read_text() + key.read_text())
+        cert.chmod(0o600)
+    return cert, key
+
+
+def test_certificate_credential_is_checked(httpd):
+    cert, key = make_cert(httpd, "good")
+    rc, out = httpd.configtest(base_body(httpd, extra=f"MSOAuthClientCertificateFile {cert} {key}"))
+    assert rc == 0 and "Syntax OK" in out, out
+    # The key in the certificate file: one argument.
+    both, _ = make_cert(httpd, "both", separate_key=False)
+    rc, out = httpd.configtest(base_body(httpd, extra=f"MSOAuthClientCertificateFile {both}"))
+    assert rc == 0, out
+    # A certificate alone is a credential: no secret needed.
+    body = base_body(httpd, extra=f"MSOAuthClientCertificateFile {cert} {key}").replace(
+        f'MSOAuthClientSecret "{SECRET}"', "")
+    rc, out = httpd.configtest(body)
+    assert rc == 0 and "has no" not in out, out
+
+
+@pytest.mark.parametrize("case,fix", [
+    ("other_key", "does not belong to the certificate"),
+    ("encrypted", "encrypted with a passphrase"),
+    ("small", "at least 2048"),
+    ("missing", "cannot read"),
+    ("no_key", "no PEM private key"),
+])
+def test_wrong_certificate_fails_with_the_fix(httpd, case, fix):
+    cert, key = make_cert(httpd, "c", key_bits=1024 if case == "small" else 2048,
+                          encrypt=case == "encrypted")
+    _, other = make_cert(httpd, "o")
+    arg = {"other_key": f"{cert} {other}", "encrypted": f"{cert} {key}", "small": f"{cert} {key}",
+           "missing": f"{httpd.root}/nope.pem", "no_key": f"{cert}"}[case]
+    directive = f"MSOAuthClientCertificateFile {arg}"
+    out = assert_fails(httpd, base_body(httpd, extra=directive), "MSOAuthClientCertificateFile",
+                       directive, fix)
+    for line in key.read_text().splitlines()[1:-1] + other.read_text().splitlines()[1:-1]:
+        assert line not in out          # no key material in any message
+
+
+def test_certificate_expiry_is_warned(httpd):
+    cert, key = make_cert(httpd, "soon", days=10)
+    rc, out = httpd.configtest(base_body(httpd, extra=f"MSOAuthClientCertificateFile {cert} {key}"))
+    assert rc == 0, out
+    assert re.search(r"expires in (9|10) days", out) and "MSO012" in out, out
+
+
+def test_app_only_needs_a_directory(httpd):
+    company = ("<MSOAuthCompany shared>\nMSOAuthAppOnly on\nMSOAuthTenant organizations\n"
+               "MSOAuthMailbox support@contoso.com\n</MSOAuthCompany>")
+    rc, out = httpd.configtest(base_body(httpd, company=company))
+    assert rc != 0 and "MSO009" in out and "Directory (tenant) ID" in out, out
+    ok = company.replace("organizations", "contoso.onmicrosoft.com")
+    rc, out = httpd.configtest(base_body(httpd, company=ok))
+    assert rc == 0, out
+
+
+def test_mailboxes_belong_to_an_app_only_company(httpd):
+    assert_fails(httpd, base_body(httpd, extra="MSOAuthMailbox support@contoso.com"),
+                 "MSOAuthMailbox", "MSOAuthMailbox support@contoso.com", "inside <MSOAuthCompany")
+    company = "<MSOAuthCompany acme>\nMSOAuthMailbox support@contoso.com\n</MSOAuthCompany>"
+    rc, out = httpd.configtest(base_body(httpd, company=company))
+    assert rc != 0 and "MSO010" in out and "MSOAuthAppOnly on" in out, out
+    company = ("<MSOAuthCompany acme>\nMSOAuthAppOnly on\nMSOAuthTenant contoso.com\n"
+               "MSOAuthMailbox support@contoso.com not-an-address\n</MSOAuthCompany>")
+    assert_fails(httpd, base_body(httpd, company=company), "MSOAuthMailbox",
+                 "MSOAuthMailbox support@contoso.com not-an-address", "e-mail address")
+
+
+@pytest.mark.parametrize("directive,value,fix", [
+    ("MSOAuthAttachmentMaxBytes", "-1", "between 0 and 157286400"),
+    ("MSOAuthAttachmentMaxBytes", "10MB", "between 0 and 157286400"),
+    ("MSOAuthRetentionDays", "forever", "between 0 (keep everything) and 3650"),
+    ("MSOAuthHTTPProxy", "proxy.example:3128", "http://proxy.example:3128"),
+    ("MSOAuthCACertificateFile", "/nonexistent/ca.pem", "PEM file with the CA certificates"),
+    ("MSOAuthOutlookURL", "http://outlook.example.com", "https://"),
+    ("MSOAuthAPIKeyFile", "/nonexistent/api.key", "openssl rand -hex 32"),
+])
+def test_v2_values_fail_with_the_fix(httpd, directive, value, fix):
+    body = base_body(httpd, extra=f"{directive} {value}")
+    assert_fails(httpd, body, directive, f"{directive} {value}", fix)
+
+
+def test_short_api_key_is_refused(httpd):
+    httpd.file("api.key", "abc\n")
+    assert_fails(httpd, base_body(httpd, extra="MSOAuthAPIKeyFile api.key"),
+                 "MSOAuthAPIKeyFile", "MSOAuthAPIKeyFile api.key", "shorter than 32")
