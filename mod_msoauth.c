@@ -19,6 +19,7 @@
 #include <http_log.h>
 #include <ap_mpm.h>
 #include <mod_dbd.h>
+#include <mod_watchdog.h>
 
 #include "mod_msoauth.h"
 #include "mod_msoauth_admin.h"
@@ -110,6 +111,14 @@ static void no_dbd(server_rec *s)
                  "DBDriver/DBDParams");
 }
 
+static void no_watchdog(server_rec *s)
+{
+    ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s, MSOLOGNO(026)
+                 "mod_msoauth refreshes tokens and syncs mail in a mod_watchdog job, and "
+                 "mod_watchdog is not loaded: add 'LoadModule watchdog_module "
+                 "modules/mod_watchdog.so' (Debian: a2enmod watchdog)");
+}
+
 /* Checks that hold across directives, for `apachectl -t` (where post_config does not run). */
 static void msoauth_test_config(apr_pool_t *pconf, server_rec *s)
 {
@@ -118,6 +127,10 @@ static void msoauth_test_config(apr_pool_t *pconf, server_rec *s)
     retrieve_optional_fns();
     if (!errors && in_use(s) && !msoauth_have_dbd()) {
         no_dbd(s);
+        errors++;
+    }
+    if (!errors && in_use(s) && !APR_RETRIEVE_OPTIONAL_FN(ap_watchdog_get_instance)) {
+        no_watchdog(s);
         errors++;
     }
     if (errors) {
@@ -194,8 +207,18 @@ static int msoauth_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *
     int errors = msoauth_config_finalize(pconf, s, !preflight, APLOG_ERR);
     server_rec *vs;
 
-    mso_log_set(log_from_lib, s, (mso_log_level_e)(s->log.level > APLOG_DEBUG
-                                                   ? APLOG_DEBUG : s->log.level));
+    /* lib/ drops what no server would log; ap_log_error then applies each
+     * server's LogLevel, msoauth:... included. */
+    {
+        int max = APLOG_ERR;
+
+        for (vs = s; vs; vs = vs->next) {
+            int l = ap_get_server_module_loglevel(vs, APLOG_MODULE_INDEX);
+
+            max = l > max ? l : max;
+        }
+        mso_log_set(log_from_lib, s, (mso_log_level_e)(max > APLOG_DEBUG ? APLOG_DEBUG : max));
+    }
     retrieve_optional_fns();
     if (errors) {
         return HTTP_INTERNAL_SERVER_ERROR;
@@ -323,14 +346,18 @@ static const struct {
 
 static int msoauth_handler(request_rec *r)
 {
-    int i;
+    int i, rc;
+    void *before;
 
     if (!r->handler || strncmp(r->handler, "msoauth-", 8)) {
         return DECLINED;
     }
     for (i = 0; handlers[i].name; i++) {
         if (!strcmp(r->handler, handlers[i].name)) {
-            return handlers[i].fn(r);
+            before = mso_log_scope(r->server);
+            rc = handlers[i].fn(r);
+            mso_log_scope(before);
+            return rc;
         }
     }
     return DECLINED;

@@ -893,6 +893,14 @@ static void check_company(check_ctx_t *cx, server_rec *s, msoauth_company_t *c)
         }
         return;
     }
+    if (!strcmp(st->client_id.value, "00000000-0000-0000-0000-000000000000") && cx->log_warnings
+        && first_time(cx, apr_pstrcat(p, "zero:", st->client_id.at, NULL))) {
+        ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(013)
+                     "MSOAuthClientID (%s, company %s) is the sample's placeholder "
+                     "00000000-0000-0000-0000-000000000000: put the Application (client) ID "
+                     "from the app registration's Overview page there", st->client_id.at,
+                     c->name);
+    }
     warn_if_world_readable(cx, s, "MSOAuthClientSecretFile", st->client_secret.file);
     if (st->client_secret.value && mso_secret_looks_like_id(st->client_secret.value)
         && cx->log_warnings

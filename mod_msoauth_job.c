@@ -27,6 +27,7 @@
 #include "mod_msoauth_config.h"
 #include "mod_msoauth_job.h"
 #include "mso_identity.h"
+#include "mso_log.h"
 #include "mso_refresh.h"
 #include "mso_store.h"
 #include "mso_sync.h"
@@ -252,6 +253,7 @@ static const char *access_token(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_db_t 
  * set up and torn down by the job's thread, used by their thread only. */
 typedef struct {
     apr_pool_t *pool;
+    server_rec *s;              /* the server whose accounts it works on, for the log */
     ap_dbd_t *dbd;
     mso_db_t *db;
     mso_http_multi_t *m;
@@ -309,6 +311,7 @@ static void lanes_setup(job_t *job, server_rec *s, mso_db_t *db, lanes_t *ls)
             break;
         }
         l->owner = job->owner;
+        l->s = s;
         ls->extra++;
     }
 }
@@ -331,6 +334,7 @@ static void *APR_THREAD_FUNC lane_main(apr_thread_t *t, void *data)
 {
     lane_t *l = data;
 
+    mso_log_scope(l->s);
     mso_sync_run(l->db, l->pool, l->owner, l->boxes, l->n, l->m, l->slice_end, l->deadline,
                  &l->st);
     apr_thread_exit(t, APR_SUCCESS);
@@ -519,6 +523,7 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
     tick_stats_t st;
     mso_job_run_t run;
     mso_db_t *db;
+    void *before;
 
     memset(&st, 0, sizeof(st));
     memset(&lanes, 0, sizeof(lanes));
@@ -527,6 +532,7 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
                      "from mod_dbd for this server; check DBDriver/DBDParams");
         return;
     }
+    before = mso_log_scope(s);
     if (mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db) == APR_SUCCESS) {
         if (apr_time_now() - job->owners_checked > apr_time_from_sec(10)) {
             job->owners_checked = apr_time_now();
@@ -568,6 +574,7 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         mso_store_job_record(db, &run);
     }
     msoauth_dbd_close(s, dbd);
+    mso_log_scope(before);
 }
 
 /* Secret expiry: a warning once a day from 30 days before, an error after. */

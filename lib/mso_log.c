@@ -8,12 +8,23 @@
 static mso_log_cb *log_cb;
 static void *log_baton;
 static mso_log_level_e log_max = MSO_LOG_WARNING;
+/* The server a thread works for (a request's, or the job's current one):
+ * its messages are logged against it, not against the main server. */
+static __thread void *scope_baton;
 
 void mso_log_set(mso_log_cb *cb, void *baton, mso_log_level_e max_level)
 {
     log_cb = cb;
     log_baton = baton;
     log_max = max_level;
+}
+
+void *mso_log_scope(void *baton)
+{
+    void *before = scope_baton;
+
+    scope_baton = baton;
+    return before;
 }
 
 int mso_log_is_level(mso_log_level_e level)
@@ -46,7 +57,7 @@ void mso_log_perror(const char *file, int line, mso_log_level_e level, apr_statu
     va_end(ap);
     mso_log_clean(buf);
     if (log_cb) {
-        log_cb(log_baton, file, line, level, rv, buf);
+        log_cb(scope_baton ? scope_baton : log_baton, file, line, level, rv, buf);
     }
     else {
         fprintf(stderr, "mso[%d] %s:%d: %s\n", (int)level, file, line, buf);

@@ -18,6 +18,9 @@ typedef void mso_log_cb(void *baton, const char *file, int line, mso_log_level_e
                         apr_status_t rv, const char *msg);
 
 void mso_log_set(mso_log_cb *cb, void *baton, mso_log_level_e max_level);
+/* The baton for this thread's messages from now on (NULL: the one of
+ * mso_log_set); returns the previous one, to restore it. */
+void *mso_log_scope(void *baton);
 int mso_log_is_level(mso_log_level_e level);
 void mso_log_perror(const char *file, int line, mso_log_level_e level, apr_status_t rv,
                     const char *fmt, ...)

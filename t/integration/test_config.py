@@ -74,6 +74,8 @@ def test_shipped_sample_passes_configtest(httpd):
     assert rc == 0, out
     assert "Syntax OK" in out
     assert SECRET not in out
+    # The placeholder client ID is pointed out, not silently used.
+    assert "MSO013" in out and "Overview page" in out, out
 
 
 @pytest.mark.parametrize("directive,value,fix", [
