@@ -3,6 +3,7 @@
 #   scripts/install-deps.sh build   -> to build the module and run it (demo)
 #   scripts/install-deps.sh test    -> build + everything the test suite uses
 #   scripts/install-deps.sh bench   -> test + the load generator and the reference module
+#   scripts/install-deps.sh package -> build + what dpkg-buildpackage and lintian need
 set -eu
 what=${1:-build}
 BUILD_PKGS="build-essential autoconf automake libtool pkg-config
@@ -13,11 +14,13 @@ BUILD_PKGS="build-essential autoconf automake libtool pkg-config
 TEST_PKGS="check python3-pytest postgresql postgresql-client
   chromium chromium-driver python3-selenium procps iproute2"
 BENCH_PKGS="wrk libapache2-mod-auth-openidc"
+PACKAGE_PKGS="debhelper dh-autoreconf dpkg-dev lintian"
 case "$what" in
   build) pkgs=$BUILD_PKGS ;;
   test)  pkgs="$BUILD_PKGS $TEST_PKGS" ;;
   bench) pkgs="$BUILD_PKGS $TEST_PKGS $BENCH_PKGS" ;;
-  *) echo "usage: $0 build|test|bench" >&2; exit 2 ;;
+  package) pkgs="$BUILD_PKGS $PACKAGE_PKGS" ;;
+  *) echo "usage: $0 build|test|bench|package" >&2; exit 2 ;;
 esac
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: run as root (apt-get needs it), or install these yourself:" >&2

@@ -36,3 +36,6 @@ sh scripts/build.sh build/asan --enable-werror \
   CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
   LDFLAGS="-fsanitize=address,undefined"
 (export MSO_SANITIZE=asan ASAN_OPTIONS=detect_leaks=1; run_suite asan "$top/build/asan")
+
+echo "=== Debian package: build, install, a2enmod, configtest, purge"
+sh scripts/test-package.sh
