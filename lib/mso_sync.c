@@ -12,8 +12,10 @@
  * current state and only writes when Outlook does not show it yet. */
 #include <string.h>
 
+#include <apr_atomic.h>
 #include <apr_hash.h>
 #include <apr_strings.h>
+#include <apr_thread_proc.h>
 
 #include "mso_graph.h"
 #include "mso_json.h"
@@ -23,6 +25,79 @@
 
 #define RESYNCS_PER_PASS 2          /* a folder restarting again and again waits */
 #define THROTTLE_DEFAULT 30         /* seconds when Graph gives no Retry-After */
+
+/* Page sizes that had to shrink, remembered across passes (the database has
+ * no column for it): a page too big at 100 is asked for smaller in the next
+ * pass too, instead of failing again at 100 when the pass ended before the
+ * smaller retry could start. Per process, a few entries (oldest replaced),
+ * shared by the job's threads under a spin lock held for a few loads. */
+#define SMALL_PAGES 64
+
+typedef struct {
+    apr_int64_t account;
+    char folder[48];
+    int size;
+} small_page_t;
+
+static small_page_t small_pages[SMALL_PAGES];
+static unsigned small_next;
+static volatile apr_uint32_t small_lock;
+
+static void small_lock_take(void)
+{
+    while (apr_atomic_cas32(&small_lock, 1, 0) != 0) {
+        apr_thread_yield();
+    }
+}
+
+/* The page size to start a folder with. */
+static int page_size_get(apr_int64_t account, const char *folder)
+{
+    int i, size = MSO_SYNC_PAGE_SIZE;
+
+    small_lock_take();
+    for (i = 0; i < SMALL_PAGES; i++) {
+        if (small_pages[i].size && small_pages[i].account == account
+            && !strcmp(small_pages[i].folder, folder)) {
+            size = small_pages[i].size;
+            break;
+        }
+    }
+    apr_atomic_set32(&small_lock, 0);
+    return size;
+}
+
+/* Remembers size (MSO_SYNC_PAGE_SIZE: forgets). */
+static void page_size_set(apr_int64_t account, const char *folder, int size)
+{
+    int i, slot = -1;
+
+    if (strlen(folder) >= sizeof(small_pages[0].folder)) {
+        return;
+    }
+    small_lock_take();
+    for (i = 0; i < SMALL_PAGES; i++) {
+        if (small_pages[i].size && small_pages[i].account == account
+            && !strcmp(small_pages[i].folder, folder)) {
+            slot = i;
+            break;
+        }
+    }
+    if (size >= MSO_SYNC_PAGE_SIZE) {
+        if (slot >= 0) {
+            small_pages[slot].size = 0;
+        }
+    }
+    else {
+        if (slot < 0) {
+            slot = (int)(small_next++ % SMALL_PAGES);
+        }
+        small_pages[slot].account = account;
+        apr_cpystrn(small_pages[slot].folder, folder, sizeof(small_pages[slot].folder));
+        small_pages[slot].size = size;
+    }
+    apr_atomic_set32(&small_lock, 0);
+}
 
 typedef enum { ACT_PENDING, ACT_BUSY, ACT_FINISHED, ACT_WAITING } act_state_e;
 typedef enum { STEP_WRITE, STEP_FOLDER, STEP_STATE } act_step_e;
@@ -505,6 +580,16 @@ static void page_ok(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t
     b->pass->st->messages += applied;
     if (page.delta_link) {
         fr->finished = 1;           /* the round is complete */
+        if (fr->page_size < MSO_SYNC_PAGE_SIZE) {
+            fr->page_size = MSO_SYNC_PAGE_SIZE;
+            page_size_set(b->id, fr->f->folder, fr->page_size);
+        }
+    }
+    else if (fr->page_size < MSO_SYNC_PAGE_SIZE) {
+        /* Past the big messages, probably: larger pages again, step by step. */
+        fr->page_size = fr->page_size * 2 < MSO_SYNC_PAGE_SIZE ? fr->page_size * 2
+                                                                : MSO_SYNC_PAGE_SIZE;
+        page_size_set(b->id, fr->f->folder, fr->page_size);
     }
 }
 
@@ -522,8 +607,27 @@ static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
         return;
     }
     if (rv == APR_ENOSPC && fr->page_size > 1) {
-        /* A page bigger than the response cap (large bodies): smaller pages. */
+        /* More than the response cap kept, even with every string cut at
+         * MSO_GRAPH_MAX_STRING (many large bodies): smaller pages, the last
+         * resort. */
         fr->page_size = fr->page_size / 4 > 0 ? fr->page_size / 4 : 1;
+        page_size_set(b->id, fr->f->folder, fr->page_size);
+        apr_pool_destroy(rq->pool);
+        pump(b);
+        return;
+    }
+    if (rv == APR_ENOSPC) {
+        /* One message that does not fit even with its strings cut. No
+         * sender can make one (its text is cut at 4 MiB a string, 1 GiB
+         * may be received, Exchange takes 150 MB a message): this is Graph
+         * failing. The page is not skipped: what follows it is only known
+         * from the page itself (@odata.nextLink), and a new round would meet
+         * the same message again. The folder retries with the error shown. */
+        fr->finished = 1;
+        box_error(b, apr_pstrcat(b->pool, "Graph sent a delta page of folder ", fr->f->folder,
+                                 " with a single message too large to read even with its "
+                                 "texts cut (", resp->error ? resp->error : "too large",
+                                 "); retrying later", NULL));
         apr_pool_destroy(rq->pool);
         pump(b);
         return;
@@ -756,7 +860,7 @@ static apr_status_t box_setup(pass_t *pass, mso_sync_box_t *in, box_rt_t **out)
             folder_rt_t *fr = apr_pcalloc(bp, sizeof(*fr));
 
             fr->f = APR_ARRAY_IDX(folders, i, mso_folder_t *);
-            fr->page_size = MSO_SYNC_PAGE_SIZE;
+            fr->page_size = page_size_get(b->id, fr->f->folder);
             APR_ARRAY_PUSH(b->folders, folder_rt_t *) = fr;
         }
     }
