@@ -303,6 +303,7 @@ static apr_status_t graph_http(apr_pool_t *p, mso_http_multi_t **m)
     http.max_body = GRAPH_MAX_BODY;
     http.max_string = MSO_GRAPH_MAX_STRING;
     http.max_download = MSO_GRAPH_MAX_DOWNLOAD;
+    http.capture = mso_graph_link_keys;
     http.buffer_budget = GRAPH_BUFFER_BUDGET;
     http.grace_ms = GRAPH_TIMEOUT;
     http.stop = the_job ? &the_job->stopping : NULL;

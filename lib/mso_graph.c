@@ -14,6 +14,8 @@
 #define TEXT_MAX 300                /* Graph's message in our texts */
 #define ID_MAX 512                  /* immutable ids are ~150 characters */
 
+const char *const mso_graph_link_keys[] = {"@odata.nextLink", "@odata.deltaLink", NULL};
+
 const char *mso_graph_delta_url(apr_pool_t *p, const char *graph_root, const char *folder)
 {
     /* Options go on the first request only: Graph encodes them in the links. */

@@ -26,6 +26,11 @@
  * per page thus always fits; more can only be a page to make smaller. */
 #define MSO_GRAPH_MAX_DOWNLOAD ((apr_size_t)1024 * 1024 * 1024)
 
+/* The members of a delta page that say where the round goes on, for the
+ * clip to capture (mso_http_opts_t.capture): known even for a page that is
+ * refused, so that one can be skipped. */
+extern const char *const mso_graph_link_keys[];
+
 /* What the mirror stores, and nothing more. */
 #define MSO_GRAPH_SELECT "internetMessageId,conversationId,subject,from,toRecipients," \
     "receivedDateTime,isRead,hasAttachments,importance,bodyPreview,body,webLink"

@@ -375,6 +375,17 @@ static mso_http_call_t *call_make(apr_pool_t *p, const char *method, const char 
     return c;
 }
 
+static void call_capture(void *baton, int which, const char *value, apr_size_t len)
+{
+    mso_http_call_t *c = baton;
+    mso_http_response_t *r = c->r;
+
+    if (!r->captured) {
+        r->captured = apr_table_make(c->p, 2);
+    }
+    apr_table_setn(r->captured, c->ctx.clip->capture[which], apr_pstrmemdup(c->p, value, len));
+}
+
 /* Checks the request and builds its easy handle. Everything that can be
  * refused is refused before a handle exists; on failure nothing is left to
  * clean up and r->error says why. */
@@ -435,6 +446,11 @@ static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
     if (o->max_string) {
         c->ctx.clip = apr_palloc(c->p, sizeof(*c->ctx.clip));
         mso_json_clip_init(c->ctx.clip, o->max_string);
+        if (o->capture) {
+            c->ctx.clip->capture = o->capture;
+            c->ctx.clip->on_capture = call_capture;
+            c->ctx.clip->capture_baton = c;
+        }
         c->ctx.max_download = o->max_download ? o->max_download : o->max_body;
     }
 

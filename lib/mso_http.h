@@ -22,6 +22,10 @@ typedef struct {
      * kept, and max_download what is received (0: max_body). */
     apr_size_t max_string;
     apr_size_t max_download;
+    /* With max_string: keys of top-level members whose string values are
+     * handed back in the response's captured table, even when the answer
+     * is refused (too big, not JSON). NULL-terminated, static storage. */
+    const char *const *capture;
     /* Multi handle only. buffer_budget > 0: bytes that the bodies of its
      * running requests may hold together. A request whose buffer would grow
      * past it is paused until memory is freed, except one (the first to
@@ -55,6 +59,7 @@ typedef struct {
                                  * or a batch's budget ran out before it started) */
     apr_size_t received;        /* body bytes received (before the clip) */
     apr_size_t clipped;         /* strings the clip cut */
+    apr_table_t *captured;      /* see mso_http_opts_t.capture; NULL when none */
 } mso_http_response_t;
 
 /* Global libcurl set-up; call once per process before threads (post_config / test main). */

@@ -251,11 +251,66 @@ static void clip_push(mso_json_clip_t *c, int obj)
     }
 }
 
+static void clip_capture(mso_json_clip_t *c, const char *t, apr_size_t n)
+{
+    if (c->cap_bad || n > sizeof(c->cap_buf) - c->cap_len || memchr(t, '\\', n)) {
+        c->cap_bad = 1;
+        return;
+    }
+    memcpy(c->cap_buf + c->cap_len, t, n);
+    c->cap_len += n;
+}
+
+/* A string starts: is it a top-level key, or the value of a wanted one? */
+static void clip_capture_start(mso_json_clip_t *c)
+{
+    c->cap_state = 0;
+    if (!c->capture || c->depth != 1 || !clip_in_object(c)) {
+        return;
+    }
+    if (c->key) {
+        c->cap_state = 1;
+        c->cap_want = 0;
+    }
+    else if (c->cap_want) {
+        c->cap_state = 2;
+    }
+    else {
+        return;
+    }
+    c->cap_len = 0;
+    c->cap_bad = 0;
+}
+
+static void clip_capture_end(mso_json_clip_t *c)
+{
+    int i;
+
+    if (c->cap_state == 1 && !c->cap_bad) {
+        for (i = 0; c->capture[i]; i++) {
+            if (strlen(c->capture[i]) == c->cap_len
+                && !memcmp(c->capture[i], c->cap_buf, c->cap_len)) {
+                c->cap_want = i + 1;
+            }
+        }
+    }
+    else if (c->cap_state == 2) {
+        if (!c->cap_bad && !c->cut && c->on_capture) {
+            c->on_capture(c->capture_baton, c->cap_want - 1, c->cap_buf, c->cap_len);
+        }
+        c->cap_want = 0;
+    }
+    c->cap_state = 0;
+}
+
 /* One character of string content: kept whole, or the cut happens before it. */
 static char *clip_tok(mso_json_clip_t *c, char *o, const char *t, apr_size_t n)
 {
     if (c->cut) {
         return o;
+    }
+    if (c->cap_state) {
+        clip_capture(c, t, n);
     }
     if (c->max_string && c->str_len + n > c->max_string) {
         c->cut = 1;
@@ -391,6 +446,9 @@ apr_size_t mso_json_clip_feed(mso_json_clip_t *c, const char *in, apr_size_t n, 
                 c->cut = 0;
                 c->str_len = 0;
                 c->hi = 0;
+                if (c->capture) {
+                    clip_capture_start(c);
+                }
                 break;
             case '{':
                 clip_push(c, 1);
@@ -409,6 +467,7 @@ apr_size_t mso_json_clip_feed(mso_json_clip_t *c, const char *in, apr_size_t n, 
                 break;
             case ',':
                 c->expect_key = clip_in_object(c);
+                c->cap_want = 0;
                 break;
             default:        /* ':' */
                 c->expect_key = 0;
@@ -431,6 +490,9 @@ apr_size_t mso_json_clip_feed(mso_json_clip_t *c, const char *in, apr_size_t n, 
                 memcpy(o, run, keep);
                 o += keep;
                 c->str_len += keep;
+                if (c->cap_state) {
+                    clip_capture(c, (const char *)run, keep);
+                }
                 if (keep < len) {
                     o = clip_tok(c, o, (const char *)run + keep, 1);
                 }
@@ -441,6 +503,9 @@ apr_size_t mso_json_clip_feed(mso_json_clip_t *c, const char *in, apr_size_t n, 
                 o = clip_flush_hi(c, o);
                 *o++ = '"';
                 c->state = CLIP_OUT;
+                if (c->cap_state) {
+                    clip_capture_end(c);
+                }
             }
             else if (b == '\\') {
                 c->state = CLIP_ESC;

@@ -34,7 +34,14 @@ json_t *mso_json_parse_flags(apr_pool_t *p, const char *buf, apr_size_t len, siz
  *    lone surrogate escapes and unknown escapes; raw control characters,
  *    which jansson refuses, are escaped (\t \n \r) or become spaces.
  * Outside strings bytes pass unchanged: what is not JSON stays not JSON.
+ * It can also hand over the string values of some members of the top-level
+ * object as they pass (capture, on_capture), e.g. the link to a page's
+ * successor, known even when the document as a whole is refused.
  * Memory: the state is this struct; nothing is allocated. */
+#define MSO_JSON_CLIP_CAPTURE_MAX 8192
+
+typedef void mso_json_capture_fn(void *baton, int which, const char *value, apr_size_t len);
+
 typedef struct {
     apr_size_t max_string;          /* 0: no cut */
     apr_size_t str_len;             /* output bytes of the current string */
@@ -51,6 +58,17 @@ typedef struct {
     unsigned char seq[4];           /* the UTF-8 sequence so far */
     int depth;
     unsigned char objs[64];         /* bit per level: an object (1) or an array */
+    /* Capture: keys (NULL-terminated) of top-level members whose string
+     * value (at most MSO_JSON_CLIP_CAPTURE_MAX bytes, without escapes, as
+     * sent) goes to on_capture with the key's index. */
+    const char *const *capture;
+    mso_json_capture_fn *on_capture;
+    void *capture_baton;
+    int cap_state;                  /* 1: a top-level key, 2: a wanted value */
+    int cap_want;                   /* index + 1 of the key just read */
+    int cap_bad;
+    apr_size_t cap_len;
+    char cap_buf[MSO_JSON_CLIP_CAPTURE_MAX];
 } mso_json_clip_t;
 
 /* Output bytes one chunk of n input bytes can produce at most. */

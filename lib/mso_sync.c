@@ -539,29 +539,23 @@ static void folder_fetch(box_rt_t *b, folder_rt_t *fr)
     }
 }
 
-static void page_ok(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t *resp)
+/* Stores a page (or, for a skipped one, no entries and its link) with the
+ * cursor that follows it. */
+static void page_store(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_graph_page_t *page)
 {
-    mso_graph_page_t page;
     const char *err = NULL;
     apr_status_t rv;
     int applied = 0;
 
-    if (mso_graph_parse_page(rq->pool, resp->body, resp->body_len, &page, &err)
-        != APR_SUCCESS) {
-        fr->finished = 1;
-        box_error(b, apr_pstrcat(b->pool, "Graph sent a delta page of folder ", fr->f->folder,
-                                 " that cannot be read: ", err, NULL));
-        return;
-    }
-    if ((page.next_link && !mso_graph_link_ok(b->in->graph_root, page.next_link))
-        || (page.delta_link && !mso_graph_link_ok(b->in->graph_root, page.delta_link))) {
+    if ((page->next_link && !mso_graph_link_ok(b->in->graph_root, page->next_link))
+        || (page->delta_link && !mso_graph_link_ok(b->in->graph_root, page->delta_link))) {
         fr->finished = 1;
         box_error(b, apr_pstrcat(b->pool, "Graph sent a link for folder ", fr->f->folder,
                                  " outside MSOAuthGraphURL; it is not followed (the access "
                                  "token would go with it)", NULL));
         return;
     }
-    rv = mso_mirror_apply_page(b->pass->db, rq->pool, b->pass->owner, b->id, fr->f, &page,
+    rv = mso_mirror_apply_page(b->pass->db, rq->pool, b->pass->owner, b->id, fr->f, page,
                                now_sec(), &applied, &err);
     if (rv == APR_EBUSY) {
         fr->finished = 1;
@@ -578,7 +572,7 @@ static void page_ok(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t
     fr->f->delta_link = fr->f->delta_link ? apr_pstrdup(b->pool, fr->f->delta_link) : NULL;
     b->pass->st->pages++;
     b->pass->st->messages += applied;
-    if (page.delta_link) {
+    if (page->delta_link) {
         fr->finished = 1;           /* the round is complete */
         if (fr->page_size < MSO_SYNC_PAGE_SIZE) {
             fr->page_size = MSO_SYNC_PAGE_SIZE;
@@ -591,6 +585,66 @@ static void page_ok(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t
                                                                 : MSO_SYNC_PAGE_SIZE;
         page_size_set(b->id, fr->f->folder, fr->page_size);
     }
+}
+
+/* A page whose answer came whole but cannot be used: more than the cap kept
+ * even with its strings cut, or not JSON. With the clip no sender can cause
+ * this (a string keeps at most 4 MiB, 1 GiB may be received and Exchange
+ * takes 150 MB a message), so it is Graph failing, and no answer may stop a
+ * folder for good.
+ * First, smaller pages, down to one entry: that isolates the culprit, and
+ * got this far only after the same position failed at 100, 25 and 6.
+ * Then the page is skipped only when that is safe: its own link to what
+ * follows (@odata.nextLink or deltaLink, read by the clip as it passed,
+ * under MSOAuthGraphURL) is known, so the round resumes right after the one
+ * entry lost (logged; a full round sees that message again, and the end of
+ * a full round marks its old row removed). Without that link nothing can
+ * resume after it (a new round meets the same page again): the folder
+ * retries later with the error shown. */
+static void page_unreadable(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t *resp,
+                            const char *why)
+{
+    const char *next = resp->captured ? apr_table_get(resp->captured, "@odata.nextLink") : NULL;
+    const char *delta = resp->captured ? apr_table_get(resp->captured, "@odata.deltaLink")
+                                       : NULL;
+    mso_graph_page_t page;
+
+    if (fr->page_size > 1) {
+        fr->page_size = fr->page_size / 4 > 0 ? fr->page_size / 4 : 1;
+        page_size_set(b->id, fr->f->folder, fr->page_size);
+        return;
+    }
+    if ((next != NULL) == (delta != NULL)) {
+        fr->finished = 1;
+        box_error(b, apr_pstrcat(b->pool, "Graph sent a delta page of folder ", fr->f->folder,
+                                 " with a single entry that cannot be read (", why, "); it "
+                                 "cannot be skipped (the page's link to what follows was not "
+                                 "read); retrying later", NULL));
+        return;
+    }
+    memset(&page, 0, sizeof(page));
+    page.items = apr_array_make(rq->pool, 1, sizeof(mso_graph_msg_t));
+    page.next_link = next;
+    page.delta_link = delta;
+    mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_SUCCESS, "mod_msoauth: account %"
+                   APR_INT64_T_FMT ": Graph sent a delta page of folder %s with a single "
+                   "entry that cannot be read even alone (%s); it is skipped, so the mirror "
+                   "may miss that one message until the folder's next full round", b->id,
+                   fr->f->folder, why);
+    page_store(b, fr, rq, &page);
+}
+
+static void page_ok(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t *resp)
+{
+    mso_graph_page_t page;
+    const char *err = NULL;
+
+    if (mso_graph_parse_page(rq->pool, resp->body, resp->body_len, &page, &err)
+        != APR_SUCCESS) {
+        page_unreadable(b, fr, rq, resp, err);
+        return;
+    }
+    page_store(b, fr, rq, &page);
 }
 
 static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
@@ -606,28 +660,10 @@ static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
         apr_pool_destroy(rq->pool);
         return;
     }
-    if (rv == APR_ENOSPC && fr->page_size > 1) {
-        /* More than the response cap kept, even with every string cut at
-         * MSO_GRAPH_MAX_STRING (many large bodies): smaller pages, the last
-         * resort. */
-        fr->page_size = fr->page_size / 4 > 0 ? fr->page_size / 4 : 1;
-        page_size_set(b->id, fr->f->folder, fr->page_size);
-        apr_pool_destroy(rq->pool);
-        pump(b);
-        return;
-    }
     if (rv == APR_ENOSPC) {
-        /* One message that does not fit even with its strings cut. No
-         * sender can make one (its text is cut at 4 MiB a string, 1 GiB
-         * may be received, Exchange takes 150 MB a message): this is Graph
-         * failing. The page is not skipped: what follows it is only known
-         * from the page itself (@odata.nextLink), and a new round would meet
-         * the same message again. The folder retries with the error shown. */
-        fr->finished = 1;
-        box_error(b, apr_pstrcat(b->pool, "Graph sent a delta page of folder ", fr->f->folder,
-                                 " with a single message too large to read even with its "
-                                 "texts cut (", resp->error ? resp->error : "too large",
-                                 "); retrying later", NULL));
+        /* More than the response cap kept even with every string cut at
+         * MSO_GRAPH_MAX_STRING (many large bodies), or received. */
+        page_unreadable(b, fr, rq, resp, resp->error ? resp->error : "too large");
         apr_pool_destroy(rq->pool);
         pump(b);
         return;

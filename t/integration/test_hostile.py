@@ -3,7 +3,12 @@ outside sender can make (a body larger than the 32 MiB a page may keep, a NUL
 in a body, a lone surrogate in a subject) sit among normal ones; the folder
 converges, what cannot be stored whole is stored without its body, and the
 job's memory stays bounded (its peak RSS is measured and reported)."""
+import http.client
+import re
+import threading
 import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -145,3 +150,90 @@ def test_many_large_bodies_shrink_the_page_and_converge(httpd, simulator):
     a = poll("the account to be idle", lambda: (lambda a: a if a["sync"]["phase"] == "idle"
                                                 else None)(env.account(acc)), timeout=30)
     assert a["sync"]["last_error"] is None, a
+
+
+class BreakingProxy:
+    """Graph through a proxy that breaks the JSON of every delta page holding
+    the message whose subject is MARK (a Graph fault: no sender can make the
+    clip's output invalid), and points the simulator's links at itself."""
+
+    MARK = "BREAK-THIS-PAGE"
+
+    def __init__(self, sim_url):
+        proxy = self
+        target = urllib.parse.urlsplit(sim_url)
+        self.broken = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection", "content-length")}
+                c = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                c.request(self.command, self.path, body, headers)
+                r = c.getresponse()
+                data = r.read().replace(sim_url.encode(), proxy.url.encode())
+                c.close()
+                if "/messages/delta" in self.path and proxy.MARK.encode() in data:
+                    data = re.sub(rb'"subject":\s*"' + proxy.MARK.encode() + rb'"',
+                                  b'"subject": ' + proxy.MARK.encode(), data)
+                    proxy.broken += 1
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v.replace(sim_url, proxy.url))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_page_graph_breaks_is_skipped_alone(httpd, simulator):
+    """A page that cannot be read even with one entry, whose link to what
+    follows was read as it passed: skipped with an error in the log, and the
+    rest of the folder converges with no sync error."""
+    proxy = BreakingProxy(simulator.url)
+    try:
+        env = make_env(httpd, simulator, "sqlite3", extra=f"MSOAuthGraphURL {proxy.url}\n")
+        user = ADELE[0]
+        older = env.seed(user, 40, newest="2026-01-01T00:00:00Z")
+        (bad,) = sim_call(env.sim, "POST", f"/_sim/mailbox/{user}/messages", {
+            "folder": "inbox", "messages": [{"subject": BreakingProxy.MARK,
+                                             "receivedDateTime": "2026-02-01T00:00:00Z"}]})[
+            "messages"]
+        newer = env.seed(user, 40, newest="2026-03-01T00:00:00Z", subject_prefix="Newer")
+        want = {m["id"] for m in older + newer}
+        acc = env.connect(user)
+
+        def converged():
+            rows = env.rows(f"SELECT graph_id FROM msoauth_messages WHERE account_id = {acc} "
+                            "AND removed = 0", "graph_id")
+            return {r["graph_id"] for r in rows} == want
+
+        poll("every readable message in msoauth_messages", converged, timeout=60, every=0.5)
+        a = poll("the account to be idle", lambda: (lambda a: a if a["sync"]["phase"] == "idle"
+                                                    else None)(env.account(acc)), timeout=30)
+        assert a["sync"]["last_error"] is None, a
+        assert proxy.broken >= 4            # at 100, 25, 6 and 1 entries
+        assert "it is skipped" in env.h.log()
+        sizes = [e.get("prefer") or "" for e in env.delta_requests()]
+        assert any("maxpagesize=1," in p for p in sizes), sizes
+    finally:
+        proxy.close()

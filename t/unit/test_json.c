@@ -421,6 +421,57 @@ START_TEST(clip_leaves_the_rest_alone)
 }
 END_TEST
 
+typedef struct {
+    const char *got[3];
+    int calls;
+} captured_t;
+
+static void on_capture(void *baton, int which, const char *value, apr_size_t len)
+{
+    captured_t *cap = baton;
+
+    cap->got[which] = apr_pstrmemdup(pool, value, len);
+    cap->calls++;
+}
+
+START_TEST(clip_captures_top_level_members)
+{
+    static const char *const keys[] = {"@odata.nextLink", "z", "long", NULL};
+    /* Not JSON after all (the bare word), yet the link is known. */
+    const char *doc = "{\"@odata.context\":\"x\",\"value\":[{\"@odata.nextLink\":\"inner\","
+                      "\"subject\": broken},{\"z\":\"deep\"}],\"@odata.nextLink\":"
+                      "\"https://g/v1.0/n?a=1\",\"z\":\"\\/esc\",\"long\":"
+                      "\"0123456789abcdef0123456789\",\"q\":\"https://other\"}";
+    size_t n = strlen(doc), i, split;
+    char *out = apr_palloc(pool, MSO_JSON_CLIP_ROOM(n));
+
+    for (split = 0; split <= n + 1; split++) {
+        mso_json_clip_t c;
+        captured_t cap;
+
+        memset(&cap, 0, sizeof(cap));
+        mso_json_clip_init(&c, 20);
+        c.capture = keys;
+        c.on_capture = on_capture;
+        c.capture_baton = &cap;
+        if (split > n) {
+            for (i = 0; i < n; i++) {
+                mso_json_clip_feed(&c, doc + i, 1, out);
+            }
+        }
+        else {
+            mso_json_clip_feed(&c, doc, split, out);
+            mso_json_clip_feed(&c, doc + split, n - split, out);
+        }
+        /* Only the top level's; not one with an escape, nor one cut short. */
+        ck_assert_int_eq(cap.calls, 1);
+        ck_assert_str_eq(cap.got[0], "https://g/v1.0/n?a=1");
+        ck_assert_ptr_null(cap.got[1]);
+        ck_assert_ptr_null(cap.got[2]);
+    }
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("json");
@@ -442,6 +493,7 @@ int main(void)
     tcase_add_test(tc, clip_keys_arrays_and_counts);
     tcase_add_test(tc, clip_repairs_strings);
     tcase_add_test(tc, clip_leaves_the_rest_alone);
+    tcase_add_test(tc, clip_captures_top_level_members);
     suite_add_tcase(s, tc);
     failed = mso_check_run(s);
     apr_terminate();
