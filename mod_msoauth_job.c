@@ -62,7 +62,8 @@ APLOG_USE_MODULE(msoauth);
  * one, so the bodies held at once stay below
  *     GRAPH_LANES x (GRAPH_BUFFER_BUDGET + GRAPH_MAX_BODY) = 2 x 64 MiB,
  * plus, per lane, the one page being parsed (at most GRAPH_MAX_BODY of text
- * and jansson's tree of it), instead of 128 x 2 x 32 MiB before.
+ * and jansson's tree of it). Before, every doubling of every buffer stayed
+ * until its request's end: 128 requests x ~64 MiB per lane, 16 GiB.
  * A page of a 150 MB message takes time: no total timeout worth the name
  * (GRAPH_TIMEOUT), a stall (< 1 byte/s for GRAPH_STALL) ends it, and a
  * request started before the tick's budget ran out may finish within
