@@ -144,18 +144,10 @@ apr_int64_t mso_graph_time(const char *s)
 }
 
 /* Bytes a stored text must not hold: NUL (PostgreSQL's TEXT cannot) and the
- * other C0 controls; 2 also keeps tab, LF and CR (bodies, previews). */
-static unsigned char ctl_class[256];
-static volatile int ctl_ready;
-
-static void ctl_init(void)
+ * other C0 controls; lines keeps tab, LF and CR (bodies, previews). */
+static APR_INLINE int ctl_bad(unsigned char b, int lines)
 {
-    int i;
-
-    for (i = 0; i < 0x20; i++) {
-        ctl_class[i] = (i == '\t' || i == '\n' || i == '\r') ? 1 : 2;
-    }
-    ctl_ready = 1;
+    return b < 0x20 && (!lines || (b != '\t' && b != '\n' && b != '\r'));
 }
 
 /* A string of the page as it may be stored: NULL when absent; *cut when the
@@ -166,7 +158,6 @@ static const char *page_text(apr_pool_t *p, const json_t *v, int lines, int *cut
     const char *s;
     char *copy;
     apr_size_t n, i;
-    unsigned char bad = lines ? 2 : 1;
 
     if (cut) {
         *cut = 0;
@@ -182,14 +173,14 @@ static const char *page_text(apr_pool_t *p, const json_t *v, int lines, int *cut
             *cut = 1;
         }
     }
-    for (i = 0; i < n && ctl_class[(unsigned char)s[i]] < bad; i++) {
+    for (i = 0; i < n && !ctl_bad((unsigned char)s[i], lines); i++) {
     }
     if (i == n) {
         return s;           /* the common case: no copy; s[n] is NUL */
     }
     copy = apr_pstrmemdup(p, s, n);
     for (; i < n; i++) {
-        if (ctl_class[(unsigned char)copy[i]] >= bad) {
+        if (ctl_bad((unsigned char)copy[i], lines)) {
             copy[i] = ' ';
         }
     }
@@ -318,9 +309,6 @@ apr_status_t mso_graph_parse_page(apr_pool_t *p, const char *body, apr_size_t le
 
     memset(page, 0, sizeof(*page));
     *err = NULL;
-    if (!ctl_ready) {
-        ctl_init();
-    }
     j = mso_json_parse_flags(p, body, len, JSON_ALLOW_NUL, &perr);
     if (!j || !json_is_object(j)) {
         *err = perr ? apr_pstrcat(p, "the delta page is not JSON: ", perr, NULL)

@@ -202,27 +202,18 @@ enum { CLIP_OUT, CLIP_STR, CLIP_ESC, CLIP_HEX, CLIP_UTF8 };
 
 /* Bytes that end a plain run: outside strings the structure, inside them
  * quotes, escapes, controls and non-ASCII. */
-static unsigned char clip_out_stop[256], clip_str_stop[256];
-static volatile int clip_tables_ready;
-
-static void clip_tables(void)
+static APR_INLINE int clip_out_stop(unsigned char b)
 {
-    int i;
+    return b == '"' || b == '{' || b == '}' || b == '[' || b == ']' || b == ',' || b == ':';
+}
 
-    for (i = 0; i < 256; i++) {
-        clip_str_stop[i] = i < 0x20 || i >= 0x80 || i == '"' || i == '\\';
-        clip_out_stop[i] = i == '"' || i == '{' || i == '}' || i == '[' || i == ']'
-                           || i == ',' || i == ':';
-    }
-    clip_tables_ready = 1;
+static APR_INLINE int clip_str_stop(unsigned char b)
+{
+    return b < 0x20 || b >= 0x80 || b == '"' || b == '\\';
 }
 
 void mso_json_clip_init(mso_json_clip_t *c, apr_size_t max_string)
 {
-    /* Threads racing here write the same values. */
-    if (!clip_tables_ready) {
-        clip_tables();
-    }
     memset(c, 0, sizeof(*c));
     c->max_string = max_string;
 }
@@ -430,8 +421,8 @@ apr_size_t mso_json_clip_feed(mso_json_clip_t *c, const char *in, apr_size_t n, 
         b = *s;
         switch (c->state) {
         case CLIP_OUT:
-            if (!clip_out_stop[b]) {
-                for (run = s; s < end && !clip_out_stop[*s]; s++) {
+            if (!clip_out_stop(b)) {
+                for (run = s; s < end && !clip_out_stop(*s); s++) {
                 }
                 memcpy(o, run, (apr_size_t)(s - run));
                 o += s - run;
@@ -475,10 +466,10 @@ apr_size_t mso_json_clip_feed(mso_json_clip_t *c, const char *in, apr_size_t n, 
             }
             break;
         case CLIP_STR:
-            if (!clip_str_stop[b] && !c->hi) {
+            if (!clip_str_stop(b) && !c->hi) {
                 apr_size_t len, keep;
 
-                for (run = s; s < end && !clip_str_stop[*s]; s++) {
+                for (run = s; s < end && !clip_str_stop(*s); s++) {
                 }
                 len = keep = (apr_size_t)(s - run);
                 if (c->cut) {
