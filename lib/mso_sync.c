@@ -587,20 +587,21 @@ static void page_store(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_graph_page_t
     }
 }
 
-/* A page whose answer came whole but cannot be used: more than the cap kept
- * even with its strings cut, or not JSON. With the clip no sender can cause
- * this (a string keeps at most 4 MiB, 1 GiB may be received and Exchange
- * takes 150 MB a message), so it is Graph failing, and no answer may stop a
- * folder for good.
- * First, smaller pages, down to one entry: that isolates the culprit, and
- * got this far only after the same position failed at 100, 25 and 6.
- * Then the page is skipped only when that is safe: its own link to what
- * follows (@odata.nextLink or deltaLink, read by the clip as it passed,
- * under MSOAuthGraphURL) is known, so the round resumes right after the one
- * entry lost (logged; a full round sees that message again, and the end of
- * a full round marks its old row removed). Without that link nothing can
- * resume after it (a new round meets the same page again): the folder
- * retries later with the error shown. */
+/* A page whose answer cannot be used: more than the cap kept even with its
+ * strings cut (many large bodies: normal), or not JSON.
+ * First, smaller pages, down to one entry (the last resort for large
+ * bodies; for a broken page it isolates the culprit).
+ * One entry that still cannot be read is no sender's doing (its strings
+ * keep at most 4 MiB each, 1 GiB may be received, Exchange takes 150 MB a
+ * message): Graph is failing, after the same position failed at 100, 25, 6
+ * and 1. No answer may stop a folder for good, so the page is skipped, but
+ * only when that is safe: its own link to what follows (@odata.nextLink or
+ * deltaLink, read by the clip as it passed, under MSOAuthGraphURL) is
+ * known, so the round resumes right after the one entry lost. That loss is
+ * logged: the message's change is missing, and in a full round its row,
+ * not seen, ends up marked removed. Without that link nothing resumes
+ * after the page (a new round meets it again): the folder retries later
+ * with the error shown. */
 static void page_unreadable(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t *resp,
                             const char *why)
 {
