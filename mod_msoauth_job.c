@@ -56,7 +56,26 @@ APLOG_USE_MODULE(msoauth);
 #define GRAPH_TICK apr_time_from_sec(10)
 #define GRAPH_IN_FLIGHT 128
 #define GRAPH_PER_HOST 128
+/* Hostile mail and memory. A Graph answer goes through the JSON clip as it
+ * arrives: any string past MSO_GRAPH_MAX_STRING (4 MiB) is cut, so a body of
+ * any size (Exchange takes 150 MB) is stored without its text, marked, and
+ * the sync goes on. Per request at most GRAPH_MAX_BODY is kept and
+ * MSO_GRAPH_MAX_DOWNLOAD (1 GiB) received. Each lane's multi handle lets its
+ * running requests hold GRAPH_BUFFER_BUDGET of bodies, then pauses all but
+ * one, so the bodies held at once stay below
+ *     GRAPH_LANES x (GRAPH_BUFFER_BUDGET + GRAPH_MAX_BODY) = 2 x 64 MiB,
+ * plus, per lane, the one page being parsed (at most GRAPH_MAX_BODY of text
+ * and jansson's tree of it). Before, every doubling of every buffer stayed
+ * until its request's end: 128 requests x ~64 MiB per lane, 16 GiB.
+ * A page of a 150 MB message takes time: no total timeout worth the name
+ * (GRAPH_TIMEOUT), a stall (< 1 byte/s for GRAPH_STALL) ends it, and a
+ * request started before the tick's budget ran out may finish within
+ * GRAPH_TIMEOUT after it (a longer tick then); a stopping child cuts it at
+ * once (job->stopping). */
 #define GRAPH_MAX_BODY (32 * 1024 * 1024)
+#define GRAPH_BUFFER_BUDGET (32 * 1024 * 1024)
+#define GRAPH_TIMEOUT (10 * 60 * 1000)
+#define GRAPH_STALL 30
 /* On PostgreSQL under a threaded MPM, a pass's mailboxes are split over this
  * many threads, each with its own database connection (from mod_dbd's pool:
  * keep DBDMax above it) and HTTP client: one parses pages while another
@@ -275,8 +294,15 @@ static apr_status_t graph_http(apr_pool_t *p, mso_http_multi_t **m)
     mso_http_opts_t http;
 
     mso_http_opts_default(&http);
-    http.timeout_ms = 30000;
+    http.timeout_ms = GRAPH_TIMEOUT;
+    http.stall_seconds = GRAPH_STALL;
     http.max_body = GRAPH_MAX_BODY;
+    http.max_string = MSO_GRAPH_MAX_STRING;
+    http.max_download = MSO_GRAPH_MAX_DOWNLOAD;
+    http.capture = mso_graph_link_keys;
+    http.buffer_budget = GRAPH_BUFFER_BUDGET;
+    http.grace_ms = GRAPH_TIMEOUT;
+    http.stop = the_job ? &the_job->stopping : NULL;
     return mso_http_multi_create(p, &http, GRAPH_IN_FLIGHT, GRAPH_PER_HOST, m);
 }
 

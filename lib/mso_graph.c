@@ -1,5 +1,5 @@
-/* Microsoft Graph mail, the protocol side (microsoft-platform.md 6.4, 6.6,
- * 6.7, 6.10, 7). */
+/* Microsoft Graph mail, the protocol side: delta queries, Graph's errors and
+ * the write-back requests (see mso_graph.h). */
 #include <string.h>
 #include <strings.h>
 
@@ -13,6 +13,8 @@
 
 #define TEXT_MAX 300                /* Graph's message in our texts */
 #define ID_MAX 512                  /* immutable ids are ~150 characters */
+
+const char *const mso_graph_link_keys[] = {"@odata.nextLink", "@odata.deltaLink", NULL};
 
 const char *mso_graph_delta_url(apr_pool_t *p, const char *graph_root, const char *folder)
 {
@@ -141,6 +143,64 @@ apr_int64_t mso_graph_time(const char *s)
            - sign * (oh * 3600 + om * 60);
 }
 
+/* Bytes a stored text must not hold: NUL (PostgreSQL's TEXT cannot) and the
+ * other C0 controls; lines keeps tab, LF and CR (bodies, previews). */
+static APR_INLINE int ctl_bad(unsigned char b, int lines)
+{
+    return b < 0x20 && (!lines || (b != '\t' && b != '\n' && b != '\r'));
+}
+
+/* A string of the page as it may be stored: NULL when absent; *cut when the
+ * clip cut it (its marker, a NUL at the end, is dropped). Controls become
+ * spaces (in a copy: the document is jansson's). */
+static const char *page_text(apr_pool_t *p, const json_t *v, int lines, int *cut)
+{
+    const char *s;
+    char *copy;
+    apr_size_t n, i;
+
+    if (cut) {
+        *cut = 0;
+    }
+    if (!json_is_string(v)) {
+        return NULL;
+    }
+    s = json_string_value(v);
+    n = json_string_length(v);
+    if (n && s[n - 1] == '\0') {
+        n--;
+        if (cut) {
+            *cut = 1;
+        }
+    }
+    for (i = 0; i < n && !ctl_bad((unsigned char)s[i], lines); i++) {
+    }
+    if (i == n) {
+        return s;           /* the common case: no copy; s[n] is NUL */
+    }
+    copy = apr_pstrmemdup(p, s, n);
+    for (; i < n; i++) {
+        if (ctl_bad((unsigned char)copy[i], lines)) {
+            copy[i] = ' ';
+        }
+    }
+    return copy;
+}
+
+/* Ids and links as they are, or NULL when a NUL would shorten them. */
+static const char *exact_str(const json_t *obj, const char *key)
+{
+    const json_t *v = json_object_get(obj, key);
+    const char *s = json_is_string(v) ? json_string_value(v) : NULL;
+
+    return s && strlen(s) == json_string_length(v) ? s : NULL;
+}
+
+static const char *page_str(apr_pool_t *p, const json_t *obj, const char *key)
+{
+    return page_text(p, json_is_object(obj) ? json_object_get(obj, key) : NULL, 0, NULL);
+}
+
 /* -1 when absent or not a boolean. */
 static int flag_of(const json_t *o, const char *key)
 {
@@ -149,9 +209,9 @@ static int flag_of(const json_t *o, const char *key)
     return json_is_boolean(v) ? json_is_true(v) : -1;
 }
 
-static const char *email_field(const json_t *recipient, const char *key)
+static const char *email_field(apr_pool_t *p, const json_t *recipient, const char *key)
 {
-    return mso_json_str(mso_json_obj(recipient, "emailAddress"), key);
+    return page_str(p, mso_json_obj(recipient, "emailAddress"), key);
 }
 
 /* toRecipients as [{"name","address"}]: only those two strings survive. */
@@ -167,11 +227,13 @@ static const char *recipients_json(apr_pool_t *p, const json_t *arr)
     }
     out = json_array();
     json_array_foreach(arr, i, r) {
-        const char *name = email_field(r, "name"), *addr = email_field(r, "address");
+        const char *name = email_field(p, r, "name"), *addr = email_field(p, r, "address");
         json_t *e = json_object();
 
-        json_object_set_new(e, "name", name ? json_string(name) : json_null());
-        json_object_set_new(e, "address", addr ? json_string(addr) : json_null());
+        json_t *jn = name ? json_string(name) : NULL, *ja = addr ? json_string(addr) : NULL;
+
+        json_object_set_new(e, "name", jn ? jn : json_null());
+        json_object_set_new(e, "address", ja ? ja : json_null());
         json_array_append_new(out, e);
     }
     s = mso_json_dump(p, out);
@@ -202,25 +264,36 @@ static void parse_entry(apr_pool_t *p, const json_t *e, mso_graph_msg_t *m)
     const char *when = mso_json_str(e, "receivedDateTime");
 
     memset(m, 0, sizeof(*m));
-    m->graph_id = mso_json_str(e, "id");
+    m->graph_id = exact_str(e, "id");
     m->removed = json_object_get(e, "@removed") != NULL;
     m->received_at = when ? mso_graph_time(when) : -1;
     m->is_read = flag_of(e, "isRead");
     m->has_attachments = flag_of(e, "hasAttachments");
-    m->internet_message_id = mso_json_str(e, "internetMessageId");
-    m->conversation_id = mso_json_str(e, "conversationId");
-    m->subject = mso_json_str(e, "subject");
-    m->importance = mso_json_str(e, "importance");
-    m->body_preview = mso_json_str(e, "bodyPreview");
-    m->web_link = mso_json_str(e, "webLink");
+    m->internet_message_id = page_str(p, e, "internetMessageId");
+    m->conversation_id = page_str(p, e, "conversationId");
+    m->subject = page_str(p, e, "subject");
+    m->importance = page_str(p, e, "importance");
+    m->body_preview = page_text(p, json_object_get(e, "bodyPreview"), 1, NULL);
+    m->web_link = page_str(p, e, "webLink");
     if (from) {
-        m->from_address = email_field(from, "address");
-        m->from_name = email_field(from, "name");
+        m->from_address = email_field(p, from, "address");
+        m->from_name = email_field(p, from, "name");
     }
     m->to_json = recipients_json(p, json_object_get(e, "toRecipients"));
+    m->body_truncated = -1;
     if (body) {
-        m->body_type = mso_json_str(body, "contentType");
-        m->body = mso_json_str(body, "content");
+        int cut = 0;
+
+        m->body_type = page_str(p, body, "contentType");
+        m->body = page_text(p, json_object_get(body, "content"), 1, &cut);
+        if (cut) {
+            /* Too long to keep: stored without its text, marked. */
+            m->body = NULL;
+            m->body_truncated = 1;
+        }
+        else if (m->body) {
+            m->body_truncated = 0;
+        }
     }
     /* New items come whole; an update carries the id and what changed. */
     m->full = !m->removed && m->received_at >= 0 && m->is_read >= 0;
@@ -236,7 +309,7 @@ apr_status_t mso_graph_parse_page(apr_pool_t *p, const char *body, apr_size_t le
 
     memset(page, 0, sizeof(*page));
     *err = NULL;
-    j = mso_json_parse(p, body, len, &perr);
+    j = mso_json_parse_flags(p, body, len, JSON_ALLOW_NUL, &perr);
     if (!j || !json_is_object(j)) {
         *err = perr ? apr_pstrcat(p, "the delta page is not JSON: ", perr, NULL)
                     : "the delta page is not a JSON object";
@@ -262,8 +335,8 @@ apr_status_t mso_graph_parse_page(apr_pool_t *p, const char *body, apr_size_t le
         }
         APR_ARRAY_PUSH(page->items, mso_graph_msg_t) = m;
     }
-    page->next_link = mso_json_str(j, "@odata.nextLink");
-    page->delta_link = mso_json_str(j, "@odata.deltaLink");
+    page->next_link = exact_str(j, "@odata.nextLink");
+    page->delta_link = exact_str(j, "@odata.deltaLink");
     page->next_link = page->next_link ? apr_pstrdup(p, page->next_link) : NULL;
     page->delta_link = page->delta_link ? apr_pstrdup(p, page->delta_link) : NULL;
     if (!page->next_link && !page->delta_link) {

@@ -12,6 +12,25 @@
 
 #include "mso_http.h"
 
+/* A string of a delta page longer than this (bytes of JSON text) is cut by
+ * the clip as the page arrives (mso_http_opts_t.max_string): a body that
+ * long is stored without its text and marked body_truncated. 4 MiB is far
+ * above what mail clients show (HTML bodies are rarely above 1 MiB; what
+ * makes messages big is attachments, which are not in the page), and eight
+ * such bodies still fit in a 32 MiB page, so the page size seldom has to
+ * shrink. */
+#define MSO_GRAPH_MAX_STRING (4 * 1024 * 1024)
+/* Bytes received for one delta page at most. A message is at most 150 MB
+ * in Exchange Online (attachments, base64, included), so its body is too;
+ * JSON escaping can make it up to six times longer (\u0001). One message
+ * per page thus always fits; more can only be a page to make smaller. */
+#define MSO_GRAPH_MAX_DOWNLOAD ((apr_size_t)1024 * 1024 * 1024)
+
+/* The members of a delta page that say where the round goes on, for the
+ * clip to capture (mso_http_opts_t.capture): known even for a page that is
+ * refused, so that one can be skipped. */
+extern const char *const mso_graph_link_keys[];
+
 /* What the mirror stores, and nothing more. */
 #define MSO_GRAPH_SELECT "internetMessageId,conversationId,subject,from,toRecipients," \
     "receivedDateTime,isRead,hasAttachments,importance,bodyPreview,body,webLink"
@@ -34,7 +53,10 @@ typedef struct {
     const char *importance;
     const char *body_preview;
     const char *body_type;          /* html | text */
+    /* NULL when absent, or when it was too long to keep (the clip's marker):
+     * then body_truncated is 1; 0 for a body kept whole, -1 when absent. */
     const char *body;
+    int body_truncated;
     const char *web_link;
 } mso_graph_msg_t;
 
@@ -57,8 +79,12 @@ int mso_graph_link_ok(const char *graph_root, const char *url);
  * page_size > 0), a fresh client-request-id, JSON. */
 apr_array_header_t *mso_graph_headers(apr_pool_t *p, const char *access_token, int page_size);
 
-/* Parses a delta page. The items' strings live in the parsed document,
- * released with p. APR_EINVAL (and *err) when it is not a page. */
+/* Parses a delta page, as it came through the clip (a string ending in NUL
+ * was cut; any other NUL becomes a space). The kept strings hold no control
+ * characters but tab, CR and LF in body and preview (others become spaces),
+ * and a cut one (subject, ...) stays cut. The items' strings live in the
+ * parsed document, released with p. APR_EINVAL (and *err) when it is not a
+ * page. */
 apr_status_t mso_graph_parse_page(apr_pool_t *p, const char *body, apr_size_t len,
                                   mso_graph_page_t *page, const char **err);
 

@@ -4,6 +4,7 @@
  * multi handle, on one thread, with a bound on connections and their reuse.
  * Both set up their handles with the same code (call_setup, call_end). */
 #include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <curl/curl.h>
@@ -14,6 +15,7 @@
 #include <apr_time.h>
 
 #include "mso_http.h"
+#include "mso_json.h"
 #include "mso_log.h"
 
 #ifndef MSO_VERSION
@@ -29,10 +31,14 @@
 typedef struct {
     apr_pool_t *p;
     apr_size_t max_body;
-    char *buf;
+    char *buf;                  /* malloc'ed, freed with p (ctx_free) */
     apr_size_t len;
     apr_size_t cap;
+    apr_size_t received;        /* body bytes from the wire */
+    apr_size_t max_download;
+    mso_json_clip_t *clip;      /* NULL: the body is kept as received */
     int body_too_big;
+    int no_memory;
     apr_table_t *headers;
     apr_size_t header_bytes;
     int headers_too_big;
@@ -62,40 +68,6 @@ void mso_http_opts_default(mso_http_opts_t *o)
     o->max_body = 4 * 1024 * 1024;
     o->ca_file = NULL;
     o->user_agent = MSO_HTTP_UA;
-}
-
-static size_t write_cb(char *data, size_t size, size_t nmemb, void *baton)
-{
-    mso_http_ctx_t *ctx = baton;
-    apr_size_t n = size * nmemb;
-
-    /* A short count makes curl abort with CURLE_WRITE_ERROR. */
-    if (n > ctx->max_body || ctx->len > ctx->max_body - n) {
-        ctx->body_too_big = 1;
-        return 0;
-    }
-    if (ctx->len + n + 1 > ctx->cap) {
-        apr_size_t cap = ctx->cap ? ctx->cap * 2 : 4096;
-        char *nbuf;
-
-        if (cap < ctx->len + n + 1) {
-            cap = ctx->len + n + 1;
-        }
-        /* Never reserve more than the cap allows. */
-        if (cap > ctx->max_body + 1) {
-            cap = ctx->max_body + 1;
-        }
-        nbuf = apr_palloc(ctx->p, cap);
-        if (ctx->len) {
-            memcpy(nbuf, ctx->buf, ctx->len);
-        }
-        ctx->buf = nbuf;
-        ctx->cap = cap;
-    }
-    memcpy(ctx->buf + ctx->len, data, n);
-    ctx->len += n;
-    ctx->buf[ctx->len] = '\0';
-    return n;
 }
 
 static size_t header_cb(char *data, size_t size, size_t nmemb, void *baton)
@@ -243,6 +215,7 @@ struct mso_http_call_t {
     mso_http_done_fn *done;
     void *baton;
     call_state_e state;
+    int paused;                     /* waiting for the buffer budget */
     mso_http_call_t *prev, *next;
 };
 
@@ -253,9 +226,137 @@ struct mso_http_multi_t {
     int max_in_flight;
     int running;                    /* handed to curl */
     int aborting;                   /* the budget ran out: refuse new requests */
+    apr_size_t buffered;            /* capacity of the running requests' buffers */
+    apr_size_t peak;
+    mso_http_call_t *leader;        /* may grow past the budget */
+    int paused;                     /* requests paused now */
+    int pauses;                     /* ... and ever */
+    int freed;                      /* memory went back: wake the paused */
     mso_http_call_t *queue, *queue_tail;    /* waiting, in the order added */
     mso_http_call_t *active, *active_tail;  /* handed to curl */
 };
+
+static apr_status_t ctx_free(void *data)
+{
+    mso_http_ctx_t *ctx = data;
+
+    free(ctx->buf);
+    ctx->buf = NULL;
+    ctx->len = ctx->cap = 0;
+    return APR_SUCCESS;
+}
+
+/* The request's buffer stops counting against its multi handle's budget. */
+static void call_unbudget(mso_http_call_t *c)
+{
+    mso_http_multi_t *m = c->m;
+
+    if (!m) {
+        return;
+    }
+    m->buffered -= c->ctx.cap;
+    if (m->leader == c) {
+        m->leader = NULL;
+    }
+    if (c->paused) {
+        c->paused = 0;
+        m->paused--;
+    }
+    m->freed = 1;
+    c->m = NULL;
+}
+
+/* Room for need bytes. APR_EAGAIN: the budget says wait (the transfer is
+ * paused), APR_ENOMEM: malloc failed. */
+static apr_status_t buf_grow(mso_http_call_t *c, apr_size_t need)
+{
+    mso_http_ctx_t *ctx = &c->ctx;
+    mso_http_multi_t *m = c->m;
+    apr_size_t cap = ctx->cap ? ctx->cap * 2 : 4096;
+    apr_size_t most = ctx->max_body + MSO_HTTP_GROW_SLACK;
+    char *nbuf;
+
+    /* Doubling, but never reserving much more than the cap allows. */
+    if (cap > most) {
+        cap = most;
+    }
+    if (cap < need) {
+        cap = need;
+    }
+    if (m && m->o.buffer_budget && m->leader != c
+        && m->buffered + (cap - ctx->cap) > m->o.buffer_budget) {
+        if (m->leader) {
+            if (!c->paused) {
+                c->paused = 1;
+                m->paused++;
+                m->pauses++;
+            }
+            return APR_EAGAIN;
+        }
+        m->leader = c;
+    }
+    nbuf = realloc(ctx->buf, cap);
+    if (!nbuf) {
+        return APR_ENOMEM;
+    }
+    if (m) {
+        m->buffered += cap - ctx->cap;
+        if (m->buffered > m->peak) {
+            m->peak = m->buffered;
+        }
+    }
+    ctx->buf = nbuf;
+    ctx->cap = cap;
+    return APR_SUCCESS;
+}
+
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *baton)
+{
+    mso_http_call_t *c = baton;
+    mso_http_ctx_t *ctx = &c->ctx;
+    apr_size_t n = size * nmemb, room;
+    apr_status_t rv;
+
+    /* A short count makes curl abort with CURLE_WRITE_ERROR. */
+    if (ctx->clip) {
+        if (n > ctx->max_download || ctx->received > ctx->max_download - n) {
+            ctx->body_too_big = 1;
+            return 0;
+        }
+        room = MSO_JSON_CLIP_ROOM(n);
+    }
+    else {
+        if (n > ctx->max_body || ctx->len > ctx->max_body - n) {
+            ctx->body_too_big = 1;
+            return 0;
+        }
+        room = n;
+    }
+    if (ctx->len + room + 1 > ctx->cap) {
+        rv = buf_grow(c, ctx->len + room + 1);
+        if (rv == APR_EAGAIN) {
+            return CURL_WRITEFUNC_PAUSE;    /* curl keeps the data until unpaused */
+        }
+        if (rv != APR_SUCCESS) {
+            ctx->no_memory = 1;
+            return 0;
+        }
+    }
+    ctx->received += n;
+    if (ctx->clip) {
+        ctx->len += mso_json_clip_feed(ctx->clip, data, n, ctx->buf + ctx->len);
+        if (ctx->len > ctx->max_body) {
+            ctx->body_too_big = 1;
+            return 0;
+        }
+    }
+    else {
+        memcpy(ctx->buf + ctx->len, data, n);
+        ctx->len += n;
+    }
+    ctx->buf[ctx->len] = '\0';
+    return n;
+}
 
 static mso_http_call_t *call_make(apr_pool_t *p, const char *method, const char *url)
 {
@@ -269,7 +370,20 @@ static mso_http_call_t *call_make(apr_pool_t *p, const char *method, const char 
     c->r->body = "";
     c->r->retry_after = -1;
     c->start = apr_time_now();
+    /* Registered first, so it runs after call_pool_gone has stopped curl. */
+    apr_pool_cleanup_register(p, &c->ctx, ctx_free, apr_pool_cleanup_null);
     return c;
+}
+
+static void call_capture(void *baton, int which, const char *value, apr_size_t len)
+{
+    mso_http_call_t *c = baton;
+    mso_http_response_t *r = c->r;
+
+    if (!r->captured) {
+        r->captured = apr_table_make(c->p, 2);
+    }
+    apr_table_setn(r->captured, c->ctx.clip->capture[which], apr_pstrmemdup(c->p, value, len));
 }
 
 /* Checks the request and builds its easy handle. Everything that can be
@@ -329,6 +443,16 @@ static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
     c->ctx.p = c->p;
     c->ctx.max_body = c->max_body = o->max_body;
     c->ctx.headers = r->headers;
+    if (o->max_string) {
+        c->ctx.clip = apr_palloc(c->p, sizeof(*c->ctx.clip));
+        mso_json_clip_init(c->ctx.clip, o->max_string);
+        if (o->capture) {
+            c->ctx.clip->capture = o->capture;
+            c->ctx.clip->on_capture = call_capture;
+            c->ctx.clip->capture_baton = c;
+        }
+        c->ctx.max_download = o->max_download ? o->max_download : o->max_body;
+    }
 
     for (i = 0; headers && i < headers->nelts; i++) {
         tmp = curl_slist_append(c->slist, APR_ARRAY_IDX(headers, i, const char *));
@@ -379,13 +503,17 @@ static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME,
                      o->stall_seconds > 0 ? o->stall_seconds : defaults.stall_seconds);
     /* Lets curl stop early when Content-Length already exceeds the cap. */
-    if ((apr_uint64_t)o->max_body < ((apr_uint64_t)1 << 62)) {
-        curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)o->max_body);
+    {
+        apr_size_t most = c->ctx.clip ? c->ctx.max_download : o->max_body;
+
+        if ((apr_uint64_t)most < ((apr_uint64_t)1 << 62)) {
+            curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)most);
+        }
     }
     curl_easy_setopt(h, CURLOPT_USERAGENT, o->user_agent ? o->user_agent : MSO_HTTP_UA);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, c->slist);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, &c->ctx);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, c);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, &c->ctx);
 
@@ -441,15 +569,35 @@ static apr_status_t call_end(mso_http_call_t *c, CURLcode rc, const char *why)
     else if (rc == CURLE_OK) {
         rv = APR_SUCCESS;
         if (c->ctx.buf) {
+            /* Doubling may have left up to half unused: give it back. */
+            if (c->ctx.cap - c->ctx.len > 65536) {
+                char *nbuf = realloc(c->ctx.buf, c->ctx.len + 1);
+
+                if (nbuf) {
+                    c->ctx.buf = nbuf;
+                    c->ctx.cap = c->ctx.len + 1;
+                }
+            }
             r->body = c->ctx.buf;
             r->body_len = c->ctx.len;
         }
         r->retry_after = parse_retry_after(apr_table_get(r->headers, "Retry-After"));
     }
+    else if (c->ctx.no_memory) {
+        rv = APR_ENOMEM;
+        r->error = "out of memory for the response body";
+    }
     else if (c->ctx.body_too_big || rc == CURLE_FILESIZE_EXCEEDED) {
         rv = APR_ENOSPC;
-        r->error = apr_psprintf(p, "response body larger than %" APR_SIZE_T_FMT " bytes",
-                                c->max_body);
+        if (c->ctx.clip && (c->ctx.received + CURL_MAX_WRITE_SIZE > c->ctx.max_download
+                            || rc == CURLE_FILESIZE_EXCEEDED)) {
+            r->error = apr_psprintf(p, "response body larger than %" APR_SIZE_T_FMT
+                                    " bytes received", c->ctx.max_download);
+        }
+        else {
+            r->error = apr_psprintf(p, "response body larger than %" APR_SIZE_T_FMT " bytes",
+                                    c->max_body);
+        }
     }
     else if (c->ctx.headers_too_big) {
         rv = APR_ENOSPC;
@@ -465,6 +613,8 @@ static apr_status_t call_end(mso_http_call_t *c, CURLcode rc, const char *why)
     }
 
     call_release(c);
+    r->received = c->ctx.received;
+    r->clipped = c->ctx.clip ? c->ctx.clip->clipped : 0;
     r->seconds = r->not_sent ? 0 : (double)(apr_time_now() - c->start) / APR_USEC_PER_SEC;
     if (rv != APR_SUCCESS && mso_log_is_level(MSO_LOG_DEBUG)) {
         mso_log_perror(MSO_LOG_MARK, MSO_LOG_DEBUG, rv, "HTTP %s %s failed after %.3fs: %s",
@@ -537,6 +687,8 @@ static void call_detach(mso_http_call_t *c)
         curl_multi_remove_handle(m->cm, c->h);
         m->running--;
     }
+    /* The body is the caller's from now on (or freed with its pool). */
+    call_unbudget(c);
     c->state = CALL_DONE;
 }
 
@@ -718,24 +870,67 @@ static void multi_abort(mso_http_multi_t *m, CURLcode rc, const char *started_wh
     m->aborting = 0;
 }
 
+/* Memory went back (a request completed or was cut): the paused requests
+ * try again, and one of them may become the new leader. */
+static void multi_wake(mso_http_multi_t *m)
+{
+    mso_http_call_t *c;
+
+    m->freed = 0;
+    for (c = m->active; c && m->paused; c = c->next) {
+        if (c->paused) {
+            c->paused = 0;
+            m->paused--;
+            /* curl may call write_cb from here, which may pause it again. */
+            curl_easy_pause(c->h, CURLPAUSE_CONT);
+        }
+    }
+}
+
+/* Completes what was never started, when the run's budget is spent. */
+static void multi_cut_queued(mso_http_multi_t *m)
+{
+    mso_http_call_t *c;
+
+    m->aborting = 1;
+    while ((c = m->queue) != NULL) {
+        call_complete(c, CURLE_OK, "the batch's time budget ran out before the request "
+                                   "was sent");
+    }
+    m->aborting = 0;
+}
+
 apr_status_t mso_http_multi_run(mso_http_multi_t *m, apr_interval_time_t budget)
 {
-    apr_time_t deadline = apr_time_now() + budget, left;
+    apr_time_t deadline = apr_time_now() + budget, hard, left;
+    apr_status_t result = APR_SUCCESS;
     CURLMcode mc;
     int still = 0;
 
     if (!m || !m->cm) {
         return APR_EINVAL;
     }
+    hard = deadline + (m->o.grace_ms > 0 ? apr_time_from_msec(m->o.grace_ms) : 0);
     for (;;) {
         if (!m->queue && !m->active) {
-            return APR_SUCCESS;
+            return result;
         }
-        left = deadline - apr_time_now();
+        if (m->o.stop && *m->o.stop) {
+            multi_abort(m, CURLE_OK, "stopped: the server is shutting down",
+                        "stopped before the request was sent: the server is shutting down");
+            return APR_TIMEUP;
+        }
+        left = hard - apr_time_now();
         if (left <= 0) {
             multi_abort(m, CURLE_OK, "the batch's time budget ran out during the request",
                         "the batch's time budget ran out before the request was sent");
             return APR_TIMEUP;
+        }
+        if (m->queue && apr_time_now() >= deadline) {
+            /* In the grace period: what started may finish, nothing new starts. */
+            multi_cut_queued(m);
+            result = APR_TIMEUP;
+            continue;
         }
         multi_start(m);
         mc = curl_multi_perform(m->cm, &still);
@@ -749,10 +944,14 @@ apr_status_t mso_http_multi_run(mso_http_multi_t *m, apr_interval_time_t budget)
             return APR_EGENERAL;
         }
         multi_reap(m);
+        if (m->freed && m->paused) {
+            multi_wake(m);
+            continue;
+        }
         if (!m->active || (m->queue && m->running < m->max_in_flight)) {
             continue;   /* start the next ones before waiting */
         }
-        left = deadline - apr_time_now();
+        left = (m->queue ? deadline : hard) - apr_time_now();
         if (left > 0) {
             int ms = left > apr_time_from_sec(1) ? 1000 : (int)((left + 999) / 1000);
 
@@ -760,6 +959,14 @@ apr_status_t mso_http_multi_run(mso_http_multi_t *m, apr_interval_time_t budget)
             curl_multi_poll(m->cm, NULL, 0, ms, NULL);
         }
     }
+}
+
+apr_size_t mso_http_multi_peak(const mso_http_multi_t *m, int *pauses)
+{
+    if (pauses) {
+        *pauses = m ? m->pauses : 0;
+    }
+    return m ? m->peak : 0;
 }
 
 char *mso_url_encode(apr_pool_t *p, const char *s)

@@ -1,5 +1,7 @@
 /* HTTP calls to Microsoft through libcurl: timeouts on everything, a cap on
- * the response size, no CR/LF in header values, Retry-After handed back. */
+ * the response size, no CR/LF in header values, Retry-After handed back.
+ * A body is held in one malloc'ed buffer that grows by realloc and is freed
+ * with the request's pool: a request holds about its body, no more. */
 #ifndef MSO_HTTP_H
 #define MSO_HTTP_H
 
@@ -11,10 +13,39 @@ typedef struct {
     long connect_timeout_ms;    /* TCP + TLS connect; default 10000 */
     long timeout_ms;            /* whole call; default 30000 */
     long stall_seconds;         /* abort when < 1 byte/s for this long; default 15 */
-    apr_size_t max_body;        /* response cap in bytes; default 4 MiB */
+    apr_size_t max_body;        /* response cap in bytes (what is kept); default 4 MiB */
     const char *ca_file;        /* optional CA bundle (tests against a TLS simulator) */
     const char *user_agent;     /* default "mod_msoauth/VERSION" */
+    /* > 0: the answer is JSON and goes through mso_json's clip as it arrives
+     * (mso_json.h): a string longer than this is cut and marked, so one huge
+     * value never makes the whole answer too big. max_body then caps what is
+     * kept, and max_download what is received (0: max_body). */
+    apr_size_t max_string;
+    apr_size_t max_download;
+    /* With max_string: keys of top-level members whose string values are
+     * handed back in the response's captured table, even when the answer
+     * is refused (too big, not JSON). NULL-terminated, static storage. */
+    const char *const *capture;
+    /* Multi handle only. buffer_budget > 0: bytes that the bodies of its
+     * running requests may hold together. A request whose buffer would grow
+     * past it is paused until memory is freed, except one (the first to
+     * reach the budget, until it completes), so there is no deadlock and
+     * the bodies held at any time stay below
+     *     buffer_budget + max_body + MSO_HTTP_GROW_SLACK
+     * (max_body being what one request may keep). A body is no longer
+     * counted once handed to done. grace_ms > 0: requests already started
+     * when the run's budget ends may go on this long (their own timeouts
+     * still apply); queued ones are cut. stop: when another thread sets
+     * *stop, the run cuts everything within about a second. */
+    apr_size_t buffer_budget;
+    long grace_ms;
+    const volatile int *stop;
 } mso_http_opts_t;
+
+/* What one write of curl may add to a buffer beyond max_body before the cap
+ * is seen (the clip's worst case for one 16 KiB write of curl, and the
+ * terminating NUL). */
+#define MSO_HTTP_GROW_SLACK (6 * 16384 + 64)
 
 typedef struct {
     int status;                 /* HTTP status; 0 when there was no response */
@@ -26,6 +57,9 @@ typedef struct {
     double seconds;             /* time the call took */
     int not_sent;               /* 1: the request never left this process (refused,
                                  * or a batch's budget ran out before it started) */
+    apr_size_t received;        /* body bytes received (before the clip) */
+    apr_size_t clipped;         /* strings the clip cut */
+    apr_table_t *captured;      /* see mso_http_opts_t.capture; NULL when none */
 } mso_http_response_t;
 
 /* Global libcurl set-up; call once per process before threads (post_config / test main). */
@@ -83,6 +117,11 @@ apr_status_t mso_http_multi_run(mso_http_multi_t *m, apr_interval_time_t budget)
 
 /* Cancels what is queued (without calling done), closes the connections. */
 void mso_http_multi_destroy(mso_http_multi_t *m);
+
+/* The most body bytes its running requests held at once since it was
+ * created (allocated, not only used), and how often one was paused for the
+ * budget. */
+apr_size_t mso_http_multi_peak(const mso_http_multi_t *m, int *pauses);
 
 /* application/x-www-form-urlencoded from NULL-terminated name, value pairs;
  * a pair whose value is NULL is left out. */

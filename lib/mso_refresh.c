@@ -1,5 +1,5 @@
 /* Keeping an account's tokens alive: one refresh of one account, the
- * classification of Microsoft's answer (microsoft-platform.md 4.4), and the
+ * classification of Microsoft's answer (the token endpoint's errors), and the
  * schedule (next refresh, backoff).
  *
  * Choices the header leaves open:

@@ -12,8 +12,10 @@
  * current state and only writes when Outlook does not show it yet. */
 #include <string.h>
 
+#include <apr_atomic.h>
 #include <apr_hash.h>
 #include <apr_strings.h>
+#include <apr_thread_proc.h>
 
 #include "mso_graph.h"
 #include "mso_json.h"
@@ -23,6 +25,79 @@
 
 #define RESYNCS_PER_PASS 2          /* a folder restarting again and again waits */
 #define THROTTLE_DEFAULT 30         /* seconds when Graph gives no Retry-After */
+
+/* Page sizes that had to shrink, remembered across passes (the database has
+ * no column for it): a page too big at 100 is asked for smaller in the next
+ * pass too, instead of failing again at 100 when the pass ended before the
+ * smaller retry could start. Per process, a few entries (oldest replaced),
+ * shared by the job's threads under a spin lock held for a few loads. */
+#define SMALL_PAGES 64
+
+typedef struct {
+    apr_int64_t account;
+    char folder[48];
+    int size;
+} small_page_t;
+
+static small_page_t small_pages[SMALL_PAGES];
+static unsigned small_next;
+static volatile apr_uint32_t small_lock;
+
+static void small_lock_take(void)
+{
+    while (apr_atomic_cas32(&small_lock, 1, 0) != 0) {
+        apr_thread_yield();
+    }
+}
+
+/* The page size to start a folder with. */
+static int page_size_get(apr_int64_t account, const char *folder)
+{
+    int i, size = MSO_SYNC_PAGE_SIZE;
+
+    small_lock_take();
+    for (i = 0; i < SMALL_PAGES; i++) {
+        if (small_pages[i].size && small_pages[i].account == account
+            && !strcmp(small_pages[i].folder, folder)) {
+            size = small_pages[i].size;
+            break;
+        }
+    }
+    apr_atomic_set32(&small_lock, 0);
+    return size;
+}
+
+/* Remembers size (MSO_SYNC_PAGE_SIZE: forgets). */
+static void page_size_set(apr_int64_t account, const char *folder, int size)
+{
+    int i, slot = -1;
+
+    if (strlen(folder) >= sizeof(small_pages[0].folder)) {
+        return;
+    }
+    small_lock_take();
+    for (i = 0; i < SMALL_PAGES; i++) {
+        if (small_pages[i].size && small_pages[i].account == account
+            && !strcmp(small_pages[i].folder, folder)) {
+            slot = i;
+            break;
+        }
+    }
+    if (size >= MSO_SYNC_PAGE_SIZE) {
+        if (slot >= 0) {
+            small_pages[slot].size = 0;
+        }
+    }
+    else {
+        if (slot < 0) {
+            slot = (int)(small_next++ % SMALL_PAGES);
+        }
+        small_pages[slot].account = account;
+        apr_cpystrn(small_pages[slot].folder, folder, sizeof(small_pages[slot].folder));
+        small_pages[slot].size = size;
+    }
+    apr_atomic_set32(&small_lock, 0);
+}
 
 typedef enum { ACT_PENDING, ACT_BUSY, ACT_FINISHED, ACT_WAITING } act_state_e;
 typedef enum { STEP_WRITE, STEP_FOLDER, STEP_STATE } act_step_e;
@@ -464,29 +539,23 @@ static void folder_fetch(box_rt_t *b, folder_rt_t *fr)
     }
 }
 
-static void page_ok(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t *resp)
+/* Stores a page (or, for a skipped one, no entries and its link) with the
+ * cursor that follows it. */
+static void page_store(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_graph_page_t *page)
 {
-    mso_graph_page_t page;
     const char *err = NULL;
     apr_status_t rv;
     int applied = 0;
 
-    if (mso_graph_parse_page(rq->pool, resp->body, resp->body_len, &page, &err)
-        != APR_SUCCESS) {
-        fr->finished = 1;
-        box_error(b, apr_pstrcat(b->pool, "Graph sent a delta page of folder ", fr->f->folder,
-                                 " that cannot be read: ", err, NULL));
-        return;
-    }
-    if ((page.next_link && !mso_graph_link_ok(b->in->graph_root, page.next_link))
-        || (page.delta_link && !mso_graph_link_ok(b->in->graph_root, page.delta_link))) {
+    if ((page->next_link && !mso_graph_link_ok(b->in->graph_root, page->next_link))
+        || (page->delta_link && !mso_graph_link_ok(b->in->graph_root, page->delta_link))) {
         fr->finished = 1;
         box_error(b, apr_pstrcat(b->pool, "Graph sent a link for folder ", fr->f->folder,
                                  " outside MSOAuthGraphURL; it is not followed (the access "
                                  "token would go with it)", NULL));
         return;
     }
-    rv = mso_mirror_apply_page(b->pass->db, rq->pool, b->pass->owner, b->id, fr->f, &page,
+    rv = mso_mirror_apply_page(b->pass->db, rq->pool, b->pass->owner, b->id, fr->f, page,
                                now_sec(), &applied, &err);
     if (rv == APR_EBUSY) {
         fr->finished = 1;
@@ -503,9 +572,80 @@ static void page_ok(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t
     fr->f->delta_link = fr->f->delta_link ? apr_pstrdup(b->pool, fr->f->delta_link) : NULL;
     b->pass->st->pages++;
     b->pass->st->messages += applied;
-    if (page.delta_link) {
+    if (page->delta_link) {
         fr->finished = 1;           /* the round is complete */
+        if (fr->page_size < MSO_SYNC_PAGE_SIZE) {
+            fr->page_size = MSO_SYNC_PAGE_SIZE;
+            page_size_set(b->id, fr->f->folder, fr->page_size);
+        }
     }
+    else if (fr->page_size < MSO_SYNC_PAGE_SIZE) {
+        /* Past the big messages, probably: larger pages again, step by step. */
+        fr->page_size = fr->page_size * 2 < MSO_SYNC_PAGE_SIZE ? fr->page_size * 2
+                                                                : MSO_SYNC_PAGE_SIZE;
+        page_size_set(b->id, fr->f->folder, fr->page_size);
+    }
+}
+
+/* A page whose answer cannot be used: more than the cap kept even with its
+ * strings cut (many large bodies: normal), or not JSON.
+ * First, smaller pages, down to one entry (the last resort for large
+ * bodies; for a broken page it isolates the culprit).
+ * One entry that still cannot be read is no sender's doing (its strings
+ * keep at most 4 MiB each, 1 GiB may be received, Exchange takes 150 MB a
+ * message): Graph is failing, after the same position failed at 100, 25, 6
+ * and 1. No answer may stop a folder for good, so the page is skipped, but
+ * only when that is safe: its own link to what follows (@odata.nextLink or
+ * deltaLink, read by the clip as it passed, under MSOAuthGraphURL) is
+ * known, so the round resumes right after the one entry lost. That loss is
+ * logged: the message's change is missing, and in a full round its row,
+ * not seen, ends up marked removed. Without that link nothing resumes
+ * after the page (a new round meets it again): the folder retries later
+ * with the error shown. */
+static void page_unreadable(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t *resp,
+                            const char *why)
+{
+    const char *next = resp->captured ? apr_table_get(resp->captured, "@odata.nextLink") : NULL;
+    const char *delta = resp->captured ? apr_table_get(resp->captured, "@odata.deltaLink")
+                                       : NULL;
+    mso_graph_page_t page;
+
+    if (fr->page_size > 1) {
+        fr->page_size = fr->page_size / 4 > 0 ? fr->page_size / 4 : 1;
+        page_size_set(b->id, fr->f->folder, fr->page_size);
+        return;
+    }
+    if ((next != NULL) == (delta != NULL)) {
+        fr->finished = 1;
+        box_error(b, apr_pstrcat(b->pool, "Graph sent a delta page of folder ", fr->f->folder,
+                                 " with a single entry that cannot be read (", why, "); it "
+                                 "cannot be skipped (the page's link to what follows was not "
+                                 "read); retrying later", NULL));
+        return;
+    }
+    memset(&page, 0, sizeof(page));
+    page.items = apr_array_make(rq->pool, 1, sizeof(mso_graph_msg_t));
+    page.next_link = next;
+    page.delta_link = delta;
+    mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_SUCCESS, "mod_msoauth: account %"
+                   APR_INT64_T_FMT ": Graph sent a delta page of folder %s with a single "
+                   "entry that cannot be read even alone (%s); it is skipped, so the mirror "
+                   "may miss that one message until the folder's next full round", b->id,
+                   fr->f->folder, why);
+    page_store(b, fr, rq, &page);
+}
+
+static void page_ok(box_rt_t *b, folder_rt_t *fr, req_t *rq, mso_http_response_t *resp)
+{
+    mso_graph_page_t page;
+    const char *err = NULL;
+
+    if (mso_graph_parse_page(rq->pool, resp->body, resp->body_len, &page, &err)
+        != APR_SUCCESS) {
+        page_unreadable(b, fr, rq, resp, err);
+        return;
+    }
+    page_store(b, fr, rq, &page);
 }
 
 static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
@@ -521,9 +661,10 @@ static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
         apr_pool_destroy(rq->pool);
         return;
     }
-    if (rv == APR_ENOSPC && fr->page_size > 1) {
-        /* A page bigger than the response cap (large bodies): smaller pages. */
-        fr->page_size = fr->page_size / 4 > 0 ? fr->page_size / 4 : 1;
+    if (rv == APR_ENOSPC) {
+        /* More than the response cap kept even with every string cut at
+         * MSO_GRAPH_MAX_STRING (many large bodies), or received. */
+        page_unreadable(b, fr, rq, resp, resp->error ? resp->error : "too large");
         apr_pool_destroy(rq->pool);
         pump(b);
         return;
@@ -756,7 +897,7 @@ static apr_status_t box_setup(pass_t *pass, mso_sync_box_t *in, box_rt_t **out)
             folder_rt_t *fr = apr_pcalloc(bp, sizeof(*fr));
 
             fr->f = APR_ARRAY_IDX(folders, i, mso_folder_t *);
-            fr->page_size = MSO_SYNC_PAGE_SIZE;
+            fr->page_size = page_size_get(b->id, fr->f->folder);
             APR_ARRAY_PUSH(b->folders, folder_rt_t *) = fr;
         }
     }

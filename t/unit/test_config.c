@@ -275,7 +275,8 @@ START_TEST(settings_resolve_defaults)
     for (f = mso_settings_fields(); f->directive; f++) {
         int optional = !strcmp(f->directive, "MSOAuthClientID")
                        || !strcmp(f->directive, "MSOAuthClientSecret")
-                       || !strcmp(f->directive, "MSOAuthSecretExpires");
+                       || !strcmp(f->directive, "MSOAuthSecretExpires")
+                       || !strcmp(f->directive, "MSOAuthClientCertificateFile");
 
         ck_assert_msg(optional || mso_setting_given(&s, f), "%s has no default", f->directive);
     }
@@ -287,6 +288,9 @@ START_TEST(settings_resolve_defaults)
     ck_assert_int_eq(s.scopes.value->nelts, 0);
     ck_assert_str_eq(APR_ARRAY_IDX(s.folders.value, 0, const char *), "inbox");
     ck_assert_int_eq(s.sync_interval.value, 60);
+    ck_assert_int_eq(s.app_only.value, 0);
+    ck_assert_str_eq(s.outlook_url.value, "https://outlook.office.com");
+    ck_assert_int_eq(s.attachment_max_bytes.value, 10 * 1024 * 1024);
 
     /* The hosts follow the cloud; given values stay. */
     mso_settings_init(&s);

@@ -11,6 +11,7 @@
 #include <apr_tables.h>
 
 #include "mso_graph.h"
+#include "mso_json.h"
 #include "mso_sync.h"
 
 #define ROOT "https://graph.microsoft.com"
@@ -103,6 +104,126 @@ START_TEST(page_refused)
     ck_assert_int_eq(parse("{\"value\":[],\"@odata.deltaLink\":\"" ROOT "/v1.0/d\"}", &page,
                            &err), APR_SUCCESS);
     ck_assert_int_eq(page.items->nelts, 0);
+}
+END_TEST
+
+START_TEST(page_hostile_strings)
+{
+    mso_graph_page_t page;
+    const char *err = NULL;
+    const mso_graph_msg_t *m;
+
+    ck_assert_int_eq(parse(
+        "{\"value\":["
+        /* A NUL in the body: the page is read, the NUL becomes a space. */
+        "{\"id\":\"AAkA1\",\"subject\":\"nul\",\"isRead\":false,"
+        "\"receivedDateTime\":\"2026-11-23T10:00:00Z\","
+        "\"body\":{\"contentType\":\"text\",\"content\":\"a\\u0000b\\u0000c\"}},"
+        /* Cut by the clip (the NUL at the end): no body, marked; the rest kept. */
+        "{\"id\":\"AAkA2\",\"subject\":\"big\",\"isRead\":true,"
+        "\"receivedDateTime\":\"2026-11-23T10:00:00Z\",\"bodyPreview\":\"first words\","
+        "\"from\":{\"emailAddress\":{\"name\":\"Eve\",\"address\":\"eve@x.com\"}},"
+        "\"body\":{\"contentType\":\"html\",\"content\":\"<p>xxxx\\u0000\"}},"
+        /* Controls: tab, CR, LF kept in body and preview only. */
+        "{\"id\":\"AAkA3\",\"subject\":\"x\\u0001y\\tz\\nw\\u001f\",\"isRead\":true,"
+        "\"receivedDateTime\":\"2026-11-23T10:00:00Z\",\"bodyPreview\":\"p\\r\\nq\\u0007\","
+        "\"from\":{\"emailAddress\":{\"name\":\"N\\u0000ame\",\"address\":\"n@x.com\"}},"
+        "\"toRecipients\":[{\"emailAddress\":{\"name\":\"T\\u0002o\",\"address\":"
+        "\"t@x.com\\u0000\"}}],"
+        "\"body\":{\"contentType\":\"text\",\"content\":\"l1\\r\\n\\tl2\\u0007\\u007f\"}},"
+        /* A cut subject stays cut. */
+        "{\"id\":\"AAkA4\",\"subject\":\"Subj\\u0000\",\"isRead\":true,"
+        "\"receivedDateTime\":\"2026-11-23T10:00:00Z\"},"
+        /* An update without a body; an id with a NUL is no id. */
+        "{\"id\":\"AAkA5\",\"isRead\":false},"
+        "{\"id\":\"AAkA6\\u0000x\",\"isRead\":false}],"
+        "\"@odata.deltaLink\":\"" ROOT "/v1.0/d\"}", &page, &err), APR_SUCCESS);
+    ck_assert_int_eq(page.items->nelts, 5);
+    ck_assert_int_eq(page.skipped, 1);
+
+    m = item(&page, 0);
+    ck_assert_str_eq(m->body, "a b c");
+    ck_assert_int_eq(m->body_truncated, 0);
+    ck_assert(m->full);
+
+    m = item(&page, 1);
+    ck_assert(m->full);
+    ck_assert_ptr_null(m->body);
+    ck_assert_int_eq(m->body_truncated, 1);
+    ck_assert_str_eq(m->body_type, "html");
+    ck_assert_str_eq(m->subject, "big");
+    ck_assert_str_eq(m->body_preview, "first words");
+    ck_assert_str_eq(m->from_address, "eve@x.com");
+
+    m = item(&page, 2);
+    ck_assert_str_eq(m->subject, "x y z w ");
+    ck_assert_str_eq(m->body_preview, "p\r\nq ");
+    ck_assert_str_eq(m->body, "l1\r\n\tl2 \x7f");
+    ck_assert_int_eq(m->body_truncated, 0);
+    ck_assert_str_eq(m->from_name, "N ame");
+    ck_assert_str_eq(m->to_json, "[{\"name\":\"T o\",\"address\":\"t@x.com\"}]");
+
+    m = item(&page, 3);
+    ck_assert_str_eq(m->subject, "Subj");
+    ck_assert_ptr_null(m->body);
+    ck_assert_int_eq(m->body_truncated, -1);
+
+    m = item(&page, 4);
+    ck_assert(!m->full);
+    ck_assert_ptr_null(m->body);
+    ck_assert_int_eq(m->body_truncated, -1);
+
+    /* A link shortened by a NUL is no link. */
+    ck_assert_int_eq(parse("{\"value\":[],\"@odata.deltaLink\":\"" ROOT "/v1.0/d\\u0000x\"}",
+                           &page, &err), APR_EINVAL);
+}
+END_TEST
+
+/* A page as the job gets it: through the clip with Graph's limits. */
+START_TEST(page_through_the_clip)
+{
+    apr_size_t big = MSO_GRAPH_MAX_STRING + 100, n, len;
+    char *doc = apr_palloc(pool, big + 1024), *out, *o;
+    const char *head = "{\"@odata.context\":\"x\",\"value\":["
+        "{\"id\":\"AAkB1\",\"subject\":\"huge\",\"isRead\":false,"
+        "\"receivedDateTime\":\"2026-11-23T10:00:00Z\","
+        "\"body\":{\"contentType\":\"html\",\"content\":\"";
+    const char *tail = "\"}},"
+        "{\"id\":\"AAkB2\",\"subject\":\"bad \xff utf-8 \\ud800\",\"isRead\":false,"
+        "\"receivedDateTime\":\"2026-11-23T10:00:00Z\","
+        "\"body\":{\"contentType\":\"text\",\"content\":\"ok \xc3\"}}],"
+        "\"@odata.nextLink\":\"" ROOT "/v1.0/n\"}";
+    mso_json_clip_t clip;
+    mso_graph_page_t page;
+    const char *err = NULL;
+
+    o = doc;
+    memcpy(o, head, strlen(head));
+    o += strlen(head);
+    /* Euro signs and escaped newlines: 5 bytes a pair, cut between them. */
+    for (n = 0; n < big; n += 5) {
+        memcpy(o, "\xe2\x82\xac\\n", 5);
+        o += 5;
+    }
+    memcpy(o, tail, strlen(tail));
+    o += strlen(tail);
+    n = (apr_size_t)(o - doc);
+    /* jansson alone refuses the invalid UTF-8 (and the page is too big). */
+    ck_assert_int_eq(mso_graph_parse_page(pool, doc, n, &page, &err), APR_EINVAL);
+
+    out = apr_palloc(pool, MSO_JSON_CLIP_ROOM(n));
+    mso_json_clip_init(&clip, MSO_GRAPH_MAX_STRING);
+    len = mso_json_clip_feed(&clip, doc, n, out);
+    ck_assert_uint_lt(len, MSO_GRAPH_MAX_STRING + 1024);
+    ck_assert_int_eq(mso_graph_parse_page(pool, out, len, &page, &err), APR_SUCCESS);
+    ck_assert_int_eq(page.items->nelts, 2);
+    ck_assert_ptr_null(item(&page, 0)->body);
+    ck_assert_int_eq(item(&page, 0)->body_truncated, 1);
+    ck_assert_str_eq(item(&page, 0)->subject, "huge");
+    ck_assert_str_eq(item(&page, 1)->subject, "bad \xef\xbf\xbd utf-8 \xef\xbf\xbd");
+    ck_assert_str_eq(item(&page, 1)->body, "ok \xef\xbf\xbd");
+    ck_assert_int_eq(item(&page, 1)->body_truncated, 0);
+    ck_assert_str_eq(page.next_link, ROOT "/v1.0/n");
 }
 END_TEST
 
@@ -347,6 +468,8 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, page_entries);
     tcase_add_test(tc, page_refused);
+    tcase_add_test(tc, page_hostile_strings);
+    tcase_add_test(tc, page_through_the_clip);
     tcase_add_test(tc, times);
     tcase_add_test(tc, links);
     tcase_add_test(tc, headers);

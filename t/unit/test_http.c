@@ -25,6 +25,7 @@
 #include <apr_time.h>
 
 #include "mso_http.h"
+#include "mso_json.h"
 
 /* ---- the server ---------------------------------------------------------- */
 
@@ -187,6 +188,37 @@ static int respond(int fd, const char *req, size_t req_len)
         }
         send_str(fd, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nka");
         return 1;
+    }
+    else if (strncmp(path, "/json/", 6) == 0 || strncmp(path, "/bytes/", 7) == 0) {
+        /* /json/N: {"a":"<N bytes or a little more of escapes and UTF-8>","b":"end"};
+         * /bytes/N: N bytes. */
+        static const char *const parts[] = {"\xc3\xa9", "\\n", "\xf0\x9f\x98\x80", "x",
+                                            "\\ud83d\\ude00", "\xe2\x82\xac"};
+        int json = path[1] == 'j';
+        size_t n = strtoul(path + (json ? 6 : 7), NULL, 10), len = 0, i;
+        char *body = malloc(n + 64);
+
+        if (json) {
+            memcpy(body, "{\"a\":\"", 6);
+            len = 6;
+            for (i = 0; len < n + 6; i++) {
+                const char *pt = parts[i % (sizeof(parts) / sizeof(parts[0]))];
+
+                memcpy(body + len, pt, strlen(pt));
+                len += strlen(pt);
+            }
+            memcpy(body + len, "\",\"b\":\"end\"}", 12);
+            len += 12;
+        }
+        else {
+            memset(body, 'y', n);
+            len = n;
+        }
+        snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %lu\r\n"
+                 "Connection: close\r\n\r\n", (unsigned long)len);
+        send_str(fd, head);
+        send_all(fd, body, len);
+        free(body);
     }
     else if (strcmp(path, "/echo") == 0) {
         snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %lu\r\n"
@@ -970,6 +1002,167 @@ START_TEST(multi_caps_and_cancel)
 }
 END_TEST
 
+/* ---- the clip and the memory budget --------------------------------------- */
+
+START_TEST(clip_json_strings)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    const char *err = NULL;
+    json_t *j;
+    const char *a;
+    size_t alen;
+
+    /* 300 KB in one string, past the 64 KB cap: refused whole without the clip. */
+    o.max_body = 65536;
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/json/300000"), NULL, NULL, 0, &r),
+                     APR_ENOSPC);
+    /* With it, the string is cut (in curl's many writes, at any offset) and
+     * the rest of the document kept. */
+    o.max_string = 1000;
+    o.max_download = 400000;
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/json/300000"), NULL, NULL, 0, &r),
+                     APR_SUCCESS);
+    ck_assert_uint_eq(r->clipped, 1);
+    ck_assert_uint_ge(r->received, 300000);
+    ck_assert_uint_lt(r->body_len, 1100);
+    j = mso_json_parse_flags(pool, r->body, r->body_len, JSON_ALLOW_NUL, &err);
+    ck_assert_msg(j != NULL, "%s", err);
+    a = json_string_value(json_object_get(j, "a"));
+    alen = json_string_length(json_object_get(j, "a"));
+    ck_assert_uint_gt(alen, 500);
+    ck_assert_int_eq(a[alen - 1], '\0');
+    ck_assert(strncmp(a, "\xc3\xa9\n\xf0\x9f\x98\x80x\xf0\x9f\x98\x80\xe2\x82\xac", 15) == 0);
+    ck_assert_str_eq(json_string_value(json_object_get(j, "b")), "end");
+    /* What is received is capped too. */
+    o.max_download = 200000;
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/json/300000"), NULL, NULL, 0, &r),
+                     APR_ENOSPC);
+    ck_assert_ptr_nonnull(strstr(r->error, "received"));
+    ck_assert_str_eq(r->body, "");
+}
+END_TEST
+
+START_TEST(multi_memory_budget)
+{
+    enum { N = 24, SIZE = 512 * 1024 };
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m;
+    result_t res[N];
+    apr_size_t peak;
+    int i, pauses = 0;
+    const char *path = apr_psprintf(pool, "/bytes/%d", SIZE);
+
+    /* Without a budget, 24 answers of 512 KiB at once are all held together.
+     * (The server's listen queue holds 16: a SYN may need its retry.) */
+    o.max_body = 2 * SIZE;
+    o.timeout_ms = 20000;
+    o.connect_timeout_ms = 5000;
+    m = multi(&o, N, N);
+    run_gets(m, path, res, N, APR_SUCCESS);
+    for (i = 0; i < N; i++) {
+        ck_assert_msg(res[i].rv == APR_SUCCESS, "%d: %s", i, res[i].resp->error);
+        ck_assert_uint_eq(res[i].resp->body_len, SIZE);
+    }
+    ck_assert_uint_ge(mso_http_multi_peak(m, &pauses), (apr_size_t)N * SIZE / 2);
+    ck_assert_int_eq(pauses, 0);
+    mso_http_multi_destroy(m);
+
+    /* With a budget of 4 answers: the same answers, never more than the
+     * budget plus one body held, and no deadlock. */
+    o.buffer_budget = 4 * SIZE;
+    m = multi(&o, N, N);
+    run_gets(m, path, res, N, APR_SUCCESS);
+    for (i = 0; i < N; i++) {
+        ck_assert_int_eq(res[i].calls, 1);
+        ck_assert_msg(res[i].rv == APR_SUCCESS, "%d: %s", i, res[i].resp->error);
+        ck_assert_uint_eq(res[i].resp->body_len, SIZE);
+        ck_assert_uint_eq(strspn(res[i].resp->body, "y"), SIZE);
+    }
+    peak = mso_http_multi_peak(m, &pauses);
+    ck_assert_msg(peak <= o.buffer_budget + o.max_body + MSO_HTTP_GROW_SLACK,
+                  "peak %lu", (unsigned long)peak);
+    ck_assert_int_gt(pauses, 0);
+    ck_assert_int_ge(max_open(), 8);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(multi_budget_with_clip)
+{
+    enum { N = 16 };
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m;
+    result_t res[N];
+    int i, pauses = 0;
+
+    /* Clipped answers under a tight budget: every one completes and parses. */
+    o.max_body = 256 * 1024;
+    o.max_string = 200 * 1024;
+    o.max_download = 4 << 20;
+    o.buffer_budget = 512 * 1024;
+    o.timeout_ms = 20000;
+    o.connect_timeout_ms = 5000;
+    m = multi(&o, N, N);
+    run_gets(m, "/json/600000", res, N, APR_SUCCESS);
+    for (i = 0; i < N; i++) {
+        const char *err = NULL;
+        json_t *j;
+
+        ck_assert_int_eq(res[i].rv, APR_SUCCESS);
+        ck_assert_uint_eq(res[i].resp->clipped, 1);
+        j = mso_json_parse_flags(pool, res[i].resp->body, res[i].resp->body_len,
+                                 JSON_ALLOW_NUL, &err);
+        ck_assert_msg(j != NULL, "%s", err);
+        ck_assert_str_eq(json_string_value(json_object_get(j, "b")), "end");
+    }
+    ck_assert_uint_le(mso_http_multi_peak(m, &pauses),
+                      o.buffer_budget + o.max_body + MSO_HTTP_GROW_SLACK);
+    ck_assert_int_gt(pauses, 0);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(multi_grace_and_stop)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m;
+    result_t res[3];
+    apr_time_t start;
+    volatile int stop = 0;
+
+    /* A started request may finish in the grace period; a queued one is cut. */
+    o.grace_ms = 2000;
+    m = multi(&o, 1, 1);
+    memset(res, 0, sizeof(res));
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/slow"), NULL, NULL, 0, on_done,
+                                        &res[0]), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/ok"), NULL, NULL, 0, on_done,
+                                        &res[1]), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_msec(100)), APR_TIMEUP);
+    ck_assert_int_eq(res[0].rv, APR_SUCCESS);
+    ck_assert_str_eq(res[0].resp->body, "slow");
+    ck_assert_int_eq(res[1].rv, APR_TIMEUP);
+    ck_assert_int_eq(res[1].resp->not_sent, 1);
+    mso_http_multi_destroy(m);
+
+    /* The stop flag ends a run at once. */
+    o.timeout_ms = 10000;
+    o.stall_seconds = 10;
+    o.stop = &stop;
+    m = multi(&o, 2, 2);
+    memset(res, 0, sizeof(res));
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/stall"), NULL, NULL, 0, on_done,
+                                        &res[2]), APR_SUCCESS);
+    stop = 1;
+    start = apr_time_now();
+    ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_sec(10)), APR_TIMEUP);
+    ck_assert(apr_time_now() - start < apr_time_from_msec(1500));
+    ck_assert_int_eq(res[2].rv, APR_TIMEUP);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("http");
@@ -981,6 +1174,8 @@ int main(void)
         return EXIT_FAILURE;
     }
     tcase_add_checked_fixture(tc, setup, teardown);
+    /* Many large answers at once take a while under AddressSanitizer. */
+    tcase_set_timeout(tc, 30);
     tcase_add_test(tc, ok_with_headers);
     tcase_add_test(tc, last_header_block);
     tcase_add_test(tc, no_redirects);
@@ -1002,6 +1197,10 @@ int main(void)
     tcase_add_test(tc, multi_reuses_connections);
     tcase_add_test(tc, multi_refuse_bad_input);
     tcase_add_test(tc, multi_caps_and_cancel);
+    tcase_add_test(tc, clip_json_strings);
+    tcase_add_test(tc, multi_memory_budget);
+    tcase_add_test(tc, multi_budget_with_clip);
+    tcase_add_test(tc, multi_grace_and_stop);
     suite_add_tcase(s, tc);
     failed = mso_check_run(s);
     apr_terminate();
