@@ -1239,6 +1239,20 @@ def test_send_refusals(sim):
     assert r.status == 403 and r.json()["error"]["code"] == "ErrorAccessDenied"
     assert sim.graph("POST", "/me/sendMail", send_only, {"message": draft_body("z")}).status == 202
     assert sim.ctl("GET", "/deliveries")["count"] == 2
+    # Body and attachments over the message size limit (150 MB; 1 MB here).
+    sim.ctl("POST", "/config", {"max_message_size": 1 << 20})
+    d = sim.graph("POST", "/me/messages", at, draft_body("big")).json()
+    r = sim.graph("POST", f"/me/messages/{d['id']}/attachments/createUploadSession", at, {
+        "AttachmentItem": {"attachmentType": "file", "name": "a.bin", "size": 3 << 20}})
+    assert r.status == 400 and r.json()["error"]["code"] == "ErrorMessageSizeExceeded"
+    half = base64.b64encode(bytes(600 << 10)).decode()
+    att = {"@odata.type": "#microsoft.graph.fileAttachment", "name": "half.bin", "contentBytes": half}
+    assert sim.graph("POST", f"/me/messages/{d['id']}/attachments", at, att).status == 201
+    r = sim.graph("POST", f"/me/messages/{d['id']}/attachments", at, dict(att, name="other.bin"))
+    assert r.status == 400 and r.json()["error"]["code"] == "ErrorMessageSizeExceeded"
+    r = sim.graph("POST", "/me/sendMail", at, {"message": draft_body("big2", attachments=[att, att])})
+    assert r.status == 400 and r.json()["error"]["code"] == "ErrorMessageSizeExceeded"
+    assert sim.ctl("GET", "/deliveries")["count"] == 2
 
 
 def test_sendmail_json_and_mime(sim):
@@ -1367,6 +1381,11 @@ def test_attachments_and_upload_session_then_send(sim):
     assert r.body == b"" and "/Attachments('" in r.headers["Location"]
     att_id = r.headers["Location"].rsplit("('", 1)[1].rstrip("')")
     assert upload(url, data[:10], 0, len(data)).status == 404          # the session is gone
+    url2 = sim.graph("POST", f"/me/messages/{d['id']}/attachments/createUploadSession", at, {
+        "AttachmentItem": {"attachmentType": "file", "name": "late.bin", "size": 3 << 20}}).json()["uploadUrl"]
+    sim.ctl("POST", "/clock", {"advance": 7201})                           # past expirationDateTime
+    assert upload(url2, data[:10], 0, 3 << 20).status == 401
+    sim.ctl("POST", "/clock", {"offset": 0})
     r = sim.graph("GET", f"/me/messages/{d['id']}/attachments?$select=name,size,isInline", at, headers=h)
     listed = r.json()["value"]
     assert [(a["name"], a["size"], a["isInline"]) for a in listed] == [
@@ -1437,6 +1456,15 @@ def test_send_faults_leave_one_delivery(sim):
     assert sim.ctl("GET", "/deliveries?marker=f-3")["count"] == 0
     assert sim.graph("POST", "/me/sendMail", at, {"message": draft_body("f-3")}).status == 202
     assert sim.ctl("GET", "/deliveries")["by_marker"] == {"f-1": 1, "f-2": 1, "f-3": 1}
+    # drop: the connection is cut before the request is handled: nothing sent.
+    d5 = sim.graph("POST", "/me/messages", at, draft_body("f-5"), h).json()
+    sim.ctl("POST", "/scenarios", {"endpoint": "graph", "drop": True, "match": {"path": "/send"}})
+    conn = http.client.HTTPConnection("127.0.0.1", urlsplit(sim.url).port, timeout=5)
+    conn.request("POST", f"/v1.0/me/messages/{d5['id']}/send", body=b"", headers={"Authorization": f"Bearer {at}"})
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):
+        conn.getresponse()
+    assert sim.ctl("GET", "/deliveries?marker=f-5")["count"] == 0
+    assert sim.graph("POST", f"/me/messages/{d5['id']}/send", at, headers=h).status == 202
     # A fault on an upload URL works the same way (path AttachmentSessions).
     d4 = sim.graph("POST", "/me/messages", at, draft_body("f-4")).json()
     url = sim.graph("POST", f"/me/messages/{d4['id']}/attachments/createUploadSession", at, {
@@ -1956,3 +1984,46 @@ def test_introspect_and_xoauth2(sim):
     sim.ctl("POST", "/tokens/expire", {})
     assert xoauth2(sim, "imap", "adele@contoso.com", app_imap)["ok"] is False
     assert sim.ctl("GET", "/counters")["xoauth2"] == {"imap": 7, "smtp": 1, "pop": 1}
+
+
+def test_state_file_keeps_credentials_permissions_policies_and_attachment_bytes(tmp_path, cert_keys):
+    state = tmp_path / "sim.json"
+
+    def start():
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, str(SIM), "--port", str(port), "--state-file", str(state)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc.stdout.readline()
+        return proc, Sim(f"http://127.0.0.1:{port}")
+
+    proc, s = start()
+    try:
+        k1 = cert_keys[0]
+        cid = daemon_app(s)
+        s.ctl("POST", f"/apps/{cid}/certificates", {"pem": k1["pem"]})
+        s.ctl("POST", f"/apps/{cid}/app_roles", {"roles": ["Mail.Read"]})
+        s.ctl("POST", "/mailboxes", {"address": "desk@contoso.com"})
+        s.ctl("POST", "/mailbox/desk@contoso.com/permissions", {"user": "megan@contoso.com", "rights": "FullAccess"})
+        s.ctl("POST", "/access_policies", {"client_id": cid, "mailboxes": ["desk@contoso.com"]})
+        blob = secrets.token_bytes(2 << 20)                          # over 1 MiB: kept in a file
+        (msg,) = s.ctl("POST", "/mailbox/desk@contoso.com/messages", {"messages": [{"subject": "kept", "attachments": [
+            {"kind": "file", "name": "blob.bin", "content_base64": base64.b64encode(blob).decode()}]}]})["messages"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    proc, s = start()
+    try:
+        aud = f"{s.url}/{TENANT}/oauth2/v2.0/token"
+        r = app_token(s, cid, client_assertion_type=JWT_BEARER,
+                      client_assertion=assertion(k1["key"], cid, aud, "PS256", {"x5t#S256": k1["x5t#S256"]}))
+        assert r.status == 200, r.text
+        at = r.json()["access_token"]
+        att = s.ctl("GET", f"/mailbox/desk@contoso.com/messages/{msg['id']}")["attachments"][0]
+        raw = s.graph("GET", f"/users/desk@contoso.com/messages/{msg['id']}/attachments/{att['id']}/$value", at)
+        assert raw.status == 200 and raw.body == blob
+        assert s.graph("GET", "/users/megan@contoso.com/messages", at).status == 403      # the policy
+        perms = s.ctl("GET", "/mailbox/desk@contoso.com/permissions")["permissions"]
+        assert list(perms.values()) == [["FullAccess"]]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1029,7 +1029,8 @@ class Sim:
         with self.lock:
             state = {"config": self.config, "clock_offset": self.clock_offset,
                      "tenants": self.tenants, "users": self.users, "apps": self.apps,
-                     "rts": self.rts, "ats": self.ats,
+                     "rts": self.rts, "ats": self.ats, "permissions": self.permissions,
+                     "access_policies": self.access_policies,
                      "mailboxes": {oid: mb.to_json() for oid, mb in self.mailboxes.items()},
                      "cursors": {k: v for k, v in self.cursors.items() if v["type"] == "delta"}}
             self.dirty = False
@@ -1042,9 +1043,11 @@ class Sim:
         with open(path) as f:
             state = json.load(f)
         with self.lock:
-            for k in ("config", "clock_offset", "tenants", "users", "apps", "rts", "ats", "cursors"):
+            for k in ("config", "clock_offset", "tenants", "users", "apps", "rts", "ats", "cursors",
+                      "permissions", "access_policies"):
                 setattr(self, k, state.get(k, getattr(self, k)))
             self.mailboxes = {oid: Mailbox(oid, d) for oid, d in state.get("mailboxes", {}).items()}
+            self.config = dict(DEFAULT_CONFIG, **self.config)   # keys added since the file was saved
             self.user_index = {}
             for u in self.users.values():
                 u.setdefault("kind", "user")
