@@ -153,7 +153,7 @@ def sim(sim_server):
 
 
 def assert_aad_error(r, status, error, code):
-    """Token-endpoint error body exactly as reference 4.1 shapes it."""
+    """Token-endpoint error body exactly as Microsoft shapes it."""
     assert r.status == status, r.text
     body = r.json()
     assert body["error"] == error, body

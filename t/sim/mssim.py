@@ -10,8 +10,9 @@ MSOAuthAuthorityURL http://127.0.0.1:PORT and MSOAuthGraphURL http://127.0.0.1:P
   /v1.0/me, /v1.0/me/mailFolders/..., /v1.0/me/messages/...   Graph mail
   /_sim/...                                          control API (tests only)
 
-Behaviour and error bodies follow the platform reference used by the project
-(shared/reference/microsoft-platform.md). Standard library + `cryptography` only.
+Behaviour and error bodies follow Microsoft's documentation of the identity platform and
+Graph; t/sim/README.md lists what the simulator picks where it is silent. Standard library +
+`cryptography` only.
 Run:  python3 t/sim/mssim.py --port 8081 [--host 127.0.0.1] [--state-file F] [--demo]
 """
 import argparse
@@ -280,7 +281,8 @@ class KeyRing:
 # ---------------------------------------------------------------------------
 
 class AadError(Exception):
-    """A token-endpoint style JSON error (reference 4.1)."""
+    """A token-endpoint style JSON error (error, error_description with AADSTS code, trace and
+    correlation ids, error_codes, timestamp, error_uri)."""
 
     def __init__(self, error, code, text, status=None, headers=None):
         super().__init__(f"{error} AADSTS{code}")
@@ -1081,7 +1083,7 @@ class Sim:
         kind = u.get("kind", "user")
         if kind not in ("user", "shared"):
             raise ValueError(f"unknown kind {kind}")
-        # Personal accounts get an oid with the 16-hex-digit Graph id embedded (reference 6.8).
+        # Personal accounts get an oid with the 16-hex-digit Graph id embedded (Graph's id for them).
         default_oid = ("00000000-0000-0000-" + secrets.token_hex(2) + "-" + secrets.token_hex(6)
                        if tid == MSA_TENANT else guid())
         user = {"oid": (u.get("oid") or default_oid).lower(), "tenant_id": tid, "upn": upn,
@@ -1477,7 +1479,7 @@ def user_allowed(app, kind, tenant, user):
 
 
 def redirect_registered(app, uri):
-    """Exact match; for http loopback hosts the port is ignored (reference 2.2)."""
+    """Exact match; for http loopback hosts the port is ignored (as Microsoft does)."""
     if uri in app["redirect_uris"]:
         return True
     u = urlsplit(uri)
@@ -1951,7 +1953,7 @@ def token(sim, req, segment):
         if app is None:
             raise app_not_found(client_id, tenant["name"] if tenant else segment)
         if grant_type == "client_credentials" and (kind != "tenant" or tenant["id"] == MSA_TENANT):
-            # App-only tokens are for one tenant: its id or domain (reference 8).
+            # App-only tokens are for one tenant: its id or domain (client credentials flow).
             where = "/organizations" if kind == "organizations" else "/common or /consumers"
             raise AadError("invalid_request", 9001023, f"The grant type isn't supported over the "
                            f"{where} endpoints. Please use the tenant-specific endpoint.")
@@ -2029,7 +2031,7 @@ def resource_of(name):
 
 
 def verify_assertion(sim, req, app, form, tenant):
-    """private_key_jwt (reference 3.3; Microsoft's certificate-credentials page): the header
+    """private_key_jwt (Microsoft's certificate-credentials page): the header
     names a registered certificate (x5t#S256, or the legacy SHA-1 x5t), RS256 or PS256,
     iss = sub = client_id, aud = the token endpoint, nbf/exp around now, a fresh jti."""
     atype = form.get("client_assertion_type")
@@ -2126,7 +2128,7 @@ def verify_assertion(sim, req, app, form, tenant):
 
 
 def client_credentials_grant(sim, app, tenant, form):
-    """App-only token (reference 8): scope {resource}/.default, the application permissions
+    """App-only token (client credentials): scope {resource}/.default, the application permissions
     admin-consented in that tenant as `roles`, never a refresh token."""
     scope = (form.get("scope") or "").strip()
     if not scope:
@@ -2466,7 +2468,7 @@ def scenario_error(sim, sc):
         return
     status = int(sc.get("status", 503))
     headers = {}
-    # Graph's 429s carry Retry-After, and 503s usually do (reference 7); a scenario without
+    # Graph's 429s carry Retry-After, and 503s usually do (Graph throttling); a scenario without
     # retry_after gets the configured one, "retry_after": null sends none (backoff path).
     retry_after = sc.get("retry_after", sim.config["throttle_retry_after"] if status in (429, 503)
                          else None)
