@@ -1378,7 +1378,7 @@ def test_attachments_and_upload_session_then_send(sim):
         r = upload(url, chunk, pos, len(data))
         pos += len(chunk)
         assert r.status == (201 if pos == len(data) else 200), r.text
-    assert r.body == b"" and "/Attachments('" in r.headers["Location"]
+    assert r.body == b"" and "/Attachments('" in r.headers["Location"] and "Content-Type" not in r.headers
     att_id = r.headers["Location"].rsplit("('", 1)[1].rstrip("')")
     assert upload(url, data[:10], 0, len(data)).status == 404          # the session is gone
     url2 = sim.graph("POST", f"/me/messages/{d['id']}/attachments/createUploadSession", at, {
@@ -1586,6 +1586,16 @@ def test_attachment_edits_in_outlook_moves_deletes_and_faults(sim):
     assert r.status == 503
     r = sim.graph("GET", f"/me/messages/{msg['id']}/attachments/{sig['id']}/$value", at, headers=h)
     assert hashlib.sha256(r.body).hexdigest() == sig["sha256"] and len(r.body) == 5000
+    # A draft being written: an attachment removed in Outlook is gone for Graph too.
+    d = sim.graph("POST", "/me/messages", at, {"subject": "draft", "attachments": [
+        {"@odata.type": "#microsoft.graph.fileAttachment", "name": "a.txt", "contentBytes": "YQ=="},
+        {"@odata.type": "#microsoft.graph.fileAttachment", "name": "b.txt", "contentBytes": "Yg=="}]}, h).json()
+    assert d["hasAttachments"] is True
+    a_id = next(a["id"] for a in sim.ctl("GET", f"/mailbox/adele@contoso.com/messages/{d['id']}")["attachments"]
+                if a["name"] == "a.txt")
+    call("DELETE", f"{sim.url}/_sim/mailbox/adele@contoso.com/messages/{d['id']}/attachments/{a_id}")
+    left = sim.graph("GET", f"/me/messages/{d['id']}/attachments", at, headers=h).json()["value"]
+    assert [(a["name"], base64.b64decode(a["contentBytes"])) for a in left] == [("b.txt", b"b")]
     # Deleted "in Outlook": 404 for the message and its attachments.
     call("DELETE", f"{sim.url}/_sim/mailbox/adele@contoso.com/messages/{msg['id']}")
     r = sim.graph("GET", f"/me/messages/{msg['id']}/attachments", at, headers=h)

@@ -313,7 +313,7 @@ class Response:
         self.body = body if isinstance(body, bytes) else body.encode()
         self.headers = dict(headers or {})
         self.parts = None           # streamed body (attachments): see stream()
-        if self.body or status not in (204, 302):
+        if content_type and (self.body or status not in (204, 302)):
             self.headers.setdefault("Content-Type", content_type)
 
     def stream(self, parts, sim):
@@ -860,6 +860,8 @@ def make_attachment(sim, spec, size_limit=None):
             data = spec["content_text"].encode("utf-8", "surrogatepass")
             att.update(src="b64", data=base64.b64encode(data).decode(), size=len(data))
         elif spec.get("size") is not None:
+            if int(spec["size"]) < 0:
+                raise GraphError(400, "ErrorInvalidRequest", "An attachment size cannot be negative.")
             att.update(src="gen", size=int(spec["size"]),
                        seed=str(spec.get("seed") or secrets.token_hex(8)))
         else:
@@ -3075,7 +3077,7 @@ def send_message(ctx, mid):
     ctx.mb.move(msg, ctx.mb.folder("sentitems")["id"])
     count_write(ctx, msg, "send", True)
     deliver(ctx, msg, "send")
-    return Response(202)
+    return Response(202, b"", None)
 
 
 @route("POST", r"/v1\.0/me/sendMail", "graph_sendmail")
@@ -3108,7 +3110,7 @@ def send_mail(ctx):
         ctx.sim.deliveries[-1]["message_id"] = None
         ctx.mb.purge(msg)
         ctx.mb.removals.pop()       # never visible: no @removed either
-    return Response(202)
+    return Response(202, b"", None)
 
 
 def reply_draft(ctx, mid, reply_all):
@@ -3415,7 +3417,7 @@ def upload_put(sim, req, sess, who, mid, sid):
     count_write(sim, msg, "attach", True, {"name": att["name"]})
     sim.counters["uploads_completed"] += 1
     location = (f"{sim.base}/api/v2.0/Users('{who}')/Messages('{mid}')/Attachments('{att['id']}')")
-    return Response(201, b"", headers={"Location": location})
+    return Response(201, b"", None, {"Location": location})     # no body, no Content-Type
 
 
 def request_too_large(sim):
