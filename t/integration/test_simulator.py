@@ -1783,7 +1783,8 @@ def test_app_only_needs_consent_in_each_tenant(sim):
     sim.ctl("POST", f"/apps/{cid}/app_roles", {"tenant_id": fabrikam["id"], "roles": []})
     t = app_token(sim, cid, "daemon~secret", tenant=fabrikam["id"]).json()["access_token"]
     r = sim.graph("GET", "/users/ops@fabrikam.example/messages", t)
-    assert r.status == 401 and "roles" in r.json()["error"]["message"]       # consented, no permission
+    assert r.status == 403 and r.json()["error"]["code"] == "accessDenied"  # consented, no permission
+    assert r.json()["error"]["message"] == "Either scp or roles claim need to be present in the token."
     sim.ctl("POST", f"/apps/{cid}/app_roles", {"tenant_id": "fabrikam.example", "roles": ["Mail.ReadWrite"]})
     t = app_token(sim, cid, "daemon~secret", tenant="fabrikam.example").json()["access_token"]
     assert sim.graph("GET", "/users/ops@fabrikam.example/messages", t).status == 200

@@ -2368,8 +2368,8 @@ def graph_auth(sim, req):
         if at["resource"] != GRAPH:
             raise token_error(sim, "Access token validation failure. Invalid audience.")
         if at.get("app_only"):
-            if not at.get("roles"):
-                raise token_error(sim, "Either scp or roles claim need to be present in the token.")
+            if not at.get("roles"):     # consented without application permissions
+                raise GraphError(403, "accessDenied", "Either scp or roles claim need to be present in the token.")
             if not req.graph_user:
                 raise GraphError(400, "BadRequest", "/me request is only valid with delegated authentication flow.")
             user = sim.find_user(req.graph_user)
