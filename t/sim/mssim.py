@@ -10,8 +10,9 @@ MSOAuthAuthorityURL http://127.0.0.1:PORT and MSOAuthGraphURL http://127.0.0.1:P
   /v1.0/me, /v1.0/me/mailFolders/..., /v1.0/me/messages/...   Graph mail
   /_sim/...                                          control API (tests only)
 
-Behaviour and error bodies follow the platform reference used by the project
-(shared/reference/microsoft-platform.md). Standard library + `cryptography` only.
+Behaviour and error bodies follow Microsoft's documentation of the identity platform and
+Graph; t/sim/README.md lists what the simulator picks where it is silent. Standard library +
+`cryptography` only.
 Run:  python3 t/sim/mssim.py --port 8081 [--host 127.0.0.1] [--state-file F] [--demo]
 """
 import argparse
@@ -35,7 +36,7 @@ import traceback
 import uuid
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, unquote_plus, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlencode, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -89,6 +90,14 @@ DEFAULT_CONFIG = {
     "throttle_retry_after": 1,          # Retry-After seconds on concurrency 429s
     "default_page_size": 10,            # Graph's default page size for message delta
     "max_page_size": 1000,
+    "request_size_limit": 4 << 20,      # Graph request bodies (and upload fragments): 4 MB
+    "request_too_large_status": 413,    # 413 RequestEntityTooLarge (400 in older reports)
+    "max_message_size": 150 << 20,      # body + attachments of a message (Graph: 150 MB)
+    "max_recipients": 500,              # to + cc + bcc of a message (Exchange Online: 500)
+    "upload_session_lifetime": 7200,    # seconds an attachment upload URL stays valid
+    "upload_chunk_multiple": 0,         # e.g. 327680: fragments but the last in multiples of it
+    "assertion_max_lifetime": None,     # client assertions: exp - nbf limit (Microsoft: none)
+    "clock_skew": 300,                  # client assertions: tolerance for nbf and exp
     # Tests of the relying party's checks: issue ID tokens that must be refused.
     "id_token_tamper": None,            # signature | audience | issuer | nonce | expired | tenant
 }
@@ -272,7 +281,8 @@ class KeyRing:
 # ---------------------------------------------------------------------------
 
 class AadError(Exception):
-    """A token-endpoint style JSON error (reference 4.1)."""
+    """A token-endpoint style JSON error (error, error_description with AADSTS code, trace and
+    correlation ids, error_codes, timestamp, error_uri)."""
 
     def __init__(self, error, code, text, status=None, headers=None):
         super().__init__(f"{error} AADSTS{code}")
@@ -302,8 +312,15 @@ class Response:
         self.status = status
         self.body = body if isinstance(body, bytes) else body.encode()
         self.headers = dict(headers or {})
-        if self.body or status not in (204, 302):
+        self.parts = None           # streamed body (attachments): see stream()
+        if content_type and (self.body or status not in (204, 302)):
             self.headers.setdefault("Content-Type", content_type)
+
+    def stream(self, parts, sim):
+        """Send `parts` (text, ("b64", att), ("raw", att)) without joining them: a list of
+        20 attachments of 20 MB is written chunk by chunk, never held in memory."""
+        self.parts, self.sim = parts, sim
+        self.length = parts_length(parts)
 
 
 def json_response(status, obj, headers=None, content_type="application/json; charset=utf-8"):
@@ -638,6 +655,270 @@ class Mailbox:
 
 
 # ---------------------------------------------------------------------------
+# Attachments: bytes kept small, generated from a seed, or spilled to a file
+# ---------------------------------------------------------------------------
+
+ATT_CHUNK = 3 << 18             # 786,432 bytes, a multiple of 3: base64 of each chunk joins cleanly
+SPILL_AT = 1 << 20              # uploads and attachments over 1 MiB live in a file, not in memory
+ATT_TYPES = {"file": "#microsoft.graph.fileAttachment", "item": "#microsoft.graph.itemAttachment",
+             "reference": "#microsoft.graph.referenceAttachment"}
+ATT_KINDS = {v.lower(): k for k, v in ATT_TYPES.items()}
+ATT_PROPS = ["lastModifiedDateTime", "name", "contentType", "size", "isInline", "contentId",
+             "contentLocation", "contentBytes"]
+FILLER = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
+          "incididunt ut labore et dolore magna aliqua. ")
+
+
+def b64_len(n):
+    return 4 * ((n + 2) // 3)
+
+
+def att_kind(spec):
+    """fileAttachment | itemAttachment | referenceAttachment, by @odata.type or `kind`."""
+    t = (spec.get("@odata.type") or "").lower().lstrip("#")
+    if t:
+        kind = ATT_KINDS.get("#" + t) or ATT_KINDS.get("#microsoft.graph." + t.split(".")[-1])
+        if kind is None:
+            raise GraphError(400, "ErrorInvalidRequest", f"Unsupported attachment type '{spec['@odata.type']}'.")
+        return kind
+    return spec.get("kind", "file")
+
+
+def att_chunks(att):
+    """The attachment's raw bytes, ATT_CHUNK at a time (never all in memory unless small)."""
+    src = att.get("src")
+    if src == "gen":
+        size, seed = att["size"], att["seed"]
+        block = seed_block(seed)
+        for k in range((size + ATT_CHUNK - 1) // ATT_CHUNK):
+            # chunk k: the seed's random block rotated by an offset drawn from (seed, k), so every
+            # chunk differs (a repeated or misplaced chunk changes the hash) and costs a memcpy
+            r = int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:4], "big") % ATT_CHUNK
+            chunk = block[r:] + block[:r]
+            yield chunk if size - k * ATT_CHUNK >= ATT_CHUNK else chunk[:size - k * ATT_CHUNK]
+    elif src == "file":
+        with open(att["path"], "rb") as f:
+            while True:
+                chunk = f.read(ATT_CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+    else:
+        data = att_bytes(att)
+        for i in range(0, len(data), ATT_CHUNK):
+            yield data[i:i + ATT_CHUNK]
+
+
+@functools.lru_cache(maxsize=64)
+def seed_block(seed):
+    return hashlib.shake_128(seed.encode()).digest(ATT_CHUNK)
+
+
+def att_bytes(att):
+    """All bytes (small attachments, MIME of items, hashing in tests)."""
+    if att.get("src") == "b64":
+        return base64.b64decode(att["data"])
+    if att["kind"] == "item":
+        return item_mime(att["item"])
+    return b"".join(att_chunks(att))
+
+
+def att_sha256(att):
+    if not att.get("sha256"):
+        h = hashlib.sha256()
+        for chunk in att_chunks(att):
+            h.update(chunk)
+        att["sha256"] = h.hexdigest()
+    return att["sha256"]
+
+
+def att_content_bytes(att):
+    """Has a contentBytes member: file attachments."""
+    return att["kind"] == "file"
+
+
+def render_attachment(att, select=None, expand_item=False):
+    """-> (dict without contentBytes, whether contentBytes follows). Graph's shapes: file
+    attachments carry contentId/contentLocation/contentBytes, items contentType null,
+    references only the base properties in v1.0 (sourceUrl/providerType are beta)."""
+    out = {"@odata.type": ATT_TYPES[att["kind"]]}
+    if att["kind"] == "file":
+        out["@odata.mediaContentType"] = att["contentType"]
+    out["id"] = att["id"]
+    names = ["lastModifiedDateTime", "name", "contentType", "size", "isInline"]
+    if att["kind"] == "file":
+        names += ["contentId", "contentLocation"]
+    if select is not None:
+        names = [n for n in names if n in select]
+    for n in names:
+        out[n] = None if (n == "contentType" and att["kind"] == "item") else att.get(n)
+    if expand_item and att["kind"] == "item":
+        out["item"] = dict({"@odata.type": "#microsoft.graph.message", "id": ""}, **att["item"])
+    with_bytes = att_content_bytes(att) and (select is None or "contentBytes" in select)
+    return out, with_bytes
+
+
+def attachment_parts(att, select=None, expand_item=False):
+    """The JSON text of one attachment as parts: str, or ("b64", att) for contentBytes."""
+    out, with_bytes = render_attachment(att, select, expand_item)
+    text = json.dumps(out)
+    if not with_bytes:
+        return [text]
+    return [text[:-1] + ', "contentBytes": "', ("b64", att), '"}']
+
+
+def parts_length(parts):
+    n = 0
+    for p in parts:
+        if isinstance(p, str):
+            n += len(p.encode())
+        elif isinstance(p, bytes):
+            n += len(p)
+        elif p[0] == "b64":
+            n += b64_len(p[1]["size"])
+        else:                   # ("raw", att)
+            n += p[1]["size"]
+    return n
+
+
+def iter_parts(parts):
+    """Bytes to write for parts (contentBytes encoded chunk by chunk)."""
+    for p in parts:
+        if isinstance(p, str):
+            yield p.encode()
+        elif isinstance(p, bytes):
+            yield p
+        elif p[0] == "b64":
+            for chunk in att_chunks(p[1]):
+                yield base64.b64encode(chunk)
+        else:
+            yield from att_chunks(p[1])
+
+
+def safe_text(s):
+    """Text with lone surrogates replaced (MIME must be valid UTF-8; JSON keeps escapes)."""
+    return s.encode("utf-8", "replace").decode("utf-8") if isinstance(s, str) else s
+
+
+def addr_header(recipients):
+    from email.utils import formataddr
+    out = []
+    for r in recipients or []:
+        ea = (r or {}).get("emailAddress") or {}
+        out.append(formataddr((safe_text(ea.get("name") or ""), safe_text(ea.get("address") or ""))))
+    return ", ".join(out)
+
+
+def item_mime(item):
+    """An attached message as MIME (what GET .../attachments/{id}/$value returns for items)."""
+    from email.message import EmailMessage
+    from email.policy import SMTP
+    m = EmailMessage(policy=SMTP)
+    frm = item.get("from") or {"emailAddress": {"name": "Sender", "address": "sender@example.com"}}
+    m["From"] = addr_header([frm])
+    if item.get("toRecipients"):
+        m["To"] = addr_header(item["toRecipients"])
+    if item.get("ccRecipients"):
+        m["Cc"] = addr_header(item["ccRecipients"])
+    m["Subject"] = safe_text(item.get("subject", ""))
+    when = parse_time(item.get("sentDateTime") or item.get("receivedDateTime")) or 0
+    m["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(when))
+    m["Message-ID"] = item.get("internetMessageId") or "<item@sim.contoso.com>"
+    body = item.get("body") or {"contentType": "text", "content": ""}
+    m.set_content(safe_text(body.get("content", "")),
+                  subtype="html" if body.get("contentType", "html").lower() == "html" else "plain")
+    return m.as_bytes()
+
+
+def make_attachment(sim, spec, size_limit=None):
+    """An attachment record from a Graph attachment (POST .../attachments) or a control-API
+    spec: contentBytes | content_base64 | content_text | size (+ seed: generated bytes)."""
+    if not isinstance(spec, dict):
+        raise GraphError(400, "ErrorInvalidRequest", "An attachment must be a JSON object.")
+    kind = att_kind(spec)
+    if kind not in ATT_TYPES:
+        raise GraphError(400, "ErrorInvalidRequest", f"Unsupported attachment kind '{kind}'.")
+    raw = os.urandom(45)
+    att = {"id": graph_item_id("AAMkAGI2THVSAAABEgAQA", raw), "kind": kind,
+           "name": spec.get("name"), "contentType": spec.get("contentType"),
+           "isInline": bool(spec.get("isInline", False)), "contentId": spec.get("contentId"),
+           "contentLocation": spec.get("contentLocation"),
+           "lastModifiedDateTime": spec.get("lastModifiedDateTime") or iso(sim.now()), "sha256": None}
+    if kind == "file":
+        b64 = spec.get("contentBytes", spec.get("content_base64"))
+        if b64 is not None:
+            try:
+                data = base64.b64decode(b64, validate=True)
+            except (ValueError, TypeError):
+                raise GraphError(400, "ErrorInvalidRequest", "The contentBytes value is not valid "
+                                 "base64.")
+            if len(data) > SPILL_AT:
+                att.update(src="file", path=sim.spill(data), size=len(data))
+            else:
+                att.update(src="b64", data=base64.b64encode(data).decode(), size=len(data))
+        elif spec.get("content_text") is not None:
+            data = spec["content_text"].encode("utf-8", "surrogatepass")
+            att.update(src="b64", data=base64.b64encode(data).decode(), size=len(data))
+        elif spec.get("size") is not None:
+            if int(spec["size"]) < 0:
+                raise GraphError(400, "ErrorInvalidRequest", "An attachment size cannot be negative.")
+            att.update(src="gen", size=int(spec["size"]),
+                       seed=str(spec.get("seed") or secrets.token_hex(8)))
+        else:
+            raise GraphError(400, "ErrorInvalidRequest", "A file attachment needs contentBytes.")
+        if not att["name"]:
+            raise GraphError(400, "ErrorInvalidRequest", "The attachment name is required.")
+        att["contentType"] = att["contentType"] or "application/octet-stream"
+    elif kind == "item":
+        item = dict(spec.get("item") or {})
+        item.pop("@odata.type", None)
+        if isinstance(item.get("body"), str):
+            item["body"] = {"contentType": "html", "content": item["body"]}
+        if isinstance(item.get("from"), str):
+            item["from"] = {"emailAddress": {"name": item["from"], "address": item["from"]}}
+        item.setdefault("subject", att["name"] or "")
+        item.setdefault("internetMessageId", f"<{secrets.token_hex(8)}@sim.contoso.com>")
+        item.setdefault("receivedDateTime", iso(sim.now()))
+        item.setdefault("hasAttachments", False)
+        att["item"] = item
+        att["name"] = att["name"] or item["subject"]
+        att["size"] = len(item_mime(item))
+        att["src"] = "item"
+    else:
+        if not spec.get("sourceUrl"):
+            raise GraphError(400, "ErrorInvalidRequest", "A reference attachment needs a sourceUrl.")
+        att.update(src="none", size=int(spec.get("size", 512)), sourceUrl=spec["sourceUrl"],
+                   providerType=spec.get("providerType", "oneDriveBusiness"),
+                   permission=spec.get("permission", "view"), isFolder=bool(spec.get("isFolder", False)))
+    if size_limit is not None and att["size"] > size_limit:
+        raise GraphError(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")
+    return att
+
+
+def control_attachment(att, sha=True):
+    """An attachment as the control API shows it (bytes compared by hash)."""
+    out = {k: att.get(k) for k in ("id", "kind", "name", "contentType", "size", "isInline", "contentId")}
+    if sha and att["kind"] != "reference":
+        out["sha256"] = att_sha256(att)
+    if att["kind"] == "reference":
+        out.update({k: att.get(k) for k in ("sourceUrl", "providerType", "permission", "isFolder")})
+    if att["kind"] == "item":
+        out["item_subject"] = att["item"].get("subject")
+    return out
+
+
+def has_attachments(msg):
+    """Graph: true when the message has attachments other than inline ones."""
+    return any(not a["isInline"] for a in msg.get("atts") or ())
+
+
+def filler(n):
+    """n bytes of text, cheaply (hostile-size bodies)."""
+    reps = n // len(FILLER) + 1
+    return (FILLER * reps)[:n]
+
+
+# ---------------------------------------------------------------------------
 # Simulator state
 # ---------------------------------------------------------------------------
 
@@ -666,7 +947,8 @@ class Sim:
             self.config = dict(DEFAULT_CONFIG, latency_ms=self.start_latency)
             self.clock_offset = 0.0
             self.tenants = {}       # tid -> {id, name, domains}
-            self.users = {}         # oid -> {oid, tenant_id, upn, mail, name}
+            self.users = {}         # oid -> {oid, tenant_id, upn, mail, name, kind}
+            self.user_index = {}    # lower-case upn / mail / Graph id -> oid
             self.apps = {}          # client_id -> app
             self.codes = {}         # authorization code -> grant record
             self.flows = {}         # sign-in page flow id -> authorize parameters
@@ -675,6 +957,9 @@ class Sim:
             self.mailboxes = {}     # oid -> Mailbox
             self.cursors = {}       # $skiptoken / $deltatoken -> delta cursor
             self.scenarios = []
+            self.permissions = {}   # mailbox oid -> {user oid: [rights]} (FullAccess, SendAs)
+            self.access_policies = []   # Exchange application access policies
+            self.policy_sets = {}   # policy id -> set of mailbox oids (derived)
             self.inflight = {}      # (client_id, oid) -> in-flight Graph requests
             self.log = []
             self.counters = {"calls": {}, "token_grants": {}, "aad_errors": {},
@@ -682,7 +967,14 @@ class Sim:
                              "codes_issued": 0, "graph_writes": {}, "graph_writes_total": 0,
                              "graph_effective_writes": {}, "graph_effective_writes_total": 0,
                              "throttled": 0, "concurrency_violations": 0, "max_inflight": 0,
-                             "scenarios_fired": 0}
+                             "scenarios_fired": 0, "token_grants_by_client": {},
+                             "token_requests_by_client": {}, "app_tokens": {}, "drafts_created": 0,
+                             "sends": 0, "upload_bytes": 0, "uploads_completed": 0,
+                             "attachment_bytes_served": 0, "xoauth2": {}}
+            self.deliveries = []    # every accepted send: GET /_sim/deliveries
+            self.uploads = {}       # attachment upload sessions
+            self.used_jtis = {}     # client assertion jti -> exp (a replay is refused)
+            self.clear_spill()
             self.add_tenant({"id": MSA_TENANT, "name": "Microsoft Accounts", "domains": []})
             self.add_tenant({"id": DEFAULT_TENANT, "name": "Contoso",
                              "domains": ["contoso.onmicrosoft.com", "contoso.com"]})
@@ -702,13 +994,47 @@ class Sim:
     def now(self):
         return time.time() + self.clock_offset
 
+    # -- attachment bytes over SPILL_AT live in files -----------------------------------
+
+    def spill_dir(self):
+        if getattr(self, "_spill", None) is None:
+            if self.state_file:         # kept with the state file, so saved mailboxes keep them
+                self._spill = self.state_file + ".files"
+                os.makedirs(self._spill, exist_ok=True)
+            else:
+                import tempfile
+                self._spill = tempfile.mkdtemp(prefix="mssim-files.")
+                import atexit
+                import shutil
+                atexit.register(shutil.rmtree, self._spill, True)
+        return self._spill
+
+    def spill_path(self):
+        path = os.path.join(self.spill_dir(), secrets.token_hex(12))
+        open(path, "wb").close()
+        return path
+
+    def spill(self, data):
+        path = self.spill_path()
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def clear_spill(self):
+        d = getattr(self, "_spill", None)
+        if d and os.path.isdir(d):
+            for name in os.listdir(d):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(d, name))
+
     def save(self):
         if not self.state_file:
             return
         with self.lock:
             state = {"config": self.config, "clock_offset": self.clock_offset,
                      "tenants": self.tenants, "users": self.users, "apps": self.apps,
-                     "rts": self.rts, "ats": self.ats,
+                     "rts": self.rts, "ats": self.ats, "permissions": self.permissions,
+                     "access_policies": self.access_policies,
                      "mailboxes": {oid: mb.to_json() for oid, mb in self.mailboxes.items()},
                      "cursors": {k: v for k, v in self.cursors.items() if v["type"] == "delta"}}
             self.dirty = False
@@ -721,9 +1047,15 @@ class Sim:
         with open(path) as f:
             state = json.load(f)
         with self.lock:
-            for k in ("config", "clock_offset", "tenants", "users", "apps", "rts", "ats", "cursors"):
+            for k in ("config", "clock_offset", "tenants", "users", "apps", "rts", "ats", "cursors",
+                      "permissions", "access_policies"):
                 setattr(self, k, state.get(k, getattr(self, k)))
             self.mailboxes = {oid: Mailbox(oid, d) for oid, d in state.get("mailboxes", {}).items()}
+            self.config = dict(DEFAULT_CONFIG, **self.config)   # keys added since the file was saved
+            self.user_index = {}
+            for u in self.users.values():
+                u.setdefault("kind", "user")
+                self.index_user(u)
             # Keep printing (and resetting to) the secret the saved default app really has.
             saved = self.apps.get(DEFAULT_CLIENT_ID, {}).get("secrets")
             if saved:
@@ -738,28 +1070,67 @@ class Sim:
         return self.tenants[tid.lower()]
 
     def add_user(self, u):
+        """A person (kind "user") or a shared mailbox without a person (kind "shared": no
+        sign-in). `mail` may be null (Graph then has no address; the UPN still works).
+        `email_claim` / `preferred_username_claim`: what the ID token claims instead of the
+        directory's values (unverified claims: the "nOAuth" tests)."""
         tid = (u.get("tenant_id") or DEFAULT_TENANT).lower()
         if tid == "consumers":
             tid = MSA_TENANT
         if tid not in self.tenants:
             raise ValueError(f"unknown tenant {tid}")
-        upn = u.get("upn") or u.get("mail")
+        upn = u.get("upn") or u.get("mail") or u.get("address")
         if not upn:
             raise ValueError("upn or mail is required")
-        # Personal accounts get an oid with the 16-hex-digit Graph id embedded (reference 6.8).
+        kind = u.get("kind", "user")
+        if kind not in ("user", "shared"):
+            raise ValueError(f"unknown kind {kind}")
+        # Personal accounts get an oid with the 16-hex-digit Graph id embedded (Graph's id for them).
         default_oid = ("00000000-0000-0000-" + secrets.token_hex(2) + "-" + secrets.token_hex(6)
                        if tid == MSA_TENANT else guid())
         user = {"oid": (u.get("oid") or default_oid).lower(), "tenant_id": tid, "upn": upn,
-                "mail": u.get("mail", upn), "name": u.get("name", upn.split("@")[0])}
+                "mail": u.get("mail", upn), "name": u.get("name") or u.get("display_name")
+                or upn.split("@")[0], "kind": kind}
+        for k in ("email_claim", "preferred_username_claim"):
+            if u.get(k) is not None:
+                user[k] = u[k]
+        old = self.users.get(user["oid"])
+        if old:
+            self.unindex_user(old)
         self.users[user["oid"]] = user
+        self.index_user(user)
+        return user
+
+    def index_user(self, user):
+        """upn, mail and Graph id -> oid: /users/{id|upn} over 10,000 mailboxes is no scan."""
+        for key in (user["upn"], user.get("mail"), graph_user_id(user)):
+            if key:
+                self.user_index.setdefault(key.lower(), user["oid"])
+
+    def unindex_user(self, user):
+        for key in (user["upn"], user.get("mail"), graph_user_id(user)):
+            if key and self.user_index.get(key.lower()) == user["oid"]:
+                del self.user_index[key.lower()]
+
+    def remove_user(self, oid):
+        user = self.users.pop(oid, None)
+        if user:
+            self.unindex_user(user)
+            for other in self.users.values():       # another user may have the same address
+                if other.get("mail") and other["mail"].lower() == (user.get("mail") or "").lower():
+                    self.index_user(other)
+                    break
         return user
 
     def find_user(self, key):
         if not key:
             return None
         key = key.lower()
-        return self.users.get(key) or next(
-            (u for u in self.users.values() if key in (u["upn"].lower(), (u["mail"] or "").lower())), None)
+        user = self.users.get(key)
+        if user is None:
+            oid = self.user_index.get(key)
+            user = self.users.get(oid) if oid else None
+        return user
 
     def add_app(self, a):
         audience = a.get("sign_in_audience", "AzureADMultipleOrgs")
@@ -775,9 +1146,32 @@ class Sim:
                "display_name": a.get("display_name", "mssim app"),
                "secrets": app_secrets, "redirect_uris": list(a.get("redirect_uris", [])),
                "sign_in_audience": audience,
-               "home_tenant": (a.get("home_tenant") or DEFAULT_TENANT).lower()}
+               "home_tenant": (a.get("home_tenant") or DEFAULT_TENANT).lower(),
+               "certificates": [make_certificate(self, c) for c in a.get("certificates") or ()],
+               "app_roles": {}}    # tenant id -> {resource: [application permissions]}
         self.apps[app["client_id"]] = app
         return app
+
+    def rights(self, mailbox_oid, user_oid):
+        """Exchange mailbox permissions one user has on another mailbox."""
+        return self.permissions.get(mailbox_oid, {}).get(user_oid, ())
+
+    def access_policy_allows(self, client_id, oid):
+        """Application access policies (Exchange): RestrictAccess = only the listed mailboxes,
+        DenyAccess = all but them. Only app-only tokens are subject to them."""
+        pols = [p for p in self.access_policies if p["client_id"] == client_id]
+        if not pols:
+            return True
+        restrict = [p for p in pols if p["mode"] == "RestrictAccess"]
+        if restrict and not any(oid in self.policy_set(p) for p in restrict):
+            return False
+        return not any(oid in self.policy_set(p) for p in pols if p["mode"] == "DenyAccess")
+
+    def policy_set(self, p):
+        cached = self.policy_sets.get(p["id"])
+        if cached is None:
+            cached = self.policy_sets[p["id"]] = frozenset(p["mailboxes"])
+        return cached
 
     def mailbox(self, oid):
         if oid not in self.mailboxes:
@@ -929,6 +1323,7 @@ class Request:
         parts = urlsplit(raw_path)
         self.method = method
         self.path = unquote(parts.path)
+        self.orig_path = self.path      # before /users/{x} is rewritten to /me
         self.query_string = parts.query
         self.query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         self.headers = headers
@@ -1068,6 +1463,8 @@ def app_not_found(client_id, where):
 
 
 def user_allowed(app, kind, tenant, user):
+    if user.get("kind", "user") != "user":      # a shared mailbox has no person to sign in
+        return False
     tid = user["tenant_id"]
     if kind == "tenant" and tid != tenant["id"]:
         return False
@@ -1084,7 +1481,7 @@ def user_allowed(app, kind, tenant, user):
 
 
 def redirect_registered(app, uri):
-    """Exact match; for http loopback hosts the port is ignored (reference 2.2)."""
+    """Exact match; for http loopback hosts the port is ignored (as Microsoft does)."""
     if uri in app["redirect_uris"]:
         return True
     u = urlsplit(uri)
@@ -1406,7 +1803,12 @@ def client_credentials(req, form):
     return (form.get("client_id") or "").lower(), form.get("client_secret")
 
 
-def authenticate_client(sim, app, secret):
+def authenticate_client(sim, req, app, form, secret, tenant):
+    if form.get("client_assertion") or form.get("client_assertion_type"):
+        if secret:
+            raise AadError("invalid_request", 9002313, "Invalid request. Request is malformed or "
+                           "invalid. Use either client_secret or client_assertion, not both.")
+        return verify_assertion(sim, req, app, form, tenant)
     if not secret:
         raise AadError("invalid_client", 7000218, "The request body must contain the following "
                        "parameter: 'client_assertion' or 'client_secret'.")
@@ -1493,9 +1895,13 @@ def id_token(sim, app, user, oidc, nonce):
     if nonce:
         claims["nonce"] = nonce
     if "profile" in oidc:
-        claims.update(oid=user["oid"], name=user["name"], preferred_username=user["upn"])
-    if "email" in oidc and user.get("mail"):
-        claims["email"] = user["mail"]
+        claims.update(oid=user["oid"], name=user["name"],
+                      preferred_username=user.get("preferred_username_claim") or user["upn"])
+    # `email` is unverified and may name anyone (users of any tenant can set it): the claim a
+    # relying party must never use as an identity. email_claim makes it say something else.
+    email = user.get("email_claim") or user.get("mail")
+    if "email" in oidc and email:
+        claims["email"] = email
     tamper = sim.config.get("id_token_tamper")
     if tamper == "audience":
         claims["aud"] = guid()
@@ -1532,6 +1938,10 @@ def token(sim, req, segment):
                        "Cross-origin token redemption is permitted only for the 'Single-Page "
                        f"Application' client-type. Request origin: '{origin}'.")
     client_id, secret = client_credentials(req, form)
+    if client_id:
+        with sim.lock:      # every attempt, failed ones included (one token per app per lifetime)
+            per = sim.counters["token_requests_by_client"].setdefault(client_id, {})
+            per[grant_type or ""] = per.get(grant_type or "", 0) + 1
     token_scenario(sim, grant_type, client_id)
     with sim.lock:
         kind, tenant = resolve_tenant(sim, segment)
@@ -1544,19 +1954,220 @@ def token(sim, req, segment):
         app = sim.apps.get(client_id)
         if app is None:
             raise app_not_found(client_id, tenant["name"] if tenant else segment)
+        if grant_type == "client_credentials" and (kind != "tenant" or tenant["id"] == MSA_TENANT):
+            # App-only tokens are for one tenant: its id or domain (client credentials flow).
+            where = "/organizations" if kind == "organizations" else "/common or /consumers"
+            raise AadError("invalid_request", 9001023, f"The grant type isn't supported over the "
+                           f"{where} endpoints. Please use the tenant-specific endpoint.")
         err = check_app_segment(app, kind, tenant)
         if err:
             raise err
-        if grant_type not in ("authorization_code", "refresh_token"):
+        if grant_type not in ("authorization_code", "refresh_token", "client_credentials"):
             raise AadError("unsupported_grant_type", 70003,
                            f"The app requested an unsupported grant type '{grant_type}'.")
-        authenticate_client(sim, app, secret)
+        authenticate_client(sim, req, app, form, secret, tenant)
         if grant_type == "authorization_code":
             body = redeem_code(sim, app, segment, form)
-        else:
+        elif grant_type == "refresh_token":
             body = redeem_refresh(sim, app, form)
+        else:
+            body = client_credentials_grant(sim, app, tenant, form)
         sim.count("token_grants", grant_type)
+        per = sim.counters["token_grants_by_client"].setdefault(app["client_id"], {})
+        per[grant_type] = per.get(grant_type, 0) + 1
     return json_response(200, body, {"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+# ---------------------------------------------------------------------------
+# Identity: certificate credentials (private_key_jwt) and app-only tokens
+# ---------------------------------------------------------------------------
+
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+CERT_DOCS = "Review the documentation at https://learn.microsoft.com/entra/identity-platform/certificate-credentials ."
+GRAPH_ROLES = ["Mail.Read", "Mail.ReadBasic", "Mail.ReadBasic.All", "Mail.ReadWrite", "Mail.Send",
+               "MailboxSettings.Read", "MailboxSettings.ReadWrite", "User.Read.All",
+               "User.ReadBasic.All", "Directory.Read.All"]
+OUTLOOK_ROLES = ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp", "full_access_as_app",
+                 "EWS.AccessAsApp"]
+RESOURCE_NAMES = {"graph": GRAPH, "outlook": OUTLOOK}
+
+
+def b64url_decode(s):
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+@functools.lru_cache(maxsize=64)
+def load_cert(pem):
+    return x509.load_pem_x509_certificate(pem.encode())
+
+
+def make_certificate(sim, spec):
+    """A certificate credential: the PEM (or base64 DER) of an X.509 certificate, as uploaded
+    in the portal. Thumbprints as the assertion header names them: x5t (SHA-1) and x5t#S256."""
+    pem = spec.get("pem")
+    try:
+        if not pem and spec.get("der"):
+            der = base64.b64decode(spec["der"])
+            pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+        cert = load_cert(pem.strip() + "\n")
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError("pem must be a PEM X.509 certificate")
+    der = cert.public_bytes(serialization.Encoding.DER)
+    not_after = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=timezone.utc)
+    return {"id": spec.get("id") or guid(), "pem": pem.strip() + "\n",
+            "thumbprint": hashlib.sha1(der).hexdigest().upper(),
+            "x5t": b64url(hashlib.sha1(der).digest()), "x5t_s256": b64url(hashlib.sha256(der).digest()),
+            "expires_at": parse_time(spec.get("expires_at")) or not_after.timestamp()}
+
+
+def public_certificate(c):
+    return {"id": c["id"], "thumbprint": c["thumbprint"], "x5t": c["x5t"], "x5t#S256": c["x5t_s256"],
+            "expires_at": iso(c["expires_at"])}
+
+
+def resource_of(name):
+    """graph | outlook | a resource URI or app id -> canonical resource (or None)."""
+    if not name:
+        return None
+    return RESOURCE_NAMES.get(name.lower()) or RESOURCES.get(name.lower().rstrip("/"))
+
+
+def verify_assertion(sim, req, app, form, tenant):
+    """private_key_jwt (Microsoft's certificate-credentials page): the header
+    names a registered certificate (x5t#S256, or the legacy SHA-1 x5t), RS256 or PS256,
+    iss = sub = client_id, aud = the token endpoint, nbf/exp around now, a fresh jti."""
+    atype = form.get("client_assertion_type")
+    if not atype:
+        raise AadError("invalid_request", 900144, "The request body must contain the following "
+                       "parameter: 'client_assertion_type'.")
+    if atype != JWT_BEARER:
+        raise AadError("invalid_request", 9002313, f"Invalid request. Request is malformed or invalid. "
+                       f"client_assertion_type '{atype}' is not supported.")
+    assertion = form.get("client_assertion")
+    if not assertion:
+        raise AadError("invalid_request", 900144, "The request body must contain the following "
+                       "parameter: 'client_assertion'.")
+    try:
+        head_b64, claims_b64, sig_b64 = assertion.split(".")
+        header = json.loads(b64url_decode(head_b64))
+        claims = json.loads(b64url_decode(claims_b64))
+        sig = b64url_decode(sig_b64)
+        if not isinstance(header, dict) or not isinstance(claims, dict):
+            raise ValueError("not objects")
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise AadError("invalid_client", 50027, "Invalid JWT token. Token format not valid.")
+    alg = header.get("alg")
+    if alg not in ("RS256", "PS256"):
+        raise AadError("invalid_client", 50027, f"Invalid JWT token. The signing algorithm '{alg}' is "
+                       "not supported: use RS256 or PS256.")
+    s256, s1 = header.get("x5t#S256"), header.get("x5t")
+    cert = next((c for c in app.get("certificates") or ()
+                 if (s256 and c["x5t_s256"] == s256) or (s1 and c["x5t"] == s1)), None)
+    used = s256 or s1 or ""
+    try:
+        used_hex = b64url_decode(used).hex().upper()
+    except ValueError:
+        used_hex = used
+    if cert is None:
+        raise AadError("invalid_client", 700027, "The certificate with identifier used to sign the "
+                       "client assertion is not registered on application. [Reason - The key was not "
+                       f"found., Thumbprint of key used by client: '{used_hex}', Please visit the Azure "
+                       f"Portal to see configured keys for app Id '{app['client_id']}'.]")
+    if cert["expires_at"] <= sim.now():
+        raise AadError("invalid_client", 700027, "The certificate with identifier used to sign the "
+                       "client assertion is expired on application. [Reason - The key used is expired., "
+                       f"Thumbprint of key used by client: '{used_hex}', Configured keys: "
+                       f"[Key0:Start=..., End={aad_timestamp(cert['expires_at'])}, Thumbprint={cert['thumbprint']}]]")
+    pub = load_cert(cert["pem"]).public_key()
+    signing_input = f"{head_b64}.{claims_b64}".encode()
+    try:
+        if alg == "RS256":
+            pub.verify(sig, signing_input, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            pub.verify(sig, signing_input, padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                                      salt_length=padding.PSS.AUTO), hashes.SHA256())
+    except Exception:       # InvalidSignature, or a key of another type
+        raise AadError("invalid_client", 7000274, "Key was found, but use of the key to verify the "
+                       "signature failed.")
+    iss, sub = claims.get("iss"), claims.get("sub")
+    if iss != sub:
+        raise AadError("invalid_client", 50048, "Subject mismatches Issuer claim in the client assertion.")
+    if str(iss or "").lower() != app["client_id"]:
+        raise AadError("invalid_client", 700021, "Client assertion application identifier doesn't "
+                       f"match 'client_id' parameter. {CERT_DOCS}")
+    allowed = {f"{sim.base}{req.path}"}
+    if tenant is not None:
+        allowed.add(f"{sim.base}/{tenant['id']}/oauth2/v2.0/token")
+    aud = claims.get("aud")
+    auds = aud if isinstance(aud, list) else [aud]
+    if not any(a in allowed for a in auds):
+        raise AadError("invalid_client", 700023, f"Client assertion audience claim does not match Realm "
+                       f"issuer. {CERT_DOCS}")
+    now, skew = sim.now(), float(sim.config["clock_skew"])
+    exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
+    if not isinstance(exp, (int, float)) or (nbf is not None and not isinstance(nbf, (int, float))):
+        raise AadError("invalid_client", 50027, "Invalid JWT token. The client assertion needs a "
+                       "numeric 'exp' claim.")
+    limit = sim.config["assertion_max_lifetime"]
+    if exp < now - skew or (nbf is not None and nbf > now + skew) or (
+            limit is not None and exp - (nbf if nbf is not None else now) > float(limit)):
+        raise AadError("invalid_client", 700024, f"Client assertion is not within its valid time range. "
+                       f"Current time: {iso(now)}, assertion valid from "
+                       f"{iso(nbf) if nbf is not None else 'unspecified'}, expiry time of assertion "
+                       f"{iso(exp)}. {CERT_DOCS}")
+    jti = claims.get("jti")
+    if not jti or not isinstance(jti, str):
+        raise AadError("invalid_client", 50027, "Invalid JWT token. The client assertion has no 'jti' claim.")
+    if jti in sim.used_jtis:
+        raise AadError("invalid_client", 50027, f"Invalid JWT token. The client assertion with jti "
+                       f"'{jti}' was already used: an assertion cannot be replayed.")
+    if len(sim.used_jtis) > 10000:
+        for k in [k for k, v in sim.used_jtis.items() if v < now - skew]:
+            del sim.used_jtis[k]
+    sim.used_jtis[jti] = exp
+    req.log_extra["client_auth"] = "private_key_jwt"
+    req.log_extra["certificate"] = cert["thumbprint"]
+
+
+def client_credentials_grant(sim, app, tenant, form):
+    """App-only token (client credentials): scope {resource}/.default, the application permissions
+    admin-consented in that tenant as `roles`, never a refresh token."""
+    scope = (form.get("scope") or "").strip()
+    if not scope:
+        raise AadError("invalid_request", 900144, "The request body must contain the following "
+                       "parameter: 'scope'.")
+    words = scope.split()
+    if len(words) != 1:
+        raise AadError("invalid_scope", 70011, "The provided value for the input parameter 'scope' is "
+                       f"not valid. The scope {scope} is not valid.")
+    word = words[0]
+    if not word.lower().endswith("/.default"):
+        raise AadError("invalid_scope", 1002012, f"The provided value for scope {word} is not valid. "
+                       "Client credential flows must have a scope value with /.default suffixed to "
+                       "the resource identifier (application ID URI).")
+    prefix = word[:-len("/.default")]
+    resource = RESOURCES.get(prefix.lower().rstrip("/"))
+    if resource is None:
+        raise AadError("invalid_resource", 500011, f"The resource principal named {prefix} was not "
+                       "found in the tenant named " + tenant["name"] + ". This can happen if the "
+                       "application has not been installed by the administrator of the tenant or "
+                       "consented to by any user in the tenant. You might have sent your "
+                       "authentication request to the wrong tenant.")
+    tid = tenant["id"]
+    grants = (app.get("app_roles") or {}).get(tid)
+    if grants is None and tid != app["home_tenant"]:
+        raise app_not_found(app["client_id"], tenant["name"])      # no service principal there
+    roles = list((grants or {}).get(resource, []))
+    now = sim.now()
+    lifetime = int(sim.config["access_token_lifetime"])
+    at = "EwA" + secrets.token_urlsafe(90)
+    sim.ats[at] = {"app_only": True, "oid": None, "tid": tid, "client_id": app["client_id"],
+                   "resource": resource, "aud": prefix.lower().rstrip("/"), "roles": roles, "scopes": [],
+                   "issued_at": now, "expires_at": now + lifetime}
+    sim.counters["access_tokens_issued"] += 1
+    per_app = sim.counters["app_tokens"].setdefault(app["client_id"], {})
+    per_app[tid] = per_app.get(tid, 0) + 1
+    return {"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": at}
 
 
 def redeem_code(sim, app, segment, form):
@@ -1641,6 +2252,10 @@ class Abandoned(Exception):
     """A request that hung across a reset: dropped without an answer."""
 
 
+class Dropped(Abandoned):
+    """A `drop` / `drop_after` scenario: the connection is closed without an answer (logged)."""
+
+
 def hang(sim, seconds):
     gen = sim.generation
     time.sleep(float(seconds))
@@ -1648,11 +2263,23 @@ def hang(sim, seconds):
         raise Abandoned()
 
 
+DENIED = "Access is denied. Check credentials and try again."
+
+
 class GraphCtx:
-    def __init__(self, sim, req, at):
+    """One Graph request: the token, the mailbox it addresses (`user`: the signed-in user for
+    /me, else /users/{x}) and how it may reach it (own mailbox, delegated shared, app-only)."""
+
+    def __init__(self, sim, req, at, user, shared=False):
         self.sim, self.req, self.at = sim, req, at
-        self.user = sim.users[at["oid"]]
-        self.mb = sim.mailbox(at["oid"])
+        self.user = user
+        self.app_only = bool(at.get("app_only"))
+        self.caller = None if self.app_only else sim.users.get(at["oid"])
+        self.shared = shared            # delegated access to another user's mailbox
+        self.mb = sim.mailbox(user["oid"])
+        # Links (nextLink, deltaLink, Location) keep the form the caller used: an app-only
+        # caller cannot follow a /me link.
+        self.base_path = ("/v1.0/users/" + quote(req.graph_user, safe="@")) if req.graph_user else "/v1.0/me"
         prefer = req.prefer()
         self.immutable = prefer.get("idtype", "").lower() == "immutableid"
         self.text_body = prefer.get("outlook.body-content-type", "").lower() == "text"
@@ -1663,19 +2290,40 @@ class GraphCtx:
         if self.immutable:
             self.applied.append('IdType="ImmutableId"')
 
-    def has(self, *scopes):
-        have = {s.lower() for s in self.at["scopes"]}
-        return any(s.lower() in have for s in scopes)
+    def has(self, *names):
+        have = {s.lower() for s in (self.at.get("roles") or self.at["scopes"])}
+        return any(s.lower() in have for s in names)
+
+    def _need(self, own, shared, app):
+        """Permission names that allow this kind of access, by how the mailbox is reached."""
+        names = app if self.app_only else shared if self.shared else own
+        if not self.has(*names):
+            raise GraphError(403, "ErrorAccessDenied", DENIED)
 
     def need_read(self):
-        if not self.has("Mail.Read", "Mail.ReadWrite", "Mail.ReadBasic", "Mail.Read.Shared",
-                        "Mail.ReadWrite.Shared"):
-            raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
-        return not self.has("Mail.Read", "Mail.ReadWrite", "Mail.Read.Shared", "Mail.ReadWrite.Shared")
+        """-> True when only Mail.ReadBasic(.All) allows it (no body)."""
+        if self.app_only:
+            full, basic = ("Mail.Read", "Mail.ReadWrite"), ("Mail.ReadBasic.All", "Mail.ReadBasic")
+        elif self.shared:
+            full, basic = ("Mail.Read.Shared", "Mail.ReadWrite.Shared"), ()
+        else:
+            full = ("Mail.Read", "Mail.ReadWrite", "Mail.Read.Shared", "Mail.ReadWrite.Shared")
+            basic = ("Mail.ReadBasic",)
+        if self.has(*full):
+            return False
+        if basic and self.has(*basic):
+            return True
+        raise GraphError(403, "ErrorAccessDenied", DENIED)
 
     def need_write(self):
-        if not self.has("Mail.ReadWrite", "Mail.ReadWrite.Shared"):
-            raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+        self._need(("Mail.ReadWrite", "Mail.ReadWrite.Shared"), ("Mail.ReadWrite.Shared",), ("Mail.ReadWrite",))
+
+    def need_send(self):
+        self._need(("Mail.Send", "Mail.Send.Shared"), ("Mail.Send.Shared",), ("Mail.Send",))
+        if self.shared and "SendAs" not in self.sim.rights(self.user["oid"], self.caller["oid"]):
+            raise GraphError(403, "ErrorSendAsDenied", "The user account which was used to submit this "
+                             "request does not have the right to send mail on behalf of the specified "
+                             "sending account., Cannot submit message.")
 
     def message(self, any_id):
         msg = self.mb.find(any_id)
@@ -1693,37 +2341,56 @@ class GraphCtx:
     def render(self, msg, select=None, only=None):
         return self.mb.render(msg, select, self.immutable, self.text_body, self.basic, only)
 
+    def link(self, path_and_query):
+        """An absolute Graph URL under the caller's own prefix (/me or /users/{x})."""
+        return f"{self.sim.base}{self.base_path}{path_and_query}"
+
+
+def token_error(sim, message):
+    return GraphError(401, "InvalidAuthenticationToken", message, {"WWW-Authenticate": www_authenticate(sim)})
+
 
 def graph_auth(sim, req):
+    """-> (token record, mailbox owner addressed, shared) or a GraphError, as Graph checks:
+    the token, then (app-only) the /users/{x} form, the user, the application access policy;
+    (delegated) another user's mailbox needs FullAccess."""
     auth = req.header("Authorization") or ""
     if not auth[:7].lower() == "bearer " or not auth[7:].strip():
-        raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.",
-                         {"WWW-Authenticate": www_authenticate(sim)})
+        raise token_error(sim, "Access token is empty.")
     with sim.lock:
         at = sim.ats.get(auth[7:].strip())
         if at is None:
-            raise GraphError(401, "InvalidAuthenticationToken",
-                             "IDX14100: JWT is not well formed, there are no dots (.).",
-                             {"WWW-Authenticate": www_authenticate(sim)})
+            raise token_error(sim, "IDX14100: JWT is not well formed, there are no dots (.).")
         if at.get("revoked"):
-            raise GraphError(401, "InvalidAuthenticationToken", "Access token has been revoked.",
-                             {"WWW-Authenticate": www_authenticate(sim)})
+            raise token_error(sim, "Access token has been revoked.")
         if at["expires_at"] <= sim.now():
-            raise GraphError(401, "InvalidAuthenticationToken",
-                             "Lifetime validation failed, the token is expired.",
-                             {"WWW-Authenticate": www_authenticate(sim)})
+            raise token_error(sim, "Lifetime validation failed, the token is expired.")
         if at["resource"] != GRAPH:
-            raise GraphError(401, "InvalidAuthenticationToken",
-                             "Access token validation failure. Invalid audience.",
-                             {"WWW-Authenticate": www_authenticate(sim)})
-        if at["oid"] not in sim.users:
+            raise token_error(sim, "Access token validation failure. Invalid audience.")
+        if at.get("app_only"):
+            if not at.get("roles"):     # consented without application permissions
+                raise GraphError(403, "accessDenied", "Either scp or roles claim need to be present in the token.")
+            if not req.graph_user:
+                raise GraphError(400, "BadRequest", "/me request is only valid with delegated authentication flow.")
+            user = sim.find_user(req.graph_user)
+            if user is None or user["tenant_id"] != at["tid"]:
+                raise GraphError(404, "ErrorInvalidUser", f"The requested user '{req.graph_user}' is invalid.")
+            if not sim.access_policy_allows(at["client_id"], user["oid"]):
+                raise GraphError(403, "ErrorAccessDenied", "Access to OData is disabled.")
+            return at, user, False
+        me = sim.users.get(at["oid"])
+        if me is None:
             raise GraphError(404, "ErrorInvalidUser", "The requested user is invalid.")
-        if req.graph_user:     # /users/{id|upn}/...: only the signed-in user's own mailbox here
-            u = sim.users[at["oid"]]
-            graph_id = graph_user_id(u)
-            if req.graph_user.lower() not in (u["oid"], graph_id, u["upn"].lower(), u["mail"].lower()):
-                raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
-        return at
+        if not req.graph_user:
+            return at, me, False
+        user = sim.find_user(req.graph_user)
+        if user is me:
+            return at, me, False
+        if user is None or user["tenant_id"] != me["tenant_id"]:
+            raise GraphError(404, "ErrorInvalidUser", f"The requested user '{req.graph_user}' is invalid.")
+        if "FullAccess" not in sim.rights(user["oid"], me["oid"]):
+            raise GraphError(403, "ErrorAccessDenied", DENIED)
+        return at, user, True
 
 
 def www_authenticate(sim):
@@ -1741,8 +2408,8 @@ def graph_user_id(user):
 class ConcurrencySlot:
     """At most N in-flight requests per app + mailbox (Outlook's limit); over -> 429."""
 
-    def __init__(self, sim, at):
-        self.sim, self.key = sim, (at["client_id"], at["oid"])
+    def __init__(self, sim, client_id, oid):
+        self.sim, self.key = sim, (client_id, oid)
 
     def __enter__(self):
         sim = self.sim
@@ -1763,19 +2430,37 @@ class ConcurrencySlot:
             self.sim.inflight[self.key] -= 1
 
 
-def graph_scenario(sim, req, at):
+def graph_scenario(sim, req, user, client_id):
     """-> the scenario that applies to this request (or None), after any `hang` before it.
-    Raises its error now unless it is a replay or has `hang_after` (handled after the request)."""
-    sc = sim.take_scenario("graph", path=req.path, method=req.method,
-                           user=sim.users[at["oid"]]["upn"], oid=at["oid"])
+    Raises its error now (or drops the connection: `drop`) unless it is a replay or acts after
+    the request (`hang_after`, `drop_after`)."""
+    sc = sim.take_scenario("graph", path=req.orig_path, method=req.method, user=user["upn"],
+                           oid=user["oid"], client_id=client_id)
     if not sc or sc.get("action") == "replay":
         return sc
     if sc.get("hang"):
         hang(sim, sc["hang"])
-    if sc.get("hang_after") is not None:
+    if sc.get("drop"):
+        raise Dropped()
+    if sc.get("hang_after") is not None or sc.get("drop_after") not in (None, False):
         return sc
     scenario_error(sim, sc)
     return None
+
+
+def after_scenario(sim, sc):
+    """The request took effect; now the answer is late (`hang_after`), never comes
+    (`drop_after`: the connection is closed, after that many seconds if a number), or is
+    replaced by the scenario's error (e.g. a 504 for a write that was applied)."""
+    if sc.get("hang_after") is not None:
+        hang(sim, sc["hang_after"])
+    drop = sc.get("drop_after")
+    if drop not in (None, False):
+        if drop is not True and float(drop) > 0:
+            hang(sim, drop)
+        raise Dropped()
+    if sc.get("hang_after") is not None:
+        scenario_error(sim, sc)
 
 
 def scenario_error(sim, sc):
@@ -1785,7 +2470,7 @@ def scenario_error(sim, sc):
         return
     status = int(sc.get("status", 503))
     headers = {}
-    # Graph's 429s carry Retry-After, and 503s usually do (reference 7); a scenario without
+    # Graph's 429s carry Retry-After, and 503s usually do (Graph throttling); a scenario without
     # retry_after gets the configured one, "retry_after": null sends none (backoff path).
     retry_after = sc.get("retry_after", sim.config["throttle_retry_after"] if status in (429, 503)
                          else None)
@@ -1803,23 +2488,23 @@ def scenario_error(sim, sc):
 def graph_handler(fn):
     """Wraps Graph handlers: token check, throttling, scenarios, latency."""
     def wrapper(sim, req, *groups):
-        at = graph_auth(sim, req)
-        with ConcurrencySlot(sim, at):
+        if req.too_large:
+            raise request_too_large(sim)
+        at, user, shared = graph_auth(sim, req)
+        with ConcurrencySlot(sim, at["client_id"], user["oid"]):
             if sim.config.get("latency_ms"):     # inside the slot: a slow call stays in flight
                 time.sleep(float(sim.config["latency_ms"]) / 1000)
-            sc = graph_scenario(sim, req, at)
+            sc = graph_scenario(sim, req, user, at["client_id"])
             try:
                 with sim.lock:
-                    ctx = GraphCtx(sim, req, at)
+                    ctx = GraphCtx(sim, req, at, user, shared)
                     ctx.replay = sc if sc and sc.get("action") == "replay" else None
                     resp = fn(ctx, *groups)
             finally:
-                # hang_after: the request took effect, the answer is late (a crash between the
-                # Graph call and the caller's commit); then the scenario's error, if any, replaces
-                # the real answer (e.g. a 504 for a write that was applied).
-                if sc and sc.get("hang_after") is not None:
-                    hang(sim, sc["hang_after"])
-                    scenario_error(sim, sc)
+                # hang_after / drop_after: the request took effect, the answer is late or never
+                # comes (a crash between the Graph call and the caller's commit).
+                if sc and sc.get("action") != "replay":
+                    after_scenario(sim, sc)
             if ctx.applied:
                 resp.headers["Preference-Applied"] = ", ".join(ctx.applied)
             return resp
@@ -1919,18 +2604,85 @@ def get_folder(ctx, fid, fid_quoted):
 @route("GET", FOLDER + r"/messages", "graph_list")
 @graph_handler
 def list_messages(ctx, fid, fid_quoted):
+    return message_list(ctx, ctx.folder(fid or fid_quoted))
+
+
+@route("GET", r"/v1\.0/me/messages", "graph_list")
+@graph_handler
+def list_all_messages(ctx):
+    return message_list(ctx, None)
+
+
+# singleValueExtendedProperties/Any(ep: ep/id eq '...' and ep/value eq '...'), as Graph takes it
+ODATA_STR = r"'((?:[^']|'')*)'"
+EXT_FILTER_RE = re.compile(r"^\s*singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1/id\s+eq\s+" + ODATA_STR
+                           + r"(?:\s+and\s+\1/value\s+eq\s+" + ODATA_STR + r")?\s*\)\s*$", re.I)
+IMID_FILTER_RE = re.compile(r"^\s*internetMessageId\s+eq\s+" + ODATA_STR + r"\s*$", re.I)
+EXPAND_EXT_RE = re.compile(r"^\s*singleValueExtendedProperties(?:\(\s*\$filter=\s*id\s+eq\s+" + ODATA_STR
+                           + r"\s*\))?\s*$", re.I)
+
+
+def odata_str(s):
+    return s.replace("''", "'") if s is not None else None
+
+
+def list_filter(flt):
+    """$filter of a message list -> predicate(msg). Graph takes many filters; the simulator
+    the two a sender needs to find its message again."""
+    if not flt:
+        return None
+    m = EXT_FILTER_RE.match(flt)
+    if m:
+        pid, value = odata_str(m.group(2)).lower(), odata_str(m.group(3))
+        return lambda msg: any(e["id"].lower() == pid and (value is None or e["value"] == value)
+                               for e in msg.get("ext") or ())
+    m = IMID_FILTER_RE.match(flt)
+    if m:
+        imid = odata_str(m.group(1))
+        return lambda msg: msg["props"]["internetMessageId"] == imid
+    raise GraphError(400, "ErrorInvalidUrlQueryFilter", "The query filter contains one or more invalid nodes.")
+
+
+def expand_ext(req):
+    """$expand=singleValueExtendedProperties($filter=id eq '...') -> None (not asked),
+    "" (all of them) or the lower-case id."""
+    raw = req.query.get("$expand")
+    if not raw:
+        return None
+    m = EXPAND_EXT_RE.match(raw)
+    if not m:
+        raise GraphError(400, "BadRequest", f"Parsing OData Select and Expand failed: could not find a "
+                         f"property named '{raw.split('(')[0]}' on type 'microsoft.graph.message'.")
+    return (odata_str(m.group(1)) or "").lower()
+
+
+def with_ext(out, msg, want):
+    if want is not None:
+        out["singleValueExtendedProperties"] = [dict(e) for e in msg.get("ext") or ()
+                                                if not want or e["id"].lower() == want]
+    return out
+
+
+def message_list(ctx, f):
     ctx.basic = ctx.need_read()
-    f = ctx.folder(fid or fid_quoted)
     select = select_param(ctx.req, MESSAGE_PROPS)
-    msgs = sorted(ctx.mb.in_folder(f["id"]), key=lambda m: m["props"]["receivedDateTime"], reverse=True)
+    pred = list_filter(ctx.req.query.get("$filter"))
+    want = expand_ext(ctx.req)
+    if f is None:
+        msgs = [m for m in ctx.mb.messages.values() if not ctx.mb.folders[m["folder"]]["hidden"]]
+    else:
+        msgs = ctx.mb.in_folder(f["id"])
+    if pred:
+        msgs = [m for m in msgs if pred(m)]
+    msgs.sort(key=lambda m: m["props"]["receivedDateTime"], reverse=True)
     top = min(int(ctx.req.query.get("$top", 10)), 1000)
     skip = int(ctx.req.query.get("$skip", 0))
-    body = {"@odata.context": odata(ctx.sim, f"users('me')/mailFolders('{f['id']}')/messages"),
-            "value": [ctx.render(m, select) for m in msgs[skip:skip + top]]}
+    where = f"mailFolders('{f['id']}')/messages" if f else "messages"
+    body = {"@odata.context": odata(ctx.sim, f"users('me')/{where}"),
+            "value": [with_ext(ctx.render(m, select), m, want) for m in msgs[skip:skip + top]]}
     if skip + top < len(msgs):
         q = dict(ctx.req.query, **{"$skip": str(skip + top), "$top": str(top)})
-        body["@odata.nextLink"] = (f"{ctx.sim.base}/v1.0/me/mailFolders('{f['id']}')/messages?"
-                                   + urlencode(q, safe="$,"))
+        body["@odata.nextLink"] = ctx.link(f"/{where}?" + urlencode(q, safe="$,"))
     return json_response(200, body)
 
 
@@ -1943,8 +2695,9 @@ def get_message(ctx, mid):
     ctx.basic = ctx.need_read()
     msg = ctx.message(mid)
     select = select_param(ctx.req, MESSAGE_PROPS)
+    want = expand_ext(ctx.req)
     return json_response(200, dict({"@odata.context": odata(ctx.sim, "users('me')/messages/$entity")},
-                                   **ctx.render(msg, select)))
+                                   **with_ext(ctx.render(msg, select), msg, want)))
 
 
 def count_write(ctx, msg, op, effective, detail=None):
@@ -1952,7 +2705,7 @@ def count_write(ctx, msg, op, effective, detail=None):
     that changed the message, so a test can prove a write-back queue applied each action
     exactly once even when it repeated an idempotent call. The message keeps the effective
     ones, in order, with their global sequence number (`seq`), for order assertions."""
-    c = ctx.sim.counters
+    c = getattr(ctx, "sim", ctx).counters       # a GraphCtx, or the Sim (upload URLs)
     imm = msg["imm"]
     c["graph_writes"][imm] = c["graph_writes"].get(imm, 0) + 1
     c["graph_writes_total"] += 1
@@ -1965,26 +2718,274 @@ def count_write(ctx, msg, op, effective, detail=None):
         msg.setdefault("writes", []).append(entry)
 
 
+# -- message content a client may write (drafts) ---------------------------------
+
+RECIPIENT_FIELDS = ("toRecipients", "ccRecipients", "bccRecipients", "replyTo")
+EXT_ID_RE = re.compile(r"^(String|Integer|Boolean|SystemTime|Long|Double|Binary|CLSID|Short|Float|Currency)"
+                       r"\s+(\{[0-9a-fA-F-]{36}\}\s+(Name|Id)\s+\S.*|0x[0-9a-fA-F]{1,4})$", re.I)
+
+
+def bad_request(message, code="BadRequest"):
+    return GraphError(400, code, message)
+
+
+def clean_recipients(sim, value, field):
+    """Recipients as Graph stores them: emailAddress {name, address}; a missing name is the
+    directory's display name for a known address, else the address."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad_request(f"Invalid value for property '{field}': a collection of recipients is expected.")
+    out = []
+    for r in value:
+        ea = r.get("emailAddress") if isinstance(r, dict) else None
+        addr = ea.get("address") if isinstance(ea, dict) else None
+        if not isinstance(addr, str) or not addr.strip():
+            raise GraphError(400, "ErrorInvalidRecipients", "At least one recipient is not valid., "
+                             "Recipient '' is not resolved. All recipients must be resolved before a "
+                             "message can be submitted.")
+        name = ea.get("name")
+        if not name:
+            known = sim.find_user(addr)
+            name = known["name"] if known else addr
+        out.append({"emailAddress": {"name": name, "address": addr}})
+    return out
+
+
+def clean_headers(value):
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad_request("Invalid value for property 'internetMessageHeaders'.")
+    out = []
+    for h in value:
+        name = h.get("name") if isinstance(h, dict) else None
+        if not isinstance(name, str) or not name:
+            raise bad_request("An internet message header needs a name.", "InvalidInternetMessageHeader")
+        if not name.lower().startswith("x-"):
+            raise GraphError(400, "InvalidInternetMessageHeader",
+                             f"The internet message header name '{name}' should start with 'x-' or 'X-'.")
+        out.append({"name": name, "value": "" if h.get("value") is None else str(h.get("value"))})
+    return out
+
+
+def clean_ext(value):
+    if not isinstance(value, list):
+        raise bad_request("Invalid value for property 'singleValueExtendedProperties'.")
+    out = []
+    for e in value:
+        pid = e.get("id") if isinstance(e, dict) else None
+        if not isinstance(pid, str) or not EXT_ID_RE.match(pid.strip()):
+            raise GraphError(400, "ErrorInvalidProperty",
+                             f"The extended property id '{pid}' is not valid.")
+        out.append({"id": pid.strip(), "value": "" if e.get("value") is None else str(e["value"])})
+    return out
+
+
+def merge_ext(old, new):
+    """PATCH/POST: a property of the same id (case-insensitive) is replaced. -> (list, changed)."""
+    out = [dict(e) for e in old or ()]
+    changed = False
+    for e in new:
+        cur = next((o for o in out if o["id"].lower() == e["id"].lower()), None)
+        if cur is None:
+            out.append(dict(e))
+            changed = True
+        elif cur["value"] != e["value"]:
+            cur["value"] = e["value"]
+            changed = True
+    return out, changed
+
+
+def wrap_html(content):
+    """Exchange stores an HTML body as a whole document (Graph's create examples show it)."""
+    if re.match(r"\s*<html", content, re.I):
+        return content
+    return ('<html><head>\r\n<meta http-equiv="Content-Type" content="text/html; charset=utf-8">\r\n'
+            f'</head>\r\n<body>\r\n{content}\r\n</body>\r\n</html>\r\n')
+
+
+def clean_body(value):
+    if isinstance(value, str):
+        value = {"contentType": "html", "content": value}
+    if not isinstance(value, dict):
+        raise bad_request("Invalid value for property 'body'.")
+    ctype = str(value.get("contentType", "html")).lower()
+    if ctype not in ("html", "text"):
+        raise bad_request(f"Invalid value '{value.get('contentType')}' for property 'contentType'.")
+    content = "" if value.get("content") is None else str(value["content"])
+    return {"contentType": ctype, "content": wrap_html(content) if ctype == "html" else content}
+
+
+def draft_fields(sim, data, for_patch=False):
+    """A JSON message from a client -> (props, extended properties or None, attachment specs)."""
+    if not isinstance(data, dict):
+        raise bad_request("Unable to read JSON request payload.")
+    props, ext, atts = {}, None, []
+    for k, v in data.items():
+        if k in RECIPIENT_FIELDS:
+            props[k] = clean_recipients(sim, v, k)
+        elif k == "internetMessageHeaders":
+            props[k] = clean_headers(v)
+        elif k == "body":
+            props[k] = clean_body(v)
+        elif k in ("from", "sender"):
+            props[k] = clean_recipients(sim, [v], k)[0] if v else None
+        elif k == "singleValueExtendedProperties":
+            ext = clean_ext(v)
+        elif k == "attachments" and not for_patch:
+            atts = v if isinstance(v, list) else []
+        elif k == "importance":
+            props[k] = str(v).lower()
+        elif k in MESSAGE_PROP_SET or k.startswith("@odata"):
+            if not k.startswith("@odata"):
+                props[k] = v
+        elif not for_patch:
+            raise GraphError(400, "RequestBroker--ParseUri",
+                             f"Could not find a property named '{k}' on type 'microsoft.graph.message'.")
+        else:
+            props[k] = v        # reported as not updatable by the caller
+    if "body" in props:
+        props["bodyPreview"] = strip_tags(props["body"]["content"][:4096])[:255]
+    return props, ext, atts
+
+
+def message_size(msg):
+    """What the size limits count: body text and attachments."""
+    return len(msg["props"]["body"]["content"]) + sum(a["size"] for a in msg.get("atts") or ())
+
+
+def add_attachment(ctx, msg, att):
+    limit = ctx.sim.config["max_message_size"]
+    if message_size(msg) + att["size"] > limit:
+        raise GraphError(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")
+    msg.setdefault("atts", []).append(att)
+    ctx.mb.update(msg, {"hasAttachments": has_attachments(msg)})
+    count_write(ctx, msg, "attach", True, {"name": att["name"]})
+
+
+def create_draft(ctx, fid, props, ext, att_specs, extra=None, count=True):
+    sim = ctx.sim
+    now = iso(sim.now())
+    p = {"isDraft": True, "isRead": True, "from": None, "sender": None, "receivedDateTime": now,
+         "sentDateTime": now, "createdDateTime": now, "lastModifiedDateTime": now,
+         "body": {"contentType": "html", "content": wrap_html("")}}
+    p.update(extra or {})
+    p.update(props)
+    msg = ctx.mb.add(fid, p, strip_tags(p["body"]["content"][:4096])[:255])
+    if ext:
+        msg["ext"] = ext
+    atts = [make_attachment(sim, a) for a in att_specs]
+    if atts:
+        msg["atts"] = atts
+        msg["props"]["hasAttachments"] = has_attachments(msg)
+        if message_size(msg) > sim.config["max_message_size"]:
+            ctx.mb.purge(msg)
+            raise GraphError(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")
+    if count:
+        sim.counters["drafts_created"] += 1
+    return msg
+
+
+def message_entity(ctx, msg, status=200):
+    return json_response(status, dict({"@odata.context": odata(ctx.sim, "users('me')/messages/$entity")},
+                                      **ctx.render(msg)))
+
+
+def parse_mime(ctx):
+    """POST /me/messages or /me/sendMail with Content-Type text/plain: a base64 MIME message
+    -> (props, attachment specs)."""
+    from email import policy
+    from email.parser import BytesParser
+    from email.utils import getaddresses
+    try:
+        raw = base64.b64decode(ctx.req.body.strip(), validate=True)
+        if not raw:
+            raise ValueError("empty")
+        m = BytesParser(policy=policy.default).parsebytes(raw)
+    except (ValueError, TypeError):
+        raise GraphError(400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content.")
+    props = {"subject": str(m.get("Subject", ""))}
+    for field, header in (("toRecipients", "To"), ("ccRecipients", "Cc"), ("bccRecipients", "Bcc")):
+        pairs = getaddresses(m.get_all(header, []))
+        props[field] = clean_recipients(ctx.sim, [{"emailAddress": {"name": n, "address": a}}
+                                                  for n, a in pairs if a], field)
+    part = m.get_body(preferencelist=("html", "plain"))
+    if part is not None:
+        props["body"] = clean_body({"contentType": "html" if part.get_content_subtype() == "html" else "text",
+                                    "content": part.get_content()})
+        props["bodyPreview"] = strip_tags(props["body"]["content"][:4096])[:255]
+    props["internetMessageHeaders"] = [{"name": k, "value": str(v)} for k, v in m.items()
+                                       if k.lower().startswith("x-")]
+    if m.get("Message-ID"):
+        props["internetMessageId"] = str(m["Message-ID"]).strip()
+    atts = []
+    for part in m.iter_attachments():
+        data = part.get_payload(decode=True) or b""
+        atts.append({"kind": "file", "name": part.get_filename() or "attachment",
+                     "contentType": part.get_content_type(), "contentBytes": base64.b64encode(data).decode(),
+                     "isInline": part.get_content_disposition() == "inline",
+                     "contentId": (part.get("Content-ID") or "").strip("<>") or None})
+    return props, atts
+
+
+def request_json(ctx):
+    if ctx.req.body.strip() == b"":
+        return {}
+    return ctx.req.json()
+
+
+@route("POST", r"/v1\.0/me/messages", "graph_create")
+@graph_handler
+def create_message(ctx):
+    return post_draft(ctx, ctx.folder("drafts"))
+
+
+@route("POST", FOLDER + r"/messages", "graph_create")
+@graph_handler
+def create_message_in_folder(ctx, fid, fid_quoted):
+    return post_draft(ctx, ctx.folder(fid or fid_quoted))
+
+
+def post_draft(ctx, f):
+    ctx.need_write()
+    if (ctx.req.header("Content-Type") or "").lower().startswith("text/plain"):
+        props, specs = parse_mime(ctx)
+        ext = None
+    else:
+        props, ext, specs = draft_fields(ctx.sim, request_json(ctx))
+    msg = create_draft(ctx, f["id"], props, ext, specs)
+    return message_entity(ctx, msg, 201)
+
+
 @route("PATCH", MESSAGE, "graph_patch")
 @graph_handler
 def patch_message(ctx, mid):
     ctx.need_write()
     msg = ctx.message(mid)
-    changes = ctx.req.json()
-    if not isinstance(changes, dict):
+    data = ctx.req.json()
+    if not isinstance(data, dict):
         raise GraphError(400, "BadRequest", "Unable to read JSON request payload.")
-    bad = [k for k in changes if k not in PATCHABLE and not (msg["props"]["isDraft"] and k in MESSAGE_PROPS)]
+    draft = msg["props"]["isDraft"]
+    bad = [k for k in data if k not in PATCHABLE and k != "singleValueExtendedProperties"
+           and not (draft and k in MESSAGE_PROPS)]
     if bad:
         raise GraphError(400, "ErrorInvalidPropertyUpdateSentMessage",
                          f"Update operation is not supported for property '{bad[0]}' of a sent message.")
-    if "isRead" in changes and not isinstance(changes["isRead"], bool):
+    if "isRead" in data and not isinstance(data["isRead"], bool):
         raise GraphError(400, "BadRequest", "Cannot convert the literal to the expected type 'Edm.Boolean'.")
+    changes, ext, _ = draft_fields(ctx.sim, data, for_patch=True)
+    ext_changed = False
+    if ext is not None:
+        msg["ext"], ext_changed = merge_ext(msg.get("ext"), ext)
     changed = ctx.mb.update(msg, changes)
-    count_write(ctx, msg, "patch", bool(changed), {"changes": changed})
+    detail = {"changes": changed}
+    if ext_changed:
+        detail["extended_properties"] = {e["id"]: e["value"] for e in ext}
+    count_write(ctx, msg, "patch", bool(changed) or ext_changed, detail)
     if "return=minimal" in ctx.req.header("Prefer", ""):
         return Response(204)
-    return json_response(200, dict({"@odata.context": odata(ctx.sim, "users('me')/messages/$entity")},
-                                   **ctx.render(msg)))
+    return message_entity(ctx, msg)
 
 
 @route("POST", MESSAGE + r"/move", "graph_move")
@@ -2000,8 +3001,7 @@ def move_message(ctx, mid):
     moved = msg["folder"] != f["id"]
     ctx.mb.move(msg, f["id"])
     count_write(ctx, msg, "move", moved, {"to": ctx.mb.folder_name(f["id"])})
-    return json_response(201, dict({"@odata.context": odata(ctx.sim, "users('me')/messages/$entity")},
-                                   **ctx.render(msg)))
+    return message_entity(ctx, msg, 201)
 
 
 @route("DELETE", MESSAGE, "graph_delete")
@@ -2013,6 +3013,417 @@ def delete_message(ctx, mid):
     ctx.mb.move(msg, ctx.mb.folder("recoverableitemsdeletions")["id"])
     count_write(ctx, msg, "delete", True)       # it existed (else 404 above): always effective
     return Response(204)
+
+
+# -- sending -------------------------------------------------------------------------
+
+def all_recipients(p):
+    return [r["emailAddress"]["address"] for f in ("toRecipients", "ccRecipients", "bccRecipients")
+            for r in p.get(f) or ()]
+
+
+def check_sendable(sim, msg):
+    p = msg["props"]
+    n = len(all_recipients(p))
+    if n == 0:
+        raise GraphError(400, "ErrorInvalidRecipients", "At least one recipient isn't valid., A message "
+                         "can't be sent because it contains no recipients.")
+    if n > sim.config["max_recipients"]:
+        raise GraphError(400, "ErrorTooManyRecipients", f"The message has {n} recipients; the maximum "
+                         f"number of recipients per message is {sim.config['max_recipients']}.")
+    if message_size(msg) > sim.config["max_message_size"]:
+        raise GraphError(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")
+
+
+def deliver(ctx, msg, via):
+    """The delivery log: what left the mailbox, once per accepted send."""
+    sim, p = ctx.sim, msg["props"]
+    addrs = lambda f: [r["emailAddress"]["address"] for r in p.get(f) or ()]   # noqa: E731
+    entry = {"seq": len(sim.deliveries) + 1, "t": iso(sim.now()), "via": via,
+             "mailbox": ctx.user["upn"], "client_id": ctx.at["client_id"],
+             "sender": (p.get("from") or {}).get("emailAddress", {}).get("address"),
+             "message_id": msg["imm"] if msg.get("stored", True) else None,
+             "internetMessageId": p["internetMessageId"], "conversationId": p["conversationId"],
+             "subject": p["subject"], "to": addrs("toRecipients"), "cc": addrs("ccRecipients"),
+             "bcc": addrs("bccRecipients"), "recipients": len(all_recipients(p)),
+             "markers": {e["id"]: e["value"] for e in msg.get("ext") or ()},
+             "headers": list(p.get("internetMessageHeaders") or ()),
+             "in_reply_to": msg.get("in_reply_to"),
+             "body_sha256": hashlib.sha256(p["body"]["content"].encode("utf-8", "surrogatepass")).hexdigest(),
+             "size": message_size(msg), "atts": list(msg.get("atts") or ())}
+    sim.deliveries.append(entry)
+    sim.counters["sends"] += 1
+
+
+def mark_sent(ctx, msg):
+    me = {"emailAddress": {"name": ctx.user["name"], "address": ctx.user.get("mail") or ctx.user["upn"]}}
+    now = iso(ctx.sim.now())
+    sender = msg["props"].get("from") or me
+    return {"isDraft": False, "isRead": True, "from": sender, "sender": sender,
+            "sentDateTime": now, "receivedDateTime": now}
+
+
+@route("POST", MESSAGE + r"/send", "graph_send")
+@graph_handler
+def send_message(ctx, mid):
+    ctx.need_send()
+    msg = ctx.mb.find(mid)
+    if msg is None or not msg["props"]["isDraft"]:
+        # A draft that was sent is no draft any more: Graph answers as for a missing item.
+        raise GraphError(404, "itemNotFound", "The specified object was not found in the store., "
+                         "The process failed to get the correct properties.")
+    check_sendable(ctx.sim, msg)
+    ctx.mb.update(msg, mark_sent(ctx, msg))
+    ctx.mb.move(msg, ctx.mb.folder("sentitems")["id"])
+    count_write(ctx, msg, "send", True)
+    deliver(ctx, msg, "send")
+    return Response(202, b"", None)
+
+
+@route("POST", r"/v1\.0/me/sendMail", "graph_sendmail")
+@graph_handler
+def send_mail(ctx):
+    ctx.need_send()
+    if (ctx.req.header("Content-Type") or "").lower().startswith("text/plain"):
+        props, specs = parse_mime(ctx)
+        ext, save = None, True
+    else:
+        data = request_json(ctx)
+        message = data.get("message") if isinstance(data, dict) else None
+        if not isinstance(message, dict):
+            raise GraphError(400, "ErrorInvalidParameter", "The value of the parameter 'Message' is empty.")
+        props, ext, specs = draft_fields(ctx.sim, message)
+        save = data.get("saveToSentItems", True)
+        if isinstance(save, str):
+            save = save.lower() != "false"
+    msg = create_draft(ctx, ctx.mb.folder("sentitems")["id"], props, ext, specs, count=False)
+    try:
+        check_sendable(ctx.sim, msg)
+    except GraphError:
+        ctx.mb.purge(msg)           # nothing was stored: the request failed as a whole
+        raise
+    # Made in Sent Items directly: no draft ever shows in a delta.
+    msg["props"].update(mark_sent(ctx, msg))
+    deliver(ctx, msg, "sendMail")
+    if not save:
+        msg["stored"] = False
+        ctx.sim.deliveries[-1]["message_id"] = None
+        ctx.mb.purge(msg)
+        ctx.mb.removals.pop()       # never visible: no @removed either
+    return Response(202, b"", None)
+
+
+def reply_draft(ctx, mid, reply_all):
+    ctx.need_write()
+    orig = ctx.message(mid)
+    data = request_json(ctx)
+    if not isinstance(data, dict):
+        raise bad_request("Unable to read JSON request payload.")
+    o = orig["props"]
+    mine = {a.lower() for a in (ctx.user["upn"], ctx.user.get("mail")) if a}
+    seen = set()
+
+    def keep(rs):
+        out = []
+        for r in rs or ():
+            a = r["emailAddress"]["address"].lower()
+            if a not in mine and a not in seen:
+                seen.add(a)
+                out.append(r)
+        return out
+
+    to = keep(o.get("replyTo") or ([o["from"]] if o.get("from") else []))
+    cc = []
+    if reply_all:
+        to += keep(o.get("toRecipients"))
+        cc = keep(o.get("ccRecipients"))
+    subject = o["subject"] if o["subject"].lower().startswith("re:") else "RE: " + o["subject"]
+    frm = (o.get("from") or {}).get("emailAddress", {})
+    quoted = (f'<div>{html.escape(str(data.get("comment") or ""))}</div><hr>'
+              f'<div><b>From:</b> {html.escape(frm.get("name") or "")} &lt;{html.escape(frm.get("address") or "")}&gt;'
+              f'<br><b>Sent:</b> {o["sentDateTime"]}<br><b>Subject:</b> {html.escape(o["subject"])}</div>'
+              + re.sub(r"(?is)^.*?<body[^>]*>|</body>.*$", "", o["body"]["content"]))
+    props, ext, specs = draft_fields(ctx.sim, data.get("message") or {})
+    extra = {"subject": subject, "toRecipients": to, "ccRecipients": cc,
+             "conversationId": o["conversationId"],
+             "conversationIndex": base64.b64encode(base64.b64decode(o["conversationIndex"])
+                                                   + secrets.token_bytes(5)).decode(),
+             "body": {"contentType": "html", "content": wrap_html(quoted)}}
+    msg = create_draft(ctx, ctx.mb.folder("drafts")["id"], props, ext, specs, extra)
+    msg["in_reply_to"] = o["internetMessageId"]
+    return message_entity(ctx, msg, 201)
+
+
+@route("POST", MESSAGE + r"/createReply", "graph_create")
+@graph_handler
+def create_reply(ctx, mid):
+    return reply_draft(ctx, mid, False)
+
+
+@route("POST", MESSAGE + r"/createReplyAll", "graph_create")
+@graph_handler
+def create_reply_all(ctx, mid):
+    return reply_draft(ctx, mid, True)
+
+
+# -- attachments ---------------------------------------------------------------------
+
+def find_attachment(ctx, msg, aid):
+    att = next((a for a in msg.get("atts") or () if a["id"] == aid), None)
+    if att is None:
+        raise GraphError(404, "ErrorItemNotFound", "The attachment was not found.")
+    return att
+
+
+def attachment_select(req):
+    raw = req.query.get("$select")
+    if not raw:
+        return None
+    out = set()
+    for n in (s.strip() for s in raw.split(",")):
+        base = n.split("/")[-1]
+        if base.lower() == "id":
+            continue
+        match = next((p for p in ATT_PROPS if p.lower() == base.lower()), None)
+        if match is None:
+            raise GraphError(400, "RequestBroker--ParseUri",
+                             f"Could not find a property named '{n}' on type 'microsoft.graph.attachment'.")
+        out.add(match)
+    return out
+
+
+def stream_json(ctx, parts, status=200):
+    resp = Response(status, b"", "application/json; charset=utf-8")
+    resp.stream(parts, ctx.sim)
+    return resp
+
+
+@route("GET", MESSAGE + r"/attachments", "graph_attachments")
+@graph_handler
+def list_attachments(ctx, mid):
+    if ctx.need_read():
+        raise GraphError(403, "ErrorAccessDenied", DENIED)     # Mail.ReadBasic: no attachments
+    msg = ctx.message(mid)
+    select = attachment_select(ctx.req)
+    ctx_url = odata(ctx.sim, f"users('{ctx.user['oid']}')/messages('{quote(mid, safe='')}')/attachments")
+    parts = ['{"@odata.context": ' + json.dumps(ctx_url) + ', "value": [']
+    for i, att in enumerate(msg.get("atts") or ()):
+        if i:
+            parts.append(", ")
+        parts += attachment_parts(att, select)
+    parts.append("]}")
+    return stream_json(ctx, parts)
+
+
+ATTACHMENT = MESSAGE + r"/attachments/([^/]+)"
+
+
+@route("GET", ATTACHMENT, "graph_attachment")
+@graph_handler
+def get_attachment(ctx, mid, aid):
+    if ctx.need_read():
+        raise GraphError(403, "ErrorAccessDenied", DENIED)
+    att = find_attachment(ctx, ctx.message(mid), aid)
+    expand = (ctx.req.query.get("$expand") or "").lower().replace(" ", "")
+    parts = attachment_parts(att, attachment_select(ctx.req),
+                             expand_item=expand.endswith("itemattachment/item"))
+    ctx_url = odata(ctx.sim, f"users('{ctx.user['oid']}')/messages('{quote(mid, safe='')}')/attachments/$entity")
+    parts[0] = '{"@odata.context": ' + json.dumps(ctx_url) + ", " + parts[0][1:]
+    return stream_json(ctx, parts)
+
+
+@route("GET", ATTACHMENT + r"/\$value", "graph_attachment_value")
+@graph_handler
+def get_attachment_value(ctx, mid, aid):
+    if ctx.need_read():
+        raise GraphError(403, "ErrorAccessDenied", DENIED)
+    att = find_attachment(ctx, ctx.message(mid), aid)
+    if att["kind"] == "reference":
+        raise GraphError(405, "ErrorInvalidRequest", "The raw contents of a reference attachment "
+                         "cannot be read.")
+    if att["kind"] == "item":
+        return Response(200, item_mime(att["item"]), "message/rfc822")
+    resp = Response(200, b"", att["contentType"] or "application/octet-stream")
+    resp.stream([("raw", att)], ctx.sim)
+    return resp
+
+
+@route("POST", MESSAGE + r"/attachments", "graph_attach")
+@graph_handler
+def post_attachment(ctx, mid):
+    ctx.need_write()
+    msg = ctx.message(mid)
+    att = make_attachment(ctx.sim, request_json(ctx))
+    add_attachment(ctx, msg, att)
+    return stream_json(ctx, attachment_parts(att), 201)
+
+
+@route("DELETE", ATTACHMENT, "graph_detach")
+@graph_handler
+def delete_attachment(ctx, mid, aid):
+    ctx.need_write()
+    msg = ctx.message(mid)
+    att = find_attachment(ctx, msg, aid)
+    msg["atts"].remove(att)
+    ctx.mb.update(msg, {"hasAttachments": has_attachments(msg)})
+    count_write(ctx, msg, "detach", True, {"name": att["name"]})
+    return Response(204)
+
+
+UPLOAD = r"/api/v2\.0/Users\('([^']+)'\)/Messages\('([^']+)'\)/AttachmentSessions\('([^']+)'\)"
+UPLOAD_MIN = 3 << 20            # under 3 MB: POST .../attachments instead
+
+
+@route("POST", MESSAGE + r"/attachments/createUploadSession", "graph_upload_session")
+@graph_handler
+def create_upload_session(ctx, mid):
+    ctx.need_write()
+    sim = ctx.sim
+    msg = ctx.message(mid)
+    data = request_json(ctx)
+    item = data.get("AttachmentItem") or data.get("attachmentItem") if isinstance(data, dict) else None
+    if not isinstance(item, dict) or str(item.get("attachmentType", "file")).lower() != "file":
+        raise bad_request("The AttachmentItem parameter with attachmentType 'file' is required.",
+                          "ErrorInvalidParameter")
+    try:
+        size = int(item.get("size"))
+    except (TypeError, ValueError):
+        raise bad_request("The AttachmentItem size is required.", "ErrorInvalidParameter")
+    if not item.get("name"):
+        raise bad_request("The AttachmentItem name is required.", "ErrorInvalidParameter")
+    if size < UPLOAD_MIN:
+        raise GraphError(400, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize",
+                         "Attachment size must be greater than the minimum size.")
+    if message_size(msg) + size > sim.config["max_message_size"]:
+        raise GraphError(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")
+    sid = graph_item_id("AAMkAGI2TUpLAAA")
+    token = b64url(secrets.token_bytes(48))
+    expires = sim.now() + sim.config["upload_session_lifetime"]
+    sim.uploads[sid] = {"token": token, "oid": ctx.user["oid"], "msg": msg["imm"], "name": item["name"],
+                        "size": size, "isInline": bool(item.get("isInline", False)),
+                        "contentId": item.get("contentId"),
+                        "contentType": item.get("contentType") or "application/octet-stream",
+                        "received": 0, "path": sim.spill_path(), "expires_at": expires,
+                        "client_id": ctx.at["client_id"], "mid": mid}
+    url = (f"{sim.base}/api/v2.0/Users('{ctx.user['oid']}@{ctx.user['tenant_id']}')/Messages('{mid}')"
+           f"/AttachmentSessions('{sid}')?authtoken={token}")
+    return json_response(201, {"@odata.context": odata(sim, "microsoft.graph.uploadSession"),
+                               "uploadUrl": url, "expirationDateTime": iso(expires),
+                               "nextExpectedRanges": ["0-"]})
+
+
+CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+)\s*$", re.I)
+
+
+def upload_error(status, code, message, headers=None):
+    return GraphError(status, code, message, headers)
+
+
+def upload_state(sim, sess, who, mid, sid, status=200):
+    return json_response(status, {
+        "@odata.context": f"{sim.base}/api/v2.0/$metadata#Users('{quote(who, safe='')}')/Messages("
+                          f"'{quote(mid, safe='')}')/AttachmentSessions/$entity",
+        "ExpirationDateTime": iso(sess["expires_at"]), "nextExpectedRanges": [str(sess["received"])]})
+
+
+def upload_session(sim, req, sid):
+    """The session of a pre-authenticated upload URL (no Authorization header: the token is in it)."""
+    if req.header("Authorization"):
+        raise upload_error(401, "InvalidAuthenticationToken", "The upload URL is pre-authenticated: "
+                           "do not send an Authorization header with it.")
+    sess = sim.uploads.get(sid)
+    if sess is None or not hmac.compare_digest(req.query.get("authtoken", ""), sess["token"]):
+        raise upload_error(404, "ErrorItemNotFound", "The upload session was not found.")
+    if sess["expires_at"] <= sim.now():
+        raise upload_error(401, "InvalidAuthenticationToken", "The upload session has expired.")
+    return sess
+
+
+def upload_handler(fn):
+    """Upload URLs are Outlook's (outlook.office.com), not Graph's: no bearer token, no Graph
+    concurrency slot; scenarios (endpoint graph, path AttachmentSessions) still apply."""
+    def wrapper(sim, req, who, mid, sid):
+        with sim.lock:
+            sess = upload_session(sim, req, sid)
+            user = sim.users.get(sess["oid"]) or {"upn": "", "oid": sess["oid"]}
+        sc = graph_scenario(sim, req, user, sess["client_id"])
+        try:
+            with sim.lock:
+                return fn(sim, req, sess, who, mid, sid)
+        finally:
+            if sc and sc.get("action") != "replay":
+                after_scenario(sim, sc)
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+@route("GET", UPLOAD, "graph_upload")
+@upload_handler
+def upload_get(sim, req, sess, who, mid, sid):
+    return upload_state(sim, sess, who, mid, sid)
+
+
+@route("DELETE", UPLOAD, "graph_upload")
+@upload_handler
+def upload_cancel(sim, req, sess, who, mid, sid):
+    sim.uploads.pop(sid, None)
+    with contextlib.suppress(OSError):
+        os.unlink(sess["path"])
+    return Response(204)
+
+
+@route("PUT", UPLOAD, "graph_upload")
+@upload_handler
+def upload_put(sim, req, sess, who, mid, sid):
+    if req.too_large:
+        raise request_too_large(sim)
+    m = CONTENT_RANGE_RE.match(req.header("Content-Range") or "")
+    if not m:
+        raise upload_error(400, "ErrorInvalidRequest", "The Content-Range header is missing or malformed; "
+                           "expected 'bytes {start}-{end}/{total}'.")
+    start, end, total = (int(x) for x in m.groups())
+    if total != sess["size"]:
+        raise upload_error(400, "ErrorInvalidRequest", f"The total size {total} differs from the size "
+                           f"{sess['size']} of the upload session.")
+    if start != sess["received"] or end < start or end >= total:
+        raise upload_error(416, "ErrorInvalidRange", f"The range {start}-{end} is not the next expected "
+                           f"range: upload from byte {sess['received']} in order.")
+    if len(req.body) != end - start + 1:
+        raise upload_error(400, "ErrorInvalidRequest", f"The request has {len(req.body)} bytes; the "
+                           f"Content-Range announces {end - start + 1}.")
+    multiple = sim.config["upload_chunk_multiple"]
+    if multiple and end + 1 < total and len(req.body) % multiple:
+        raise upload_error(400, "ErrorInvalidRequest", f"A fragment other than the last must be a "
+                           f"multiple of {multiple} bytes.")
+    with open(sess["path"], "ab") as f:
+        f.write(req.body)
+    sess["received"] = end + 1
+    sim.counters["upload_bytes"] += len(req.body)
+    if sess["received"] < total:
+        return upload_state(sim, sess, who, mid, sid)
+    # The last byte: the file becomes an attachment of the item (which must still exist).
+    del sim.uploads[sid]
+    mb = sim.mailbox(sess["oid"])
+    msg = mb.find(sess["msg"])
+    if msg is None:
+        raise upload_error(404, "ErrorItemNotFound", "The item of the upload session no longer exists.")
+    att = {"id": graph_item_id("AAMkAGI2THVSAAABEgAQA"), "kind": "file", "name": sess["name"],
+           "contentType": sess["contentType"], "isInline": sess["isInline"],
+           "contentId": sess["contentId"], "contentLocation": None,
+           "lastModifiedDateTime": iso(sim.now()), "sha256": None, "src": "file",
+           "path": sess["path"], "size": total}
+    msg.setdefault("atts", []).append(att)
+    mb.update(msg, {"hasAttachments": has_attachments(msg)})
+    count_write(sim, msg, "attach", True, {"name": att["name"]})
+    sim.counters["uploads_completed"] += 1
+    location = (f"{sim.base}/api/v2.0/Users('{who}')/Messages('{mid}')/Attachments('{att['id']}')")
+    return Response(201, b"", None, {"Location": location})     # no body, no Content-Type
+
+
+def request_too_large(sim):
+    return GraphError(int(sim.config["request_too_large_status"]), "RequestEntityTooLarge",
+                      "Maximum request length exceeded.")
+
 
 
 # ---------------------------------------------------------------------------
@@ -2065,8 +3476,8 @@ def delta_items(mb, cur, since, replay):
     return items
 
 
-def delta_url(sim, fid, key, token):
-    return f"{sim.base}/v1.0/me/mailFolders('{fid}')/messages/delta?{key}={token}"
+def delta_url(ctx, fid, key, token):
+    return ctx.link(f"/mailFolders('{fid}')/messages/delta?{key}={token}")
 
 
 def initial_options_query(cur):
@@ -2099,7 +3510,7 @@ def message_delta(ctx, fid, fid_quoted):
         if cur is None or cur["type"] != "delta" or cur["oid"] != ctx.user["oid"]:
             raise GraphError(400, "syncStateNotFound", "The sync state generation is not found.")
         if cur.get("expired") == "gone":
-            location = (f"{sim.base}/v1.0/me/mailFolders('{cur['folder']}')/messages/delta?$deltatoken="
+            location = (ctx.link(f"/mailFolders('{cur['folder']}')/messages/delta?$deltatoken=")
                         + ("&" + initial_options_query(cur) if initial_options_query(cur) else ""))
             raise GraphError(410, "resyncRequired", "The delta token is no longer valid, and the "
                              "app must reset the sync state.", {"Location": location})
@@ -2163,14 +3574,14 @@ def message_delta(ctx, fid, fid_quoted):
         if skip is not None and state.get("prev"):
             sim.cursors.pop(state["prev"], None)
         sim.cursors[token] = {"type": "skip", "cursor": cur, "items": items, "pos": end, "prev": skip}
-        link = ("@odata.nextLink", delta_url(sim, cur["folder"], "$skiptoken", token))
+        link = ("@odata.nextLink", delta_url(ctx, cur["folder"], "$skiptoken", token))
     else:
         if skip is not None and state.get("prev"):
             sim.cursors.pop(state["prev"], None)
         token = secrets.token_urlsafe(32)
         sim.cursors[token] = {k: v for k, v in cur.items() if k not in ("type", "round_seq")}
         sim.cursors[token].update(type="delta", since=cur["round_seq"], created=sim.now())
-        link = ("@odata.deltaLink", delta_url(sim, cur["folder"], "$deltatoken", token))
+        link = ("@odata.deltaLink", delta_url(ctx, cur["folder"], "$deltatoken", token))
     # Same text json.dumps would give for {"@odata.context", "value", link}.
     body = "".join(('{"@odata.context": ', json.dumps(odata(sim, "Collection(message)")),
                     ', "value": [', ", ".join(value), "], ", json.dumps(link[0]), ": ",
@@ -2193,7 +3604,8 @@ def control_body(req):
 
 
 def public_app(app):
-    return dict(app, secrets=[dict(s, expires_at=iso(s["expires_at"])) for s in app["secrets"]])
+    return dict(app, secrets=[dict(s, expires_at=iso(s["expires_at"])) for s in app["secrets"]],
+                certificates=[public_certificate(c) for c in app.get("certificates") or ()])
 
 
 def control_user(sim, key):
@@ -2299,7 +3711,7 @@ def ctl_add_user(sim, req):
 def ctl_delete_user(sim, req, key):
     with sim.lock:
         user = control_user(sim, key)
-        del sim.users[user["oid"]]
+        sim.remove_user(user["oid"])
     return Response(204)
 
 
@@ -2405,9 +3817,13 @@ def ctl_clear_log(sim, req):
 
 
 def summarize(mb, msg):
-    return {"id": msg["imm"], "rest_id": msg["rest"], "folder": mb.folder_name(msg["folder"]),
-            "subject": msg["props"]["subject"], "isRead": msg["props"]["isRead"],
-            "receivedDateTime": msg["props"]["receivedDateTime"], "writes": msg.get("writes", [])}
+    out = {"id": msg["imm"], "rest_id": msg["rest"], "folder": mb.folder_name(msg["folder"]),
+           "subject": msg["props"]["subject"], "isRead": msg["props"]["isRead"],
+           "receivedDateTime": msg["props"]["receivedDateTime"], "writes": msg.get("writes", [])}
+    if msg.get("atts"):
+        out["attachments"] = [{"id": a["id"], "name": a["name"], "kind": a["kind"], "size": a["size"],
+                               "isInline": a["isInline"]} for a in msg["atts"]]
+    return out
 
 
 @route("GET", r"/_sim/mailbox/([^/]+)", "control")
@@ -2420,6 +3836,42 @@ def ctl_mailbox(sim, req, key):
         msgs = sorted(mb.messages.values(), key=lambda m: m["props"]["receivedDateTime"], reverse=True)
         return json_response(200, {"user": user, "folders": folders,
                                    "messages": [summarize(mb, m) for m in msgs]})
+
+
+def seed_message(sim, mb, fid, m):
+    """One message of POST /_sim/mailbox/{user}/messages: Graph properties, plus
+    `body_bytes` (a body of that many bytes, made cheaply), `attachments` (file, item,
+    reference: see make_attachment), `singleValueExtendedProperties`, `to`/`cc` (addresses)."""
+    if not isinstance(m, dict):
+        raise ValueError("each message must be an object")
+    m = dict(m)
+    for k in ("from", "sender"):
+        if isinstance(m.get(k), str):
+            m[k] = {"emailAddress": {"name": m[k], "address": m[k]}}
+    for short, field in (("to", "toRecipients"), ("cc", "ccRecipients")):
+        if short in m:
+            m[field] = [{"emailAddress": {"name": a, "address": a}} for a in m.pop(short)]
+    if isinstance(m.get("body"), str):
+        m["body"] = {"contentType": "html", "content": m["body"]}
+    preview = None
+    if m.get("body_bytes") is not None:
+        n = int(m["body_bytes"])
+        head, tail = "<html><body><p>", "</p></body></html>"
+        content = head + filler(max(0, n - len(head) - len(tail))) + tail
+        m["body"] = {"contentType": "html", "content": content}
+        preview = strip_tags(content[:4096])[:255]
+    elif isinstance(m.get("body"), dict) and len(m["body"].get("content") or "") > 65536:
+        preview = strip_tags(m["body"]["content"][:4096])[:255]
+    atts = [make_attachment(sim, a) for a in m.get("attachments") or ()]
+    ext = clean_ext(m["singleValueExtendedProperties"]) if m.get("singleValueExtendedProperties") else None
+    msg = mb.add(fid, m, preview)
+    if atts:
+        msg["atts"] = atts
+        if "hasAttachments" not in m:       # Graph: false when only inline attachments exist
+            msg["props"]["hasAttachments"] = has_attachments(msg)
+    if ext:
+        msg["ext"] = ext
+    return msg
 
 
 @route("POST", r"/_sim/mailbox/([^/]+)/messages", "control")
@@ -2437,21 +3889,14 @@ def ctl_add_messages(sim, req, key):
                 f = mb.folder(folder)
                 if f is None:
                     raise ValueError(f"unknown folder {folder}")
-                made = []
-                for m in data["messages"]:
-                    m = dict(m)
-                    if isinstance(m.get("from"), str):
-                        m["from"] = {"emailAddress": {"name": m["from"], "address": m["from"]}}
-                    if isinstance(m.get("body"), str):
-                        m["body"] = {"contentType": "html", "content": m["body"]}
-                    made.append(mb.add(f["id"], m))
+                made = [seed_message(sim, mb, f["id"], m) for m in data["messages"]]
             else:
                 made = sim.seed(mb, folder, int(data.get("count", 1)),
                                 unread_every=int(data.get("unread_every", 1)),
                                 newest=data.get("newest"),
                                 spacing=float(data.get("spacing_minutes", 37)) * 60,
                                 subject_prefix=data.get("subject_prefix"))
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise GraphError(400, "BadRequest", str(e))
         return json_response(201, {"messages": [summarize(mb, m) for m in made]})
 
@@ -2528,7 +3973,7 @@ def ctl_bulk_accounts(sim, req):
                 body = issue_tokens(sim, app, user, scopes, scopes, None, with_id_token=False)
             except AadError as e:      # the scopes themselves: the first account fails, no other
                 if new:
-                    del sim.users[user["oid"]]
+                    sim.remove_user(user["oid"])
                 raise GraphError(400, "BadRequest", f"scopes: AADSTS{e.code}: {e.text}")
             if new and messages:
                 sim.seed(sim.mailbox(user["oid"]), "inbox", messages)
@@ -2553,6 +3998,381 @@ def ctl_expire_delta(sim, req):
                 cur["expired"] = mode
                 n += 1
         return json_response(200, {"expired": n, "mode": mode})
+
+
+# -- control API: apps' certificates and application permissions ------------------------
+
+def control_app(sim, client_id):
+    app = sim.apps.get(client_id.lower())
+    if app is None:
+        raise GraphError(404, "NotFound", f"no app {client_id}")
+    return app
+
+
+@route("POST", r"/_sim/apps/([^/]+)/certificates", "control")
+def ctl_add_certificate(sim, req, client_id):
+    """{pem (or der: base64), id?, expires_at?} -> the certificate's id and thumbprints."""
+    data = control_body(req)
+    with sim.lock:
+        app = control_app(sim, client_id)
+        try:
+            cert = make_certificate(sim, data)
+        except ValueError as e:
+            raise GraphError(400, "BadRequest", str(e))
+        app.setdefault("certificates", []).append(cert)
+        sim.dirty = True
+        return json_response(201, public_certificate(cert))
+
+
+@route("DELETE", r"/_sim/apps/([^/]+)/certificates/([^/]+)", "control")
+def ctl_delete_certificate(sim, req, client_id, cert_id):
+    with sim.lock:
+        app = control_app(sim, client_id)
+        app["certificates"] = [c for c in app.get("certificates") or () if c["id"] != cert_id
+                               and c["thumbprint"] != cert_id.upper()]
+    return Response(204)
+
+
+@route("POST", r"/_sim/apps/([^/]+)/app_roles", "control")
+def ctl_app_roles(sim, req, client_id):
+    """Admin consent to application permissions in a tenant: {tenant_id? (the app's home),
+    resource: graph|outlook|URI, roles: [...]} replaces that resource's roles; roles [] is a
+    consent without permissions (a service principal in that tenant)."""
+    data = control_body(req)
+    with sim.lock:
+        app = control_app(sim, client_id)
+        tid = (data.get("tenant_id") or app["home_tenant"]).lower()
+        tenant = sim.tenants.get(tid) or next((t for t in sim.tenants.values() if tid in t["domains"]), None)
+        if tenant is None or tenant["id"] == MSA_TENANT:
+            raise GraphError(400, "BadRequest", f"unknown tenant {tid}")
+        resource = resource_of(data.get("resource", "graph"))
+        if resource is None:
+            raise GraphError(400, "BadRequest", f"unknown resource {data.get('resource')}")
+        known = GRAPH_ROLES if resource == GRAPH else OUTLOOK_ROLES
+        roles = []
+        for r in data.get("roles") or []:
+            name = next((k for k in known if k.lower() == str(r).lower()), None)
+            if name is None:
+                raise GraphError(400, "BadRequest", f"unknown application permission {r} for {resource}")
+            roles.append(name)
+        grants = app.setdefault("app_roles", {}).setdefault(tenant["id"], {})
+        grants[resource] = roles
+        sim.dirty = True
+        return json_response(200, {"client_id": app["client_id"], "app_roles": app["app_roles"]})
+
+
+# -- control API: shared mailboxes, permissions, application access policies ---------------
+
+@route("POST", r"/_sim/mailboxes", "control")
+def ctl_add_mailbox(sim, req):
+    """A shared mailbox (no person, no sign-in): {address, tenant_id?, display_name?, oid?, messages?}."""
+    data = control_body(req)
+    if not data.get("address"):
+        raise GraphError(400, "BadRequest", "address is required")
+    with sim.lock:
+        try:
+            user = sim.add_user({"upn": data["address"], "mail": data["address"], "kind": "shared",
+                                 "tenant_id": data.get("tenant_id"), "oid": data.get("oid"),
+                                 "name": data.get("display_name")})
+        except ValueError as e:
+            raise GraphError(400, "BadRequest", str(e))
+        if data.get("messages"):
+            sim.seed(sim.mailbox(user["oid"]), "inbox", int(data["messages"]))
+        return json_response(201, user)
+
+
+@route("POST", r"/_sim/bulk/mailboxes", "control")
+def ctl_bulk_mailboxes(sim, req):
+    """{count, prefix:"shared", domain:"contoso.com", tenant_id?, messages:0, start:0} ->
+    {mailboxes:[{address, oid}]}: shared mailboxes {prefix}{i:05d}@{domain}."""
+    data = control_body(req)
+    count, start = int(data.get("count", 1)), int(data.get("start", 0))
+    prefix, domain = data.get("prefix", "shared"), data.get("domain", "contoso.com")
+    messages = int(data.get("messages", 0))
+    with sim.lock, bulk_mode(count * (messages + 1) >= 1000):
+        out = []
+        for i in range(start, start + count):
+            address = f"{prefix}{i:05d}@{domain}"
+            user = sim.find_user(address)
+            if user is None:
+                try:
+                    user = sim.add_user({"upn": address, "kind": "shared", "tenant_id": data.get("tenant_id"),
+                                         "name": f"{prefix.capitalize()} {i:05d}"})
+                except ValueError as e:
+                    raise GraphError(400, "BadRequest", str(e))
+                if messages:
+                    sim.seed(sim.mailbox(user["oid"]), "inbox", messages)
+            out.append({"address": user["upn"], "oid": user["oid"]})
+        sim.dirty = True
+        return json_response(201, {"mailboxes": out})
+
+
+def grantee(sim, key):
+    """A user (oid/upn) or an app (client_id: Exchange service principal, IMAP/SMTP app-only)."""
+    app = sim.apps.get((key or "").lower())
+    if app is not None:
+        return "app:" + app["client_id"]
+    return control_user(sim, key)["oid"]
+
+
+@route("POST", r"/_sim/mailbox/([^/]+)/permissions", "control")
+def ctl_add_permission(sim, req, key):
+    """Add-MailboxPermission / Add-RecipientPermission: {user (oid, upn or an app's client_id),
+    rights: "FullAccess" | ["FullAccess", "SendAs"]}."""
+    data = control_body(req)
+    rights = data.get("rights", "FullAccess")
+    rights = [rights] if isinstance(rights, str) else list(rights)
+    bad = [r for r in rights if r not in ("FullAccess", "SendAs")]
+    if bad:
+        raise GraphError(400, "BadRequest", f"unknown rights {bad}: FullAccess or SendAs")
+    with sim.lock:
+        mbx = control_user(sim, key)
+        who = grantee(sim, data.get("user"))
+        have = sim.permissions.setdefault(mbx["oid"], {}).setdefault(who, [])
+        have.extend(r for r in rights if r not in have)
+        sim.dirty = True
+        return json_response(201, {"mailbox": mbx["upn"], "permissions": sim.permissions[mbx["oid"]]})
+
+
+@route("GET", r"/_sim/mailbox/([^/]+)/permissions", "control")
+def ctl_permissions(sim, req, key):
+    with sim.lock:
+        mbx = control_user(sim, key)
+        return json_response(200, {"mailbox": mbx["upn"], "permissions": sim.permissions.get(mbx["oid"], {})})
+
+
+@route("DELETE", r"/_sim/mailbox/([^/]+)/permissions/([^/]+)", "control")
+def ctl_delete_permission(sim, req, key, who):
+    with sim.lock:
+        mbx = control_user(sim, key)
+        sim.permissions.get(mbx["oid"], {}).pop(grantee(sim, who), None)
+    return Response(204)
+
+
+@route("POST", r"/_sim/access_policies", "control")
+def ctl_add_access_policy(sim, req):
+    """New-ApplicationAccessPolicy: {client_id, mailboxes:[upn|oid], mode: RestrictAccess|DenyAccess}."""
+    data = control_body(req)
+    mode = data.get("mode", "RestrictAccess")
+    if mode not in ("RestrictAccess", "DenyAccess"):
+        raise GraphError(400, "BadRequest", "mode must be RestrictAccess or DenyAccess")
+    with sim.lock:
+        app = control_app(sim, data.get("client_id") or "")
+        oids = [control_user(sim, m)["oid"] for m in data.get("mailboxes") or []]
+        pol = {"id": data.get("id") or guid(), "client_id": app["client_id"], "mode": mode, "mailboxes": oids}
+        sim.access_policies = [p for p in sim.access_policies if p["id"] != pol["id"]] + [pol]
+        sim.policy_sets.pop(pol["id"], None)
+        sim.dirty = True
+        return json_response(201, pol)
+
+
+@route("GET", r"/_sim/access_policies", "control")
+def ctl_access_policies(sim, req):
+    with sim.lock:
+        return json_response(200, {"policies": sim.access_policies})
+
+
+@route("DELETE", r"/_sim/access_policies(?:/([^/]+))?", "control")
+def ctl_delete_access_policies(sim, req, pid=None):
+    with sim.lock:
+        sim.access_policies = [p for p in sim.access_policies if pid is not None and p["id"] != pid]
+        sim.policy_sets.clear()
+    return Response(204)
+
+
+# -- control API: what a token is, what an IMAP/SMTP server would say to it ----------------
+
+def describe_token(sim, token):
+    at = sim.ats.get(token or "")
+    if at is None:
+        return {"active": False, "reason": "unknown token"}
+    now = sim.now()
+    user = sim.users.get(at["oid"]) if at.get("oid") else None
+    out = {"active": not at.get("revoked") and at["expires_at"] > now,
+           "kind": "app" if at.get("app_only") else "delegated", "client_id": at["client_id"],
+           "tid": at["tid"], "resource": at["resource"], "aud": at.get("aud") or at["resource"],
+           "iat": int(at["issued_at"]), "exp": int(at["expires_at"]),
+           "expired": at["expires_at"] <= now, "revoked": bool(at.get("revoked"))}
+    if at.get("app_only"):
+        out["roles"] = list(at["roles"])
+    else:
+        out["scp"] = " ".join(at["scopes"])
+        out.update(oid=at["oid"], upn=user["upn"] if user else None)
+    return out
+
+
+@route("POST", r"/_sim/introspect", "control")
+def ctl_introspect(sim, req):
+    """{token} -> {active, kind: delegated|app, aud, resource, scp | roles, oid, upn, tid, client_id,
+    iat, exp, expired, revoked}."""
+    data = control_body(req)
+    with sim.lock:
+        return json_response(200, describe_token(sim, data.get("token")))
+
+
+XOAUTH2_NEEDS = {   # protocol -> (delegated scope, application permission, mailbox right)
+    "imap": ("IMAP.AccessAsUser.All", "IMAP.AccessAsApp", "FullAccess"),
+    "pop": ("POP.AccessAsUser.All", "POP.AccessAsApp", "FullAccess"),
+    "smtp": ("SMTP.Send", "SMTP.SendAsApp", "SendAs"),
+}
+XOAUTH2_ANSWERS = {
+    "imap": ("OK AUTHENTICATE completed.", "NO AUTHENTICATE failed."),
+    "pop": ("+OK User successfully authenticated.", "-ERR Authentication failure: unknown user name or bad password."),
+    "smtp": ("235 2.7.0 Authentication successful", "535 5.7.3 Authentication unsuccessful"),
+}
+
+
+def xoauth2_check(sim, protocol, mailbox, token):
+    """-> None (accepted) or the reason Exchange would refuse this SASL XOAUTH2 login."""
+    at = sim.ats.get(token or "")
+    if at is None or at.get("revoked") or at["expires_at"] <= sim.now():
+        return "token unknown, expired or revoked"
+    if at["resource"] != OUTLOOK:
+        return f"token audience is {at.get('aud') or at['resource']}, not Exchange Online (outlook.office.com)"
+    scope, role, right = XOAUTH2_NEEDS[protocol]
+    target = sim.find_user(mailbox)
+    if target is None or target["tenant_id"] != at["tid"]:
+        return f"no mailbox {mailbox} in the token's tenant"
+    if at.get("app_only"):
+        if role not in at["roles"]:
+            return f"the app token lacks the {role} permission"
+        if "FullAccess" not in sim.rights(target["oid"], "app:" + at["client_id"]):
+            return "the app's service principal has no FullAccess on the mailbox"
+        return None
+    if scope.lower() not in {s.lower() for s in at["scopes"]}:
+        return f"the token lacks the {scope} scope"
+    if target["oid"] != at["oid"] and right not in sim.rights(target["oid"], at["oid"]):
+        return f"the signed-in user has no {right} right on {mailbox}"
+    return None
+
+
+@route("POST", r"/_sim/xoauth2", "control")
+def ctl_xoauth2(sim, req):
+    """What Exchange answers to AUTHENTICATE XOAUTH2 (IMAP, POP) or AUTH XOAUTH2 (SMTP):
+    {protocol: imap|pop|smtp, sasl: base64("user=" mailbox ^A "auth=Bearer " token ^A^A)} or
+    {protocol, user, token} -> {ok, user, response, reason?}. Not a mail server: a check of the
+    token the module would present."""
+    data = control_body(req)
+    protocol = str(data.get("protocol", "imap")).lower()
+    if protocol not in XOAUTH2_NEEDS:
+        raise GraphError(400, "BadRequest", "protocol must be imap, pop or smtp")
+    user, token, reason = data.get("user"), data.get("token"), None
+    if data.get("sasl") is not None:
+        try:
+            raw = base64.b64decode(data["sasl"], validate=True).decode("utf-8")
+            if not raw.endswith("\x01\x01"):
+                raise ValueError("no ^A^A at the end")
+            fields = dict(f.split("=", 1) for f in raw[:-2].split("\x01"))
+            user = fields["user"]
+            auth = fields["auth"]
+            if not auth.startswith("Bearer "):
+                raise ValueError("auth is not 'Bearer <token>'")
+            token = auth[7:]
+        except (ValueError, KeyError, UnicodeDecodeError) as e:
+            reason = f"malformed XOAUTH2 initial response: {e}"
+    with sim.lock:
+        reason = reason or xoauth2_check(sim, protocol, user, token)
+        sim.counters.setdefault("xoauth2", {}).setdefault(protocol, 0)
+        sim.counters["xoauth2"][protocol] += 1
+    ok, bad = XOAUTH2_ANSWERS[protocol]
+    out = {"ok": reason is None, "user": user, "response": ok if reason is None else bad}
+    if reason:
+        out["reason"] = reason
+    return json_response(200, out)
+
+
+# -- control API: deliveries, message details, attachments "in Outlook" -----------------
+
+def public_delivery(d):
+    out = {k: v for k, v in d.items() if k != "atts"}
+    out["attachments"] = [control_attachment(a) for a in d["atts"]]
+    return out
+
+
+@route("GET", r"/_sim/deliveries", "control")
+def ctl_deliveries(sim, req):
+    """Every accepted send: ?marker=V (an extended property value), ?internetMessageId=, ?mailbox=."""
+    with sim.lock:
+        items = list(sim.deliveries)
+    q = req.query
+    if q.get("marker") is not None:
+        items = [d for d in items if q["marker"] in d["markers"].values()]
+    if q.get("internetMessageId"):
+        items = [d for d in items if d["internetMessageId"] == q["internetMessageId"]]
+    if q.get("mailbox"):
+        items = [d for d in items if d["mailbox"].lower() == q["mailbox"].lower()]
+    by_imid, by_marker = {}, {}
+    for d in items:
+        by_imid[d["internetMessageId"]] = by_imid.get(d["internetMessageId"], 0) + 1
+        for v in d["markers"].values():
+            by_marker[v] = by_marker.get(v, 0) + 1
+    return json_response(200, {"count": len(items), "deliveries": [public_delivery(d) for d in items],
+                               "by_internet_message_id": by_imid, "by_marker": by_marker})
+
+
+@route("DELETE", r"/_sim/deliveries", "control")
+def ctl_clear_deliveries(sim, req):
+    with sim.lock:
+        sim.deliveries.clear()
+    return Response(204)
+
+
+def control_message(sim, key, mid):
+    user = control_user(sim, key)
+    mb = sim.mailbox(user["oid"])
+    msg = mb.find(mid, include_hidden=True)
+    if msg is None:
+        raise GraphError(404, "NotFound", f"no message {mid}")
+    return mb, msg
+
+
+@route("GET", r"/_sim/mailbox/([^/]+)/messages/([^/]+)", "control")
+def ctl_message(sim, req, key, mid):
+    """One message in full: properties, extended properties, attachments with sha256."""
+    with sim.lock:
+        mb, msg = control_message(sim, key, mid)
+        out = summarize(mb, msg)
+        p = msg["props"]
+        out.update({k: p.get(k) for k in ("isDraft", "hasAttachments", "internetMessageId", "conversationId",
+                                          "from", "sender", "toRecipients", "ccRecipients", "bccRecipients",
+                                          "internetMessageHeaders", "body", "bodyPreview", "sentDateTime",
+                                          "changeKey")})
+        out["singleValueExtendedProperties"] = list(msg.get("ext") or ())
+        out["in_reply_to"] = msg.get("in_reply_to")
+        atts = list(msg.get("atts") or ())
+    out["attachments"] = [control_attachment(a) for a in atts]     # hashing outside the lock
+    return json_response(200, out)
+
+
+@route("POST", r"/_sim/mailbox/([^/]+)/messages/([^/]+)/attachments", "control")
+def ctl_add_attachment(sim, req, key, mid):
+    """Attach a file/item/reference "in Outlook" (same spec as seeding)."""
+    data = control_body(req)
+    with sim.lock:
+        mb, msg = control_message(sim, key, mid)
+        att = make_attachment(sim, data)
+        msg.setdefault("atts", []).append(att)
+        mb.update(msg, {"hasAttachments": has_attachments(msg)})
+        return json_response(201, control_attachment(att, sha=False))
+
+
+@route("DELETE", r"/_sim/mailbox/([^/]+)/messages/([^/]+)/attachments/([^/]+)", "control")
+def ctl_delete_attachment(sim, req, key, mid, aid):
+    """Remove an attachment "in Outlook" (e.g. from a draft being written)."""
+    with sim.lock:
+        mb, msg = control_message(sim, key, mid)
+        before = len(msg.get("atts") or ())
+        msg["atts"] = [a for a in msg.get("atts") or () if a["id"] != aid]
+        if len(msg["atts"]) == before:
+            raise GraphError(404, "NotFound", f"no attachment {aid}")
+        mb.update(msg, {"hasAttachments": has_attachments(msg)})
+    return Response(204)
+
+
+# Routes are tried in order and no two patterns match the same path: the hottest (a delta
+# page, the token endpoint, write-back) go first, so a request does not try 70 patterns before it.
+ROUTES.sort(key=lambda r: {"graph_delta": 0, "token": 1, "graph_patch": 2, "graph_move": 2, "graph_get": 2,
+                           "graph_delete": 2}.get(r[2], 3))
 
 
 # ---------------------------------------------------------------------------
@@ -2601,16 +4421,30 @@ class Handler(BaseHTTPRequestHandler):
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
-                    return b"".join(chunks)
+                    body = b"".join(chunks)
+                    if self.limit is not None and len(body) > self.limit:
+                        self.too_large = True
+                        return b""
+                    return body
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
         n = int(self.headers.get("Content-Length") or 0)
+        if self.limit is not None and n > self.limit:
+            while n > 0:            # over Graph's request limit: drain it, keep nothing
+                n -= len(self.rfile.read(min(n, 1 << 20)) or b"\0" * n)
+            self.too_large = True
+            return b""
         return self.rfile.read(n) if n > 0 else b""
 
     def dispatch(self):
         sim = self.server.sim
         started = time.time()
+        # Graph (and Outlook's upload URLs) refuse request bodies over 4 MB.
+        self.too_large = False
+        self.limit = (int(sim.config["request_size_limit"])
+                      if self.path.startswith(("/v1.0/", "/api/")) else None)
         req = Request(self.command, self.path, self.headers, self.read_body())
+        req.too_large = self.too_large
         req.request_id = guid()
         req.client_request_id = req.header("client-request-id") or req.request_id
         m = re.match(r"/v1\.0/users/([^/]+)(/.*)?\Z", req.path)
@@ -2626,6 +4460,10 @@ class Handler(BaseHTTPRequestHandler):
                         and not req.path.startswith(("/v1.0/", "/oidc/"))):
                     time.sleep(float(sim.config["latency_ms"]) / 1000)
                 resp = handler(sim, req, *groups)
+        except Dropped:             # a scenario cuts the connection: no answer at all
+            self.close_connection = True
+            self.record(req, kind, None, started)
+            return
         except Abandoned:
             self.close_connection = True
             return
@@ -2673,9 +4511,11 @@ class Handler(BaseHTTPRequestHandler):
             if kind != "control":
                 sim.count("calls", kind)
                 sim.dirty = True
-                entry = {"t": round(started, 3), "method": req.method, "path": req.path,
-                         "query": redact_query(req.query_string), "status": resp.status, "kind": kind,
-                         "ms": round((time.time() - started) * 1000, 1)}
+                entry = {"t": round(started, 3), "method": req.method, "path": req.orig_path,
+                         "query": redact_query(req.query_string), "status": resp.status if resp else 0,
+                         "kind": kind, "ms": round((time.time() - started) * 1000, 1)}
+                if resp is None:
+                    entry["dropped"] = True
                 if req.path.startswith("/v1.0/"):
                     entry.update(client_request_id=req.header("client-request-id"),
                                  prefer=req.header("Prefer"))
@@ -2695,11 +4535,20 @@ class Handler(BaseHTTPRequestHandler):
             head.append(f"{k}: {v}")
             if k.lower() == "connection" and v.lower() == "close":
                 self.close_connection = True
-        head.append(f"Content-Length: {len(resp.body)}")
+        head.append(f"Content-Length: {len(resp.body) if resp.parts is None else resp.length}")
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "strict")
         try:
-            self.wfile.write(data + resp.body if self.command != "HEAD" else data)
-        except (BrokenPipeError, ConnectionResetError):
+            if resp.parts is None:
+                self.wfile.write(data + resp.body if self.command != "HEAD" else data)
+                return
+            self.wfile.write(data)
+            sent = 0
+            for chunk in iter_parts(resp.parts):
+                self.wfile.write(chunk)
+                sent += len(chunk)
+            with resp.sim.lock:
+                resp.sim.counters["attachment_bytes_served"] += sent
+        except (BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True    # the client gave up (e.g. a timeout test)
 
     do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = dispatch
