@@ -232,3 +232,32 @@ def test_long_return_to_values_never_lock_out_sign_ins(httpd, simulator):
         assert total <= 4096, total
     _, _, r3 = s.sign_in(mailbox=ADELE[0], return_to="/a")
     assert r3.query()["msoauth"] == "connected", r3.location
+
+
+def noauth_user(sim):
+    """A user of another tenant whose ID token claims Adele's address."""
+    fabrikam = sim_call(sim, "POST", "/_sim/tenants", {"name": "Fabrikam",
+                                                       "domains": ["fabrikam.example"]})
+    return sim_call(sim, "POST", "/_sim/users", {
+        "tenant_id": fabrikam["id"], "upn": "mallory@fabrikam.example", "name": "Mallory",
+        "email_claim": ADELE[0], "preferred_username_claim": ADELE[0]})
+
+
+def test_id_token_email_claims_never_name_the_mailbox(httpd, simulator):
+    """nOAuth: with MSOAuthTenant common, another tenant's user whose unverified
+    email claim is someone else's address must not become that mailbox."""
+    s = Setup(httpd, simulator)
+    s.wait_schema()
+    mallory = noauth_user(simulator)
+    sim_call(simulator, "POST", "/_sim/config", {"auto_approve_user": "mallory@fabrikam.example"})
+    # Asking for Adele's mailbox: Graph says who really signed in.
+    _, _, r3 = s.sign_in(mailbox=ADELE[0], return_to="/a")
+    assert r3.query() == {"msoauth": "error", "reason": "mailbox_mismatch"}, r3.location
+    assert s.accounts() == []
+    # Not asking: the account is Mallory's own mailbox, never Adele's.
+    s.browser = Browser()
+    _, _, r3 = s.sign_in(return_to="/a")
+    assert r3.query()["msoauth"] == "connected", r3.location
+    (a,) = s.accounts()
+    assert a["mailbox"] == "mallory@fabrikam.example"
+    assert a["object_id"] == mallory["oid"] and a["tenant_id"] != "" and ADELE[0] not in str(a)
