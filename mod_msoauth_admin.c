@@ -20,8 +20,10 @@
 #include "mso_json.h"
 #include "mso_reason.h"
 #include "mso_refresh.h"
+#include "mso_account.h"
+#include "mso_db.h"
+#include "mso_job_runs.h"
 #include "mso_mirror.h"
-#include "mso_store.h"
 
 APLOG_USE_MODULE(msoauth);
 
@@ -103,7 +105,6 @@ static void fresh_token(request_rec *r, mso_db_t *db, mso_account_t *a, const ch
     msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
     msoauth_company_t *c = msoauth_company(r->server, a->company);
     const char *kind = strcmp(resource, "graph") ? "outlook" : "graph";
-    const char *aad = mso_token_aad(r->pool, a->company, a->mailbox, kind);
     apr_time_t give_up = apr_time_now() + WAIT_FOR_OTHER;
 
     memset(f, 0, sizeof(*f));
@@ -114,21 +115,18 @@ static void fresh_token(request_rec *r, mso_db_t *db, mso_account_t *a, const ch
     }
     for (;;) {
         apr_int64_t now = apr_time_sec(apr_time_now()), exp = 0;
-        const char *sealed = NULL;
-        unsigned char *plain;
-        apr_size_t len;
+        const char *plain = NULL;
         apr_status_t rv;
 
-        if (mso_store_token_get(db, r->pool, a->id, kind, &sealed, &exp) == APR_SUCCESS
-            && exp - now >= MIN_VALIDITY
-            && mso_open(r->pool, sc->keyring, MSO_PURPOSE_TOKEN, aad, sealed, &plain, &len)
-               == APR_SUCCESS) {
-            f->token = (const char *)plain;
+        if (mso_account_token_open(db, r->pool, sc->keyring, a, kind, &plain, &exp)
+            == APR_SUCCESS && exp - now >= MIN_VALIDITY) {
+            f->token = plain;
             f->expires_at = exp;
             f->scope = a->scopes;
             return;
         }
-        rv = mso_store_lease(db, a->id, msoauth_process_owner(), now, MSOAUTH_LEASE_SECONDS);
+        rv = mso_account_lease(db, r->pool, a->id, msoauth_process_owner(), now,
+                               MSOAUTH_LEASE_SECONDS);
         if (rv == APR_SUCCESS) {
             mso_refresh_outcome_t out;
             mso_refresh_ctx_t ctx;
@@ -227,7 +225,7 @@ int msoauth_token_handler(request_rec *r)
     if (!(db = db_of(r))) {
         return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
-    if (mso_store_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
+    if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
         return json_error(r, HTTP_NOT_FOUND, "bad_request", "no such account");
     }
     if (!msoauth_company(r->server, a->company)) {
@@ -239,7 +237,7 @@ int msoauth_token_handler(request_rec *r)
     }
     fresh_token(r, db, a, resource, &f);
     if (!f.token) {
-        if (mso_store_account_get(db, r->pool, id, &a) == APR_SUCCESS
+        if (mso_account_get(db, r->pool, id, &a) == APR_SUCCESS
             && strcmp(a->state, "connected")) {
             return send_json(r, HTTP_CONFLICT, account_state_json(a));
         }
@@ -386,7 +384,7 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
     if (db && mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS) {
         stats = NULL;
     }
-    if (db && mso_store_accounts(db, r->pool, &accounts) == APR_SUCCESS) {
+    if (db && mso_account_list(db, r->pool, &accounts) == APR_SUCCESS) {
         for (i = 0; i < accounts->nelts; i++) {
             mso_account_t *a = APR_ARRAY_IDX(accounts, i, mso_account_t *);
             if (!msoauth_company(r->server, a->company)) {
@@ -402,7 +400,7 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
             json_array_append_new(accs, account_json(r, a, stats));
         }
     }
-    if (db && mso_store_job_runs(db, r->pool, &runs) == APR_SUCCESS) {
+    if (db && mso_job_runs_list(db, r->pool, &runs) == APR_SUCCESS) {
         for (i = 0; i < runs->nelts; i++) {
             mso_job_run_t *jr = &APR_ARRAY_IDX(runs, i, mso_job_run_t);
             json_array_append_new(nodes, json_pack("{s:s, s:I, s:I, s:i, s:i, s:i}", "node",
@@ -644,7 +642,7 @@ int msoauth_admin_handler(request_rec *r)
     if (!db) {
         return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
-    if (mso_store_account_get(db, r->pool, id, &a) != APR_SUCCESS
+    if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS
         || !msoauth_company(r->server, a->company)) {
         return json_error(r, HTTP_NOT_FOUND, "bad_request", "no such account");
     }
@@ -662,7 +660,7 @@ int msoauth_admin_handler(request_rec *r)
             json_object_set_new(j, "ok", json_false());
             return send_json(r, HTTP_CONFLICT, j);
         }
-        if (mso_mirror_sync_now(db, a->id) != APR_SUCCESS) {
+        if (mso_mirror_sync_now(db, r->pool, a->id) != APR_SUCCESS) {
             return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write "
                               "failed");
         }
@@ -682,7 +680,8 @@ int msoauth_admin_handler(request_rec *r)
         return graph_test(r, db, a);
     }
     if (!strcmp(action, "disconnect")) {
-        if (mso_store_disconnect(db, a->id, apr_time_sec(apr_time_now())) != APR_SUCCESS) {
+        if (mso_account_disconnect(db, r->pool, a->id, apr_time_sec(apr_time_now()))
+            != APR_SUCCESS) {
             return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write "
                               "failed");
         }

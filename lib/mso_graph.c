@@ -224,6 +224,8 @@ static void parse_entry(apr_pool_t *p, const json_t *e, mso_graph_msg_t *m)
     }
     /* New items come whole; an update carries the id and what changed. */
     m->full = !m->removed && m->received_at >= 0 && m->is_read >= 0;
+    /* Kept whole unless cut; an update without a body leaves the flag alone. */
+    m->body_truncated = (m->full || m->body) ? 0 : -1;
 }
 
 apr_status_t mso_graph_parse_page(apr_pool_t *p, const char *body, apr_size_t len,

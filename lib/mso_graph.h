@@ -36,6 +36,7 @@ typedef struct {
     const char *body_type;          /* html | text */
     const char *body;
     const char *web_link;
+    int body_truncated;             /* 1: the body was too large to keep (stored cut) */
 } mso_graph_msg_t;
 
 typedef struct {
