@@ -191,8 +191,10 @@ def test_full_flow_connects_the_mailbox(httpd, simulator, pg_params, db):
     # tokens: sealed, opening with the key to what Microsoft issued, never in clear
     toks = s.tokens(account_id)
     assert set(toks) == {"refresh", "graph"}
-    rt = open_sealed(s.key_hex, toks["refresh"]["sealed"], "token:refresh:default:adele@contoso.com")
-    at = open_sealed(s.key_hex, toks["graph"]["sealed"], "token:graph:default:adele@contoso.com")
+    # bound to the company's client ID and the account, not to names
+    bound = f"{s.client_id.lower()}:{account_id}"
+    rt = open_sealed(s.key_hex, toks["refresh"]["sealed"], f"token:v2:refresh:{bound}")
+    at = open_sealed(s.key_hex, toks["graph"]["sealed"], f"token:v2:graph:{bound}")
     assert rt.startswith("0.AX") and at.startswith("EwA")
     if db == "sqlite3":
         raw = b"".join(p.read_bytes() for p in (httpd.root / "data").glob("msoauth.db*"))
