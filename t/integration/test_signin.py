@@ -496,6 +496,24 @@ def test_mailbox_mismatch(setup):
     assert page.status == 409 and MEGAN[0] in page.text and ADELE[0] in page.text
 
 
+def test_mailbox_of_another_microsoft_account_is_not_taken_over(setup):
+    _, _, first = setup.sign_in(mailbox=ADELE[0], return_to="/a")
+    acc = first.query()["account"]
+    # The account belongs to another Microsoft object than the one signing in.
+    setup.rows(f"UPDATE msoauth_accounts SET object_id = 'another-object' WHERE id = {acc}", "x")
+    old = setup.tokens(acc)
+    _, _, r3 = setup.sign_in(mailbox=ADELE[0], return_to="/a")
+    assert r3.query() == {"msoauth": "error", "reason": "mailbox_mismatch"}
+    assert setup.tokens(acc) == old
+    assert setup.accounts()[0]["object_id"] == "another-object"
+    assert "another-object" in setup.h.log()
+    # Released (as a disconnect does), the next sign-in takes it over: same account.
+    setup.rows(f"UPDATE msoauth_accounts SET object_id = NULL WHERE id = {acc}", "x")
+    _, _, r4 = setup.sign_in(mailbox=ADELE[0], return_to="/a")
+    assert r4.query()["account"] == acc
+    assert setup.accounts()[0]["object_id"] == ADELE[1]
+
+
 def test_single_tenant_company_uses_its_tenant(setup):
     sim_call(setup.sim, "POST", "/_sim/config", {"auto_approve_user": ADELE[0]})
     r1, _, r3 = setup.sign_in(company="single", return_to="/a")
