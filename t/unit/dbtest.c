@@ -268,15 +268,21 @@ mso_account_t *get_ok(mso_db_t *db, apr_int64_t id)
     return got;
 }
 
-long long heap_in_use(void)
+long long memory_in_use(void)
 {
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
-    struct mallinfo2 mi = mallinfo2();
+    long long pages = 0, heap = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
 
-    return (long long)mi.uordblks;
-#else
-    return 0;
+    if (f) {
+        if (fscanf(f, "%lld", &pages) != 1) {
+            pages = 0;
+        }
+        fclose(f);
+    }
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+    heap = (long long)mallinfo2().uordblks;
 #endif
+    return pages * sysconf(_SC_PAGESIZE) + heap;
 }
 
 int dbtest_main(const char *name, void (*add_tests)(TCase *tc, int backend))
