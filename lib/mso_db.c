@@ -37,6 +37,7 @@
  * holds the wrapper and one cache entry per statement used, nothing per run:
  * arguments, results and error sentences live in the caller's pools. */
 #include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <apr_hash.h>
@@ -54,13 +55,15 @@
 
 enum { T_TEXT = 1, T_INT = 2 };
 
-/* A statement as prepared on one connection. */
+/* A statement as prepared on one connection. Its arguments are numbered:
+ * first the plain ones, then the repeated group row after row. */
 typedef struct {
     const mso_stmt_t *st;
-    int nparams;
-    const char **names;
+    int nplain, ngroup, rows;       /* arguments: nplain + rows * ngroup */
+    const char **names;             /* plain ones, then the group's (without _#) */
     int *types;
-    apr_hash_t *index;              /* name -> int* (its parameter number) */
+    apr_hash_t *plain;              /* name -> int* (its number among the plain) */
+    apr_hash_t *group;              /* name -> int* (its number in the group) */
     int nslots;                     /* placeholders in the SQL, in order */
     int *slot_param;
     const char *sql;                /* apr_dbd's form */
@@ -183,21 +186,54 @@ static int name_char(char c)
     return apr_isalnum(c) || c == '_';
 }
 
-/* Reads the declaration "a:text b:int" into e. */
+/* The number of argument name (row -1: a plain one), or -1. */
+static int param_of(const entry_t *e, const char *name, apr_ssize_t len, int row)
+{
+    int *k;
+
+    if (row < 0) {
+        k = apr_hash_get(e->plain, name, len);
+        return k ? *k : -1;
+    }
+    k = apr_hash_get(e->group, name, len);
+    return k && row < e->rows ? e->nplain + row * e->ngroup + *k : -1;
+}
+
+static int param_type(const entry_t *e, int i)
+{
+    return i < e->nplain ? e->types[i] : e->types[e->nplain + (i - e->nplain) % e->ngroup];
+}
+
+/* ":name", or ":name_ROW" for the group, for messages. */
+static const char *param_name(apr_pool_t *p, const entry_t *e, int i)
+{
+    if (i < e->nplain) {
+        return apr_pstrcat(p, ":", e->names[i], NULL);
+    }
+    return apr_psprintf(p, ":%s_%d", e->names[e->nplain + (i - e->nplain) % e->ngroup],
+                        (i - e->nplain) / e->ngroup);
+}
+
+/* Reads the declaration "a:text b:int g_#:text" into e (its rows come from
+ * the SQL). */
 static const char *declare(apr_pool_t *p, entry_t *e, const char *params)
 {
-    apr_array_header_t *names = apr_array_make(p, 8, sizeof(const char *));
-    apr_array_header_t *types = apr_array_make(p, 8, sizeof(int));
-    const char *c = params ? params : "", *start, *colon;
-    int *idx;
+    apr_array_header_t *names[2], *types[2];
+    const char *c = params ? params : "", *start, *end, *colon;
+    int *k, g, type;
 
-    e->index = apr_hash_make(p);
+    for (g = 0; g < 2; g++) {
+        names[g] = apr_array_make(p, 8, sizeof(const char *));
+        types[g] = apr_array_make(p, 8, sizeof(int));
+    }
+    e->plain = apr_hash_make(p);
+    e->group = apr_hash_make(p);
     while (*c) {
         if (*c == ' ') {
             c++;
             continue;
         }
-        for (start = c; name_char(*c); c++) {
+        for (start = c; name_char(*c) || *c == '#'; c++) {
         }
         colon = c;
         if (colon == start || *colon != ':') {
@@ -206,41 +242,95 @@ static const char *declare(apr_pool_t *p, entry_t *e, const char *params)
         for (c = colon + 1; *c && *c != ' '; c++) {
         }
         if ((c - colon - 1) == 4 && !strncmp(colon + 1, "text", 4)) {
-            APR_ARRAY_PUSH(types, int) = T_TEXT;
+            type = T_TEXT;
         }
         else if ((c - colon - 1) == 3 && !strncmp(colon + 1, "int", 3)) {
-            APR_ARRAY_PUSH(types, int) = T_INT;
+            type = T_INT;
         }
         else {
             return apr_psprintf(p, "its argument %.*s has a type other than text or int",
                                 (int)(colon - start), start);
         }
-        APR_ARRAY_PUSH(names, const char *) = apr_pstrmemdup(p, start, colon - start);
-        if (apr_hash_get(e->index, start, colon - start)) {
+        g = colon - start > 2 && colon[-2] == '_' && colon[-1] == '#';
+        end = g ? colon - 2 : colon;
+        if (memchr(start, '#', end - start)) {
+            return apr_psprintf(p, "its argument %.*s is not a name",
+                                (int)(colon - start), start);
+        }
+        if (apr_hash_get(g ? e->group : e->plain, start, end - start)) {
             return apr_psprintf(p, "its argument %.*s is declared twice",
                                 (int)(colon - start), start);
         }
-        idx = apr_palloc(p, sizeof(*idx));
-        *idx = names->nelts - 1;
-        apr_hash_set(e->index, APR_ARRAY_IDX(names, *idx, const char *), colon - start, idx);
+        k = apr_palloc(p, sizeof(*k));
+        *k = names[g]->nelts;
+        APR_ARRAY_PUSH(names[g], const char *) = apr_pstrmemdup(p, start, end - start);
+        APR_ARRAY_PUSH(types[g], int) = type;
+        apr_hash_set(g ? e->group : e->plain, APR_ARRAY_IDX(names[g], *k, const char *),
+                     end - start, k);
     }
-    e->nparams = names->nelts;
-    e->names = (const char **)names->elts;
-    e->types = (int *)types->elts;
+    e->nplain = names[0]->nelts;
+    e->ngroup = names[1]->nelts;
+    apr_array_cat(names[0], names[1]);
+    apr_array_cat(types[0], types[1]);
+    e->names = (const char **)names[0]->elts;
+    e->types = (int *)types[0]->elts;
     return NULL;
+}
+
+/* The placeholder :name at c (c at the ':'): its length; *row >= 0 and
+ * *len the name's when it is name_ROW of the group. */
+static apr_size_t placeholder(const entry_t *e, const char *c, apr_size_t *len, int *row)
+{
+    const char *start = c + 1, *end, *u;
+
+    for (end = start; name_char(*end); end++) {
+    }
+    *len = end - start;
+    *row = -1;
+    if (param_of(e, start, *len, -1) < 0) {
+        for (u = end; u > start && apr_isdigit(u[-1]); u--) {
+        }
+        if (u < end && u - 1 > start && u[-1] == '_'
+            && apr_hash_get(e->group, start, u - 1 - start)) {
+            *len = u - 1 - start;
+            *row = atoi(u);
+        }
+    }
+    return end - c;
 }
 
 /* Writes apr_dbd's form of sql: each :name becomes %s or %lld, '%' becomes
  * "%%" (apr_dbd_prepare reads '%' everywhere, also in quotes), "::" (a
- * PostgreSQL cast) and quoted text stay as they are. */
-static const char *translate(apr_pool_t *p, entry_t *e, const char *sql)
+ * PostgreSQL cast) and quoted text stay as they are. The scratch goes to
+ * tmp, only the result to p. */
+static const char *translate(apr_pool_t *p, apr_pool_t *tmp, entry_t *e, const char *sql)
 {
-    char *out = apr_palloc(p, 2 * strlen(sql) + 1), *o = out;
-    apr_array_header_t *slots = apr_array_make(p, e->nparams + 1, sizeof(int));
-    char *used = apr_pcalloc(p, e->nparams + 1);
-    const char *c = sql, *start;
-    int quoted = 0, *idx, i;
+    char *out = apr_palloc(tmp, 2 * strlen(sql) + 1), *o = out;
+    apr_array_header_t *slots;
+    const char *c, *start;
+    apr_size_t len, n;
+    int quoted = 0, nparams, i, row;
+    char *used;
 
+    /* The group repeats as often as the SQL says. */
+    e->rows = 0;
+    for (c = sql; *c; c++) {
+        quoted ^= *c == '\'';
+        if (!quoted && c[0] == ':' && c[1] != ':' && (apr_isalpha(c[1]) || c[1] == '_')) {
+            c += placeholder(e, c, &len, &row) - 1;
+            if (row >= e->rows) {
+                e->rows = row + 1;
+            }
+        }
+        else if (!quoted && c[0] == ':' && c[1] == ':') {
+            c++;
+        }
+    }
+    nparams = e->nplain + e->rows * e->ngroup;
+    slots = apr_array_make(tmp, nparams + 1, sizeof(int));
+    used = apr_pcalloc(tmp, nparams + 1);
+    quoted = 0;
+    c = sql;
     while (*c) {
         if (*c == '\'') {
             quoted = !quoted;
@@ -256,32 +346,35 @@ static const char *translate(apr_pool_t *p, entry_t *e, const char *sql)
             *o++ = *c++;
         }
         else if (!quoted && c[0] == ':' && (apr_isalpha(c[1]) || c[1] == '_')) {
-            for (start = ++c; name_char(*c); c++) {
-            }
-            idx = apr_hash_get(e->index, start, c - start);
-            if (!idx) {
+            start = c + 1;
+            n = placeholder(e, c, &len, &row);
+            i = param_of(e, start, len, row);
+            if (i < 0) {
                 return apr_psprintf(p, "its SQL uses :%.*s, which is not declared",
-                                    (int)(c - start), start);
+                                    (int)(n - 1), start);
             }
-            used[*idx] = 1;
-            APR_ARRAY_PUSH(slots, int) = *idx;
-            memcpy(o, e->types[*idx] == T_INT ? "%lld" : "%s", e->types[*idx] == T_INT ? 4 : 2);
-            o += e->types[*idx] == T_INT ? 4 : 2;
+            c += n;
+            used[i] = 1;
+            APR_ARRAY_PUSH(slots, int) = i;
+            memcpy(o, param_type(e, i) == T_INT ? "%lld" : "%s",
+                   param_type(e, i) == T_INT ? 4 : 2);
+            o += param_type(e, i) == T_INT ? 4 : 2;
         }
         else {
             *o++ = *c++;
         }
     }
     *o = '\0';
-    for (i = 0; i < e->nparams; i++) {
+    for (i = 0; i < nparams; i++) {
         if (!used[i]) {
             return apr_psprintf(p, "its argument %s is declared but not used in its SQL",
-                                e->names[i]);
+                                param_name(p, e, i) + 1);
         }
     }
     e->nslots = slots->nelts;
-    e->slot_param = (int *)slots->elts;
-    e->sql = out;
+    e->slot_param = apr_pcalloc(p, sizeof(int) * (slots->nelts + 1));
+    memcpy(e->slot_param, slots->elts, sizeof(int) * slots->nelts);
+    e->sql = apr_pstrmemdup(p, out, o - out);
     return NULL;
 }
 
@@ -300,8 +393,12 @@ static entry_t *entry_of(mso_db_t *db, const mso_stmt_t *st)
     sql = (db->kind == MSO_DB_PGSQL && st->pgsql) ? st->pgsql : st->sql;
     e->bad = declare(db->pool, e, st->params);
     if (!e->bad) {
-        e->bad = sql ? translate(db->pool, e, sql)
+        apr_pool_t *tmp;
+
+        apr_pool_create(&tmp, db->pool);
+        e->bad = sql ? translate(db->pool, tmp, e, sql)
                      : apr_psprintf(db->pool, "it has no SQL for %s", mso_db_name(db));
+        apr_pool_destroy(tmp);
     }
     apr_hash_set(d->stmts, apr_pmemdup(db->pool, &st, sizeof(st)), sizeof(st), e);
     return e;
@@ -314,7 +411,8 @@ mso_args_t *mso_args(mso_db_t *db, apr_pool_t *p, const mso_stmt_t *st)
     a->db = db;
     a->p = p;
     a->e = entry_of(db, st);
-    a->values = apr_pcalloc(p, sizeof(*a->values) * (a->e->nparams + 1));
+    a->values = apr_pcalloc(p, sizeof(*a->values)
+                                 * (a->e->nplain + a->e->rows * a->e->ngroup + 1));
     a->row = -1;
     return a;
 }
@@ -328,26 +426,21 @@ void mso_args_row(mso_args_t *a, int row)
  * declare it with that type (0: any type). */
 static value_t *slot_of(mso_args_t *a, const char *name, int type)
 {
-    char buf[96];
-    const char *key = name;
-    int *idx;
+    int i = param_of(a->e, name, APR_HASH_KEY_STRING, a->row);
 
-    if (a->row >= 0) {
-        apr_snprintf(buf, sizeof(buf), "%s_%d", name, a->row);
-        key = buf;
-    }
-    idx = apr_hash_get(a->e->index, key, APR_HASH_KEY_STRING);
-    if (!idx || (type && a->e->types[*idx] != type)) {
+    if (i < 0 || (type && param_type(a->e, i) != type)) {
         if (!a->err) {
-            a->err = !idx
-                ? apr_psprintf(a->p, "it has no argument :%s", key)
-                : apr_psprintf(a->p, "its argument :%s is %s, bound as %s", key,
-                               a->e->types[*idx] == T_INT ? "int" : "text",
+            a->err = i < 0
+                ? apr_psprintf(a->p, a->row < 0 ? "it has no argument :%s"
+                                                : "it has no argument :%s_%d", name, a->row)
+                : apr_psprintf(a->p, "its argument %s is %s, bound as %s",
+                               param_name(a->p, a->e, i),
+                               param_type(a->e, i) == T_INT ? "int" : "text",
                                type == T_INT ? "int" : "text");
         }
         return NULL;
     }
-    return &a->values[*idx];
+    return &a->values[i];
 }
 
 void mso_arg_text(mso_args_t *a, const char *name, const char *value)
@@ -426,11 +519,11 @@ static apr_status_t run(mso_args_t *a, apr_pool_t *pool, int *nrows, mso_rows_t 
         value_t *v = &a->values[e->slot_param[i]];
 
         if (!v->set) {
-            f->bug = apr_psprintf(pool, "its argument :%s is not bound",
-                                  e->names[e->slot_param[i]]);
+            f->bug = apr_psprintf(pool, "its argument %s is not bound",
+                                  param_name(pool, e, e->slot_param[i]));
         }
-        vals[i] = v->null ? NULL : e->types[e->slot_param[i]] == T_INT ? (const void *)&v->i
-                                                                        : (const void *)v->s;
+        vals[i] = v->null ? NULL : param_type(e, e->slot_param[i]) == T_INT
+                                   ? (const void *)&v->i : (const void *)v->s;
     }
     if (f->bug) {
         return f->rv = APR_EINVAL;

@@ -54,8 +54,12 @@ const char *mso_db_name(const mso_db_t *db);
  * argument); params declares each with its type, text or int (64 bits):
  * "owner:text until:int". Both are checked against each other when the
  * statement is first used on a connection. A '%' in the SQL is an ordinary
- * character. Statements must live as long as the connections they run on
- * (static const, or cached per connection): the cache keys on the address. */
+ * character. A statement with a repeated group (a multi-row INSERT)
+ * declares the group's arguments once, as name_#:type, and its SQL names
+ * them :name_0, :name_1 ... in every row. Statements must live as long as
+ * the connections they run on (static const, or cached per connection): the
+ * cache keys on the address. params and the SQL are read once per
+ * connection, by the first mso_args. */
 typedef struct {
     const char *what;       /* what it does, for messages: "take a refresh lease" */
     const char *params;     /* "name:text other:int", or NULL for none */
@@ -75,8 +79,8 @@ void mso_arg_text(mso_args_t *a, const char *name, const char *value);   /* NULL
 void mso_arg_int(mso_args_t *a, const char *name, apr_int64_t value);
 void mso_arg_opt(mso_args_t *a, const char *name, apr_int64_t value);    /* 0: SQL NULL */
 void mso_arg_null(mso_args_t *a, const char *name);
-/* Statements with repeated groups (a multi-row INSERT): from here on, name
- * means name_ROW (":graph_id_3"); -1 goes back to plain names. */
+/* Statements with a repeated group: from here on, name means the group's
+ * name_# of that row (":graph_id_3"); -1 goes back to the other arguments. */
 void mso_args_row(mso_args_t *a, int row);
 
 /* The rows of a select, read in order; columns by name (an expression needs

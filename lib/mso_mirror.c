@@ -198,8 +198,8 @@ static const mso_stmt_t ST_STATS_ACTIONS = {
 };
 
 /* The multi-row upsert: row i's values are :graph_id_i and so on (each '#'
- * of the templates is the row number); account, folder, time and round are
- * shared by every row. */
+ * of UPSERT_ROW is the row number, each name_# of UPSERT_PARAMS one value per
+ * row); account, folder, time and round are shared by every row. */
 #define UPSERT_HEAD \
     "INSERT INTO msoauth_messages (account_id, graph_id, folder, internet_message_id, " \
     "conversation_id, subject, from_address, from_name, to_json, received_at, is_read, " \
@@ -221,9 +221,8 @@ static const mso_stmt_t ST_STATS_ACTIONS = {
     "body_type = excluded.body_type, body = excluded.body, web_link = excluded.web_link, " \
     "body_truncated = excluded.body_truncated, removed = 0, " \
     "updated_at = excluded.updated_at, sync_round = excluded.sync_round"
-#define UPSERT_SHARED "account_id:int folder:text now:int round:int"
-#define UPSERT_ROW_PARAMS \
-    " graph_id_#:text internet_message_id_#:text conversation_id_#:text subject_#:text " \
+#define UPSERT_PARAMS "account_id:int folder:text now:int round:int " \
+    "graph_id_#:text internet_message_id_#:text conversation_id_#:text subject_#:text " \
     "from_address_#:text from_name_#:text to_json_#:text received_at_#:int is_read_#:int " \
     "has_attachments_#:int importance_#:text body_preview_#:text body_type_#:text " \
     "body_#:text web_link_#:text body_truncated_#:int"
@@ -245,35 +244,38 @@ static const char *expand(apr_pool_t *p, const char *template, int row)
     return apr_array_pstrcat(p, parts, 0);
 }
 
-/* The upsert of n rows, built once per n for the connection's lifetime. */
+/* The upsert of n rows, built once per n for the connection's lifetime
+ * (the connection keeps its prepared form, not the text it was made from). */
 static const mso_stmt_t *upsert_stmt(mso_db_t *db, int n)
 {
     char key[48];
     void *found = NULL;
     mso_stmt_t *st;
-    apr_array_header_t *sql, *params;
-    apr_pool_t *p = db->pool;
+    apr_array_header_t *sql;
+    apr_pool_t *tmp;
     int i;
 
     apr_snprintf(key, sizeof(key), "mso_mirror:upsert:%d", n);
-    apr_pool_userdata_get(&found, key, p);
+    apr_pool_userdata_get(&found, key, db->pool);
     if (found) {
         return found;
     }
-    sql = apr_array_make(p, n + 2, sizeof(const char *));
-    params = apr_array_make(p, n + 1, sizeof(const char *));
+    apr_pool_create(&tmp, db->pool);
+    sql = apr_array_make(tmp, n + 2, sizeof(const char *));
     APR_ARRAY_PUSH(sql, const char *) = UPSERT_HEAD;
-    APR_ARRAY_PUSH(params, const char *) = UPSERT_SHARED;
     for (i = 0; i < n; i++) {
-        APR_ARRAY_PUSH(sql, const char *) = expand(p, i ? ", " UPSERT_ROW : UPSERT_ROW, i);
-        APR_ARRAY_PUSH(params, const char *) = expand(p, UPSERT_ROW_PARAMS, i);
+        APR_ARRAY_PUSH(sql, const char *) = expand(tmp, i ? ", " UPSERT_ROW : UPSERT_ROW, i);
     }
     APR_ARRAY_PUSH(sql, const char *) = UPSERT_TAIL;
-    st = apr_pcalloc(p, sizeof(*st));
+    st = apr_pcalloc(db->pool, sizeof(*st));
     st->what = "store new messages";
-    st->params = apr_array_pstrcat(p, params, 0);
-    st->sql = apr_array_pstrcat(p, sql, 0);
-    apr_pool_userdata_set(st, apr_pstrdup(p, key), NULL, p);
+    st->params = UPSERT_PARAMS;
+    st->sql = apr_array_pstrcat(tmp, sql, 0);
+    /* Read once, now, into the connection's form: the text is not kept. */
+    mso_args(db, tmp, st);
+    st->sql = NULL;
+    apr_pool_destroy(tmp);
+    apr_pool_userdata_set(st, apr_pstrdup(db->pool, key), NULL, db->pool);
     return st;
 }
 

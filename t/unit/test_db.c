@@ -38,9 +38,16 @@ static const mso_stmt_t ST_BADTYPE = {
     "declare a strange type", "id:float",
     "SELECT id FROM msoauth_test WHERE id = :id", NULL
 };
+/* A repeated group: :id_0 and :n_0, then :id_1 and :n_1. */
 static const mso_stmt_t ST_ROWS2 = {
-    "put two test rows", "name:text id_0:int n_0:int id_1:int n_1:int",
+    "put two test rows", "name:text id_#:int n_#:int",
     "INSERT INTO msoauth_test (id, name, n) VALUES (:id_0, :name, :n_0), (:id_1, :name, :n_1)",
+    NULL
+};
+/* Row 1 forgets a value of the group. */
+static const mso_stmt_t ST_ROWS_SHORT = {
+    "put uneven test rows", "name:text id_#:int n_#:int",
+    "INSERT INTO msoauth_test (id, name, n) VALUES (:id_0, :name, :n_0), (:id_1, :name, 0)",
     NULL
 };
 
@@ -187,6 +194,19 @@ START_TEST(binder_refuses_mistakes)
     a = mso_args(db, pool, &ST_BADTYPE);
     ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
     ck_assert_msg(err && strstr(err, "type other than text or int"), "message: %s", err);
+    a = mso_args(db, pool, &ST_ROWS_SHORT);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, "n_1 is declared but not used"), "message: %s", err);
+    /* A value of the group left unbound in one row. */
+    a = mso_args(db, pool, &ST_ROWS2);
+    mso_arg_text(a, "name", "pair");
+    mso_args_row(a, 0);
+    mso_arg_int(a, "id", 10);
+    mso_arg_int(a, "n", 100);
+    mso_args_row(a, 1);
+    mso_arg_int(a, "id", 11);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, ":n_1 is not bound"), "message: %s", err);
 
     /* A database failure is a sentence with the database's words and a hint. */
     put_ok(db, 1, "x", 1);
