@@ -7,7 +7,9 @@
  * migrations), mso_account (accounts, tokens, refresh leases), mso_mirror
  * (messages, folder cursors, the Graph work on the account row, actions),
  * mso_flows_used (spent sign-in states), mso_job_runs (the job's health).
- * A new statement is a static const mso_stmt_t next to its siblings:
+ * A new table is a migration appended to the list in mso_schema.c and a
+ * file of its own for its statements. A new statement is a static const
+ * mso_stmt_t next to its siblings:
  *
  *     static const mso_stmt_t ST_RELEASE = {
  *         "release a refresh lease", "id:int owner:text",
@@ -20,7 +22,23 @@
  *     mso_arg_text(a, "owner", owner);
  *     rv = mso_exec(a, &n, &err);
  *
- * and writes that belong together run inside mso_db_tx. */
+ * and writes that belong together run inside mso_db_tx, in a function with
+ * one exit:
+ *
+ *     static apr_status_t store_tx(mso_tx_t *tx, void *baton)
+ *     {
+ *         ...
+ *         a = mso_tx_args(tx, &ST_ONE);
+ *         mso_arg_int(a, "id", id);
+ *         if (!MSO_OK(mso_tx_exec(tx, a, &n))) {
+ *             goto leave;
+ *         }
+ *         ...
+ *     leave:
+ *         return rv;
+ *     }
+ *
+ *     rv = mso_db_tx(db, p, "of account 42", store_tx, &baton, &err); */
 #ifndef MSO_DB_H
 #define MSO_DB_H
 
