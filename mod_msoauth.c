@@ -30,7 +30,9 @@
 #include "mso_discovery.h"
 #include "mso_http.h"
 #include "mso_log.h"
-#include "mso_store.h"
+#include "mso_account.h"
+#include "mso_db.h"
+#include "mso_schema.h"
 
 
 #define NODE_ID_FILE "msoauth-node-id"
@@ -263,9 +265,60 @@ static int msoauth_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *
     return OK;
 }
 
-/* Brings the schema up to date. Runs in every child: the store serializes
+typedef struct {
+    server_rec *s, *main_s;
+} client_of_t;
+
+/* The client ID company name has now: this server's, else a virtual host's. */
+static const char *client_id_of(void *baton, const char *name)
+{
+    client_of_t *c = baton;
+    msoauth_company_t *co = msoauth_company(c->s, name);
+    server_rec *o;
+
+    for (o = c->main_s; !co && o; o = o->next) {
+        co = msoauth_company(o, name);
+    }
+    return co ? co->set.client_id.value : NULL;
+}
+
+/* Tokens stored before schema version 4 are sealed again for their account. */
+static void rebind_server(apr_pool_t *p, server_rec *main_s, server_rec *s, mso_db_t *db)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
+    client_of_t c;
+    mso_rebind_t n;
+    const char *err = NULL;
+    apr_status_t rv;
+
+    if (!sc->keyring) {
+        return;
+    }
+    c.s = s;
+    c.main_s = main_s;
+    rv = mso_account_rebind(db, p, sc->keyring, client_id_of, &c, &n, &err);
+    if (rv != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(034) "mod_msoauth: binding the "
+                     "stored tokens to their accounts failed: %s", err ? err : "unknown error");
+        return;
+    }
+    if (n.accounts || n.tokens) {
+        ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(035) "mod_msoauth: %d accounts "
+                     "got their company's client ID and %d stored tokens were sealed again "
+                     "for their account", n.accounts, n.tokens);
+    }
+    if (n.unopened) {
+        ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(036) "mod_msoauth: %d tokens "
+                     "stored before the upgrade do not open with the keys in "
+                     "MSOAuthTokenKeyFile and stay as they are: their mailboxes must be "
+                     "connected again unless the key that sealed them is added back",
+                     n.unopened);
+    }
+}
+
+/* Brings the schema up to date. Runs in every child: mso_schema serializes
  * concurrent migrations, and once the schema is current it is one SELECT. */
-static void migrate_server(apr_pool_t *p, server_rec *s)
+static void migrate_server(apr_pool_t *p, server_rec *main_s, server_rec *s)
 {
     ap_dbd_t *dbd;
     mso_db_t *db;
@@ -284,7 +337,7 @@ static void migrate_server(apr_pool_t *p, server_rec *s)
     }
     rv = mso_db_wrap(dbd->pool, dbd->driver, dbd->handle, &db);
     if (rv == APR_SUCCESS) {
-        rv = mso_store_migrate(db, &from, &to, &err);
+        rv = mso_schema_migrate(db, p, &from, &to, &err);
     }
     else {
         err = apr_psprintf(p, "the database driver '%s' is not supported: use sqlite3 or pgsql",
@@ -294,9 +347,13 @@ static void migrate_server(apr_pool_t *p, server_rec *s)
         ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(031)
                      "mod_msoauth: database schema not ready: %s", err ? err : "unknown error");
     }
-    else if (from != to) {
-        ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(032)
-                     "mod_msoauth: database schema migrated from version %d to %d", from, to);
+    else {
+        if (from != to) {
+            ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(032)
+                         "mod_msoauth: database schema migrated from version %d to %d",
+                         from, to);
+        }
+        rebind_server(p, main_s, s, db);
     }
     msoauth_dbd_close(s, dbd);
 }
@@ -326,7 +383,7 @@ static void msoauth_child_init(apr_pool_t *pchild, server_rec *main_s)
     }
     for (s = main_s; s; s = s->next) {
         if (msoauth_server_in_use(s)) {
-            migrate_server(pchild, s);
+            migrate_server(pchild, main_s, s);
         }
     }
 }

@@ -8,7 +8,7 @@
 #include <apr_dbd.h>
 #include <mod_dbd.h>
 
-#include "mso_store.h"
+#include "mso_db.h"
 
 extern module AP_MODULE_DECLARE_DATA msoauth_module;
 

@@ -25,8 +25,10 @@
 #include "mso_json.h"
 #include "mso_reason.h"
 #include "mso_refresh.h"
+#include "mso_account.h"
+#include "mso_db.h"
+#include "mso_job_runs.h"
 #include "mso_mirror.h"
-#include "mso_store.h"
 
 APLOG_USE_MODULE(msoauth);
 
@@ -95,7 +97,6 @@ static void fresh_token(request_rec *r, mso_db_t *db, mso_account_t *a, const ch
     msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
     msoauth_company_t *c = msoauth_company(r->server, a->company);
     const char *kind = strcmp(resource, "graph") ? "outlook" : "graph";
-    const char *aad = mso_token_aad(r->pool, a->company, a->mailbox, kind);
     apr_time_t give_up = apr_time_now() + WAIT_FOR_OTHER;
 
     memset(f, 0, sizeof(*f));
@@ -106,21 +107,18 @@ static void fresh_token(request_rec *r, mso_db_t *db, mso_account_t *a, const ch
     }
     for (;;) {
         apr_int64_t now = apr_time_sec(apr_time_now()), exp = 0;
-        const char *sealed = NULL;
-        unsigned char *plain;
-        apr_size_t len;
+        const char *plain = NULL;
         apr_status_t rv;
 
-        if (mso_store_token_get(db, r->pool, a->id, kind, &sealed, &exp) == APR_SUCCESS
-            && exp - now >= MIN_VALIDITY
-            && mso_open(r->pool, sc->keyring, MSO_PURPOSE_TOKEN, aad, sealed, &plain, &len)
-               == APR_SUCCESS) {
-            f->token = (const char *)plain;
+        if (mso_account_token_open(db, r->pool, sc->keyring, a, kind, &plain, &exp)
+            == APR_SUCCESS && exp - now >= MIN_VALIDITY) {
+            f->token = plain;
             f->expires_at = exp;
             f->scope = a->scopes;
             return;
         }
-        rv = mso_store_lease(db, a->id, msoauth_process_owner(), now, MSOAUTH_LEASE_SECONDS);
+        rv = mso_account_lease(db, r->pool, a->id, msoauth_process_owner(), now,
+                               MSOAUTH_LEASE_SECONDS);
         if (rv == APR_SUCCESS) {
             mso_refresh_outcome_t out;
             mso_refresh_ctx_t ctx;
@@ -224,7 +222,7 @@ int msoauth_token_handler(request_rec *r)
     if (!(db = msoauth_request_db(r))) {
         return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
-    if (mso_store_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
+    if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
         return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
     if (!msoauth_company(r->server, a->company)) {
@@ -236,7 +234,7 @@ int msoauth_token_handler(request_rec *r)
     }
     fresh_token(r, db, a, resource, &f);
     if (!f.token) {
-        if (mso_store_account_get(db, r->pool, id, &a) == APR_SUCCESS
+        if (mso_account_get(db, r->pool, id, &a) == APR_SUCCESS
             && strcmp(a->state, "connected")) {
             return send_json(r, HTTP_CONFLICT, account_state_json(a));
         }
@@ -382,8 +380,8 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
     int i, due = 0, overdue = 0;
 
     if (mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS
-        || mso_store_accounts(db, r->pool, &accounts) != APR_SUCCESS
-        || mso_store_job_runs(db, r->pool, &runs) != APR_SUCCESS) {
+        || mso_account_list(db, r->pool, &accounts) != APR_SUCCESS
+        || mso_job_runs_list(db, r->pool, &runs) != APR_SUCCESS) {
         json_decref(accs);
         json_decref(nodes);
         return NULL;
@@ -688,7 +686,7 @@ int msoauth_admin_handler(request_rec *r)
     if (!db) {
         return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
-    if (mso_store_account_get(db, r->pool, id, &a) != APR_SUCCESS
+    if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS
         || !msoauth_company(r->server, a->company)) {
         return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
@@ -706,7 +704,7 @@ int msoauth_admin_handler(request_rec *r)
             json_object_set_new(j, "ok", json_false());
             return send_json(r, HTTP_CONFLICT, j);
         }
-        if (mso_mirror_sync_now(db, a->id) != APR_SUCCESS) {
+        if (mso_mirror_sync_now(db, r->pool, a->id) != APR_SUCCESS) {
             return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write "
                               "failed");
         }
@@ -726,7 +724,8 @@ int msoauth_admin_handler(request_rec *r)
         }
         return graph_test(r, db, a);
     }
-    if (mso_store_disconnect(db, a->id, apr_time_sec(apr_time_now())) != APR_SUCCESS) {
+    if (mso_account_disconnect(db, r->pool, a->id, apr_time_sec(apr_time_now()))
+        != APR_SUCCESS) {
         return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write failed");
     }
     ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(303) "account %" APR_INT64_T_FMT

@@ -21,7 +21,9 @@
 #include "mso_graph.h"
 #include "mso_identity.h"
 #include "mso_reason.h"
-#include "mso_store.h"
+#include "mso_account.h"
+#include "mso_db.h"
+#include "mso_flows_used.h"
 
 APLOG_USE_MODULE(msoauth);
 
@@ -397,7 +399,7 @@ static const char *jwt_problem(mso_jwt_result_e res)
 static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, const char *code,
                     mso_db_t *db)
 {
-    const char *why = NULL, *mailbox, *sealed_refresh, *sealed_access, *err = NULL;
+    const char *why = NULL, *mailbox, *err = NULL;
     msoauth_company_t *c;
     mso_app_t *app;
     mso_http_opts_t o;
@@ -405,7 +407,9 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
     mso_id_expect_t expect;
     mso_id_claims_t *cl = NULL;
     mso_jwt_result_e jres;
-    mso_account_t acct, *existing = NULL;
+    mso_connect_t in;
+    mso_token_sealer_t sealer;
+    mso_account_t *acct = NULL;
     failure_t f;
     apr_int64_t now = apr_time_sec(apr_time_now());
     apr_status_t rv;
@@ -469,47 +473,39 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
                                  "in at Microsoft.", flow->mailbox, mailbox);
         return fail(r, sc, &f, flow->return_to);
     }
-    /* A mailbox bound to another Microsoft object is not taken over; only a
-     * disconnect (which unbinds it) lets another object connect it. */
-    if (mso_store_account_find(db, r->pool, c->name, mailbox, &existing) == APR_SUCCESS
-        && existing->object_id
-        && (strcmp(existing->object_id, cl->oid)
-            || (existing->tenant_id && strcasecmp(existing->tenant_id, cl->tid)))) {
+    /* The account is the person's (their Microsoft object): a mailbox bound
+     * to another one is not taken over, and the tokens are sealed for the
+     * account once its id is known. */
+    memset(&in, 0, sizeof(in));
+    in.company = c->name;
+    in.client_id = c->set.client_id.value;
+    in.tenant_id = cl->tid;
+    in.object_id = cl->oid;
+    in.mailbox = mailbox;
+    in.display_name = cl->name;     /* a label only */
+    in.scopes = tok->scope;
+    in.authority = app->authority;
+    in.access_expires_at = now + tok->expires_in;
+    in.connected_by = flow->user;
+    memset(&sealer, 0, sizeof(sealer));
+    sealer.p = r->pool;
+    sealer.keyring = sc->keyring;
+    sealer.client_id = c->set.client_id.value;
+    sealer.refresh_token = tok->refresh_token;
+    sealer.access_token = tok->access_token;
+    rv = mso_account_connect(db, r->pool, &in, mso_account_seal_tokens, &sealer, now, &acct,
+                             &err);
+    if (rv == MSO_ACCOUNT_OTHER_OBJECT || rv == MSO_ACCOUNT_ADDRESS_TAKEN) {
         f.reason = "mailbox_mismatch";
-        f.detail = apr_psprintf(r->pool, "account %" APR_INT64_T_FMT " belongs to object %s "
-                                "of tenant %s, the sign-in was object %s of tenant %s",
-                                existing->id, existing->object_id,
-                                existing->tenant_id ? existing->tenant_id : "?", cl->oid,
-                                cl->tid);
-        f.message = apr_psprintf(r->pool, "%s is already connected for another Microsoft "
-                                 "account. Disconnect it first to connect a different one.",
-                                 mailbox);
+        f.detail = err;
+        f.message = rv == MSO_ACCOUNT_OTHER_OBJECT
+            ? apr_psprintf(r->pool, "%s is already connected for another Microsoft account. "
+                           "Disconnect it first to connect a different one.", mailbox)
+            : apr_psprintf(r->pool, "This Microsoft account is connected under another "
+                           "address, and %s is connected as another account already. "
+                           "Disconnect one of them first.", mailbox);
         return fail(r, sc, &f, flow->return_to);
     }
-
-    rv = mso_seal(r->pool, sc->keyring, MSO_PURPOSE_TOKEN,
-                  mso_token_aad(r->pool, c->name, mailbox, "refresh"), tok->refresh_token,
-                  strlen(tok->refresh_token), &sealed_refresh);
-    if (rv == APR_SUCCESS) {
-        rv = mso_seal(r->pool, sc->keyring, MSO_PURPOSE_TOKEN,
-                      mso_token_aad(r->pool, c->name, mailbox, "graph"), tok->access_token,
-                      strlen(tok->access_token), &sealed_access);
-    }
-    if (rv != APR_SUCCESS) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(102) "sealing tokens failed");
-        return HTTP_INTERNAL_SERVER_ERROR;
-    }
-    memset(&acct, 0, sizeof(acct));
-    acct.company = c->name;
-    acct.mailbox = mailbox;
-    acct.display_name = cl->name;     /* a label only */
-    acct.tenant_id = cl->tid;
-    acct.object_id = cl->oid;
-    acct.scopes = tok->scope;
-    acct.authority = app->authority;
-    acct.access_expires_at = now + tok->expires_in;
-    acct.connected_by = flow->user;
-    rv = mso_store_account_connect(db, &acct, sealed_refresh, sealed_access, now, &err);
     if (rv != APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(103) "storing the account %s of "
                       "company %s failed: %s", ap_escape_logitem(r->pool, mailbox), c->name,
@@ -518,18 +514,19 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
     }
     ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(104) "mailbox %s of company %s "
                   "%sconnected as account %" APR_INT64_T_FMT " (tenant %s, by %s)",
-                  ap_escape_logitem(r->pool, mailbox), c->name, existing ? "re" : "", acct.id,
+                  ap_escape_logitem(r->pool, mailbox), c->name,
+                  acct->created_at != now ? "re" : "", acct->id,
                   ap_escape_logitem(r->pool, cl->tid),
                   flow->user ? ap_escape_logitem(r->pool, flow->user) : "anonymous");
     if (flow->return_to) {
         return redirect(r, back_to_app(r, flow->return_to,
                                        apr_psprintf(r->pool, "msoauth=connected&account=%"
-                                                    APR_INT64_T_FMT, acct.id)));
+                                                    APR_INT64_T_FMT, acct->id)));
     }
     return page(r, HTTP_OK, "Mailbox connected",
                 apr_psprintf(r->pool, "<p>The mailbox <strong>%s</strong> is connected "
                              "(account %" APR_INT64_T_FMT "). You can close this window.</p>",
-                             esc(r, mailbox), acct.id));
+                             esc(r, mailbox), acct->id));
 }
 
 int msoauth_confirm_handler(request_rec *r)
@@ -585,8 +582,8 @@ int msoauth_confirm_handler(request_rec *r)
         return HTTP_SERVICE_UNAVAILABLE;
     }
     /* Single use across every node: the first hit records the state. */
-    rv = mso_store_flow_consume(db, mso_flow_state_digest(r->pool, flow->state), flow->expires,
-                                (apr_int64_t)apr_time_sec(r->request_time));
+    rv = mso_flows_used_spend(db, r->pool, mso_flow_state_digest(r->pool, flow->state),
+                              flow->expires, (apr_int64_t)apr_time_sec(r->request_time));
     if (rv == APR_EEXIST) {
         memset(&f, 0, sizeof(f));
         f.reason = "state_invalid";

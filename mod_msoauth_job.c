@@ -29,7 +29,9 @@
 #include "mso_identity.h"
 #include "mso_log.h"
 #include "mso_refresh.h"
-#include "mso_store.h"
+#include "mso_account.h"
+#include "mso_db.h"
+#include "mso_job_runs.h"
 #include "mso_sync.h"
 
 APLOG_USE_MODULE(msoauth);
@@ -159,8 +161,8 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
     int i, n = 0;
 
     apr_pool_create(&bp, p);
-    if (mso_store_claim_due(db, bp, job->owner, apr_time_sec(apr_time_now()),
-                            MSOAUTH_LEASE_SECONDS, CLAIM_BATCH, &due) != APR_SUCCESS
+    if (mso_account_claim_due(db, bp, job->owner, apr_time_sec(apr_time_now()),
+                              MSOAUTH_LEASE_SECONDS, CLAIM_BATCH, &due) != APR_SUCCESS
         || !due->nelts) {
         apr_pool_destroy(bp);
         return 0;
@@ -179,14 +181,14 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
 
         if (!msoauth_company_has_credentials(c)) {
             /* The company left the configuration: keep the account, say why. */
-            mso_store_refresh_failed(db, a->id, job->owner, "connected", "not_configured", 0,
-                                     "the account's company is not configured on this "
-                                     "server any more", now + 3600, now);
+            mso_account_refresh_failed(db, bp, a->id, job->owner, "connected",
+                                       "not_configured", 0, "the account's company is not "
+                                       "configured on this server any more", now + 3600, now);
             st->failed++;
             continue;
         }
         if (apr_time_now() > deadline) {
-            mso_store_release(db, a->id, job->owner);   /* next tick */
+            mso_account_release(db, bp, a->id, job->owner);     /* next tick */
             continue;
         }
         /* One context per account: each carries its company's credentials. */
@@ -206,7 +208,7 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
             ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(208) "job: cannot set up "
                          "the HTTP client; the accounts are left for the next tick");
             for (i = 0; i < n; i++) {
-                mso_store_release(db, accts[i]->id, job->owner);
+                mso_account_release(db, bp, accts[i]->id, job->owner);
             }
             n = 0;
         }
@@ -251,19 +253,14 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
 static const char *access_token(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_db_t *db,
                                 const mso_account_t *a)
 {
-    const char *sealed = NULL;
-    apr_int64_t exp = 0;
-    unsigned char *plain = NULL;
-    apr_size_t len;
+    const char *plain = NULL;
 
     if (!sc->keyring
-        || mso_store_token_get(db, p, a->id, "graph", &sealed, &exp) != APR_SUCCESS
-        || mso_open(p, sc->keyring, MSO_PURPOSE_TOKEN,
-                    mso_token_aad(p, a->company, a->mailbox, "graph"), sealed, &plain, &len)
+        || mso_account_token_open(db, p, sc->keyring, a, "graph", &plain, NULL)
            != APR_SUCCESS) {
         return NULL;
     }
-    return (const char *)plain;
+    return plain;
 }
 
 /* One thread's share of a pass. Lane 0 is the job's own thread (its pool,
@@ -463,7 +460,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
             keep.sync_phase = w->sync_phase;
             keep.sync_error = "the account's company is not configured on this server any more";
             keep.sync_error_runs = w->sync_error_runs;
-            mso_mirror_release(db, w->acct->id, job->owner, &keep, now);
+            mso_mirror_release(db, bp, w->acct->id, job->owner, &keep, now);
             continue;
         }
         boxes[n].work = w;
@@ -492,7 +489,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
                 keep.sync_error = w->sync_error;
                 keep.sync_error_runs = w->sync_error_runs;
                 keep.auth_retry = w->auth_retry;
-                mso_mirror_release(db, w->acct->id, job->owner, &keep, now);
+                mso_mirror_release(db, bp, w->acct->id, job->owner, &keep, now);
             }
         }
     }
@@ -515,7 +512,7 @@ static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t
     apr_size_t node_len = colon ? (apr_size_t)(colon - job->owner) + 1 : 0;
     int i;
 
-    if (!node_len || mso_store_lease_owners(db, p, &owners) != APR_SUCCESS) {
+    if (!node_len || mso_account_lease_owners(db, p, &owners) != APR_SUCCESS) {
         return;
     }
     for (i = 0; i < owners->nelts; i++) {
@@ -533,7 +530,7 @@ static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t
         if (kill((pid_t)pid, 0) == -1 && errno == ESRCH) {
             ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(214) "job: process %ld of "
                          "this node died holding leases; they are released", pid);
-            mso_store_drop_owner(db, o);
+            mso_account_drop_owner(db, p, o);
         }
     }
 }
@@ -597,7 +594,7 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         run.claimed = st.claimed;
         run.refreshed = st.refreshed;
         run.failed = st.failed;
-        mso_store_job_record(db, &run);
+        mso_job_runs_record(db, p, &run);
     }
     msoauth_dbd_close(s, dbd);
     mso_log_scope(before);

@@ -50,7 +50,7 @@
 
 #include "mso_graph.h"
 #include "mso_mirror.h"
-#include "mso_store.h"
+#include "mso_db.h"
 
 #define COLS 20
 #define MULTI_ROWS 100

@@ -104,21 +104,21 @@ def insert_accounts(db, sealer, sim_url, accounts, first_id, now, sync_due_at=No
         ids.append(i)
         mailbox = a["upn"].lower()
         lines.append(
-            "INSERT INTO msoauth_accounts (id, company, mailbox, display_name, tenant_id, "
-            "object_id, scopes, state, authority, access_expires_at, connected_by, created_at, "
-            "updated_at, refresh_due_at, error_runs, sync_due_at, work_owner, work_until) "
-            "VALUES (" + ", ".join(q(v) for v in (
-                i, COMPANY, mailbox, a["name"], TENANT, a["oid"], a["scope"], state,
-                f"{sim_url}/common", now + 3000, "bench", now, now, now + 86400, 0,
+            "INSERT INTO msoauth_accounts (id, company, client_id, mailbox, display_name, "
+            "tenant_id, object_id, scopes, state, authority, access_expires_at, connected_by, "
+            "created_at, updated_at, refresh_due_at, error_runs, sync_due_at, work_owner, "
+            "work_until) VALUES (" + ", ".join(q(v) for v in (
+                i, COMPANY, CLIENT_ID.lower(), mailbox, a["name"], TENANT, a["oid"], a["scope"],
+                state, f"{sim_url}/common", now + 3000, "bench", now, now, now + 86400, 0,
                 sync_due_at, work_owner, now + 86400 if work_owner else None)) + ");")
         lines.append(
-            "INSERT INTO msoauth_tokens (account_id, kind, sealed, expires_at, updated_at) "
-            f"VALUES ({i}, 'refresh', {q(sealer.seal_token(mailbox, 'refresh', a['refresh_token']))}, "
-            f"NULL, {now});")
+            "INSERT INTO msoauth_tokens (account_id, kind, sealed, expires_at, updated_at, "
+            f"binding) VALUES ({i}, 'refresh', "
+            f"{q(sealer.seal_token(i, 'refresh', a['refresh_token']))}, NULL, {now}, 2);")
         lines.append(
-            "INSERT INTO msoauth_tokens (account_id, kind, sealed, expires_at, updated_at) "
-            f"VALUES ({i}, 'graph', {q(sealer.seal_token(mailbox, 'graph', a['access_token']))}, "
-            f"{now + 3000}, {now});")
+            "INSERT INTO msoauth_tokens (account_id, kind, sealed, expires_at, updated_at, "
+            f"binding) VALUES ({i}, 'graph', {q(sealer.seal_token(i, 'graph', a['access_token']))}, "
+            f"{now + 3000}, {now}, 2);")
     if isinstance(db, PgStore):
         # Explicit ids leave the identity sequence behind: the module's own inserts
         # (a sign-in) would collide with them.

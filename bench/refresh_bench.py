@@ -67,11 +67,13 @@ class Sealer:
         self.aead = AESGCM(key)
         self.header = bytes([1]) + kid
 
-    def seal_token(self, mailbox, kind, plain):
+    def seal_token(self, account_id, kind, plain):
         """blob = version 1 | kid | nonce | ciphertext+tag, AAD = header | purpose 1 |
-        "token:<kind>:<company>:<mailbox>", base64url without padding."""
+        "token:v2:<kind>:<client ID>:<account id>" (binding 2, lib/mso_account.h),
+        base64url without padding."""
         nonce = secrets.token_bytes(12)
-        aad = self.header + bytes([1]) + f"token:{kind}:{COMPANY}:{mailbox}".encode()
+        aad = self.header + bytes([1]) + \
+            f"token:v2:{kind}:{CLIENT_ID.lower()}:{account_id}".encode()
         ct = self.aead.encrypt(nonce, plain.encode(), aad)
         return base64.urlsafe_b64encode(self.header + nonce + ct).decode().rstrip("=")
 
@@ -240,16 +242,17 @@ def insert_accounts(db, sealer, sim_url, seeded, now):
     lines = ["BEGIN;"]
     for a in seeded:
         lines.append(
-            "INSERT INTO msoauth_accounts (id, company, mailbox, display_name, tenant_id, "
-            "object_id, scopes, state, authority, access_expires_at, connected_by, created_at, "
-            "updated_at, refresh_due_at, error_runs) VALUES ("
-            + ", ".join(q(v) for v in (a["id"], COMPANY, a["mailbox"], a["name"], TENANT,
-                                        a["oid"], a["scope"], "connected", f"{sim_url}/common",
-                                        now - 1, "bench", now, now, now + 86400, 0)) + ");")
+            "INSERT INTO msoauth_accounts (id, company, client_id, mailbox, display_name, "
+            "tenant_id, object_id, scopes, state, authority, access_expires_at, connected_by, "
+            "created_at, updated_at, refresh_due_at, error_runs) VALUES ("
+            + ", ".join(q(v) for v in (a["id"], COMPANY, CLIENT_ID.lower(), a["mailbox"],
+                                        a["name"], TENANT, a["oid"], a["scope"], "connected",
+                                        f"{sim_url}/common", now - 1, "bench", now, now,
+                                        now + 86400, 0)) + ");")
         lines.append(
-            "INSERT INTO msoauth_tokens (account_id, kind, sealed, expires_at, updated_at) "
-            f"VALUES ({a['id']}, 'refresh', "
-            f"{q(sealer.seal_token(a['mailbox'], 'refresh', a['rt']))}, NULL, {now});")
+            "INSERT INTO msoauth_tokens (account_id, kind, sealed, expires_at, updated_at, "
+            f"binding) VALUES ({a['id']}, 'refresh', "
+            f"{q(sealer.seal_token(a['id'], 'refresh', a['rt']))}, NULL, {now}, 2);")
     lines.append("COMMIT;")
     db.bulk("\n".join(lines) + "\n")
 

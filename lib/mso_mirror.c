@@ -1,188 +1,258 @@
-/* The mirror in the database (see mso_mirror.h). Same statements on SQLite
+/* The mirror in the database (see mso_mirror.h): msoauth_messages,
+ * msoauth_sync_folders, msoauth_actions, and the Graph work columns of
+ * msoauth_accounts (sync_*, work_*, auth_retry). Same statements on SQLite
  * and PostgreSQL; every value is bound.
  *
  * Pages. New messages of a page go in with multi-row upserts (one statement
- * per chunk of up to CHUNK rows, 1,900 values: one round trip to PostgreSQL instead of one
- * per row). A chunk never holds the same id twice (ON CONFLICT DO UPDATE
- * refuses to touch a row twice in one statement), so a repeated id starts a
- * new chunk, which keeps the page's order. Partial updates (only the changed
- * properties) and removals run one statement each, in order. */
+ * per chunk of up to CHUNK rows, 2,000 values: one round trip to PostgreSQL
+ * instead of one per row). A chunk never holds the same id twice (ON
+ * CONFLICT DO UPDATE refuses to touch a row twice in one statement), so a
+ * repeated id starts a new chunk, which keeps the page's order. Partial
+ * updates (only the changed properties) and removals run one statement
+ * each, in order.
+ *
+ * Fencing. Every transaction of a mailbox's Graph work starts with
+ * ST_WORK_FENCE: it extends the work lease and proves it is still ours, so a
+ * node that lost the lease writes nothing. */
 #include <string.h>
 
 #include <apr_hash.h>
 #include <apr_strings.h>
+#include <apr_time.h>
 
+#include "mso_account.h"
 #include "mso_log.h"
 #include "mso_mirror.h"
-#include "mso_store_int.h"
 
 #define CHUNK 100                   /* a whole page in one statement */
-#define UPSERT_COLS 19
 
 /* ------------------------------------------------------------------------- */
 /* Statements */
 
-/* The account row, then its Graph work (from MSO_ACCOUNT_NCOLS on). */
+/* The account row, then its Graph work. */
 #define WORK_COLUMNS MSO_ACCOUNT_COLUMNS ", sync_due_at, sync_retry_at, " \
     "sync_phase, sync_error, sync_error_runs, auth_retry, " \
     "(SELECT COUNT(*) FROM msoauth_actions q WHERE q.account_id = msoauth_accounts.id " \
-    "AND q.state = 'queued')"
+    "AND q.state = 'queued') AS queued_actions"
 
 static const mso_stmt_t ST_WORK_DUE = {
-    "work_due",
+    "look for mailboxes with Graph work", "now:int token_floor:int max:int",
     "SELECT id FROM msoauth_accounts a WHERE state = 'connected' "
-    "AND (work_until IS NULL OR work_until < %lld) AND COALESCE(sync_retry_at, 0) <= %lld "
-    "AND COALESCE(access_expires_at, 0) > %lld AND COALESCE(refresh_due_at, 0) > %lld "
-    "AND (COALESCE(sync_due_at, 0) <= %lld OR EXISTS (SELECT 1 FROM msoauth_actions q "
+    "AND (work_until IS NULL OR work_until < :now) AND COALESCE(sync_retry_at, 0) <= :now "
+    "AND COALESCE(access_expires_at, 0) > :token_floor AND COALESCE(refresh_due_at, 0) > :now "
+    "AND (COALESCE(sync_due_at, 0) <= :now OR EXISTS (SELECT 1 FROM msoauth_actions q "
     "WHERE q.state = 'queued' AND q.account_id = a.id)) "
-    "ORDER BY COALESCE(sync_due_at, 0), id LIMIT %d", NULL
+    "ORDER BY COALESCE(sync_due_at, 0), id LIMIT :max", NULL
 };
 static const mso_stmt_t ST_WORK_CLAIM = {
-    "work_claim",
-    "UPDATE msoauth_accounts SET work_owner = %s, work_until = %lld WHERE id = %lld "
-    "AND state = 'connected' AND (work_until IS NULL OR work_until < %lld OR work_owner = %s)",
-    NULL
+    "take a Graph work lease", "id:int owner:text until:int now:int",
+    "UPDATE msoauth_accounts SET work_owner = :owner, work_until = :until WHERE id = :id "
+    "AND state = 'connected' AND (work_until IS NULL OR work_until < :now "
+    "OR work_owner = :owner)", NULL
 };
 static const mso_stmt_t ST_WORK_GET = {
-    "work_get", "SELECT " WORK_COLUMNS " FROM msoauth_accounts WHERE id = %lld", NULL
+    "read a leased mailbox", "id:int",
+    "SELECT " WORK_COLUMNS " FROM msoauth_accounts WHERE id = :id", NULL
 };
-/* Every transaction of a mailbox's work starts here: it extends the lease
- * and proves it is still ours (a node that lost it writes nothing). */
 static const mso_stmt_t ST_WORK_FENCE = {
-    "work_fence",
-    "UPDATE msoauth_accounts SET work_until = %lld WHERE id = %lld AND work_owner = %s",
+    "check the mailbox's work lease", "id:int owner:text until:int",
+    "UPDATE msoauth_accounts SET work_until = :until WHERE id = :id AND work_owner = :owner",
     NULL
 };
 static const mso_stmt_t ST_WORK_RELEASE = {
-    "work_release",
-    "UPDATE msoauth_accounts SET work_owner = NULL, work_until = NULL, sync_due_at = %lld, "
-    "sync_retry_at = %lld, sync_phase = %s, sync_error = %s, sync_error_runs = %d, "
-    "auth_retry = %d, last_sync_at = COALESCE(%lld, last_sync_at), updated_at = %lld "
-    "WHERE id = %lld AND work_owner = %s", NULL
+    "record the mailbox's sync state",
+    "id:int owner:text due:int retry_at:int phase:text error:text error_runs:int "
+    "auth_retry:int last_sync_at:int now:int",
+    "UPDATE msoauth_accounts SET work_owner = NULL, work_until = NULL, sync_due_at = :due, "
+    "sync_retry_at = :retry_at, sync_phase = :phase, sync_error = :error, "
+    "sync_error_runs = :error_runs, auth_retry = :auth_retry, "
+    "last_sync_at = COALESCE(:last_sync_at, last_sync_at), updated_at = :now "
+    "WHERE id = :id AND work_owner = :owner", NULL
 };
 static const mso_stmt_t ST_REFRESH_NOW = {
-    "refresh_now",
-    "UPDATE msoauth_accounts SET refresh_due_at = %lld WHERE id = %lld AND state = 'connected'",
+    "schedule a token refresh", "id:int now:int",
+    "UPDATE msoauth_accounts SET refresh_due_at = :now WHERE id = :id AND state = 'connected'",
     NULL
 };
 static const mso_stmt_t ST_SYNC_NOW = {
-    "sync_now",
+    "schedule a sync", "id:int",
     "UPDATE msoauth_accounts SET sync_due_at = 0, sync_retry_at = CASE WHEN "
-    "sync_phase = 'throttled' THEN sync_retry_at ELSE NULL END WHERE id = %lld", NULL
+    "sync_phase = 'throttled' THEN sync_retry_at ELSE NULL END WHERE id = :id", NULL
 };
 
 static const mso_stmt_t ST_FOLDERS = {
-    "folders",
+    "read the folder cursors", "id:int",
     "SELECT folder, delta_link, next_link, phase, round, last_sync_at, resyncs "
-    "FROM msoauth_sync_folders WHERE account_id = %lld", NULL
+    "FROM msoauth_sync_folders WHERE account_id = :id", NULL
 };
 static const mso_stmt_t ST_FOLDER_ADD = {
-    "folder_add",
+    "add a folder cursor", "id:int folder:text now:int",
     "INSERT INTO msoauth_sync_folders (account_id, folder, phase, round, updated_at) "
-    "VALUES (%lld, %s, 'initial', 1, %lld)", NULL
+    "VALUES (:id, :folder, 'initial', 1, :now)", NULL
 };
 /* Only for the round it was read in: a restart meanwhile wins. */
 static const mso_stmt_t ST_FOLDER_CURSOR = {
-    "folder_cursor",
-    "UPDATE msoauth_sync_folders SET next_link = %s, delta_link = %s, phase = %s, "
-    "last_sync_at = COALESCE(%lld, last_sync_at), updated_at = %lld "
-    "WHERE account_id = %lld AND folder = %s AND round = %d", NULL
+    "store the folder's sync cursor",
+    "id:int folder:text round:int next:text delta:text phase:text synced_at:int now:int",
+    "UPDATE msoauth_sync_folders SET next_link = :next, delta_link = :delta, phase = :phase, "
+    "last_sync_at = COALESCE(:synced_at, last_sync_at), updated_at = :now "
+    "WHERE account_id = :id AND folder = :folder AND round = :round", NULL
 };
 static const mso_stmt_t ST_FOLDER_RESTART = {
-    "folder_restart",
-    "UPDATE msoauth_sync_folders SET round = round + 1, next_link = %s, delta_link = NULL, "
-    "phase = 'initial', resyncs = resyncs + 1, updated_at = %lld "
-    "WHERE account_id = %lld AND folder = %s", NULL
+    "restart a folder's sync", "id:int folder:text first:text now:int",
+    "UPDATE msoauth_sync_folders SET round = round + 1, next_link = :first, "
+    "delta_link = NULL, phase = 'initial', resyncs = resyncs + 1, updated_at = :now "
+    "WHERE account_id = :id AND folder = :folder", NULL
 };
 
 /* A partial update: what Graph left out stays as it is. */
 static const mso_stmt_t ST_MSG_UPDATE = {
-    "msg_update",
-    "UPDATE msoauth_messages SET internet_message_id = COALESCE(%s, internet_message_id), "
-    "conversation_id = COALESCE(%s, conversation_id), subject = COALESCE(%s, subject), "
-    "from_address = COALESCE(%s, from_address), from_name = COALESCE(%s, from_name), "
-    "to_json = COALESCE(%s, to_json), received_at = COALESCE(%lld, received_at), "
-    "is_read = COALESCE(%d, is_read), has_attachments = COALESCE(%d, has_attachments), "
-    "importance = COALESCE(%s, importance), body_preview = COALESCE(%s, body_preview), "
-    "body_type = COALESCE(%s, body_type), body = COALESCE(%s, body), "
-    "web_link = COALESCE(%s, web_link), folder = %s, removed = 0, updated_at = %lld, "
-    "sync_round = %d WHERE account_id = %lld AND graph_id = %s", NULL
+    "update a changed message",
+    "account_id:int graph_id:text folder:text now:int round:int internet_message_id:text "
+    "conversation_id:text subject:text from_address:text from_name:text to_json:text "
+    "received_at:int is_read:int has_attachments:int importance:text body_preview:text "
+    "body_type:text body:text web_link:text body_truncated:int",
+    "UPDATE msoauth_messages SET "
+    "internet_message_id = COALESCE(:internet_message_id, internet_message_id), "
+    "conversation_id = COALESCE(:conversation_id, conversation_id), "
+    "subject = COALESCE(:subject, subject), from_address = COALESCE(:from_address, from_address), "
+    "from_name = COALESCE(:from_name, from_name), to_json = COALESCE(:to_json, to_json), "
+    "received_at = COALESCE(:received_at, received_at), is_read = COALESCE(:is_read, is_read), "
+    "has_attachments = COALESCE(:has_attachments, has_attachments), "
+    "importance = COALESCE(:importance, importance), "
+    "body_preview = COALESCE(:body_preview, body_preview), "
+    "body_type = COALESCE(:body_type, body_type), body = COALESCE(:body, body), "
+    "web_link = COALESCE(:web_link, web_link), "
+    "body_truncated = COALESCE(:body_truncated, body_truncated), folder = :folder, "
+    "removed = 0, updated_at = :now, sync_round = :round "
+    "WHERE account_id = :account_id AND graph_id = :graph_id", NULL
 };
 /* Removed from this folder only: the same id may already live in another
  * mirrored folder (a move reported there first). */
 static const mso_stmt_t ST_MSG_REMOVE = {
-    "msg_remove",
-    "UPDATE msoauth_messages SET removed = 1, updated_at = %lld "
-    "WHERE account_id = %lld AND graph_id = %s AND folder = %s AND removed = 0", NULL
+    "mark a removed message", "account_id:int graph_id:text folder:text now:int",
+    "UPDATE msoauth_messages SET removed = 1, updated_at = :now "
+    "WHERE account_id = :account_id AND graph_id = :graph_id AND folder = :folder "
+    "AND removed = 0", NULL
 };
 static const mso_stmt_t ST_MSG_SWEEP = {
-    "msg_sweep",
-    "UPDATE msoauth_messages SET removed = 1, updated_at = %lld WHERE account_id = %lld "
-    "AND folder = %s AND removed = 0 AND sync_round < %d", NULL
+    "remove messages a full sync did not see", "account_id:int folder:text round:int now:int",
+    "UPDATE msoauth_messages SET removed = 1, updated_at = :now WHERE account_id = :account_id "
+    "AND folder = :folder AND removed = 0 AND sync_round < :round", NULL
 };
 
 static const mso_stmt_t ST_ACTIONS = {
-    "actions",
+    "read the queued actions", "id:int max:int",
     "SELECT id, account_id, graph_id, action, destination, attempts, sent_at, created_at "
-    "FROM msoauth_actions WHERE account_id = %lld AND state = 'queued' ORDER BY id LIMIT %d",
+    "FROM msoauth_actions WHERE account_id = :id AND state = 'queued' ORDER BY id LIMIT :max",
     NULL
 };
 static const mso_stmt_t ST_ACTION_SENDING = {
-    "action_sending",
-    "UPDATE msoauth_actions SET attempts = attempts + 1, sent_at = %lld, updated_at = %lld "
-    "WHERE id = %lld AND state = 'queued'", NULL
+    "record an action as being sent", "id:int now:int",
+    "UPDATE msoauth_actions SET attempts = attempts + 1, sent_at = :now, updated_at = :now "
+    "WHERE id = :id AND state = 'queued'", NULL
 };
 static const mso_stmt_t ST_ACTION_DONE = {
-    "action_done",
+    "record an applied action", "id:int now:int",
     "UPDATE msoauth_actions SET state = 'done', sent_at = NULL, last_error = NULL, "
-    "reason = NULL, updated_at = %lld WHERE id = %lld AND state = 'queued'", NULL
+    "reason = NULL, updated_at = :now WHERE id = :id AND state = 'queued'", NULL
 };
 static const mso_stmt_t ST_ACTION_FAILED = {
-    "action_failed",
-    "UPDATE msoauth_actions SET state = 'failed', sent_at = NULL, reason = %s, "
-    "last_error = %s, updated_at = %lld WHERE id = %lld AND state = 'queued'", NULL
+    "record a failed action", "id:int reason:text last_error:text now:int",
+    "UPDATE msoauth_actions SET state = 'failed', sent_at = NULL, reason = :reason, "
+    "last_error = :last_error, updated_at = :now WHERE id = :id AND state = 'queued'", NULL
 };
 static const mso_stmt_t ST_ACTION_LATER = {
-    "action_later",
-    "UPDATE msoauth_actions SET last_error = %s, sent_at = %lld, updated_at = %lld "
-    "WHERE id = %lld AND state = 'queued'", NULL
+    "record an action to retry", "id:int last_error:text sent_at:int now:int",
+    "UPDATE msoauth_actions SET last_error = :last_error, sent_at = :sent_at, "
+    "updated_at = :now WHERE id = :id AND state = 'queued'", NULL
 };
 static const mso_stmt_t ST_MSG_SET_READ = {
-    "msg_set_read",
-    "UPDATE msoauth_messages SET is_read = %d, updated_at = %lld "
-    "WHERE account_id = %lld AND graph_id = %s", NULL
+    "mark the mirrored message read or unread",
+    "account_id:int graph_id:text is_read:int now:int",
+    "UPDATE msoauth_messages SET is_read = :is_read, updated_at = :now "
+    "WHERE account_id = :account_id AND graph_id = :graph_id", NULL
 };
 static const mso_stmt_t ST_MSG_SET_FOLDER = {
-    "msg_set_folder",
-    "UPDATE msoauth_messages SET folder = %s, removed = %d, sync_round = 0, updated_at = %lld "
-    "WHERE account_id = %lld AND graph_id = %s", NULL
+    "move the mirrored message",
+    "account_id:int graph_id:text folder:text removed:int now:int",
+    "UPDATE msoauth_messages SET folder = :folder, removed = :removed, sync_round = 0, "
+    "updated_at = :now WHERE account_id = :account_id AND graph_id = :graph_id", NULL
 };
 
 static const mso_stmt_t ST_STATS_ACCOUNTS = {
-    "stats_accounts",
+    "read the sync state", NULL,
     "SELECT id, sync_phase, sync_error, sync_due_at, sync_retry_at FROM msoauth_accounts", NULL
 };
 static const mso_stmt_t ST_STATS_MESSAGES = {
-    "stats_messages",
-    "SELECT account_id, COUNT(*) FROM msoauth_messages WHERE removed = 0 GROUP BY account_id",
-    NULL
+    "count the mirrored messages", NULL,
+    "SELECT account_id, COUNT(*) AS messages FROM msoauth_messages WHERE removed = 0 "
+    "GROUP BY account_id", NULL
 };
 static const mso_stmt_t ST_STATS_ACTIONS = {
-    "stats_actions",
-    "SELECT account_id, SUM(CASE WHEN state = 'queued' THEN 1 ELSE 0 END), "
-    "MIN(CASE WHEN state = 'queued' THEN created_at END), "
-    "SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) FROM msoauth_actions "
+    "count the queued actions", NULL,
+    "SELECT account_id, SUM(CASE WHEN state = 'queued' THEN 1 ELSE 0 END) AS queued, "
+    "MIN(CASE WHEN state = 'queued' THEN created_at END) AS oldest, "
+    "SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed FROM msoauth_actions "
     "WHERE state <> 'done' GROUP BY account_id", NULL
 };
 
-/* The multi-row upsert of n rows, built once per n for the connection's
- * lifetime (its label names n, so the prepared statement cache keys on it). */
+/* The multi-row upsert: row i's values are :graph_id_i and so on (each '#'
+ * of UPSERT_ROW is the row number, each name_# of UPSERT_PARAMS one value per
+ * row); account, folder, time and round are shared by every row. */
+#define UPSERT_HEAD \
+    "INSERT INTO msoauth_messages (account_id, graph_id, folder, internet_message_id, " \
+    "conversation_id, subject, from_address, from_name, to_json, received_at, is_read, " \
+    "has_attachments, importance, body_preview, body_type, body, web_link, body_truncated, " \
+    "updated_at, sync_round, removed) VALUES "
+#define UPSERT_ROW \
+    "(:account_id, :graph_id_#, :folder, :internet_message_id_#, :conversation_id_#, " \
+    ":subject_#, :from_address_#, :from_name_#, :to_json_#, :received_at_#, :is_read_#, " \
+    ":has_attachments_#, :importance_#, :body_preview_#, :body_type_#, :body_#, " \
+    ":web_link_#, :body_truncated_#, :now, :round, 0)"
+#define UPSERT_TAIL \
+    " ON CONFLICT (account_id, graph_id) DO UPDATE SET folder = excluded.folder, " \
+    "internet_message_id = excluded.internet_message_id, " \
+    "conversation_id = excluded.conversation_id, subject = excluded.subject, " \
+    "from_address = excluded.from_address, from_name = excluded.from_name, " \
+    "to_json = excluded.to_json, received_at = excluded.received_at, " \
+    "is_read = excluded.is_read, has_attachments = excluded.has_attachments, " \
+    "importance = excluded.importance, body_preview = excluded.body_preview, " \
+    "body_type = excluded.body_type, body = excluded.body, web_link = excluded.web_link, " \
+    "body_truncated = excluded.body_truncated, removed = 0, " \
+    "updated_at = excluded.updated_at, sync_round = excluded.sync_round"
+#define UPSERT_PARAMS "account_id:int folder:text now:int round:int " \
+    "graph_id_#:text internet_message_id_#:text conversation_id_#:text subject_#:text " \
+    "from_address_#:text from_name_#:text to_json_#:text received_at_#:int is_read_#:int " \
+    "has_attachments_#:int importance_#:text body_preview_#:text body_type_#:text " \
+    "body_#:text web_link_#:text body_truncated_#:int"
+
+/* template with each '#' replaced by row. */
+static const char *expand(apr_pool_t *p, const char *template, int row)
+{
+    apr_array_header_t *parts = apr_array_make(p, 24, sizeof(const char *));
+    const char *num = apr_itoa(p, row), *c, *start;
+
+    for (start = c = template; *c; c++) {
+        if (*c == '#') {
+            APR_ARRAY_PUSH(parts, const char *) = apr_pstrmemdup(p, start, c - start);
+            APR_ARRAY_PUSH(parts, const char *) = num;
+            start = c + 1;
+        }
+    }
+    APR_ARRAY_PUSH(parts, const char *) = start;
+    return apr_array_pstrcat(p, parts, 0);
+}
+
+/* The upsert of n rows, built once per n for the connection's lifetime
+ * (the connection keeps its prepared form, not the text it was made from). */
 static const mso_stmt_t *upsert_stmt(mso_db_t *db, int n)
 {
     char key[48];
     void *found = NULL;
     mso_stmt_t *st;
-    apr_array_header_t *parts;
+    apr_array_header_t *sql;
+    apr_pool_t *tmp;
     int i;
 
     apr_snprintf(key, sizeof(key), "mso_mirror:upsert:%d", n);
@@ -190,223 +260,135 @@ static const mso_stmt_t *upsert_stmt(mso_db_t *db, int n)
     if (found) {
         return found;
     }
-    parts = apr_array_make(db->pool, n + 2, sizeof(const char *));
-    APR_ARRAY_PUSH(parts, const char *) =
-        "INSERT INTO msoauth_messages (account_id, graph_id, folder, internet_message_id, "
-        "conversation_id, subject, from_address, from_name, to_json, received_at, is_read, "
-        "has_attachments, importance, body_preview, body_type, body, web_link, updated_at, "
-        "sync_round, removed) VALUES ";
+    apr_pool_create(&tmp, db->pool);
+    sql = apr_array_make(tmp, n + 2, sizeof(const char *));
+    APR_ARRAY_PUSH(sql, const char *) = UPSERT_HEAD;
     for (i = 0; i < n; i++) {
-        APR_ARRAY_PUSH(parts, const char *) = i ? ", (%lld, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "%lld, %d, %d, %s, %s, %s, %s, %s, %lld, %d, 0)"
-            : "(%lld, %s, %s, %s, %s, %s, %s, %s, %s, %lld, %d, %d, %s, %s, %s, %s, %s, %lld, "
-              "%d, 0)";
+        APR_ARRAY_PUSH(sql, const char *) = expand(tmp, i ? ", " UPSERT_ROW : UPSERT_ROW, i);
     }
-    APR_ARRAY_PUSH(parts, const char *) =
-        " ON CONFLICT (account_id, graph_id) DO UPDATE SET folder = excluded.folder, "
-        "internet_message_id = excluded.internet_message_id, "
-        "conversation_id = excluded.conversation_id, subject = excluded.subject, "
-        "from_address = excluded.from_address, from_name = excluded.from_name, "
-        "to_json = excluded.to_json, received_at = excluded.received_at, "
-        "is_read = excluded.is_read, has_attachments = excluded.has_attachments, "
-        "importance = excluded.importance, body_preview = excluded.body_preview, "
-        "body_type = excluded.body_type, body = excluded.body, web_link = excluded.web_link, "
-        "removed = 0, updated_at = excluded.updated_at, sync_round = excluded.sync_round";
+    APR_ARRAY_PUSH(sql, const char *) = UPSERT_TAIL;
     st = apr_pcalloc(db->pool, sizeof(*st));
-    st->label = apr_pstrdup(db->pool, key);
-    st->sql = apr_array_pstrcat(db->pool, parts, 0);
-    apr_pool_userdata_set(st, st->label, NULL, db->pool);
+    st->what = "store new messages";
+    st->params = UPSERT_PARAMS;
+    st->sql = apr_array_pstrcat(tmp, sql, 0);
+    /* Read once, now, into the connection's form: the text is not kept. */
+    mso_args(db, tmp, st);
+    st->sql = NULL;
+    apr_pool_destroy(tmp);
+    apr_pool_userdata_set(st, apr_pstrdup(db->pool, key), NULL, db->pool);
     return st;
 }
 
 /* ------------------------------------------------------------------------- */
+/* The work lease */
 
-static apr_status_t fail_text(mso_db_t *db, apr_pool_t *p, int rc, const char *what,
-                              const char **err)
-{
-    const char *msg = apr_psprintf(p, "cannot %s in %s: %s; %s", what, mso_db_name(db),
-                                   mso_db_error(db, p, rc), mso_db_write_hint(db));
-
-    if (err) {
-        *err = msg;
-    }
-    else {
-        mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_EGENERAL, "mod_msoauth: %s", msg);
-    }
-    return APR_EGENERAL;
-}
-
-/* Begins a transaction that may write for the mailbox: the lease must be
- * ours, and is renewed. APR_EBUSY (rolled back) when it is not. */
-static apr_status_t fenced_begin(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
-                                 const char *owner, const char **err)
-{
-    const void *args[3];
-    apr_int64_t until = apr_time_sec(apr_time_now()) + MSO_MIRROR_LEASE;
-    int rc, n = 0;
-
-    rc = mso_db_tx_begin(db);
-    if (rc != 0) {
-        return fail_text(db, p, rc, "start a transaction", err);
-    }
-    args[0] = &until;
-    args[1] = &account_id;
-    args[2] = owner;
-    rc = mso_db_stmt_run(db, p, &ST_WORK_FENCE, args, &n, NULL);
-    if (rc != 0) {
-        mso_db_tx_rollback(db, p);
-        return fail_text(db, p, rc, "check the mailbox's work lease", err);
-    }
-    if (n != 1) {
-        mso_db_tx_rollback(db, p);
-        if (err) {
-            *err = "the mailbox's work lease was taken over (it ran out); nothing written";
-        }
-        return APR_EBUSY;
-    }
-    return APR_SUCCESS;
-}
-
-static apr_status_t commit(mso_db_t *db, apr_pool_t *p, const char *what, const char **err)
-{
-    int rc = mso_db_tx_commit(db);
-
-    if (rc != 0) {
-        apr_status_t rv = fail_text(db, p, rc, what, err);
-
-        mso_db_tx_rollback(db, p);
-        return rv;
-    }
-    return APR_SUCCESS;
-}
-
-/* ------------------------------------------------------------------------- */
-/* Work leases */
-
-static mso_work_t *work_from_row(mso_db_t *db, apr_pool_t *p, apr_dbd_row_t *row)
+static mso_work_t *work_from_row(mso_rows_t *r, apr_pool_t *p)
 {
     mso_work_t *w = apr_pcalloc(p, sizeof(*w));
-    int c = MSO_ACCOUNT_NCOLS;
 
-    w->acct = mso_db_account_from_row(db, p, row);
-    w->sync_due_at = mso_db_col_i64(db, row, c);
-    w->sync_retry_at = mso_db_col_i64(db, row, c + 1);
-    w->sync_phase = mso_db_col_str(db, p, row, c + 2);
-    w->sync_error = mso_db_col_str(db, p, row, c + 3);
-    w->sync_error_runs = (int)mso_db_col_i64(db, row, c + 4);
-    w->auth_retry = (int)mso_db_col_i64(db, row, c + 5);
-    w->queued_actions = (int)mso_db_col_i64(db, row, c + 6);
+    w->acct = mso_account_from_row(r, p);
+    w->sync_due_at = mso_col_int(r, "sync_due_at");
+    w->sync_retry_at = mso_col_int(r, "sync_retry_at");
+    w->sync_phase = mso_col_text(r, p, "sync_phase");
+    w->sync_error = mso_col_text(r, p, "sync_error");
+    w->sync_error_runs = (int)mso_col_int(r, "sync_error_runs");
+    w->auth_retry = (int)mso_col_int(r, "auth_retry");
+    w->queued_actions = (int)mso_col_int(r, "queued_actions");
     return w;
 }
 
-typedef struct {
-    const char *owner;
-    const apr_int64_t *until, *now;
-} claim_baton_t;
-
-static void claim_args(const void **args, const apr_int64_t *id, void *baton)
+/* The first statement of every transaction that writes for the mailbox:
+ * the lease must be ours, and is renewed. APR_EBUSY when it is not. */
+static apr_status_t fence(mso_tx_t *tx, apr_int64_t account_id, const char *owner)
 {
-    claim_baton_t *c = baton;
+    mso_args_t *a = mso_tx_args(tx, &ST_WORK_FENCE);
+    apr_status_t rv;
+    int n = 0;
 
-    args[0] = c->owner;
-    args[1] = c->until;
-    args[2] = id;
-    args[3] = c->now;
-    args[4] = c->owner;
+    mso_arg_int(a, "id", account_id);
+    mso_arg_text(a, "owner", owner);
+    mso_arg_int(a, "until", apr_time_sec(apr_time_now()) + MSO_MIRROR_LEASE);
+    if (MSO_OK(mso_tx_exec(tx, a, &n)) && n != 1) {
+        rv = APR_EBUSY;             /* not an error: whoever holds it now does the work */
+    }
+    return rv;
 }
 
 apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, apr_int64_t now,
                               int lease_seconds, int max, apr_array_header_t **works)
 {
-    apr_dbd_results_t *res = NULL;
-    apr_dbd_row_t *row = NULL;
     apr_array_header_t *ids = NULL;
-    apr_int64_t until = now + lease_seconds, token_floor = now + 60;
-    claim_baton_t baton;
-    const char *step = NULL;
-    const void *args[6];
-    int rc, i;
+    mso_rows_t *rows = NULL;
+    mso_args_t *find, *take, *a;
+    apr_status_t rv;
+    int i;
 
     *works = apr_array_make(p, max > 0 ? max : 1, sizeof(mso_work_t *));
-    args[0] = &now;
-    args[1] = &now;
-    args[2] = &token_floor;
-    args[3] = &now;
-    args[4] = &now;
-    args[5] = &max;
-    baton.owner = owner;
-    baton.until = &until;
-    baton.now = &now;
-    rc = mso_db_take_each(db, p, &ST_WORK_DUE, args, &ST_WORK_CLAIM, claim_args, &baton, &ids,
-                          &step);
-    if (rc != 0) {
-        return fail_text(db, p, rc, apr_pstrcat(p, step, " for Graph work", NULL), NULL);
+    find = mso_args(db, p, &ST_WORK_DUE);
+    mso_arg_int(find, "now", now);
+    mso_arg_int(find, "token_floor", now + 60);
+    mso_arg_int(find, "max", max);
+    take = mso_args(db, p, &ST_WORK_CLAIM);
+    mso_arg_text(take, "owner", owner);
+    mso_arg_int(take, "until", now + lease_seconds);
+    mso_arg_int(take, "now", now);
+    if (!MSO_OK(mso_db_claim(db, p, find, take, &ids, NULL))) {
+        return rv;
     }
     for (i = 0; i < ids->nelts; i++) {
-        args[0] = &APR_ARRAY_IDX(ids, i, apr_int64_t);
-        rc = mso_db_stmt_run(db, p, &ST_WORK_GET, args, NULL, &res);
-        if (rc != 0) {
-            /* Leased but unread: the lease runs out and another pass takes it. */
-            fail_text(db, p, rc, "read a leased mailbox", NULL);
-            continue;
-        }
-        row = mso_db_first_row(db, p, res);
-        if (row) {
-            APR_ARRAY_PUSH(*works, mso_work_t *) = work_from_row(db, p, row);
+        a = mso_args(db, p, &ST_WORK_GET);
+        mso_arg_int(a, "id", APR_ARRAY_IDX(ids, i, apr_int64_t));
+        /* Leased but unread: the lease runs out and another pass takes it. */
+        if (mso_select(a, &rows, NULL) == APR_SUCCESS && mso_rows_next(rows)) {
+            APR_ARRAY_PUSH(*works, mso_work_t *) = work_from_row(rows, p);
+            while (mso_rows_next(rows)) {
+            }
         }
     }
     return APR_SUCCESS;
 }
 
-apr_status_t mso_mirror_release(mso_db_t *db, apr_int64_t id, const char *owner,
-                                const mso_work_done_t *d, apr_int64_t now)
+apr_status_t mso_mirror_release(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
+                                const char *owner, const mso_work_done_t *d, apr_int64_t now)
 {
     apr_pool_t *tmp;
-    const void *args[11];
-    apr_status_t rv = APR_SUCCESS;
-    int rc;
+    mso_args_t *a;
+    apr_status_t rv = APR_SUCCESS, rv2;
 
-    apr_pool_create(&tmp, db->pool);
+    apr_pool_create(&tmp, p);
     if (d->refresh_now) {
-        args[0] = &now;
-        args[1] = &id;
-        rc = mso_db_stmt_run(db, tmp, &ST_REFRESH_NOW, args, NULL, NULL);
-        if (rc != 0) {
-            rv = fail_text(db, tmp, rc, "schedule a token refresh", NULL);
-        }
+        a = mso_args(db, tmp, &ST_REFRESH_NOW);
+        mso_arg_int(a, "id", id);
+        mso_arg_int(a, "now", now);
+        rv = mso_exec(a, NULL, NULL);
     }
-    args[0] = &d->sync_due_at;
-    args[1] = d->sync_retry_at ? (const void *)&d->sync_retry_at : NULL;
-    args[2] = d->sync_phase;
-    args[3] = d->sync_error;
-    args[4] = &d->sync_error_runs;
-    args[5] = &d->auth_retry;
-    args[6] = d->last_sync_at ? (const void *)&d->last_sync_at : NULL;
-    args[7] = &now;
-    args[8] = &id;
-    args[9] = owner;
-    rc = mso_db_stmt_run(db, tmp, &ST_WORK_RELEASE, args, NULL, NULL);
-    if (rc != 0) {
-        rv = fail_text(db, tmp, rc, "record the mailbox's sync state", NULL);
-    }
+    a = mso_args(db, tmp, &ST_WORK_RELEASE);
+    mso_arg_int(a, "id", id);
+    mso_arg_text(a, "owner", owner);
+    mso_arg_int(a, "due", d->sync_due_at);
+    mso_arg_opt(a, "retry_at", d->sync_retry_at);
+    mso_arg_text(a, "phase", d->sync_phase);
+    mso_arg_text(a, "error", d->sync_error);
+    mso_arg_int(a, "error_runs", d->sync_error_runs);
+    mso_arg_int(a, "auth_retry", d->auth_retry);
+    mso_arg_opt(a, "last_sync_at", d->last_sync_at);
+    mso_arg_int(a, "now", now);
+    rv2 = mso_exec(a, NULL, NULL);
     apr_pool_destroy(tmp);
-    return rv;
+    return rv2 != APR_SUCCESS ? rv2 : rv;
 }
 
-apr_status_t mso_mirror_sync_now(mso_db_t *db, apr_int64_t id)
+apr_status_t mso_mirror_sync_now(mso_db_t *db, apr_pool_t *p, apr_int64_t id)
 {
     apr_pool_t *tmp;
-    const void *args[1];
-    int rc, n = 0;
-    apr_status_t rv = APR_SUCCESS;
+    mso_args_t *a;
+    apr_status_t rv;
+    int n = 0;
 
-    apr_pool_create(&tmp, db->pool);
-    args[0] = &id;
-    rc = mso_db_stmt_run(db, tmp, &ST_SYNC_NOW, args, &n, NULL);
-    if (rc != 0) {
-        rv = fail_text(db, tmp, rc, "schedule a sync", NULL);
-    }
-    else if (n == 0) {
+    apr_pool_create(&tmp, p);
+    a = mso_args(db, tmp, &ST_SYNC_NOW);
+    mso_arg_int(a, "id", id);
+    if (MSO_OK(mso_exec(a, &n, NULL)) && n == 0) {
         rv = APR_NOTFOUND;
     }
     apr_pool_destroy(tmp);
@@ -419,29 +401,29 @@ apr_status_t mso_mirror_sync_now(mso_db_t *db, apr_int64_t id)
 apr_status_t mso_mirror_folders(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
                                 const apr_array_header_t *folders, apr_array_header_t **out)
 {
-    apr_dbd_results_t *res = NULL;
-    apr_dbd_row_t *row = NULL;
+    mso_rows_t *rows = NULL;
     apr_hash_t *have = apr_hash_make(p);
     apr_int64_t now = apr_time_sec(apr_time_now());
-    const void *args[3];
-    int rc, i;
+    mso_args_t *a;
+    apr_status_t rv;
+    int i;
 
     *out = apr_array_make(p, folders->nelts + 1, sizeof(mso_folder_t *));
-    args[0] = &account_id;
-    rc = mso_db_stmt_run(db, p, &ST_FOLDERS, args, NULL, &res);
-    if (rc != 0) {
-        return fail_text(db, p, rc, "read the folder cursors", NULL);
+    a = mso_args(db, p, &ST_FOLDERS);
+    mso_arg_int(a, "id", account_id);
+    if (!MSO_OK(mso_select(a, &rows, NULL))) {
+        return rv;
     }
-    while (apr_dbd_get_row(db->driver, p, res, &row, -1) == 0) {
+    while (mso_rows_next(rows)) {
         mso_folder_t *f = apr_pcalloc(p, sizeof(*f));
 
-        f->folder = mso_db_col_str(db, p, row, 0);
-        f->delta_link = mso_db_col_str(db, p, row, 1);
-        f->next_link = mso_db_col_str(db, p, row, 2);
-        f->phase = mso_db_col_str(db, p, row, 3);
-        f->round = (int)mso_db_col_i64(db, row, 4);
-        f->last_sync_at = mso_db_col_i64(db, row, 5);
-        f->resyncs = (int)mso_db_col_i64(db, row, 6);
+        f->folder = mso_col_text(rows, p, "folder");
+        f->delta_link = mso_col_text(rows, p, "delta_link");
+        f->next_link = mso_col_text(rows, p, "next_link");
+        f->phase = mso_col_text(rows, p, "phase");
+        f->round = (int)mso_col_int(rows, "round");
+        f->last_sync_at = mso_col_int(rows, "last_sync_at");
+        f->resyncs = (int)mso_col_int(rows, "resyncs");
         if (f->folder) {
             apr_hash_set(have, f->folder, APR_HASH_KEY_STRING, f);
         }
@@ -449,13 +431,14 @@ apr_status_t mso_mirror_folders(mso_db_t *db, apr_pool_t *p, apr_int64_t account
     for (i = 0; i < folders->nelts; i++) {
         const char *name = APR_ARRAY_IDX(folders, i, const char *);
         mso_folder_t *f = apr_hash_get(have, name, APR_HASH_KEY_STRING);
+        const char *err = NULL;
 
         if (!f) {
-            args[0] = &account_id;
-            args[1] = name;
-            args[2] = &now;
-            rc = mso_db_stmt_run(db, p, &ST_FOLDER_ADD, args, NULL, NULL);
-            if (rc != 0) {
+            a = mso_args(db, p, &ST_FOLDER_ADD);
+            mso_arg_int(a, "id", account_id);
+            mso_arg_text(a, "folder", name);
+            mso_arg_int(a, "now", now);
+            if (mso_exec(a, NULL, &err) != APR_SUCCESS) {
                 /* Another node added it just now: read it next time. */
                 continue;
             }
@@ -469,116 +452,121 @@ apr_status_t mso_mirror_folders(mso_db_t *db, apr_pool_t *p, apr_int64_t account
     return APR_SUCCESS;
 }
 
-static const void *opt_str(const char *s)
+/* A flag of a message: -1 (absent) is SQL NULL. */
+static void arg_flag(mso_args_t *a, const char *name, int flag)
 {
-    return s;
+    if (flag < 0) {
+        mso_arg_null(a, name);
+    }
+    else {
+        mso_arg_int(a, name, flag > 0);
+    }
 }
 
-/* Fills the UPSERT_COLS arguments of one row. */
-static void upsert_args(const void **args, const mso_graph_msg_t *m, const apr_int64_t *account_id,
-                        const char *folder, const apr_int64_t *now, const int *round, int *flags)
+/* The message's own values, in the arguments of the upsert (one row) or of
+ * the partial update. */
+static void bind_message(mso_args_t *a, const mso_graph_msg_t *m)
 {
-    flags[0] = m->is_read > 0;
-    flags[1] = m->has_attachments > 0;
-    args[0] = account_id;
-    args[1] = m->graph_id;
-    args[2] = folder;
-    args[3] = opt_str(m->internet_message_id);
-    args[4] = opt_str(m->conversation_id);
-    args[5] = opt_str(m->subject);
-    args[6] = opt_str(m->from_address);
-    args[7] = opt_str(m->from_name);
-    args[8] = opt_str(m->to_json);
-    args[9] = m->received_at >= 0 ? (const void *)&m->received_at : NULL;
-    args[10] = &flags[0];
-    args[11] = &flags[1];
-    args[12] = opt_str(m->importance);
-    args[13] = opt_str(m->body_preview);
-    args[14] = opt_str(m->body_type);
-    args[15] = opt_str(m->body);
-    args[16] = opt_str(m->web_link);
-    args[17] = now;
-    args[18] = round;
+    mso_arg_text(a, "graph_id", m->graph_id);
+    mso_arg_text(a, "internet_message_id", m->internet_message_id);
+    mso_arg_text(a, "conversation_id", m->conversation_id);
+    mso_arg_text(a, "subject", m->subject);
+    mso_arg_text(a, "from_address", m->from_address);
+    mso_arg_text(a, "from_name", m->from_name);
+    mso_arg_text(a, "to_json", m->to_json);
+    if (m->received_at >= 0) {
+        mso_arg_int(a, "received_at", m->received_at);
+    }
+    else {
+        mso_arg_null(a, "received_at");
+    }
+    arg_flag(a, "is_read", m->is_read);
+    arg_flag(a, "has_attachments", m->has_attachments);
+    mso_arg_text(a, "importance", m->importance);
+    mso_arg_text(a, "body_preview", m->body_preview);
+    mso_arg_text(a, "body_type", m->body_type);
+    mso_arg_text(a, "body", m->body);
+    mso_arg_text(a, "web_link", m->web_link);
+    arg_flag(a, "body_truncated", m->body_truncated);
 }
 
-/* Writes rows [from, to) of the page's full items in one statement. */
-static int run_chunk(mso_db_t *db, apr_pool_t *p, const mso_graph_msg_t *const *rows, int n,
-                     const apr_int64_t *account_id, const char *folder, const apr_int64_t *now,
-                     const int *round)
+typedef struct {
+    const char *owner;
+    apr_int64_t account_id;
+    mso_folder_t *f;
+    const mso_graph_page_t *page;
+    apr_int64_t now;
+    int count;                      /* out: entries applied */
+    const char *next, *delta, *phase;
+    apr_int64_t synced_at;
+} page_t;
+
+/* Writes n new messages in one statement. */
+static apr_status_t write_chunk(mso_tx_t *tx, page_t *pg, const mso_graph_msg_t **rows, int n)
 {
-    const void **args;
-    int *flags, i;
+    mso_args_t *a;
+    int i;
 
     if (n == 0) {
-        return 0;
+        return APR_SUCCESS;
     }
-    args = apr_palloc(p, sizeof(*args) * UPSERT_COLS * n);
-    flags = apr_palloc(p, sizeof(*flags) * 2 * n);
+    a = mso_tx_args(tx, upsert_stmt(tx->db, n));
+    mso_arg_int(a, "account_id", pg->account_id);
+    mso_arg_text(a, "folder", pg->f->folder);
+    mso_arg_int(a, "now", pg->now);
+    mso_arg_int(a, "round", pg->f->round);
     for (i = 0; i < n; i++) {
-        upsert_args(args + i * UPSERT_COLS, rows[i], account_id, folder, now, round,
-                    flags + 2 * i);
+        mso_args_row(a, i);
+        bind_message(a, rows[i]);
+        /* A new row has every flag: absent means false. */
+        mso_arg_int(a, "is_read", rows[i]->is_read > 0);
+        mso_arg_int(a, "has_attachments", rows[i]->has_attachments > 0);
+        mso_arg_int(a, "body_truncated", rows[i]->body_truncated > 0);
     }
-    return mso_db_stmt_run(db, p, upsert_stmt(db, n), args, NULL, NULL);
+    pg->count += n;
+    return mso_tx_exec(tx, a, NULL);
 }
 
-static int run_partial(mso_db_t *db, apr_pool_t *p, const mso_graph_msg_t *m,
-                       const apr_int64_t *account_id, const char *folder, const apr_int64_t *now,
-                       const int *round)
+/* A changed message: only what it carries; not mirrored yet, it is new. */
+static apr_status_t write_partial(mso_tx_t *tx, page_t *pg, const mso_graph_msg_t *m)
 {
-    const void *args[19];
-    int is_read = m->is_read, att = m->has_attachments, rc, n = 0;
-    const mso_graph_msg_t *one[1];
+    mso_args_t *a = mso_tx_args(tx, &ST_MSG_UPDATE);
+    apr_status_t rv;
+    int n = 0;
 
-    args[0] = m->internet_message_id;
-    args[1] = m->conversation_id;
-    args[2] = m->subject;
-    args[3] = m->from_address;
-    args[4] = m->from_name;
-    args[5] = m->to_json;
-    args[6] = m->received_at >= 0 ? (const void *)&m->received_at : NULL;
-    args[7] = is_read >= 0 ? (const void *)&is_read : NULL;
-    args[8] = att >= 0 ? (const void *)&att : NULL;
-    args[9] = m->importance;
-    args[10] = m->body_preview;
-    args[11] = m->body_type;
-    args[12] = m->body;
-    args[13] = m->web_link;
-    args[14] = folder;
-    args[15] = now;
-    args[16] = round;
-    args[17] = account_id;
-    args[18] = m->graph_id;
-    rc = mso_db_stmt_run(db, p, &ST_MSG_UPDATE, args, &n, NULL);
-    if (rc != 0 || n > 0) {
-        return rc;
+    mso_arg_int(a, "account_id", pg->account_id);
+    mso_arg_text(a, "folder", pg->f->folder);
+    mso_arg_int(a, "now", pg->now);
+    mso_arg_int(a, "round", pg->f->round);
+    bind_message(a, m);
+    if (MSO_OK(mso_tx_exec(tx, a, &n)) && n == 0) {
+        pg->count--;                /* counted once, by the chunk */
+        rv = write_chunk(tx, pg, &m, 1);
     }
-    /* Not mirrored yet: keep what there is. */
-    one[0] = m;
-    return run_chunk(db, p, one, 1, account_id, folder, now, round);
+    return rv;
 }
 
-apr_status_t mso_mirror_apply_page(mso_db_t *db, apr_pool_t *p, const char *owner,
-                                   apr_int64_t account_id, mso_folder_t *f,
-                                   const mso_graph_page_t *page, apr_int64_t now,
-                                   int *applied, const char **err)
+static apr_status_t page_tx(mso_tx_t *tx, void *baton)
 {
+    page_t *pg = baton;
+    const mso_graph_page_t *page = pg->page;
+    mso_folder_t *f = pg->f;
     const mso_graph_msg_t **chunk;
     apr_hash_t *in_chunk;
-    const char *next, *delta, *phase;
-    apr_int64_t synced_at = 0;
-    const void *args[8];
+    mso_args_t *a;
     apr_status_t rv;
-    int rc = 0, n = 0, i, count = 0, rows = 0, round = f->round;
-    const char *step = "store the messages";
+    int i, n = 0, rows = 0;
 
-    *applied = 0;
-    rv = fenced_begin(db, p, account_id, owner, err);
-    if (rv != APR_SUCCESS) {
-        return rv;
+    if (!MSO_OK(fence(tx, pg->account_id, pg->owner))) {
+        if (rv == APR_EBUSY) {
+            mso_tx_fail(tx, rv, "the mailbox's work lease was taken over (it ran out); "
+                        "nothing written");
+        }
+        goto leave;
     }
-    chunk = apr_palloc(p, sizeof(*chunk) * CHUNK);
-    in_chunk = apr_hash_make(p);
-    for (i = 0; i <= page->items->nelts && rc == 0; i++) {
+    chunk = apr_palloc(tx->ptemp, sizeof(*chunk) * CHUNK);
+    in_chunk = apr_hash_make(tx->ptemp);
+    for (i = 0; i <= page->items->nelts; i++) {
         const mso_graph_msg_t *m = i < page->items->nelts
             ? &APR_ARRAY_IDX(page->items, i, mso_graph_msg_t) : NULL;
 
@@ -589,117 +577,142 @@ apr_status_t mso_mirror_apply_page(mso_db_t *db, apr_pool_t *p, const char *owne
             continue;
         }
         /* Anything else first writes what is pending, to keep the order. */
-        rc = run_chunk(db, p, chunk, n, &account_id, f->folder, &now, &round);
-        count += n;
+        if (!MSO_OK(write_chunk(tx, pg, chunk, n))) {
+            goto leave;
+        }
         n = 0;
         apr_hash_clear(in_chunk);
-        if (rc != 0 || !m) {
+        if (!m) {
             break;
         }
         if (m->full) {
             chunk[n++] = m;
             apr_hash_set(in_chunk, m->graph_id, APR_HASH_KEY_STRING, m);
+            continue;
         }
-        else if (m->removed) {
-            args[0] = &now;
-            args[1] = &account_id;
-            args[2] = m->graph_id;
-            args[3] = f->folder;
-            step = "mark a removed message";
-            rc = mso_db_stmt_run(db, p, &ST_MSG_REMOVE, args, NULL, NULL);
-            count++;
+        pg->count++;
+        if (m->removed) {
+            a = mso_tx_args(tx, &ST_MSG_REMOVE);
+            mso_arg_int(a, "account_id", pg->account_id);
+            mso_arg_text(a, "graph_id", m->graph_id);
+            mso_arg_text(a, "folder", f->folder);
+            mso_arg_int(a, "now", pg->now);
+            rv = mso_tx_exec(tx, a, NULL);
         }
         else {
-            step = "update a changed message";
-            rc = run_partial(db, p, m, &account_id, f->folder, &now, &round);
-            count++;
+            rv = write_partial(tx, pg, m);
         }
-    }
-    if (rc != 0) {
-        mso_db_tx_rollback(db, p);
-        return fail_text(db, p, rc, step, err);
+        if (rv != APR_SUCCESS) {
+            goto leave;
+        }
     }
 
     if (page->delta_link) {
         /* A full round ends here: what it did not see is gone from the folder. */
         if (strcmp(f->phase ? f->phase : "initial", "idle") != 0) {
-            args[0] = &now;
-            args[1] = &account_id;
-            args[2] = f->folder;
-            args[3] = &round;
-            rc = mso_db_stmt_run(db, p, &ST_MSG_SWEEP, args, NULL, NULL);
-            if (rc != 0) {
-                mso_db_tx_rollback(db, p);
-                return fail_text(db, p, rc, "remove messages a full sync did not see", err);
+            a = mso_tx_args(tx, &ST_MSG_SWEEP);
+            mso_arg_int(a, "account_id", pg->account_id);
+            mso_arg_text(a, "folder", f->folder);
+            mso_arg_int(a, "round", f->round);
+            mso_arg_int(a, "now", pg->now);
+            if (!MSO_OK(mso_tx_exec(tx, a, NULL))) {
+                goto leave;
             }
         }
-        next = NULL;
-        delta = page->delta_link;
-        phase = "idle";
-        synced_at = now;
+        pg->next = NULL;
+        pg->delta = page->delta_link;
+        pg->phase = "idle";
+        pg->synced_at = pg->now;
     }
     else {
-        next = page->next_link;
-        delta = f->delta_link;
-        phase = f->phase && !strcmp(f->phase, "idle") ? "idle" : "backfill";
+        pg->next = page->next_link;
+        pg->delta = f->delta_link;
+        pg->phase = f->phase && !strcmp(f->phase, "idle") ? "idle" : "backfill";
     }
-    args[0] = next;
-    args[1] = delta;
-    args[2] = phase;
-    args[3] = synced_at ? (const void *)&synced_at : NULL;
-    args[4] = &now;
-    args[5] = &account_id;
-    args[6] = f->folder;
-    args[7] = &round;
-    rc = mso_db_stmt_run(db, p, &ST_FOLDER_CURSOR, args, &rows, NULL);
-    if (rc != 0) {
-        mso_db_tx_rollback(db, p);
-        return fail_text(db, p, rc, "store the folder's sync cursor", err);
+    a = mso_tx_args(tx, &ST_FOLDER_CURSOR);
+    mso_arg_int(a, "id", pg->account_id);
+    mso_arg_text(a, "folder", f->folder);
+    mso_arg_int(a, "round", f->round);
+    mso_arg_text(a, "next", pg->next);
+    mso_arg_text(a, "delta", pg->delta);
+    mso_arg_text(a, "phase", pg->phase);
+    mso_arg_opt(a, "synced_at", pg->synced_at);
+    mso_arg_int(a, "now", pg->now);
+    if (MSO_OK(mso_tx_exec(tx, a, &rows)) && rows != 1) {
+        rv = mso_tx_fail(tx, APR_EBUSY, "the folder's sync restarted meanwhile; the page is "
+                         "dropped");
     }
-    if (rows != 1) {
-        mso_db_tx_rollback(db, p);
-        *err = "the folder's sync restarted meanwhile; the page is dropped";
-        return APR_EBUSY;
-    }
-    rv = commit(db, p, "commit a page of messages", err);
-    if (rv != APR_SUCCESS) {
-        return rv;
-    }
-    f->next_link = next;
-    f->delta_link = delta;
-    f->phase = phase;
-    if (synced_at) {
-        f->last_sync_at = synced_at;
-    }
-    *applied = count;
-    return APR_SUCCESS;
+
+leave:
+    return rv;
 }
 
-apr_status_t mso_mirror_restart_folder(mso_db_t *db, const char *owner,
+apr_status_t mso_mirror_apply_page(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                   apr_int64_t account_id, mso_folder_t *f,
+                                   const mso_graph_page_t *page, apr_int64_t now,
+                                   int *applied, const char **err)
+{
+    page_t pg;
+    apr_status_t rv;
+
+    *applied = 0;
+    memset(&pg, 0, sizeof(pg));
+    pg.owner = owner;
+    pg.account_id = account_id;
+    pg.f = f;
+    pg.page = page;
+    pg.now = now;
+    rv = mso_db_tx(db, p, NULL, page_tx, &pg, err);
+    if (rv == APR_SUCCESS) {
+        f->next_link = pg.next;
+        f->delta_link = pg.delta;
+        f->phase = pg.phase;
+        if (pg.synced_at) {
+            f->last_sync_at = pg.synced_at;
+        }
+        *applied = pg.count;
+    }
+    return rv;
+}
+
+typedef struct {
+    const char *owner;
+    apr_int64_t account_id;
+    mso_folder_t *f;
+    const char *first_link;
+    apr_int64_t now;
+} restart_t;
+
+static apr_status_t restart_tx(mso_tx_t *tx, void *baton)
+{
+    restart_t *r = baton;
+    mso_args_t *a;
+    apr_status_t rv;
+
+    if (MSO_OK(fence(tx, r->account_id, r->owner))) {
+        a = mso_tx_args(tx, &ST_FOLDER_RESTART);
+        mso_arg_int(a, "id", r->account_id);
+        mso_arg_text(a, "folder", r->f->folder);
+        mso_arg_text(a, "first", r->first_link);
+        mso_arg_int(a, "now", r->now);
+        rv = mso_tx_exec(tx, a, NULL);
+    }
+    return rv;
+}
+
+apr_status_t mso_mirror_restart_folder(mso_db_t *db, apr_pool_t *p, const char *owner,
                                        apr_int64_t account_id, mso_folder_t *f,
                                        const char *first_link, apr_int64_t now)
 {
-    apr_pool_t *tmp;
-    const void *args[4];
+    restart_t r;
     apr_status_t rv;
-    int rc;
 
-    apr_pool_create(&tmp, db->pool);
-    rv = fenced_begin(db, tmp, account_id, owner, NULL);
-    if (rv == APR_SUCCESS) {
-        args[0] = first_link;
-        args[1] = &now;
-        args[2] = &account_id;
-        args[3] = f->folder;
-        rc = mso_db_stmt_run(db, tmp, &ST_FOLDER_RESTART, args, NULL, NULL);
-        if (rc != 0) {
-            mso_db_tx_rollback(db, tmp);
-            rv = fail_text(db, tmp, rc, "restart a folder's sync", NULL);
-        }
-        else {
-            rv = commit(db, tmp, "commit a folder's restart", NULL);
-        }
-    }
+    r.owner = owner;
+    r.account_id = account_id;
+    r.f = f;
+    r.first_link = first_link;
+    r.now = now;
+    rv = mso_db_tx(db, p, NULL, restart_tx, &r, NULL);
     if (rv == APR_SUCCESS) {
         f->round++;
         f->resyncs++;
@@ -707,7 +720,6 @@ apr_status_t mso_mirror_restart_folder(mso_db_t *db, const char *owner,
         f->delta_link = NULL;
         f->phase = "initial";
     }
-    apr_pool_destroy(tmp);
     return rv;
 }
 
@@ -717,135 +729,163 @@ apr_status_t mso_mirror_restart_folder(mso_db_t *db, const char *owner,
 apr_status_t mso_mirror_actions(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id, int max,
                                 apr_array_header_t **actions)
 {
-    apr_dbd_results_t *res = NULL;
-    apr_dbd_row_t *row = NULL;
-    const void *args[2];
-    int rc;
+    mso_rows_t *rows = NULL;
+    mso_args_t *a;
+    apr_status_t rv;
 
     *actions = apr_array_make(p, 16, sizeof(mso_action_t *));
-    args[0] = &account_id;
-    args[1] = &max;
-    rc = mso_db_stmt_run(db, p, &ST_ACTIONS, args, NULL, &res);
-    if (rc != 0) {
-        return fail_text(db, p, rc, "read the queued actions", NULL);
+    a = mso_args(db, p, &ST_ACTIONS);
+    mso_arg_int(a, "id", account_id);
+    mso_arg_int(a, "max", max);
+    if (!MSO_OK(mso_select(a, &rows, NULL))) {
+        return rv;
     }
-    while (apr_dbd_get_row(db->driver, p, res, &row, -1) == 0) {
-        mso_action_t *a = apr_pcalloc(p, sizeof(*a));
+    while (mso_rows_next(rows)) {
+        mso_action_t *act = apr_pcalloc(p, sizeof(*act));
 
-        a->id = mso_db_col_i64(db, row, 0);
-        a->account_id = mso_db_col_i64(db, row, 1);
-        a->graph_id = mso_db_col_str(db, p, row, 2);
-        a->action = mso_db_col_str(db, p, row, 3);
-        a->destination = mso_db_col_str(db, p, row, 4);
-        a->attempts = (int)mso_db_col_i64(db, row, 5);
-        a->sent_at = mso_db_col_i64(db, row, 6);
-        a->created_at = mso_db_col_i64(db, row, 7);
-        APR_ARRAY_PUSH(*actions, mso_action_t *) = a;
+        act->id = mso_col_int(rows, "id");
+        act->account_id = mso_col_int(rows, "account_id");
+        act->graph_id = mso_col_text(rows, p, "graph_id");
+        act->action = mso_col_text(rows, p, "action");
+        act->destination = mso_col_text(rows, p, "destination");
+        act->attempts = (int)mso_col_int(rows, "attempts");
+        act->sent_at = mso_col_int(rows, "sent_at");
+        act->created_at = mso_col_int(rows, "created_at");
+        APR_ARRAY_PUSH(*actions, mso_action_t *) = act;
     }
     return APR_SUCCESS;
 }
 
 /* One fenced transaction: the action's own statement (which must change its
  * row: still queued), then the mirror's, when given. */
-static apr_status_t action_tx(mso_db_t *db, const char *owner, const mso_action_t *a,
-                              const mso_stmt_t *st, const void **args,
-                              const mso_stmt_t *mirror, const void **margs, const char *what)
-{
-    apr_pool_t *tmp;
-    apr_status_t rv;
-    int rc, n = 0;
+typedef struct {
+    const char *owner;
+    const mso_action_t *act;
+    const mso_stmt_t *st;           /* the action's */
+    const char *reason, *last_error;
+    int maybe_applied;
+    const char *folder;             /* done: the move's destination, or NULL */
+    int removed;
+    apr_int64_t now;
+} action_t;
 
-    apr_pool_create(&tmp, db->pool);
-    rv = fenced_begin(db, tmp, a->account_id, owner, NULL);
-    if (rv != APR_SUCCESS) {
-        apr_pool_destroy(tmp);
-        return rv;
+static apr_status_t action_tx(mso_tx_t *tx, void *baton)
+{
+    action_t *x = baton;
+    const mso_action_t *act = x->act;
+    mso_args_t *a;
+    apr_status_t rv;
+    int n = 0;
+
+    if (!MSO_OK(fence(tx, act->account_id, x->owner))) {
+        goto leave;
     }
-    rc = mso_db_stmt_run(db, tmp, st, args, &n, NULL);
-    if (rc == 0 && n != 1) {
+    a = mso_tx_args(tx, x->st);
+    mso_arg_int(a, "id", act->id);
+    mso_arg_int(a, "now", x->now);
+    if (x->st == &ST_ACTION_FAILED) {
+        mso_arg_text(a, "reason", x->reason);
+        mso_arg_text(a, "last_error", x->last_error);
+    }
+    else if (x->st == &ST_ACTION_LATER) {
+        mso_arg_text(a, "last_error", x->last_error);
+        mso_arg_opt(a, "sent_at", x->maybe_applied ? (act->sent_at ? act->sent_at : x->now)
+                                                   : 0);
+    }
+    if (!MSO_OK(mso_tx_exec(tx, a, &n))) {
+        goto leave;
+    }
+    if (n != 1) {
         /* Someone changed the row (the app cancelled it): leave it alone. */
-        mso_db_tx_rollback(db, tmp);
-        apr_pool_destroy(tmp);
-        return APR_EBUSY;
+        rv = APR_EBUSY;
+        goto leave;
     }
-    if (rc == 0 && mirror) {
-        rc = mso_db_stmt_run(db, tmp, mirror, margs, NULL, NULL);
+    if (x->st != &ST_ACTION_DONE) {
+        goto leave;
     }
-    if (rc != 0) {
-        mso_db_tx_rollback(db, tmp);
-        rv = fail_text(db, tmp, rc, what, NULL);
+    if (x->folder) {
+        a = mso_tx_args(tx, &ST_MSG_SET_FOLDER);
+        mso_arg_text(a, "folder", x->folder);
+        mso_arg_int(a, "removed", x->removed);
     }
     else {
-        rv = commit(db, tmp, what, NULL);
+        a = mso_tx_args(tx, &ST_MSG_SET_READ);
+        mso_arg_int(a, "is_read", act->action && !strcmp(act->action, "mark_read"));
     }
-    apr_pool_destroy(tmp);
+    mso_arg_int(a, "account_id", act->account_id);
+    mso_arg_text(a, "graph_id", act->graph_id);
+    mso_arg_int(a, "now", x->now);
+    rv = mso_tx_exec(tx, a, NULL);
+
+leave:
     return rv;
 }
 
-apr_status_t mso_mirror_action_sending(mso_db_t *db, const char *owner, const mso_action_t *a,
-                                       apr_int64_t now)
+static apr_status_t action_run(mso_db_t *db, apr_pool_t *p, action_t *x)
 {
-    const void *args[3];
-
-    args[0] = &now;
-    args[1] = &now;
-    args[2] = &a->id;
-    return action_tx(db, owner, a, &ST_ACTION_SENDING, args, NULL, NULL,
-                     "record an action as being sent");
+    return mso_db_tx(db, p, apr_psprintf(p, "(action %" APR_INT64_T_FMT ")", x->act->id),
+                     action_tx, x, NULL);
 }
 
-apr_status_t mso_mirror_action_done(mso_db_t *db, const char *owner, const mso_action_t *a,
-                                    const char *folder, int removed, apr_int64_t now)
+apr_status_t mso_mirror_action_sending(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                       const mso_action_t *a, apr_int64_t now)
 {
-    const void *args[2], *margs[5];
-    int is_read = a->action && !strcmp(a->action, "mark_read");
+    action_t x;
 
-    args[0] = &now;
-    args[1] = &a->id;
-    if (folder) {
-        margs[0] = folder;
-        margs[1] = &removed;
-        margs[2] = &now;
-        margs[3] = &a->account_id;
-        margs[4] = a->graph_id;
-        return action_tx(db, owner, a, &ST_ACTION_DONE, args, &ST_MSG_SET_FOLDER, margs,
-                         "record an applied action");
-    }
-    margs[0] = &is_read;
-    margs[1] = &now;
-    margs[2] = &a->account_id;
-    margs[3] = a->graph_id;
-    return action_tx(db, owner, a, &ST_ACTION_DONE, args, &ST_MSG_SET_READ, margs,
-                     "record an applied action");
+    memset(&x, 0, sizeof(x));
+    x.owner = owner;
+    x.act = a;
+    x.st = &ST_ACTION_SENDING;
+    x.now = now;
+    return action_run(db, p, &x);
 }
 
-apr_status_t mso_mirror_action_failed(mso_db_t *db, const char *owner, const mso_action_t *a,
-                                      const char *reason, const char *last_error,
-                                      apr_int64_t now)
+apr_status_t mso_mirror_action_done(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                    const mso_action_t *a, const char *folder, int removed,
+                                    apr_int64_t now)
 {
-    const void *args[4];
+    action_t x;
 
-    args[0] = reason;
-    args[1] = last_error;
-    args[2] = &now;
-    args[3] = &a->id;
-    return action_tx(db, owner, a, &ST_ACTION_FAILED, args, NULL, NULL,
-                     "record a failed action");
+    memset(&x, 0, sizeof(x));
+    x.owner = owner;
+    x.act = a;
+    x.st = &ST_ACTION_DONE;
+    x.folder = folder;
+    x.removed = removed;
+    x.now = now;
+    return action_run(db, p, &x);
 }
 
-apr_status_t mso_mirror_action_later(mso_db_t *db, const char *owner, const mso_action_t *a,
-                                     const char *last_error, int maybe_applied,
-                                     apr_int64_t now)
+apr_status_t mso_mirror_action_failed(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                      const mso_action_t *a, const char *reason,
+                                      const char *last_error, apr_int64_t now)
 {
-    const void *args[4];
-    apr_int64_t sent = a->sent_at ? a->sent_at : now;
+    action_t x;
 
-    args[0] = last_error;
-    args[1] = maybe_applied ? (const void *)&sent : NULL;
-    args[2] = &now;
-    args[3] = &a->id;
-    return action_tx(db, owner, a, &ST_ACTION_LATER, args, NULL, NULL,
-                     "record an action to retry");
+    memset(&x, 0, sizeof(x));
+    x.owner = owner;
+    x.act = a;
+    x.st = &ST_ACTION_FAILED;
+    x.reason = reason;
+    x.last_error = last_error;
+    x.now = now;
+    return action_run(db, p, &x);
+}
+
+apr_status_t mso_mirror_action_later(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                     const mso_action_t *a, const char *last_error,
+                                     int maybe_applied, apr_int64_t now)
+{
+    action_t x;
+
+    memset(&x, 0, sizeof(x));
+    x.owner = owner;
+    x.act = a;
+    x.st = &ST_ACTION_LATER;
+    x.last_error = last_error;
+    x.maybe_applied = maybe_applied;
+    x.now = now;
+    return action_run(db, p, &x);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -865,40 +905,37 @@ static mso_mirror_stats_t *stats_for(apr_pool_t *p, apr_hash_t *h, apr_int64_t i
 
 apr_status_t mso_mirror_stats(mso_db_t *db, apr_pool_t *p, apr_hash_t **stats)
 {
-    apr_dbd_results_t *res = NULL;
-    apr_dbd_row_t *row = NULL;
-    int rc;
+    mso_rows_t *rows = NULL;
+    apr_status_t rv;
 
     *stats = apr_hash_make(p);
-    rc = mso_db_stmt_run(db, p, &ST_STATS_ACCOUNTS, NULL, NULL, &res);
-    if (rc != 0) {
-        return fail_text(db, p, rc, "read the sync state", NULL);
+    if (!MSO_OK(mso_select(mso_args(db, p, &ST_STATS_ACCOUNTS), &rows, NULL))) {
+        return rv;
     }
-    while (apr_dbd_get_row(db->driver, p, res, &row, -1) == 0) {
-        mso_mirror_stats_t *s = stats_for(p, *stats, mso_db_col_i64(db, row, 0));
+    while (mso_rows_next(rows)) {
+        mso_mirror_stats_t *s = stats_for(p, *stats, mso_col_int(rows, "id"));
 
-        s->sync_phase = mso_db_col_str(db, p, row, 1);
-        s->sync_error = mso_db_col_str(db, p, row, 2);
-        s->sync_due_at = mso_db_col_i64(db, row, 3);
-        s->sync_retry_at = mso_db_col_i64(db, row, 4);
+        s->sync_phase = mso_col_text(rows, p, "sync_phase");
+        s->sync_error = mso_col_text(rows, p, "sync_error");
+        s->sync_due_at = mso_col_int(rows, "sync_due_at");
+        s->sync_retry_at = mso_col_int(rows, "sync_retry_at");
     }
-    rc = mso_db_stmt_run(db, p, &ST_STATS_MESSAGES, NULL, NULL, &res);
-    if (rc != 0) {
-        return fail_text(db, p, rc, "count the mirrored messages", NULL);
+    if (!MSO_OK(mso_select(mso_args(db, p, &ST_STATS_MESSAGES), &rows, NULL))) {
+        return rv;
     }
-    while (apr_dbd_get_row(db->driver, p, res, &row, -1) == 0) {
-        stats_for(p, *stats, mso_db_col_i64(db, row, 0))->messages = mso_db_col_i64(db, row, 1);
+    while (mso_rows_next(rows)) {
+        stats_for(p, *stats, mso_col_int(rows, "account_id"))->messages
+            = mso_col_int(rows, "messages");
     }
-    rc = mso_db_stmt_run(db, p, &ST_STATS_ACTIONS, NULL, NULL, &res);
-    if (rc != 0) {
-        return fail_text(db, p, rc, "count the queued actions", NULL);
+    if (!MSO_OK(mso_select(mso_args(db, p, &ST_STATS_ACTIONS), &rows, NULL))) {
+        return rv;
     }
-    while (apr_dbd_get_row(db->driver, p, res, &row, -1) == 0) {
-        mso_mirror_stats_t *s = stats_for(p, *stats, mso_db_col_i64(db, row, 0));
+    while (mso_rows_next(rows)) {
+        mso_mirror_stats_t *s = stats_for(p, *stats, mso_col_int(rows, "account_id"));
 
-        s->queued = mso_db_col_i64(db, row, 1);
-        s->oldest_queued_at = mso_db_col_i64(db, row, 2);
-        s->failed = mso_db_col_i64(db, row, 3);
+        s->queued = mso_col_int(rows, "queued");
+        s->oldest_queued_at = mso_col_int(rows, "oldest");
+        s->failed = mso_col_int(rows, "failed");
     }
     return APR_SUCCESS;
 }

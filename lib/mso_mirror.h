@@ -11,7 +11,8 @@
 #include <apr_tables.h>
 
 #include "mso_graph.h"
-#include "mso_store.h"
+#include "mso_account.h"
+#include "mso_db.h"
 
 /* Seconds a work lease lasts from the last write that renewed it: a pass
  * writes at least every tick budget (20 s), and a node that died lets go of
@@ -51,12 +52,12 @@ typedef struct {
     int refresh_now;                /* a 401: make the token's refresh due now */
 } mso_work_done_t;
 
-apr_status_t mso_mirror_release(mso_db_t *db, apr_int64_t id, const char *owner,
-                                const mso_work_done_t *d, apr_int64_t now);
+apr_status_t mso_mirror_release(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
+                                const char *owner, const mso_work_done_t *d, apr_int64_t now);
 
 /* "Sync now" (admin): due at once; an error backoff is dropped, a
  * Retry-After from Microsoft is kept. APR_NOTFOUND for no such account. */
-apr_status_t mso_mirror_sync_now(mso_db_t *db, apr_int64_t id);
+apr_status_t mso_mirror_sync_now(mso_db_t *db, apr_pool_t *p, apr_int64_t id);
 
 /* A folder's cursor (msoauth_sync_folders). */
 typedef struct {
@@ -88,7 +89,7 @@ apr_status_t mso_mirror_apply_page(mso_db_t *db, apr_pool_t *p, const char *owne
 /* Starts a new full round of folder f from first_link (410 / syncStateNotFound):
  * round + 1, the old delta link dropped. f->next_link becomes first_link
  * itself (not a copy): it must live as long as f. */
-apr_status_t mso_mirror_restart_folder(mso_db_t *db, const char *owner,
+apr_status_t mso_mirror_restart_folder(mso_db_t *db, apr_pool_t *p, const char *owner,
                                        apr_int64_t account_id, mso_folder_t *f,
                                        const char *first_link, apr_int64_t now);
 
@@ -111,25 +112,26 @@ apr_status_t mso_mirror_actions(mso_db_t *db, apr_pool_t *p, apr_int64_t account
 
 /* Committed before the Graph call: attempts + 1 and sent_at, so a crash after
  * the call is known to leave an uncertain outcome. */
-apr_status_t mso_mirror_action_sending(mso_db_t *db, const char *owner, const mso_action_t *a,
-                                       apr_int64_t now);
+apr_status_t mso_mirror_action_sending(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                       const mso_action_t *a, apr_int64_t now);
 
 /* Done: the action and the mirror row in one transaction. For move/delete,
  * folder is the destination as stored and removed says whether the folder is
  * outside the mirror. */
-apr_status_t mso_mirror_action_done(mso_db_t *db, const char *owner, const mso_action_t *a,
-                                    const char *folder, int removed, apr_int64_t now);
+apr_status_t mso_mirror_action_done(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                    const mso_action_t *a, const char *folder, int removed,
+                                    apr_int64_t now);
 
 /* Failed for good: reason code and a sentence. */
-apr_status_t mso_mirror_action_failed(mso_db_t *db, const char *owner, const mso_action_t *a,
-                                      const char *reason, const char *last_error,
-                                      apr_int64_t now);
+apr_status_t mso_mirror_action_failed(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                      const mso_action_t *a, const char *reason,
+                                      const char *last_error, apr_int64_t now);
 
 /* Not done yet, stays queued: last_error, and whether a call may have been
  * carried out (sent_at kept) or certainly was not (sent_at cleared). */
-apr_status_t mso_mirror_action_later(mso_db_t *db, const char *owner, const mso_action_t *a,
-                                     const char *last_error, int maybe_applied,
-                                     apr_int64_t now);
+apr_status_t mso_mirror_action_later(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                     const mso_action_t *a, const char *last_error,
+                                     int maybe_applied, apr_int64_t now);
 
 /* --- for the admin page --- */
 

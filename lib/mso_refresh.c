@@ -205,18 +205,20 @@ static void log_outcome(mso_log_level_e level, const mso_account_t *acct, const 
 }
 
 /* Records a failed refresh on the account (which releases the lease). */
-static void record_failure(mso_db_t *db, const mso_refresh_ctx_t *ctx,
+static void record_failure(mso_db_t *db, apr_pool_t *p, const mso_refresh_ctx_t *ctx,
                            const mso_account_t *acct, const mso_refresh_outcome_t *out,
                            const char *state, const char *last_error, apr_int64_t retry_at,
                            apr_int64_t now)
 {
-    apr_status_t rv = mso_store_refresh_failed(db, acct->id, ctx->owner, state, out->reason,
-                                               out->aadsts, last_error, retry_at, now);
+    apr_status_t rv = mso_account_refresh_failed(db, p, acct->id, ctx->owner, state,
+                                                 out->reason, out->aadsts, last_error,
+                                                 retry_at, now);
 
     if (rv == APR_EBUSY) {
         mso_log_perror(MSO_LOG_MARK, MSO_LOG_NOTICE, rv, "mod_msoauth: the failed refresh of "
-                       "account %" APR_INT64_T_FMT " (%s) was not recorded: another process "
-                       "holds the account's lease now", acct->id,
+                       "account %" APR_INT64_T_FMT " (%s) was not recorded: this process no "
+                       "longer holds the account's lease (another process holds it now, or "
+                       "the mailbox was disconnected)", acct->id,
                        acct->mailbox ? acct->mailbox : "?");
     }
     else if (rv != APR_SUCCESS) {
@@ -228,7 +230,7 @@ static void record_failure(mso_db_t *db, const mso_refresh_ctx_t *ctx,
 }
 
 /* Our side failed before Microsoft was asked, or after: the lease goes back. */
-static apr_status_t fail_ours(mso_db_t *db, const mso_refresh_ctx_t *ctx,
+static apr_status_t fail_ours(mso_db_t *db, apr_pool_t *p, const mso_refresh_ctx_t *ctx,
                               const mso_account_t *acct, const char *kind,
                               mso_refresh_outcome_t *out, const char *reason, const char *detail)
 {
@@ -236,7 +238,7 @@ static apr_status_t fail_ours(mso_db_t *db, const mso_refresh_ctx_t *ctx,
     out->reason = reason;
     out->detail = detail;
     log_outcome(MSO_LOG_ERR, acct, kind, out, "", "the account is left as it was");
-    mso_store_release(db, acct->id, ctx->owner);
+    mso_account_release(db, p, acct->id, ctx->owner);
     return APR_SUCCESS;
 }
 
@@ -263,7 +265,6 @@ typedef struct {
     mso_refresh_outcome_t *out;
     const char *kind;
     const char *scopes;
-    const char *aad;
     mso_app_t app;
     unsigned char *plain;           /* the refresh token: wiped once sent */
     apr_size_t plain_len;
@@ -287,7 +288,7 @@ static apr_status_t refresh_prepare(mso_db_t *db, apr_pool_t *p, const mso_refre
                                     const mso_account_t *acct, const char *resource,
                                     apr_int64_t now, mso_refresh_outcome_t *out, refresh_t *r)
 {
-    const char *sealed = NULL;
+    const char *plain = NULL;
     apr_status_t rv;
 
     memset(out, 0, sizeof(*out));
@@ -311,7 +312,7 @@ static apr_status_t refresh_prepare(mso_db_t *db, apr_pool_t *p, const mso_refre
 
     r->scopes = mso_token_scopes(p, ctx->signin_scopes, ctx->graph_resource, resource);
     if (!has_resource_scope(p, r->scopes)) {
-        return fail_ours(db, ctx, acct, r->kind, out, "bad_request",
+        return fail_ours(db, p, ctx, acct, r->kind, out, "bad_request",
                          apr_psprintf(p, "the company's sign-in scopes include none for %s; "
                                       "add that resource's scopes (e.g. %s/IMAP.AccessAsUser.All) "
                                       "to the company's scopes and have the mailbox reconnected",
@@ -319,38 +320,54 @@ static apr_status_t refresh_prepare(mso_db_t *db, apr_pool_t *p, const mso_refre
     }
 
     /* The refresh token, sealed for this very account. */
-    rv = mso_store_token_get(db, p, acct->id, "refresh", &sealed, NULL);
+    rv = mso_account_token_open(db, p, ctx->keyring, acct, "refresh", &plain, NULL);
     if (rv == APR_NOTFOUND) {
         out->result = MSO_REFRESH_RECONNECT;
         out->reason = "reconnect_required";
         out->detail = "no refresh token is stored for the mailbox";
         log_outcome(MSO_LOG_WARNING, acct, r->kind, out, "",
                     "the mailbox must be connected again");
-        record_failure(db, ctx, acct, out, "reconnect_required",
+        record_failure(db, p, ctx, acct, out, "reconnect_required",
                        "no refresh token is stored for the mailbox: connect it again", 0, now);
         return APR_SUCCESS;
     }
-    if (rv != APR_SUCCESS) {
-        return fail_ours(db, ctx, acct, r->kind, out, NULL,
+    if (rv == MSO_ACCOUNT_UNBOUND) {
+        out->result = MSO_REFRESH_FAILED;
+        out->reason = "reconnect_required";
+        out->detail = "the stored refresh token is still bound to the company and mailbox (as "
+                      "before schema version 4) and was not sealed again for the account at "
+                      "start-up: its company had no client ID, or the token did not open with "
+                      "the keys in MSOAuthTokenKeyFile";
+        log_outcome(MSO_LOG_ERR, acct, r->kind, out, "", "the mailbox is marked "
+                    "reconnect_required and must be connected again");
+        record_failure(db, p, ctx, acct, out, "reconnect_required",
+                       "the stored refresh token was not bound to the account (it is from "
+                       "before the upgrade and could not be sealed again): the mailbox must be "
+                       "connected again", 0, now);
+        return APR_SUCCESS;
+    }
+    if (rv != APR_SUCCESS && rv != APR_EINVAL) {
+        return fail_ours(db, p, ctx, acct, r->kind, out, NULL,
                          "the refresh token could not be read from the database");
     }
-    r->aad = mso_token_aad(p, acct->company, acct->mailbox, "refresh");
-    rv = mso_open(p, ctx->keyring, MSO_PURPOSE_TOKEN, r->aad, sealed, &r->plain, &r->plain_len);
     if (rv != APR_SUCCESS) {
         out->result = MSO_REFRESH_FAILED;
         out->reason = "reconnect_required";
         out->detail = "the stored refresh token cannot be opened: the key that sealed it is "
                       "not in the key ring (was a key removed from MSOAuthTokenKeyFile?), or "
-                      "the stored value was altered";
+                      "the stored value was altered or copied from another account";
         log_outcome(MSO_LOG_ERR, acct, r->kind, out, "", "the mailbox is marked "
                     "reconnect_required and must be connected again (if many mailboxes show "
                     "this, add the removed key back to MSOAuthTokenKeyFile as a second key)");
-        record_failure(db, ctx, acct, out, "reconnect_required",
+        record_failure(db, p, ctx, acct, out, "reconnect_required",
                        "the stored refresh token cannot be opened with the keys in "
                        "MSOAuthTokenKeyFile (the key that sealed it was removed from the key "
                        "ring): the mailbox must be connected again", 0, now);
         return APR_SUCCESS;
     }
+
+    r->plain = (unsigned char *)plain;
+    r->plain_len = strlen(plain);
 
     /* The configured authority, as at sign-in; never a value from the
      * database, which whoever can write it would point at their own host. */
@@ -370,7 +387,7 @@ static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
     const mso_refresh_ctx_t *ctx = rf->ctx;
     const mso_account_t *acct = rf->acct;
     mso_refresh_outcome_t *out = rf->out;
-    const char *kind = rf->kind, *aad = rf->aad;
+    const char *kind = rf->kind;
     apr_int64_t now = rf->now;
     mso_refreshed_t r;
     const char *err = NULL, *last_error, *ids;
@@ -405,7 +422,7 @@ static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
                                       answer);
             log_outcome(MSO_LOG_WARNING, acct, kind, out, ids,
                         "the mailbox must be connected again");
-            record_failure(db, ctx, acct, out, "reconnect_required", last_error, 0, now);
+            record_failure(db, p, ctx, acct, out, "reconnect_required", last_error, 0, now);
         }
         else if (reason_in(out->reason, admin_reasons)) {
             /* The configuration, not the mailbox: it stays connected, and the
@@ -418,7 +435,7 @@ static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
             log_outcome(MSO_LOG_ERR, acct, kind, out, ids,
                         apr_psprintf(p, "%s; retrying in %" APR_INT64_T_FMT " s",
                                      admin_fix(out->reason), retry_at - now));
-            record_failure(db, ctx, acct, out, "connected", last_error, retry_at, now);
+            record_failure(db, p, ctx, acct, out, "connected", last_error, retry_at, now);
         }
         else if (reason_in(out->reason, transient_reasons)) {
             out->result = MSO_REFRESH_TRANSIENT;
@@ -427,7 +444,7 @@ static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
                                       "the refresh is retried", answer);
             log_outcome(MSO_LOG_WARNING, acct, kind, out, ids,
                         apr_psprintf(p, "retrying in %" APR_INT64_T_FMT " s", retry_at - now));
-            record_failure(db, ctx, acct, out, "connected", last_error, retry_at, now);
+            record_failure(db, p, ctx, acct, out, "connected", last_error, retry_at, now);
         }
         else if (acct->error_runs + 1 >= UNKNOWN_RUNS_MAX) {
             /* An answer we do not understand, again and again: a person has
@@ -442,7 +459,7 @@ static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
                                       ? tok->reason : "bad_request");
             log_outcome(MSO_LOG_ERR, acct, kind, out, ids,
                         "the mailbox is marked reconnect_required");
-            record_failure(db, ctx, acct, out, "reconnect_required", last_error, 0, now);
+            record_failure(db, p, ctx, acct, out, "reconnect_required", last_error, 0, now);
         }
         else {
             /* Unknown (bad_request and the like): our request or Microsoft
@@ -457,7 +474,7 @@ static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
                         apr_psprintf(p, "unexpected answer, retrying in %" APR_INT64_T_FMT
                                      " s (failure %d of %d before reconnect_required)",
                                      retry_at - now, acct->error_runs + 1, UNKNOWN_RUNS_MAX));
-            record_failure(db, ctx, acct, out, "connected", last_error, retry_at, now);
+            record_failure(db, p, ctx, acct, out, "connected", last_error, retry_at, now);
         }
         return APR_SUCCESS;
     }
@@ -466,17 +483,16 @@ static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
     expires = now + tok->expires_in;
     rv = APR_SUCCESS;
     if (tok->refresh_token && *tok->refresh_token) {
-        rv = mso_seal(p, ctx->keyring, MSO_PURPOSE_TOKEN, aad, tok->refresh_token,
-                      strlen(tok->refresh_token), &sealed_refresh);
+        rv = mso_account_token_seal(p, ctx->keyring, acct, "refresh", tok->refresh_token,
+                                    &sealed_refresh);
     }
     if (rv == APR_SUCCESS) {
-        rv = mso_seal(p, ctx->keyring, MSO_PURPOSE_TOKEN,
-                      mso_token_aad(p, acct->company, acct->mailbox, kind), tok->access_token,
-                      strlen(tok->access_token), &sealed_access);
+        rv = mso_account_token_seal(p, ctx->keyring, acct, kind, tok->access_token,
+                                    &sealed_access);
     }
     if (rv != APR_SUCCESS) {
         /* The old refresh token stays valid at Microsoft: nothing is lost. */
-        return fail_ours(db, ctx, acct, kind, out, NULL, "sealing the new tokens failed");
+        return fail_ours(db, p, ctx, acct, kind, out, NULL, "sealing the new tokens failed");
     }
     memset(&r, 0, sizeof(r));
     r.kind = kind;
@@ -491,7 +507,7 @@ static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
         /* An Outlook token does not move the Graph schedule. */
         r.refresh_due_at = acct->refresh_due_at;
     }
-    rv = mso_store_refreshed(db, acct->id, ctx->owner, &r, now, &err);
+    rv = mso_account_refreshed(db, p, acct->id, ctx->owner, &r, now, &err);
     if (rv == APR_EBUSY) {
         /* Lost the lease: whoever holds it now decides; do not release. */
         out->result = MSO_REFRESH_BUSY;
@@ -504,7 +520,7 @@ static apr_status_t refresh_finish(refresh_t *rf, mso_token_result_t *tok)
         /* If Microsoft rotated the refresh token, the new one is lost with
          * this failure, but using a refresh token does not revoke it: the
          * stored one stays valid at Microsoft and the next run uses it. */
-        return fail_ours(db, ctx, acct, kind, out, NULL,
+        return fail_ours(db, p, ctx, acct, kind, out, NULL,
                          err ? err : "the new tokens could not be stored");
     }
     out->result = MSO_REFRESHED;
@@ -545,7 +561,7 @@ static void batch_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
          * lease goes back so the next tick (or another node) does it. */
         r->out->result = MSO_REFRESH_DEFERRED;
         r->out->detail = "not attempted: the time budget of this run ran out";
-        mso_store_release(r->db, r->acct->id, r->ctx->owner);
+        mso_account_release(r->db, r->p, r->acct->id, r->ctx->owner);
         return;
     }
     {

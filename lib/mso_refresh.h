@@ -11,7 +11,8 @@
 #include "mso_cert.h"
 #include "mso_crypto.h"
 #include "mso_http.h"
-#include "mso_store.h"
+#include "mso_account.h"
+#include "mso_db.h"
 
 typedef struct {
     const mso_keyring_t *keyring;
@@ -53,7 +54,7 @@ typedef struct {
 
 /* Refreshes acct's token for resource: "graph", or a resource URL such as
  * https://outlook.office.com (IMAP/SMTP). The caller holds acct's lease
- * (mso_store_claim_due or mso_store_lease); it is released on every outcome
+ * (mso_account_claim_due or mso_account_lease); it is released on every outcome
  * but MSO_REFRESH_BUSY. The rotated refresh token and the new access token are
  * committed in one transaction; a failure is recorded on the account (state,
  * reason, AADSTS, backoff). */

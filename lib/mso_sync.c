@@ -253,8 +253,8 @@ static void act_finish(box_rt_t *b, act_rt_t *ar, apr_status_t rv)
 
 static void act_fail(box_rt_t *b, act_rt_t *ar, const char *reason, const char *text)
 {
-    apr_status_t rv = mso_mirror_action_failed(b->pass->db, b->pass->owner, ar->a, reason, text,
-                                               now_sec());
+    apr_status_t rv = mso_mirror_action_failed(b->pass->db, b->pool, b->pass->owner, ar->a,
+                                               reason, text, now_sec());
 
     if (rv == APR_SUCCESS) {
         b->pass->st->actions_failed++;
@@ -268,8 +268,8 @@ static void act_fail(box_rt_t *b, act_rt_t *ar, const char *reason, const char *
 
 static void act_wait(box_rt_t *b, act_rt_t *ar, const char *text, int maybe_applied)
 {
-    mso_mirror_action_later(b->pass->db, b->pass->owner, ar->a, text, maybe_applied,
-                            now_sec());
+    mso_mirror_action_later(b->pass->db, b->pool, b->pass->owner, ar->a, text,
+                            maybe_applied, now_sec());
     if (maybe_applied && !ar->a->sent_at) {
         ar->a->sent_at = now_sec();
     }
@@ -289,7 +289,7 @@ static void act_done(box_rt_t *b, act_rt_t *ar)
         folder = ar->dest;
         removed = !in_folders(b, folder);
     }
-    rv = mso_mirror_action_done(b->pass->db, b->pass->owner, ar->a, folder, removed,
+    rv = mso_mirror_action_done(b->pass->db, b->pool, b->pass->owner, ar->a, folder, removed,
                                 now_sec());
     if (rv == APR_SUCCESS) {
         b->pass->st->actions_done++;
@@ -358,7 +358,7 @@ static void act_write(box_rt_t *b, act_rt_t *ar)
     apr_status_t rv;
     req_t *rq;
 
-    rv = mso_mirror_action_sending(b->pass->db, b->pass->owner, ar->a, now_sec());
+    rv = mso_mirror_action_sending(b->pass->db, b->pool, b->pass->owner, ar->a, now_sec());
     if (rv != APR_SUCCESS) {
         if (rv == APR_EBUSY) {
             act_finish(b, ar, rv);
@@ -520,8 +520,8 @@ static void folder_fetch(box_rt_t *b, folder_rt_t *fr)
          * since): a full round, newest first. */
         url = mso_graph_delta_url(b->pool, b->in->graph_root, f->folder);
         if (f->next_link || f->delta_link) {
-            if (mso_mirror_restart_folder(b->pass->db, b->pass->owner, b->id, f, url,
-                                          now_sec()) != APR_SUCCESS) {
+            if (mso_mirror_restart_folder(b->pass->db, b->pool, b->pass->owner, b->id, f,
+                                          url, now_sec()) != APR_SUCCESS) {
                 fr->finished = 1;
                 box_error(b, "cannot restart a folder's sync in the database");
                 return;
@@ -688,7 +688,7 @@ static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
                        "mod_msoauth: account %" APR_INT64_T_FMT ": folder %s starts a full "
                        "sync again (%s)", b->id, fr->f->folder,
                        mso_graph_result_text(rq->pool, &g));
-        if (mso_mirror_restart_folder(b->pass->db, b->pass->owner, b->id, fr->f,
+        if (mso_mirror_restart_folder(b->pass->db, b->pool, b->pass->owner, b->id, fr->f,
                                       g.location && mso_graph_link_ok(b->in->graph_root,
                                                                       g.location)
                                       ? apr_pstrdup(b->pool, g.location)
@@ -857,7 +857,7 @@ static void box_release(box_rt_t *b)
                        w->acct->mailbox ? w->acct->mailbox : "?", b->error,
                        d.sync_retry_at - now);
     }
-    mso_mirror_release(b->pass->db, b->id, b->pass->owner, &d, now);
+    mso_mirror_release(b->pass->db, b->pool, b->id, b->pass->owner, &d, now);
 }
 
 static apr_status_t box_setup(pass_t *pass, mso_sync_box_t *in, box_rt_t **out)

@@ -68,6 +68,50 @@ def job(httpd, simulator):
     assert SECRET not in log and "EwA" not in log and "0.AX" not in log
 
 
+def reseal(key_hex, blob, aad_from, aad_to):
+    """The token in blob sealed again for aad_to, as lib/mso_crypto seals."""
+    import secrets
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    aead = AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                       info=b"mso-token-v1").derive(bytes.fromhex(key_hex)))
+    raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
+    header, nonce, ct = raw[:5], raw[5:17], raw[17:]
+    plain = aead.decrypt(nonce, ct, header + b"\x01" + aad_from.encode())
+    nonce = secrets.token_bytes(12)
+    ct = aead.encrypt(nonce, plain, header + b"\x01" + aad_to.encode())
+    return base64.urlsafe_b64encode(header + nonce + ct).decode().rstrip("=")
+
+
+def test_tokens_from_before_the_upgrade_are_bound_at_start(job):
+    """Tokens a version 3 build stored (sealed for company and mailbox) are
+    sealed again for their account when httpd starts, and keep working."""
+    sim_call(job.sim, "POST", "/_sim/config", {"access_token_lifetime": 120})
+    acc = connect(job, ADELE[0])
+    job.h.stop()
+    bound = f"{job.client_id.lower()}:{acc}"
+    for kind, t in job.tokens(acc).items():
+        legacy = reseal(job.key_hex, t["sealed"], f"token:v2:{kind}:{bound}",
+                        f"token:{kind}:default:{ADELE[0]}")
+        job.rows(f"UPDATE msoauth_tokens SET sealed = '{legacy}', binding = 1 "
+                 f"WHERE account_id = {acc} AND kind = '{kind}'", "x")
+    job.rows(f"UPDATE msoauth_accounts SET client_id = NULL WHERE id = {acc}", "x")
+    job.h.start()
+    wait_for("the tokens bound to the account", lambda: job.rows(
+        f"SELECT COUNT(*) FROM msoauth_tokens WHERE account_id = {acc} AND binding = 2",
+        "n")[0]["n"] == "2")
+    assert "stored tokens were sealed again for their account" in job.h.log()
+    assert job.rows(f"SELECT client_id FROM msoauth_accounts WHERE id = {acc}",
+                    "c")[0]["c"] == job.client_id.lower()
+    # Every token request refreshes (2-minute tokens): the rebound refresh token is used.
+    status, body = get_json(job, f"/microsoft_outlook/token?account={acc}")
+    assert status == 200, body
+    assert graph_me(job.sim, body["access_token"])["userPrincipalName"] == ADELE[0]
+    assert account(job, acc)["state"] == "connected"
+
+
 def test_short_tokens_are_refreshed_and_rotation_is_kept(job):
     sim_call(job.sim, "POST", "/_sim/config", {"access_token_lifetime": 12,
                                                "strict_rotation": True})

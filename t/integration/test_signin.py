@@ -191,8 +191,10 @@ def test_full_flow_connects_the_mailbox(httpd, simulator, pg_params, db):
     # tokens: sealed, opening with the key to what Microsoft issued, never in clear
     toks = s.tokens(account_id)
     assert set(toks) == {"refresh", "graph"}
-    rt = open_sealed(s.key_hex, toks["refresh"]["sealed"], "token:refresh:default:adele@contoso.com")
-    at = open_sealed(s.key_hex, toks["graph"]["sealed"], "token:graph:default:adele@contoso.com")
+    # bound to the company's client ID and the account, not to names
+    bound = f"{s.client_id.lower()}:{account_id}"
+    rt = open_sealed(s.key_hex, toks["refresh"]["sealed"], f"token:v2:refresh:{bound}")
+    at = open_sealed(s.key_hex, toks["graph"]["sealed"], f"token:v2:graph:{bound}")
     assert rt.startswith("0.AX") and at.startswith("EwA")
     if db == "sqlite3":
         raw = b"".join(p.read_bytes() for p in (httpd.root / "data").glob("msoauth.db*"))
@@ -492,6 +494,24 @@ def test_mailbox_mismatch(setup):
     assert not setup.accounts()
     _, _, page = setup.sign_in(mailbox=MEGAN[0])
     assert page.status == 409 and MEGAN[0] in page.text and ADELE[0] in page.text
+
+
+def test_mailbox_of_another_microsoft_account_is_not_taken_over(setup):
+    _, _, first = setup.sign_in(mailbox=ADELE[0], return_to="/a")
+    acc = first.query()["account"]
+    # The account belongs to another Microsoft object than the one signing in.
+    setup.rows(f"UPDATE msoauth_accounts SET object_id = 'another-object' WHERE id = {acc}", "x")
+    old = setup.tokens(acc)
+    _, _, r3 = setup.sign_in(mailbox=ADELE[0], return_to="/a")
+    assert r3.query() == {"msoauth": "error", "reason": "mailbox_mismatch"}
+    assert setup.tokens(acc) == old
+    assert setup.accounts()[0]["object_id"] == "another-object"
+    assert "another-object" in setup.h.log()
+    # Released (as a disconnect does), the next sign-in takes it over: same account.
+    setup.rows(f"UPDATE msoauth_accounts SET object_id = NULL WHERE id = {acc}", "x")
+    _, _, r4 = setup.sign_in(mailbox=ADELE[0], return_to="/a")
+    assert r4.query()["account"] == acc
+    assert setup.accounts()[0]["object_id"] == ADELE[1]
 
 
 def test_single_tenant_company_uses_its_tenant(setup):

@@ -28,7 +28,7 @@
 #include "mso_identity.h"
 #include "mso_log.h"
 #include "mso_refresh.h"
-#include "mso_store.h"
+#include "mso_schema.h"
 
 #define GRAPH "https://graph.microsoft.com"
 #define OUTLOOK "https://outlook.office.com"
@@ -195,14 +195,33 @@ static apr_dbd_t *open_db(void)
     return h;
 }
 
-static const char *seal(const mso_keyring_t *kr, const char *kind, const char *plain)
+/* Connects mailbox of acme with refresh token rt and Graph access token at. */
+static mso_account_t *connect_acme(const char *mailbox, const char *rt, const char *at)
 {
-    const char *s = NULL;
+    mso_connect_t c;
+    mso_token_sealer_t sealer;
+    mso_account_t *a = NULL;
+    const char *err = NULL;
 
-    ck_assert_int_eq(mso_seal(pool, kr, MSO_PURPOSE_TOKEN,
-                              mso_token_aad(pool, "acme", "alice@example.com", kind), plain,
-                              strlen(plain), &s), APR_SUCCESS);
-    return s;
+    memset(&c, 0, sizeof(c));
+    c.company = "acme";
+    c.client_id = "client-1";
+    c.tenant_id = "tenant-x";
+    c.object_id = apr_pstrcat(pool, "oid-", mailbox, NULL);
+    c.mailbox = mailbox;
+    c.scopes = "openid profile email offline_access " GRAPH "/Mail.Read";
+    c.authority = apr_psprintf(pool, "http://127.0.0.1:%d/tenant-x", srv.port);
+    c.access_expires_at = NOW - 10;
+    memset(&sealer, 0, sizeof(sealer));
+    sealer.p = pool;
+    sealer.keyring = keyring;
+    sealer.client_id = c.client_id;
+    sealer.refresh_token = rt;
+    sealer.access_token = at;
+    ck_assert_msg(mso_account_connect(db, pool, &c, mso_account_seal_tokens, &sealer,
+                                      NOW - 3610, &a, &err) == APR_SUCCESS, "connect: %s",
+                  err ? err : "");
+    return a;
 }
 
 static void setup(void)
@@ -210,7 +229,6 @@ static void setup(void)
     struct sockaddr_in sa;
     socklen_t sl = sizeof(sa);
     unsigned char key[MSO_KEY_LEN];
-    mso_account_t a;
     const char *err = NULL;
     int from, to;
     apr_pool_t *wp;
@@ -227,7 +245,7 @@ static void setup(void)
     ck_assert_int_eq(apr_dbd_get_driver(pool, "sqlite3", &srv.driver), APR_SUCCESS);
     apr_pool_create(&wp, pool);
     ck_assert_int_eq(mso_db_wrap(wp, srv.driver, open_db(), &db), APR_SUCCESS);
-    ck_assert_int_eq(mso_store_migrate(db, &from, &to, &err), APR_SUCCESS);
+    ck_assert_int_eq(mso_schema_migrate(db, pool, &from, &to, &err), APR_SUCCESS);
     srv.db2 = open_db();
 
     keyring = mso_keyring_create(pool);
@@ -247,16 +265,7 @@ static void setup(void)
     ck_assert_int_eq(pipe(srv.wake), 0);
     ck_assert_int_eq(pthread_create(&srv.thread, NULL, serve, NULL), 0);
 
-    memset(&a, 0, sizeof(a));
-    a.company = "acme";
-    a.mailbox = "Alice@Example.com";
-    a.scopes = "openid profile email offline_access " GRAPH "/Mail.Read";
-    a.authority = apr_psprintf(pool, "http://127.0.0.1:%d/tenant-x", srv.port);
-    a.access_expires_at = NOW - 10;
-    ck_assert_int_eq(mso_store_account_connect(db, &a, seal(keyring, "refresh", "RT-1"),
-                                               seal(keyring, "graph", "AT-0"), NOW - 3610,
-                                               &err), APR_SUCCESS);
-    account_id = a.id;
+    account_id = connect_acme("Alice@Example.com", "RT-1", "AT-0")->id;
 
     mso_http_opts_default(&http);
     http.connect_timeout_ms = 2000;
@@ -300,7 +309,7 @@ static mso_account_t *account(void)
 {
     mso_account_t *a = NULL;
 
-    ck_assert_int_eq(mso_store_account_get(db, pool, account_id, &a), APR_SUCCESS);
+    ck_assert_int_eq(mso_account_get(db, pool, account_id, &a), APR_SUCCESS);
     return a;
 }
 
@@ -309,7 +318,7 @@ static mso_refresh_outcome_t refresh(const char *resource, apr_int64_t now)
 {
     mso_refresh_outcome_t out;
 
-    ck_assert_int_eq(mso_store_lease(db, account_id, ctx.owner, now, 90), APR_SUCCESS);
+    ck_assert_int_eq(mso_account_lease(db, pool, account_id, ctx.owner, now, 90), APR_SUCCESS);
     ck_assert_int_eq(mso_refresh_account(db, pool, &ctx, account(), resource, now, &out),
                      APR_SUCCESS);
     return out;
@@ -318,16 +327,11 @@ static mso_refresh_outcome_t refresh(const char *resource, apr_int64_t now)
 /* The plaintext of a stored token, opened as the module would. */
 static const char *opened(const char *kind, apr_int64_t *expires)
 {
-    const char *sealed = NULL;
-    unsigned char *plain = NULL;
-    apr_size_t len = 0;
+    const char *plain = NULL;
 
-    ck_assert_int_eq(mso_store_token_get(db, pool, account_id, kind, &sealed, expires),
-                     APR_SUCCESS);
-    ck_assert_int_eq(mso_open(pool, keyring, MSO_PURPOSE_TOKEN,
-                              mso_token_aad(pool, "acme", "alice@example.com", kind), sealed,
-                              &plain, &len), APR_SUCCESS);
-    return (const char *)plain;
+    ck_assert_int_eq(mso_account_token_open(db, pool, keyring, account(), kind, &plain,
+                                            expires), APR_SUCCESS);
+    return plain;
 }
 
 static void no_secrets_logged(void)
@@ -676,6 +680,27 @@ START_TEST(key_removed_from_ring)
 }
 END_TEST
 
+/* A token still bound as before schema version 4 (not rebound at start-up)
+ * is not opened, and nothing is sent. */
+START_TEST(unbound_token_is_not_used)
+{
+    mso_refresh_outcome_t out;
+    mso_account_t *a;
+    int n = 0;
+
+    ck_assert_int_eq(apr_dbd_query(db->driver, db->handle, &n,
+                                   "UPDATE msoauth_tokens SET binding = 1"), 0);
+    srv.answer = token_ok("AT-1", "RT-2", "Mail.Read");
+    out = refresh("graph", NOW);
+    ck_assert_int_eq(out.result, MSO_REFRESH_FAILED);
+    ck_assert_int_eq(requests(), 0);
+    ck_assert_msg(strstr(out.detail, "schema version 4") != NULL, "detail: %s", out.detail);
+    a = account();
+    ck_assert_str_eq(a->state, "reconnect_required");
+    ck_assert_ptr_null(a->lease_owner);
+}
+END_TEST
+
 START_TEST(no_refresh_token_stored)
 {
     mso_refresh_outcome_t out;
@@ -757,41 +782,21 @@ END_TEST
 
 /* ---- many accounts at once ------------------------------------------------ */
 
-static const char *seal_for(const char *mailbox, const char *kind, const char *plain)
-{
-    const char *s = NULL;
-
-    ck_assert_int_eq(mso_seal(pool, keyring, MSO_PURPOSE_TOKEN,
-                              mso_token_aad(pool, "acme", mailbox, kind), plain,
-                              strlen(plain), &s), APR_SUCCESS);
-    return s;
-}
-
 /* Another connected account of acme, due now, with refresh token rt (NULL:
  * none stored), leased for ctx.owner. */
 static mso_account_t *other_account(const char *mailbox, const char *rt)
 {
-    mso_account_t a, *got = NULL;
-    const char *err = NULL;
+    mso_account_t *a, *got = NULL;
     int n = 0;
 
-    memset(&a, 0, sizeof(a));
-    a.company = "acme";
-    a.mailbox = mailbox;
-    a.scopes = "openid profile email offline_access " GRAPH "/Mail.Read";
-    a.authority = apr_psprintf(pool, "http://127.0.0.1:%d/tenant-x", srv.port);
-    a.access_expires_at = NOW - 10;
-    ck_assert_int_eq(mso_store_account_connect(db, &a, seal_for(mailbox, "refresh",
-                                                                rt ? rt : "unused"),
-                                               seal_for(mailbox, "graph", "AT-0"),
-                                               NOW - 3610, &err), APR_SUCCESS);
+    a = connect_acme(mailbox, rt ? rt : "unused", "AT-0");
     if (!rt) {
         ck_assert_int_eq(apr_dbd_query(db->driver, db->handle, &n, apr_psprintf(pool,
                          "DELETE FROM msoauth_tokens WHERE kind = 'refresh' AND account_id = "
-                         "%" APR_INT64_T_FMT, a.id)), 0);
+                         "%" APR_INT64_T_FMT, a->id)), 0);
     }
-    ck_assert_int_eq(mso_store_lease(db, a.id, ctx.owner, NOW, 90), APR_SUCCESS);
-    ck_assert_int_eq(mso_store_account_get(db, pool, a.id, &got), APR_SUCCESS);
+    ck_assert_int_eq(mso_account_lease(db, pool, a->id, ctx.owner, NOW, 90), APR_SUCCESS);
+    ck_assert_int_eq(mso_account_get(db, pool, a->id, &got), APR_SUCCESS);
     return got;
 }
 
@@ -799,21 +804,17 @@ static mso_account_t *account_by_id(apr_int64_t id)
 {
     mso_account_t *a = NULL;
 
-    ck_assert_int_eq(mso_store_account_get(db, pool, id, &a), APR_SUCCESS);
+    ck_assert_int_eq(mso_account_get(db, pool, id, &a), APR_SUCCESS);
     return a;
 }
 
 static const char *opened_for(const mso_account_t *a, const char *kind)
 {
-    const char *sealed = NULL;
-    unsigned char *plain = NULL;
-    apr_size_t len = 0;
+    const char *plain = NULL;
 
-    ck_assert_int_eq(mso_store_token_get(db, pool, a->id, kind, &sealed, NULL), APR_SUCCESS);
-    ck_assert_int_eq(mso_open(pool, keyring, MSO_PURPOSE_TOKEN,
-                              mso_token_aad(pool, "acme", a->mailbox, kind), sealed, &plain,
-                              &len), APR_SUCCESS);
-    return (const char *)plain;
+    ck_assert_int_eq(mso_account_token_open(db, pool, keyring, a, kind, &plain, NULL),
+                     APR_SUCCESS);
+    return plain;
 }
 
 START_TEST(batch_mixed_outcomes)
@@ -825,7 +826,7 @@ START_TEST(batch_mixed_outcomes)
     mso_account_t *a;
     int i;
 
-    ck_assert_int_eq(mso_store_lease(db, account_id, ctx.owner, NOW, 90), APR_SUCCESS);
+    ck_assert_int_eq(mso_account_lease(db, pool, account_id, ctx.owner, NOW, 90), APR_SUCCESS);
     accts[0] = account();                                   /* RT-1: refreshed */
     accts[1] = other_account("bob@example.com", "RT-b503"); /* 503: transient */
     accts[2] = other_account("carol@example.com", "RT-cdead"); /* invalid_grant */
@@ -908,7 +909,7 @@ START_TEST(batch_out_of_time)
     mso_account_t *a;
     int i;
 
-    ck_assert_int_eq(mso_store_lease(db, account_id, ctx.owner, NOW, 90), APR_SUCCESS);
+    ck_assert_int_eq(mso_account_lease(db, pool, account_id, ctx.owner, NOW, 90), APR_SUCCESS);
     accts[0] = account();
     accts[1] = other_account("bob@example.com", "RT-b1");
     srv.answer = token_ok("AT-1", "RT-2", "Mail.Read");
@@ -960,6 +961,7 @@ int main(void)
     tcase_add_test(tc, unknown_error_then_reconnect);
     tcase_add_test(tc, lease_lost_before_commit);
     tcase_add_test(tc, key_removed_from_ring);
+    tcase_add_test(tc, unbound_token_is_not_used);
     tcase_add_test(tc, no_refresh_token_stored);
     tcase_add_test(tc, batch_mixed_outcomes);
     tcase_add_test(tc, batch_out_of_time);

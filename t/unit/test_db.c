@@ -1,0 +1,525 @@
+/* The connection layer (lib/mso_db): the binder, the transaction helper,
+ * statements after schema changes, and what a connection keeps. */
+#include "dbtest.h"
+
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <apr_strings.h>
+
+#include "mso_flows_used.h"
+
+static const mso_stmt_t ST_PUT = {
+    "put a test row", "id:int name:text n:int",
+    "INSERT INTO msoauth_test (id, name, n) VALUES (:id, :name, :n)", NULL
+};
+static const mso_stmt_t ST_GET = {
+    "read a test row", "id:int",
+    "SELECT id, name, n, name || '%' AS pct, ':not_an_arg' AS colon FROM msoauth_test "
+    "WHERE id = :id", NULL
+};
+/* One name, two places; a cast on PostgreSQL. */
+static const mso_stmt_t ST_TWICE = {
+    "count test rows", "low:int",
+    "SELECT COUNT(*) AS n FROM msoauth_test WHERE id >= :low AND n >= :low",
+    "SELECT COUNT(*)::bigint AS n FROM msoauth_test WHERE id >= :low AND n >= :low"
+};
+static const mso_stmt_t ST_UNDECLARED = {
+    "use an undeclared argument", "id:int",
+    "SELECT id FROM msoauth_test WHERE id = :id AND name = :name", NULL
+};
+static const mso_stmt_t ST_UNUSED = {
+    "declare an unused argument", "id:int name:text",
+    "SELECT id FROM msoauth_test WHERE id = :id", NULL
+};
+static const mso_stmt_t ST_BADTYPE = {
+    "declare a strange type", "id:float",
+    "SELECT id FROM msoauth_test WHERE id = :id", NULL
+};
+/* A repeated group: :id_0 and :n_0, then :id_1 and :n_1. */
+static const mso_stmt_t ST_ROWS2 = {
+    "put two test rows", "name:text id_#:int n_#:int",
+    "INSERT INTO msoauth_test (id, name, n) VALUES (:id_0, :name, :n_0), (:id_1, :name, :n_1)",
+    NULL
+};
+/* Row 1 forgets a value of the group. */
+static const mso_stmt_t ST_ROWS_SHORT = {
+    "put uneven test rows", "name:text id_#:int n_#:int",
+    "INSERT INTO msoauth_test (id, name, n) VALUES (:id_0, :name, :n_0), (:id_1, :name, 0)",
+    NULL
+};
+
+static mso_db_t *test_db(int backend)
+{
+    mso_db_t *db = fresh_db(backend);
+
+    exec_ok(db, "CREATE TABLE msoauth_test (id BIGINT PRIMARY KEY, name TEXT, n BIGINT)");
+    return db;
+}
+
+static void put_ok(mso_db_t *db, apr_int64_t id, const char *name, apr_int64_t n)
+{
+    mso_args_t *a = mso_args(db, pool, &ST_PUT);
+    const char *err = NULL;
+
+    mso_arg_int(a, "id", id);
+    mso_arg_text(a, "name", name);
+    mso_arg_int(a, "n", n);
+    ck_assert_msg(mso_exec(a, NULL, &err) == APR_SUCCESS, "put: %s", err ? err : "");
+}
+
+START_TEST(binder_runs_named_arguments)
+{
+    mso_db_t *db = test_db(_i);
+    apr_int64_t big = APR_INT64_C(5000000000);
+    mso_rows_t *rows = NULL;
+    const char *err = NULL;
+    mso_args_t *a;
+    int n = -1;
+
+    put_ok(db, 1, "one", big);
+    put_ok(db, 2, "it's 100% ':x' %s", 2);
+
+    a = mso_args(db, pool, &ST_GET);
+    mso_arg_int(a, "id", 1);
+    ck_assert_int_eq(mso_select(a, &rows, &err), APR_SUCCESS);
+    ck_assert(mso_rows_next(rows));
+    ck_assert_int_eq(mso_col_int(rows, "id"), 1);
+    ck_assert_str_eq(mso_col_text(rows, pool, "name"), "one");
+    ck_assert_int_eq(mso_col_int(rows, "n"), big);
+    ck_assert_str_eq(mso_col_text(rows, pool, "pct"), "one%");
+    ck_assert_str_eq(mso_col_text(rows, pool, "colon"), ":not_an_arg");
+    ck_assert(!mso_rows_next(rows));
+
+    /* The same arguments again, with one replaced. */
+    mso_arg_int(a, "id", 2);
+    ck_assert_int_eq(mso_select(a, &rows, &err), APR_SUCCESS);
+    ck_assert(mso_rows_next(rows));
+    ck_assert_str_eq(mso_col_text(rows, pool, "name"), "it's 100% ':x' %s");
+
+    a = mso_args(db, pool, &ST_TWICE);
+    mso_arg_int(a, "low", 2);
+    ck_assert_int_eq(mso_select(a, &rows, &err), APR_SUCCESS);
+    ck_assert(mso_rows_next(rows));
+    ck_assert_int_eq(mso_col_int(rows, "n"), 1);
+
+    /* SQL NULL three ways. */
+    a = mso_args(db, pool, &ST_PUT);
+    mso_arg_int(a, "id", 3);
+    mso_arg_text(a, "name", NULL);
+    mso_arg_opt(a, "n", 0);
+    ck_assert_int_eq(mso_exec(a, &n, &err), APR_SUCCESS);
+    ck_assert_int_eq(n, 1);
+    mso_arg_int(a, "id", 4);
+    mso_arg_null(a, "n");
+    ck_assert_int_eq(mso_exec(a, &n, &err), APR_SUCCESS);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test WHERE name IS NULL AND "
+                             "n IS NULL"), 2);
+    a = mso_args(db, pool, &ST_GET);
+    mso_arg_int(a, "id", 3);
+    ck_assert_int_eq(mso_select(a, &rows, &err), APR_SUCCESS);
+    ck_assert(mso_rows_next(rows));
+    ck_assert_ptr_null(mso_col_text(rows, pool, "name"));
+    ck_assert_int_eq(mso_col_int(rows, "n"), 0);
+
+    /* Repeated groups: :id_0, :id_1 ... */
+    a = mso_args(db, pool, &ST_ROWS2);
+    mso_arg_text(a, "name", "pair");
+    mso_args_row(a, 0);
+    mso_arg_int(a, "id", 10);
+    mso_arg_int(a, "n", 100);
+    mso_args_row(a, 1);
+    mso_arg_int(a, "id", 11);
+    mso_arg_int(a, "n", 110);
+    ck_assert_int_eq(mso_exec(a, &n, &err), APR_SUCCESS);
+    ck_assert_int_eq(n, 2);
+    ck_assert_int_eq(num(db, "SELECT SUM(n) FROM msoauth_test WHERE name = 'pair'"), 210);
+}
+END_TEST
+
+START_TEST(binder_refuses_mistakes)
+{
+    mso_db_t *db = test_db(_i);
+    const char *err = NULL;
+    mso_args_t *a;
+
+    /* Missing. */
+    a = mso_args(db, pool, &ST_PUT);
+    mso_arg_int(a, "id", 1);
+    mso_arg_text(a, "name", "x");
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, ":n is not bound") && strstr(err, "put a test row"),
+                  "message: %s", err ? err : "");
+    /* Mistyped. */
+    a = mso_args(db, pool, &ST_PUT);
+    mso_arg_text(a, "id", "1");
+    mso_arg_text(a, "name", "x");
+    mso_arg_int(a, "n", 1);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, ":id is int, bound as text"), "message: %s", err);
+    a = mso_args(db, pool, &ST_PUT);
+    mso_arg_int(a, "id", 1);
+    mso_arg_int(a, "name", 7);
+    mso_arg_opt(a, "n", 1);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, ":name is text, bound as int"), "message: %s", err);
+    /* Unknown. */
+    a = mso_args(db, pool, &ST_PUT);
+    mso_arg_int(a, "id", 1);
+    mso_arg_text(a, "name", "x");
+    mso_arg_int(a, "n", 1);
+    mso_arg_int(a, "nn", 1);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, "no argument :nn"), "message: %s", err);
+    a = mso_args(db, pool, &ST_ROWS2);
+    mso_args_row(a, 2);
+    mso_arg_int(a, "id", 1);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, "no argument :id_2"), "message: %s", err);
+    /* Nothing of it reached the database. */
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 0);
+
+    /* A declaration that does not match its SQL. */
+    a = mso_args(db, pool, &ST_UNDECLARED);
+    mso_arg_int(a, "id", 1);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, ":name, which is not declared"), "message: %s", err);
+    a = mso_args(db, pool, &ST_UNUSED);
+    mso_arg_int(a, "id", 1);
+    mso_arg_text(a, "name", "x");
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, "name is declared but not used"), "message: %s", err);
+    a = mso_args(db, pool, &ST_BADTYPE);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, "type other than text or int"), "message: %s", err);
+    a = mso_args(db, pool, &ST_ROWS_SHORT);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, "n_1 is declared but not used"), "message: %s", err);
+    /* A value of the group left unbound in one row. */
+    a = mso_args(db, pool, &ST_ROWS2);
+    mso_arg_text(a, "name", "pair");
+    mso_args_row(a, 0);
+    mso_arg_int(a, "id", 10);
+    mso_arg_int(a, "n", 100);
+    mso_args_row(a, 1);
+    mso_arg_int(a, "id", 11);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EINVAL);
+    ck_assert_msg(err && strstr(err, ":n_1 is not bound"), "message: %s", err);
+
+    /* A database failure is a sentence with the database's words and a hint. */
+    put_ok(db, 1, "x", 1);
+    a = mso_args(db, pool, &ST_PUT);
+    mso_arg_int(a, "id", 1);
+    mso_arg_text(a, "name", "again");
+    mso_arg_int(a, "n", 1);
+    ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EGENERAL);
+    ck_assert_msg(err && strstr(err, "cannot put a test row in the ")
+                  && strstr(err, "; check "), "message: %s", err);
+}
+END_TEST
+
+typedef struct {
+    int fail_at;                    /* 0: never */
+    apr_status_t refuse;            /* returned after the writes, with a sentence */
+} tx_plan_t;
+
+static apr_status_t two_rows(mso_tx_t *tx, void *baton)
+{
+    tx_plan_t *plan = baton;
+    apr_status_t rv;
+    mso_args_t *a;
+    int i;
+
+    for (i = 1; i <= 2; i++) {
+        a = mso_tx_args(tx, &ST_PUT);
+        mso_arg_int(a, "id", plan->fail_at == i ? 100 : 100 + i);
+        mso_arg_text(a, "name", "tx");
+        mso_arg_int(a, "n", i);
+        tx->step = i == 2 ? "put the second row" : NULL;
+        if (!MSO_OK(mso_tx_exec(tx, a, NULL))) {
+            goto leave;
+        }
+    }
+    if (plan->refuse) {
+        rv = mso_tx_fail(tx, plan->refuse, "refused after %d rows", i - 1);
+    }
+
+leave:
+    return rv;
+}
+
+static apr_status_t nested(mso_tx_t *tx, void *baton)
+{
+    const char **err = baton;
+
+    return mso_db_tx(tx->db, tx->p, NULL, two_rows, NULL, err);
+}
+
+START_TEST(tx_commits_or_rolls_back)
+{
+    mso_db_t *db = test_db(_i);
+    tx_plan_t plan;
+    const char *err = NULL, *inner = NULL;
+
+    put_ok(db, 100, "there", 0);
+    memset(&plan, 0, sizeof(plan));
+    /* The second row collides: the first is rolled back with it. */
+    plan.fail_at = 2;
+    ck_assert_int_eq(mso_db_tx(db, pool, "for the test", two_rows, &plan, &err),
+                     APR_EGENERAL);
+    ck_assert_msg(err && strstr(err, "cannot put the second row for the test in the"),
+                  "message: %s", err ? err : "");
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 1);
+    /* A refusal of fn's own: its status and sentence, nothing kept. */
+    memset(&plan, 0, sizeof(plan));
+    plan.refuse = APR_EBUSY;
+    ck_assert_int_eq(mso_db_tx(db, pool, NULL, two_rows, &plan, &err), APR_EBUSY);
+    ck_assert_str_eq(err, "refused after 2 rows");
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 1);
+    /* Not nestable; the outer one still rolls back. */
+    ck_assert_int_eq(mso_db_tx(db, pool, NULL, nested, &inner, &err), APR_EGENERAL);
+    ck_assert_msg(inner && strstr(inner, "one is open on this connection already"),
+                  "message: %s", inner ? inner : "");
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 1);
+    /* And it commits. */
+    memset(&plan, 0, sizeof(plan));
+    ck_assert_int_eq(mso_db_tx(db, pool, NULL, two_rows, &plan, &err), APR_SUCCESS);
+    ck_assert_ptr_null(err);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 3);
+}
+END_TEST
+
+/* ---- what a connection keeps --------------------------------------------- */
+
+/* Prepared statements the SQLite connection holds (the driver frees them
+ * only when it closes). */
+static int sqlite_statements(mso_db_t *db)
+{
+    void *(*next)(void *, void *) = NULL;
+    void *conn = apr_dbd_native_handle(db->driver, db->handle), *st = NULL;
+    int n = 0;
+
+    *(void **)&next = dlsym(RTLD_DEFAULT, "sqlite3_next_stmt");
+    ck_assert_msg(next != NULL, "sqlite3_next_stmt not found: %s", dlerror());
+    while ((st = next(conn, st)) != NULL) {
+        n++;
+    }
+    return n;
+}
+
+/* What the sqlite3 driver answers for a statement whose schema changed: the
+ * facts lib/mso_db.c relies on to prepare again only then. */
+START_TEST(sqlite_stale_statement)
+{
+    mso_db_t *db = test_db(BACKEND_SQLITE), *other = connect_db(BACKEND_SQLITE, pool);
+    apr_dbd_prepared_t *st = NULL;
+    const void *args[3];
+    apr_int64_t id = 1, n = 1;
+    mso_rows_t *rows = NULL;
+    const char *err = NULL;
+    mso_args_t *a;
+    int rows_changed = 0, before;
+
+    args[0] = &id;
+    args[1] = "x";
+    args[2] = &n;
+    ck_assert_int_eq(apr_dbd_prepare(db->driver, pool, db->handle,
+                                     "INSERT INTO msoauth_test (id, name, n) "
+                                     "VALUES (%lld, %s, %lld)", NULL, &st), 0);
+    exec_ok(other, "CREATE TABLE msoauth_test_other (x INTEGER)");
+    ck_assert_int_eq(apr_dbd_pbquery(db->driver, pool, db->handle, &rows_changed, st, args),
+                     1);
+    ck_assert_str_eq(apr_dbd_error(db->driver, db->handle, 1), "database schema has changed");
+    ck_assert_int_eq(apr_dbd_pbquery(db->driver, pool, db->handle, &rows_changed, st, args),
+                     1);
+    ck_assert_str_eq(apr_dbd_error(db->driver, db->handle, 1), "not an error");
+
+    /* Through the layer: a cached statement, DDL on another connection, the
+     * statement again: it is prepared once more and works. */
+    put_ok(db, 2, "two", 2);
+    a = mso_args(db, pool, &ST_GET);
+    mso_arg_int(a, "id", 2);
+    ck_assert_int_eq(mso_select(a, &rows, &err), APR_SUCCESS);
+    before = sqlite_statements(db);
+    exec_ok(other, "CREATE INDEX msoauth_test_n ON msoauth_test (n)");
+    ck_assert_int_eq(mso_select(a, &rows, &err), APR_SUCCESS);
+    ck_assert(mso_rows_next(rows));
+    ck_assert_str_eq(mso_col_text(rows, pool, "name"), "two");
+    ck_assert_int_eq(sqlite_statements(db), before + 1);
+    /* DDL on the same connection: the same. */
+    exec_ok(db, "CREATE TABLE msoauth_test_mine (x INTEGER)");
+    put_ok(db, 3, "three", 3);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 2);
+
+    /* A real failure is not prepared again: no statement per failed run. */
+    before = sqlite_statements(db);
+    for (id = 0; id < 50; id++) {
+        a = mso_args(db, pool, &ST_PUT);
+        mso_arg_int(a, "id", 3);
+        mso_arg_text(a, "name", "dup");
+        mso_arg_int(a, "n", 0);
+        ck_assert_int_eq(mso_exec(a, NULL, &err), APR_EGENERAL);
+        ck_assert_msg(strstr(err, "UNIQUE"), "message: %s", err);
+    }
+    ck_assert_int_eq(sqlite_statements(db), before);
+}
+END_TEST
+
+#define REPLAYS 2000
+/* What the process may grow by anyway (one step of malloc's heap); before,
+ * each replay or failure kept a statement (SQLite, ~2 KB) or a sentence (~300
+ * bytes) for the connection's life: 600 KB to 25 MB over 2,000 runs. */
+#define MEMORY_SLACK (192 * 1024)
+
+/* Trust fix: replaying a spent sign-in state does not grow the connection:
+ * no statement per replay (SQLite), no memory. */
+START_TEST(spent_state_replays_keep_the_connection_small)
+{
+    mso_db_t *db = fresh_db(_i);
+    long long mem0, mem1;
+    int i, stmts = 0;
+
+    migrate_ok(db);
+    ck_assert_int_eq(mso_flows_used_spend(db, pool, "spent", 5000, 1000), APR_SUCCESS);
+    for (i = 0; i < 20; i++) {      /* everything prepared once */
+        ck_assert_int_eq(mso_flows_used_spend(db, pool, "spent", 5000, 1000), APR_EEXIST);
+    }
+    if (_i == BACKEND_SQLITE) {
+        stmts = sqlite_statements(db);
+    }
+    mem0 = memory_in_use();
+    for (i = 0; i < REPLAYS; i++) {
+        apr_pool_t *req;
+
+        apr_pool_create(&req, pool);
+        ck_assert_int_eq(mso_flows_used_spend(db, req, "spent", 5000, 1000), APR_EEXIST);
+        apr_pool_destroy(req);
+    }
+    mem1 = memory_in_use();
+    if (_i == BACKEND_SQLITE) {
+        ck_assert_int_eq(sqlite_statements(db), stmts);
+    }
+    fprintf(stderr, "%s: %d replays: %+lld bytes\n", _i ? "pgsql" : "sqlite", REPLAYS,
+            mem1 - mem0);
+    ck_assert_msg(!MEMORY_MEASURABLE || mem1 - mem0 < MEMORY_SLACK,
+                  "%d replays grew the process by %lld bytes", REPLAYS, mem1 - mem0);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_flows_used"), 1);
+}
+END_TEST
+
+typedef struct {
+    const char *refresh, *access;
+} fake_t;
+
+static apr_status_t fake_seal(void *baton, apr_int64_t account_id, const char **r,
+                              const char **acc)
+{
+    fake_t *f = baton;
+
+    (void)account_id;
+    *r = f->refresh;
+    *acc = f->access;
+    return APR_SUCCESS;
+}
+
+/* Trust fix: failing calls leave their sentences in the caller's pool, not
+ * in the connection's. */
+START_TEST(failing_calls_keep_the_connection_small)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_connect_t in = sample("acme", "alice@acme.com", "oid-alice");
+    mso_account_t *a = NULL;
+    mso_refreshed_t r;
+    fake_t fake = {"r", "FAIL"};
+    long long mem0 = 0, mem1;
+    apr_int64_t id;
+    int i, stmts = 0;
+
+    migrate_ok(db);
+    id = connect_ok(db, &in, "r0", "a0", 1000)->id;
+    ck_assert_int_eq(mso_account_lease(db, pool, id, "me", 1000, 60), APR_SUCCESS);
+    if (_i == BACKEND_SQLITE) {
+        exec_ok(db, "CREATE TRIGGER msoauth_test_fail BEFORE INSERT ON msoauth_tokens "
+                    "WHEN NEW.sealed = 'FAIL' BEGIN SELECT RAISE(ABORT, 'forced failure'); "
+                    "END");
+    }
+    else {
+        exec_ok(db, "CREATE OR REPLACE FUNCTION msoauth_test_fail() RETURNS trigger "
+                    "LANGUAGE plpgsql AS $$ BEGIN IF NEW.sealed = 'FAIL' THEN "
+                    "RAISE EXCEPTION 'forced failure'; END IF; RETURN NEW; END $$");
+        exec_ok(db, "CREATE TRIGGER msoauth_test_fail BEFORE INSERT ON msoauth_tokens "
+                    "FOR EACH ROW EXECUTE FUNCTION msoauth_test_fail()");
+    }
+    memset(&r, 0, sizeof(r));
+    r.kind = "graph";
+    r.sealed_access = "FAIL";
+    r.access_expires_at = 5000;
+    for (i = 0; i < REPLAYS + 20; i++) {
+        apr_pool_t *req;
+        const char *err = NULL;
+
+        if (i == 20) {              /* everything prepared once */
+            mem0 = memory_in_use();
+            if (_i == BACKEND_SQLITE) {
+                stmts = sqlite_statements(db);
+            }
+        }
+        apr_pool_create(&req, pool);
+        ck_assert_int_eq(mso_account_connect(db, req, &in, fake_seal, &fake, 1100, &a, &err),
+                         APR_EGENERAL);
+        ck_assert_msg(err && strstr(err, "forced failure"), "message: %s", err ? err : "");
+        ck_assert_ptr_null(a);
+        ck_assert_int_eq(mso_account_refreshed(db, req, id, "me", &r, 1100, &err),
+                         APR_EGENERAL);
+        ck_assert_msg(err && strstr(err, "forced failure"), "message: %s", err ? err : "");
+        apr_pool_destroy(req);
+    }
+    mem1 = memory_in_use();
+    if (_i == BACKEND_SQLITE) {
+        ck_assert_int_eq(sqlite_statements(db), stmts);
+    }
+    fprintf(stderr, "%s: %d failing calls: %+lld bytes\n", _i ? "pgsql" : "sqlite",
+            2 * REPLAYS, mem1 - mem0);
+    ck_assert_msg(!MEMORY_MEASURABLE || mem1 - mem0 < MEMORY_SLACK,
+                  "%d failing calls grew the process by %lld bytes", 2 * REPLAYS, mem1 - mem0);
+    token_is(db, id, "refresh", "r0", 0);
+    token_is(db, id, "graph", "a0", 1700003600);
+}
+END_TEST
+
+START_TEST(wrap_reuses_wrapper)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_db_t *again = NULL;
+
+    ck_assert_int_eq(db->kind, _i == BACKEND_SQLITE ? MSO_DB_SQLITE : MSO_DB_PGSQL);
+    ck_assert_int_eq(mso_db_wrap(db->pool, db->driver, db->handle, &again), APR_SUCCESS);
+    ck_assert_ptr_eq(again, db);
+    migrate_ok(again);
+    if (_i == BACKEND_SQLITE) {
+        ck_assert_int_eq(num(db, "PRAGMA foreign_keys"), 1);
+        ck_assert_int_eq(num(db, "PRAGMA busy_timeout"), 10000);
+        ck_assert_str_eq(text_of(db, "PRAGMA journal_mode"), "wal");
+    }
+}
+END_TEST
+
+static void add_tests(TCase *tc, int backend)
+{
+    ADD_BOTH(tc, binder_runs_named_arguments, backend);
+    ADD_BOTH(tc, binder_refuses_mistakes, backend);
+    ADD_BOTH(tc, tx_commits_or_rolls_back, backend);
+    ADD_BOTH(tc, spent_state_replays_keep_the_connection_small, backend);
+    ADD_BOTH(tc, failing_calls_keep_the_connection_small, backend);
+    ADD_BOTH(tc, wrap_reuses_wrapper, backend);
+    if (backend == BACKEND_SQLITE) {
+        tcase_add_test(tc, sqlite_stale_statement);
+    }
+}
+
+int main(void)
+{
+    return dbtest_main("db", add_tests);
+}
