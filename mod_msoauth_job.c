@@ -26,6 +26,7 @@
 #include "mod_msoauth.h"
 #include "mod_msoauth_config.h"
 #include "mod_msoauth_job.h"
+#include "mso_graph.h"
 #include "mso_identity.h"
 #include "mso_log.h"
 #include "mso_refresh.h"
@@ -466,6 +467,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         boxes[n].work = w;
         boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
         boxes[n].graph_root = c->set.graph_url.value;
+        boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value, NULL);
         boxes[n].folders = c->set.folders.value;
         boxes[n].interval = c->set.sync_interval.value;
         boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);

@@ -16,10 +16,18 @@
 
 const char *const mso_graph_link_keys[] = {"@odata.nextLink", "@odata.deltaLink", NULL};
 
-const char *mso_graph_delta_url(apr_pool_t *p, const char *graph_root, const char *folder)
+const char *mso_graph_mailbox(apr_pool_t *p, const char *graph_root, const char *address)
+{
+    if (!address) {
+        return apr_pstrcat(p, graph_root, "/v1.0/me", NULL);
+    }
+    return apr_pstrcat(p, graph_root, "/v1.0/users/", mso_url_encode(p, address), NULL);
+}
+
+const char *mso_graph_delta_url(apr_pool_t *p, const char *mailbox, const char *folder)
 {
     /* Options go on the first request only: Graph encodes them in the links. */
-    return apr_pstrcat(p, graph_root, "/v1.0/me/mailFolders/", mso_url_encode(p, folder),
+    return apr_pstrcat(p, mailbox, "/mailFolders/", mso_url_encode(p, folder),
                        "/messages/delta?$select=", MSO_GRAPH_SELECT,
                        "&$orderby=receivedDateTime%20desc", NULL);
 }
@@ -516,12 +524,12 @@ const char *mso_graph_action_destination(apr_pool_t *p, const char *action,
     return wk ? wk : destination;
 }
 
-static const char *message_url(apr_pool_t *p, const char *graph_root, const char *graph_id)
+static const char *message_url(apr_pool_t *p, const char *mailbox, const char *graph_id)
 {
-    return apr_pstrcat(p, graph_root, "/v1.0/me/messages/", mso_url_encode(p, graph_id), NULL);
+    return apr_pstrcat(p, mailbox, "/messages/", mso_url_encode(p, graph_id), NULL);
 }
 
-apr_status_t mso_graph_action_request(apr_pool_t *p, const char *graph_root, const char *action,
+apr_status_t mso_graph_action_request(apr_pool_t *p, const char *mailbox, const char *action,
                                       const char *graph_id, const char *destination,
                                       mso_graph_request_t *req, const char **err)
 {
@@ -536,7 +544,7 @@ apr_status_t mso_graph_action_request(apr_pool_t *p, const char *graph_root, con
     }
     if (action && (!strcmp(action, "mark_read") || !strcmp(action, "mark_unread"))) {
         req->method = "PATCH";
-        req->url = message_url(p, graph_root, graph_id);
+        req->url = message_url(p, mailbox, graph_id);
         req->body = !strcmp(action, "mark_read") ? "{\"isRead\":true}" : "{\"isRead\":false}";
         return APR_SUCCESS;
     }
@@ -556,23 +564,23 @@ apr_status_t mso_graph_action_request(apr_pool_t *p, const char *graph_root, con
     }
     /* Outlook's Delete is a move to Deleted Items; DELETE would bypass it. */
     req->method = "POST";
-    req->url = apr_pstrcat(p, message_url(p, graph_root, graph_id), "/move", NULL);
+    req->url = apr_pstrcat(p, message_url(p, mailbox, graph_id), "/move", NULL);
     j = json_pack("{s:s}", "destinationId", dest);
     req->body = mso_json_dump(p, j);
     json_decref(j);
     return APR_SUCCESS;
 }
 
-const char *mso_graph_message_state_url(apr_pool_t *p, const char *graph_root,
+const char *mso_graph_message_state_url(apr_pool_t *p, const char *mailbox,
                                         const char *graph_id)
 {
-    return apr_pstrcat(p, message_url(p, graph_root, graph_id),
+    return apr_pstrcat(p, message_url(p, mailbox, graph_id),
                        "?$select=isRead,parentFolderId", NULL);
 }
 
-const char *mso_graph_folder_url(apr_pool_t *p, const char *graph_root, const char *folder)
+const char *mso_graph_folder_url(apr_pool_t *p, const char *mailbox, const char *folder)
 {
-    return apr_pstrcat(p, graph_root, "/v1.0/me/mailFolders/", mso_url_encode(p, folder),
+    return apr_pstrcat(p, mailbox, "/mailFolders/", mso_url_encode(p, folder),
                        "?$select=id", NULL);
 }
 

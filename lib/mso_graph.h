@@ -67,9 +67,15 @@ typedef struct {
     const char *delta_link;         /* @odata.deltaLink, or NULL */
 } mso_graph_page_t;
 
-/* "{root}/v1.0/me/mailFolders/{folder}/messages/delta?$select=...&$orderby=
+/* The Graph URL of a mailbox, which every mail URL below starts with:
+ * "{root}/v1.0/me" for the signed-in person's own mailbox (address NULL),
+ * "{root}/v1.0/users/{address}" for another one (app-only companies, or a
+ * shared mailbox opened with a person's delegated token). */
+const char *mso_graph_mailbox(apr_pool_t *p, const char *graph_root, const char *address);
+
+/* "{mailbox}/mailFolders/{folder}/messages/delta?$select=...&$orderby=
  * receivedDateTime desc": the first request of a full round, newest first. */
-const char *mso_graph_delta_url(apr_pool_t *p, const char *graph_root, const char *folder);
+const char *mso_graph_delta_url(apr_pool_t *p, const char *mailbox, const char *folder);
 
 /* True when url may receive our bearer token: it starts with
  * "{graph_root}/v1.0/" and holds only printable ASCII without spaces. */
@@ -132,7 +138,7 @@ typedef struct {
     const char *body;
 } mso_graph_request_t;
 
-apr_status_t mso_graph_action_request(apr_pool_t *p, const char *graph_root, const char *action,
+apr_status_t mso_graph_action_request(apr_pool_t *p, const char *mailbox, const char *action,
                                       const char *graph_id, const char *destination,
                                       mso_graph_request_t *req, const char **err);
 
@@ -143,9 +149,9 @@ const char *mso_graph_action_destination(apr_pool_t *p, const char *action,
 
 /* GET of the message's isRead and parentFolderId, and of a folder's id: what
  * a retry checks before repeating a write whose outcome is unknown. */
-const char *mso_graph_message_state_url(apr_pool_t *p, const char *graph_root,
+const char *mso_graph_message_state_url(apr_pool_t *p, const char *mailbox,
                                         const char *graph_id);
-const char *mso_graph_folder_url(apr_pool_t *p, const char *graph_root, const char *folder);
+const char *mso_graph_folder_url(apr_pool_t *p, const char *mailbox, const char *folder);
 
 /* The lower-case well-known folder name (inbox, deleteditems, ...) that name
  * spells in any case, or NULL when it is not one (a folder id). */

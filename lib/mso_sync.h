@@ -20,7 +20,9 @@
 typedef struct {
     mso_work_t *work;               /* from mso_mirror_claim: the lease is held */
     const char *access_token;       /* Graph access token; NULL when it could not be opened */
-    const char *graph_root;         /* e.g. https://graph.microsoft.com */
+    const char *graph_root;         /* e.g. https://graph.microsoft.com: links are
+                                     * followed only under it */
+    const char *mailbox_url;        /* mso_graph_mailbox(): {root}/v1.0/me or .../users/{a} */
     const apr_array_header_t *folders;  /* well-known names to mirror (const char *) */
     int interval;                   /* seconds between incremental rounds */
     int can_write;                  /* the grant has Mail.ReadWrite */

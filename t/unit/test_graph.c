@@ -15,6 +15,7 @@
 #include "mso_sync.h"
 
 #define ROOT "https://graph.microsoft.com"
+#define ME ROOT "/v1.0/me"
 
 static apr_pool_t *pool;
 
@@ -252,7 +253,7 @@ START_TEST(links)
     ck_assert(!mso_graph_link_ok(ROOT, ROOT "/v1.0/a b"));
     ck_assert(!mso_graph_link_ok(ROOT, ROOT "/v1.0/a\r\nX-Evil: 1"));
     ck_assert(!mso_graph_link_ok(ROOT, NULL));
-    ck_assert_str_eq(mso_graph_delta_url(pool, ROOT, "inbox"),
+    ck_assert_str_eq(mso_graph_delta_url(pool, ME, "inbox"),
                      ROOT "/v1.0/me/mailFolders/inbox/messages/delta?$select=" MSO_GRAPH_SELECT
                      "&$orderby=receivedDateTime%20desc");
 }
@@ -361,44 +362,44 @@ START_TEST(action_requests)
     mso_graph_request_t req;
     const char *err = NULL;
 
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "mark_read", "AAk+/=_-", NULL, &req,
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "mark_read", "AAk+/=_-", NULL, &req,
                                               &err), APR_SUCCESS);
     ck_assert_str_eq(req.method, "PATCH");
     ck_assert_str_eq(req.url, ROOT "/v1.0/me/messages/AAk%2B%2F%3D_-");
     ck_assert_str_eq(req.body, "{\"isRead\":true}");
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "mark_unread", "A", NULL, &req, &err),
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "mark_unread", "A", NULL, &req, &err),
                      APR_SUCCESS);
     ck_assert_str_eq(req.body, "{\"isRead\":false}");
     /* Outlook's Delete: a move to Deleted Items. */
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "delete", "A", NULL, &req, &err),
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "delete", "A", NULL, &req, &err),
                      APR_SUCCESS);
     ck_assert_str_eq(req.method, "POST");
     ck_assert_str_eq(req.url, ROOT "/v1.0/me/messages/A/move");
     ck_assert_str_eq(req.body, "{\"destinationId\":\"deleteditems\"}");
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "move", "A", "Archive", &req, &err),
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "move", "A", "Archive", &req, &err),
                      APR_SUCCESS);
     ck_assert_str_eq(req.body, "{\"destinationId\":\"archive\"}");
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "move", "A", "AQMkADAw==", &req,
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "move", "A", "AQMkADAw==", &req,
                                               &err), APR_SUCCESS);
     ck_assert_str_eq(req.body, "{\"destinationId\":\"AQMkADAw==\"}");
 
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "move", "A", "x\"}, {\"y", &req,
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "move", "A", "x\"}, {\"y", &req,
                                               &err), APR_EINVAL);
     ck_assert_ptr_nonnull(strstr(err, "destination"));
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "move", "A", NULL, &req, &err),
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "move", "A", NULL, &req, &err),
                      APR_EINVAL);
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "mark_read", "../../me", NULL, &req,
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "mark_read", "../../me", NULL, &req,
                                               &err), APR_EINVAL);
     ck_assert_ptr_nonnull(strstr(err, "graph_id"));
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "mark_read", "", NULL, &req, &err),
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "mark_read", "", NULL, &req, &err),
                      APR_EINVAL);
-    ck_assert_int_eq(mso_graph_action_request(pool, ROOT, "purge", "A", NULL, &req, &err),
+    ck_assert_int_eq(mso_graph_action_request(pool, ME, "purge", "A", NULL, &req, &err),
                      APR_EINVAL);
     ck_assert_str_eq(mso_graph_action_destination(pool, "delete", "inbox"), "deleteditems");
     ck_assert_str_eq(mso_graph_action_destination(pool, "move", "JunkEmail"), "junkemail");
-    ck_assert_str_eq(mso_graph_folder_url(pool, ROOT, "archive"),
+    ck_assert_str_eq(mso_graph_folder_url(pool, ME, "archive"),
                      ROOT "/v1.0/me/mailFolders/archive?$select=id");
-    ck_assert_str_eq(mso_graph_message_state_url(pool, ROOT, "A"),
+    ck_assert_str_eq(mso_graph_message_state_url(pool, ME, "A"),
                      ROOT "/v1.0/me/messages/A?$select=isRead,parentFolderId");
 }
 END_TEST
@@ -458,6 +459,27 @@ START_TEST(me_identity)
 }
 END_TEST
 
+/* Every mail URL starts with the mailbox: /me for the person's own, the
+ * address (encoded) under /users for app-only and shared mailboxes. */
+START_TEST(mailbox_urls)
+{
+    const char *shared = mso_graph_mailbox(pool, ROOT, "support+eu@contoso.com");
+    mso_graph_request_t req;
+    const char *err = NULL;
+
+    ck_assert_str_eq(mso_graph_mailbox(pool, ROOT, NULL), ROOT "/v1.0/me");
+    ck_assert_str_eq(shared, ROOT "/v1.0/users/support%2Beu%40contoso.com");
+    ck_assert_str_eq(mso_graph_mailbox(pool, ROOT, "a/../b@x"), ROOT "/v1.0/users/a%2F..%2Fb%40x");
+    ck_assert(!strncmp(mso_graph_delta_url(pool, shared, "inbox"),
+                       ROOT "/v1.0/users/support%2Beu%40contoso.com/mailFolders/inbox/messages/"
+                       "delta?", 84));
+    ck_assert_int_eq(mso_graph_action_request(pool, shared, "delete", "A", NULL, &req, &err),
+                     APR_SUCCESS);
+    ck_assert_str_eq(req.url, ROOT "/v1.0/users/support%2Beu%40contoso.com/messages/A/move");
+    ck_assert(mso_graph_link_ok(ROOT, req.url));
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("graph");
@@ -477,6 +499,7 @@ int main(void)
     tcase_add_test(tc, action_requests);
     tcase_add_test(tc, write_scopes);
     tcase_add_test(tc, me_identity);
+    tcase_add_test(tc, mailbox_urls);
     suite_add_tcase(s, tc);
     failed = mso_check_run(s);
     apr_terminate();

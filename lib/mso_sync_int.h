@@ -1,0 +1,99 @@
+/* Inside one pass of Graph work (lib/mso_sync*.c only): the pass, a
+ * mailbox's runtime, requests, and the kinds of work a mailbox has. The core
+ * (mso_sync.c) runs the mailboxes; each kind (write-back actions, folder
+ * delta pages, ...) lives in its own file and plugs in with three hooks. */
+#ifndef MSO_SYNC_INT_H
+#define MSO_SYNC_INT_H
+
+#include <apr_pools.h>
+#include <apr_time.h>
+
+#include "mso_graph.h"
+#include "mso_http.h"
+#include "mso_sync.h"
+
+typedef struct {
+    apr_pool_t *pool;
+    mso_db_t *db;
+    const char *owner;
+    mso_http_multi_t *m;
+    apr_time_t slice_end;
+    mso_sync_stats_t *st;
+} mso_pass_t;
+
+/* The kinds, in the order the core offers them room: small writes the
+ * application waits for first, then the mirror's pages. */
+typedef enum {
+    MSO_KIND_ACTIONS = 0,
+    MSO_KIND_FOLDERS,
+    MSO_KIND_MAX
+} mso_kind_e;
+
+typedef struct mso_box_t {
+    mso_pass_t *pass;
+    mso_sync_box_t *in;
+    apr_pool_t *pool;
+    apr_int64_t id;
+    int inflight;
+    int sync_due;                   /* the folders' rounds are due this pass */
+    int stop;                       /* no new requests for this mailbox */
+    int lost;                       /* the lease is gone: write nothing more */
+    int throttled;
+    long retry_after;
+    int unauthorized;
+    const char *error;              /* first failure of the pass */
+    const char *graph_error;        /* Graph's answer with it, for the log */
+    void *kind[MSO_KIND_MAX];       /* each kind's runtime for this mailbox */
+} mso_box_t;
+
+/* One kind of Graph work of a mailbox. */
+typedef struct {
+    const char *name;
+    /* Reads the mailbox's work of this kind when the pass starts. */
+    void (*setup)(mso_box_t *b);
+    /* Starts what may start while mso_sync_room(b); 1 when it started
+     * something (the core offers room again), 0 when it has nothing now. */
+    int (*pump)(mso_box_t *b);
+    /* Its part of the mailbox's schedule after the pass, before the core
+     * adds throttling and errors (NULL: none). */
+    void (*release)(mso_box_t *b, mso_work_done_t *d, apr_int64_t now);
+} mso_sync_kind_t;
+
+extern const mso_sync_kind_t mso_sync_actions;
+extern const mso_sync_kind_t mso_sync_folders;
+
+/* One request of a mailbox: its own pool (the answer lives in it), the item
+ * of the kind it is for and a step of the kind's choosing. */
+typedef struct {
+    mso_box_t *box;
+    apr_pool_t *pool;
+    void *item;
+    int step;
+} mso_req_t;
+
+apr_int64_t mso_sync_now(void);
+/* True while the mailbox may start one more request in this pass. */
+int mso_sync_room(const mso_box_t *b);
+/* The first failure of the pass is what the account shows; no more
+ * requests for the mailbox in this pass. */
+void mso_sync_error(mso_box_t *b, const char *text);
+/* Graph asked to wait (429/503): the mailbox stops for Retry-After. */
+void mso_sync_throttle(mso_box_t *b, const mso_graph_result_t *g);
+/* Graph refused the token (401): refreshed once, then retried. */
+void mso_sync_unauthorized(mso_box_t *b, const mso_graph_result_t *g);
+/* True when name is one of the mailbox's mirrored folders. */
+int mso_sync_in_folders(const mso_box_t *b, const char *name);
+
+mso_req_t *mso_sync_req(mso_box_t *b, void *item, int step);
+/* Sends rq with the mailbox's token (and a page size cap when page_size >
+ * 0); done gets rq as its baton. Not sent: rq's pool is destroyed and the
+ * error returned. */
+apr_status_t mso_sync_send(mso_req_t *rq, const char *method, const char *url,
+                           const char *body, int page_size, mso_http_done_fn *done);
+/* First thing in a done callback: the mailbox has one request less. */
+void mso_sync_answered(mso_req_t *rq);
+/* Last thing in a done callback: the request's pool goes, and the mailbox
+ * is offered room again. */
+void mso_sync_finished(mso_req_t *rq);
+
+#endif
