@@ -282,8 +282,10 @@ static const char *client_id_of(void *baton, const char *name)
     return co ? co->set.client_id.value : NULL;
 }
 
-/* Tokens stored before schema version 4 are sealed again for their account. */
-static void rebind_server(apr_pool_t *p, server_rec *main_s, server_rec *s, mso_db_t *db)
+/* Tokens stored before schema version 4 are sealed again for their account:
+ * at start, and by the job every few minutes (a node of the previous version
+ * may still write old ones during a rolling upgrade). */
+void msoauth_rebind_tokens(apr_pool_t *p, server_rec *main_s, server_rec *s, mso_db_t *db)
 {
     msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
     client_of_t c;
@@ -353,7 +355,7 @@ static void migrate_server(apr_pool_t *p, server_rec *main_s, server_rec *s)
                          "mod_msoauth: database schema migrated from version %d to %d",
                          from, to);
         }
-        rebind_server(p, main_s, s, db);
+        msoauth_rebind_tokens(p, main_s, s, db);
     }
     msoauth_dbd_close(s, dbd);
 }

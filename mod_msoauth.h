@@ -37,6 +37,10 @@ const char *msoauth_lease_owner(apr_pool_t *p);
 /* This child process's lease owner (request handlers). */
 const char *msoauth_process_owner(void);
 
+/* Seals tokens stored before schema version 4 again for their account
+ * (cheap when there are none). */
+void msoauth_rebind_tokens(apr_pool_t *p, server_rec *main_s, server_rec *s, mso_db_t *db);
+
 /* The process's cache of discovery documents and signing keys. */
 struct mso_discovery_cache_t *msoauth_discovery_cache(void);
 

@@ -95,7 +95,7 @@ static void fresh_token(request_rec *r, mso_db_t *db, mso_account_t *a, const ch
                         fresh_t *f)
 {
     msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
-    msoauth_company_t *c = msoauth_company(r->server, a->company);
+    msoauth_company_t *c = msoauth_account_company(r->server, a->company, a->client_id);
     const char *kind = strcmp(resource, "graph") ? "outlook" : "graph";
     apr_time_t give_up = apr_time_now() + WAIT_FOR_OTHER;
 
@@ -225,7 +225,7 @@ int msoauth_token_handler(request_rec *r)
     if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
         return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
-    if (!msoauth_company(r->server, a->company)) {
+    if (!msoauth_account_company(r->server, a->company, a->client_id)) {
         return json_error(r, HTTP_NOT_FOUND, "not_configured", "the account's company is not "
                           "configured on this virtual host");
     }
@@ -389,7 +389,7 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
     {
         for (i = 0; i < accounts->nelts; i++) {
             mso_account_t *a = APR_ARRAY_IDX(accounts, i, mso_account_t *);
-            if (!msoauth_company(r->server, a->company)) {
+            if (!msoauth_account_company(r->server, a->company, a->client_id)) {
                 continue;       /* another virtual host's */
             }
             if (!strcmp(a->state, "connected") && a->refresh_due_at <= now) {
@@ -572,7 +572,7 @@ static const char *admin_tail(request_rec *r)
 
 static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
 {
-    msoauth_company_t *c = msoauth_company(r->server, a->company);
+    msoauth_company_t *c = msoauth_account_company(r->server, a->company, a->client_id);
     mso_http_response_t *resp = NULL;
     apr_array_header_t *h = apr_array_make(r->pool, 2, sizeof(const char *));
     mso_http_opts_t o;
@@ -687,7 +687,7 @@ int msoauth_admin_handler(request_rec *r)
         return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
     if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS
-        || !msoauth_company(r->server, a->company)) {
+        || !msoauth_account_company(r->server, a->company, a->client_id)) {
         return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
     if (!action) {

@@ -37,6 +37,18 @@ msoauth_company_t *msoauth_company(server_rec *s, const char *name)
                                  : NULL;
 }
 
+msoauth_company_t *msoauth_account_company(server_rec *s, const char *name,
+                                           const char *client_id)
+{
+    msoauth_company_t *c = msoauth_company(s, name);
+
+    if (c && client_id && (!c->set.client_id.value
+                           || strcasecmp(c->set.client_id.value, client_id))) {
+        return NULL;
+    }
+    return c;
+}
+
 int msoauth_server_in_use(server_rec *s)
 {
     return msoauth_srv_conf(s)->in_use;

@@ -78,6 +78,11 @@ msoauth_srv_conf_t *msoauth_srv_conf(server_rec *s);
 msoauth_dir_conf_t *msoauth_dir_conf(request_rec *r);
 /* The company of that name on s, or NULL. */
 msoauth_company_t *msoauth_company(server_rec *s, const char *name);
+/* The company an account belongs to on s: its name, and the client ID it was
+ * connected with (several virtual hosts on one database may each have a
+ * company of that name with other credentials). NULL when s has none. */
+msoauth_company_t *msoauth_account_company(server_rec *s, const char *name,
+                                           const char *client_id);
 /* True when the server has a company with credentials (set at finalize). */
 int msoauth_server_in_use(server_rec *s);
 /* True when the company can authenticate: a client ID and a secret or a

@@ -54,6 +54,7 @@ APLOG_USE_MODULE(msoauth);
  * the tick for up to GRAPH_TICK while there is work, each claiming afresh, so
  * a long initial sync keeps going while new accounts and queued actions get
  * their turn within a pass. */
+#define REBIND_EVERY apr_time_from_sec(600)
 #define GRAPH_BATCH 100
 #define GRAPH_SLICE apr_time_from_msec(1500)
 #define GRAPH_TICK apr_time_from_sec(10)
@@ -94,6 +95,7 @@ typedef struct {
     const char *owner;          /* lease owner: node, pid and a random part */
     apr_time_t secrets_checked;
     apr_time_t owners_checked;
+    apr_time_t rebound;         /* tokens of an older version sealed again */
     /* A child that goes away (graceful restart, stop) destroys mod_dbd's
      * connections: it must wait until a tick in progress has given its
      * connection back, and no new tick may start. */
@@ -126,19 +128,31 @@ void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_
 }
 
 /* The company of an account: this server's, else another virtual host's that
- * shares the database (company names are unique per database). */
-static msoauth_company_t *company_of(job_t *job, server_rec *s, const char *name,
+ * shares the database; by name and the client ID the account was connected
+ * with, so that two virtual hosts with a company of the same name but other
+ * credentials never refresh each other's accounts. */
+static msoauth_company_t *company_of(job_t *job, server_rec *s, const mso_account_t *a,
                                      server_rec **found)
 {
-    msoauth_company_t *c = msoauth_company(s, name);
+    msoauth_company_t *c = msoauth_account_company(s, a->company, a->client_id);
     server_rec *o;
 
     *found = s;
     for (o = job->main_s; !c && o; o = o->next) {
-        c = msoauth_company(o, name);
+        c = msoauth_account_company(o, a->company, a->client_id);
         *found = o;
     }
     return c;
+}
+
+/* Why an account's company cannot be used here. */
+static const char *not_configured_text(apr_pool_t *p, const mso_account_t *a)
+{
+    return apr_psprintf(p, "no company %s with the client ID %s the account was connected "
+                        "with is configured on this server any more (or no longer has a "
+                        "secret or certificate); connect the mailbox again under the "
+                        "company's current app", a->company ? a->company : "?",
+                        a->client_id ? a->client_id : "?");
 }
 
 typedef struct {
@@ -176,15 +190,15 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
     for (i = 0; i < due->nelts; i++) {
         mso_account_t *a = APR_ARRAY_IDX(due, i, mso_account_t *);
         server_rec *cs;
-        msoauth_company_t *c = company_of(job, s, a->company, &cs);
+        msoauth_company_t *c = company_of(job, s, a, &cs);
         mso_refresh_ctx_t *ctx;
         mso_http_opts_t *http;
 
         if (!msoauth_company_has_credentials(c)) {
             /* The company left the configuration: keep the account, say why. */
             mso_account_refresh_failed(db, bp, a->id, job->owner, "connected",
-                                       "not_configured", 0, "the account's company is not "
-                                       "configured on this server any more", now + 3600, now);
+                                       "not_configured", 0, not_configured_text(bp, a),
+                                       now + 3600, now);
             st->failed++;
             continue;
         }
@@ -451,7 +465,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
     for (i = 0; i < works->nelts; i++) {
         mso_work_t *w = APR_ARRAY_IDX(works, i, mso_work_t *);
         server_rec *cs;
-        msoauth_company_t *c = company_of(job, s, w->acct->company, &cs);
+        msoauth_company_t *c = company_of(job, s, w->acct, &cs);
         mso_work_done_t keep;
 
         if (!c || !c->set.client_id.value) {
@@ -459,7 +473,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
             memset(&keep, 0, sizeof(keep));
             keep.sync_due_at = now + 3600;
             keep.sync_phase = w->sync_phase;
-            keep.sync_error = "the account's company is not configured on this server any more";
+            keep.sync_error = not_configured_text(bp, w->acct);
             keep.sync_error_runs = w->sync_error_runs;
             mso_mirror_release(db, bp, w->acct->id, job->owner, &keep, now);
             continue;
@@ -562,6 +576,9 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         if (apr_time_now() - job->owners_checked > apr_time_from_sec(10)) {
             job->owners_checked = apr_time_now();
             drop_dead_owners(job, s, db, p);
+        }
+        if (apr_time_now() - job->rebound > REBIND_EVERY) {
+            msoauth_rebind_tokens(p, job->main_s, s, db);
         }
         while (refresh_batch(job, s, db, p, deadline, m, &st) == CLAIM_BATCH
                && apr_time_now() < deadline) {
@@ -667,6 +684,9 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
         /* The connections close with the tick: nothing is kept between ticks. */
         mso_http_multi_destroy(m);
         mso_http_multi_destroy(gm);
+        if (apr_time_now() - job->rebound > REBIND_EVERY) {
+            job->rebound = apr_time_now();
+        }
         if (apr_time_now() - job->secrets_checked > apr_time_from_sec(86400)) {
             job->secrets_checked = apr_time_now();
             check_secrets(job, pool);

@@ -261,3 +261,50 @@ def test_id_token_email_claims_never_name_the_mailbox(httpd, simulator):
     (a,) = s.accounts()
     assert a["mailbox"] == "mallory@fabrikam.example"
     assert a["object_id"] == mallory["oid"] and a["tenant_id"] != "" and ADELE[0] not in str(a)
+
+
+def test_same_company_name_on_two_hosts_never_mixes_credentials(httpd, simulator):
+    """Two virtual hosts on one database, each with a company "default" of
+    its own app: an account connected through one is never served, refreshed
+    or shown through the other's credentials."""
+    other = "11111111-2222-3333-4444-555555555555"
+    httpd.file("api.key", API_KEY + "\n")
+    s = Setup(httpd, simulator, extra=f"""
+MSOAuthAPIKeyFile api.key
+<Location /microsoft_outlook/token>
+  SetHandler msoauth-token
+  Require local
+</Location>
+<Location /microsoft_outlook/admin>
+  SetHandler msoauth-admin
+  Require local
+</Location>
+<VirtualHost 127.0.0.1:{httpd.port}>
+  ServerName other.example
+  MSOAuthClientID {other}
+  MSOAuthClientSecret "another-secret-value-0123456789"
+  MSOAuthAuthorityURL {simulator.url}
+  MSOAuthGraphURL {simulator.url}
+  MSOAuthBaseURL http://127.0.0.1:{httpd.port}
+  <Location /microsoft_outlook/token>
+    SetHandler msoauth-token
+    Require local
+  </Location>
+  <Location /microsoft_outlook/admin>
+    SetHandler msoauth-admin
+    Require local
+  </Location>
+</VirtualHost>
+<VirtualHost 127.0.0.1:{httpd.port}>
+  ServerName 127.0.0.1:{httpd.port}
+</VirtualHost>
+""")
+    s.wait_schema()
+    acc = connect(s, ADELE[0])
+    r, body = call(s, f"/microsoft_outlook/token?account={acc}", bearer())
+    assert r.status == 200 and body["access_token"], r.text
+    r, body = call(s, f"/microsoft_outlook/token?account={acc}", bearer(), host="other.example")
+    assert r.status == 404 and body["reason"] in ("not_configured", "not_found"), r.text
+    assert "access_token" not in r.text
+    r, body = call(s, "/microsoft_outlook/admin/accounts", bearer(), host="other.example")
+    assert r.status == 200 and body == [], r.text
