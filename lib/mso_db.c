@@ -42,6 +42,7 @@
 
 #include <apr_hash.h>
 #include <apr_lib.h>
+#include <apr_buckets.h>
 #include <apr_strings.h>
 
 #include "mso_db.h"
@@ -53,7 +54,15 @@
 /* The sqlite3 driver returns sqlite3_step's code: SQLITE_ERROR. */
 #define SQLITE_ERROR_RC 1
 
-enum { T_TEXT = 1, T_INT = 2 };
+enum { T_TEXT = 1, T_INT = 2, T_BLOB = 3 };
+
+/* apr_dbd takes a blob as four values: bytes, length, table, column. */
+#define BLOB_SLOTS 4
+
+static const char *type_name(int type)
+{
+    return type == T_INT ? "int" : type == T_BLOB ? "blob" : "text";
+}
 
 /* A statement as prepared on one connection. Its arguments are numbered:
  * first the plain ones, then the repeated group row after row. */
@@ -65,6 +74,7 @@ typedef struct {
     apr_hash_t *plain;              /* name -> int* (its number among the plain) */
     apr_hash_t *group;              /* name -> int* (its number in the group) */
     int nslots;                     /* placeholders in the SQL, in order */
+    int nvalues;                    /* apr_dbd's values for them (a blob takes four) */
     int *slot_param;
     const char *sql;                /* apr_dbd's form */
     const char *bad;                /* declaration and SQL disagree: a bug */
@@ -75,6 +85,7 @@ typedef struct {
     int set, null;
     const char *s;
     apr_int64_t i;
+    apr_size_t len;                 /* a blob's */
 } value_t;
 
 struct mso_args_t {
@@ -247,8 +258,11 @@ static const char *declare(apr_pool_t *p, entry_t *e, const char *params)
         else if ((c - colon - 1) == 3 && !strncmp(colon + 1, "int", 3)) {
             type = T_INT;
         }
+        else if ((c - colon - 1) == 4 && !strncmp(colon + 1, "blob", 4)) {
+            type = T_BLOB;
+        }
         else {
-            return apr_psprintf(p, "its argument %.*s has a type other than text or int",
+            return apr_psprintf(p, "its argument %.*s has a type other than text, int or blob",
                                 (int)(colon - start), start);
         }
         g = colon - start > 2 && colon[-2] == '_' && colon[-1] == '#';
@@ -356,9 +370,13 @@ static const char *translate(apr_pool_t *p, apr_pool_t *tmp, entry_t *e, const c
             c += n;
             used[i] = 1;
             APR_ARRAY_PUSH(slots, int) = i;
-            memcpy(o, param_type(e, i) == T_INT ? "%lld" : "%s",
-                   param_type(e, i) == T_INT ? 4 : 2);
-            o += param_type(e, i) == T_INT ? 4 : 2;
+            {
+                const char *spec = param_type(e, i) == T_INT ? "%lld"
+                                   : param_type(e, i) == T_BLOB ? "%pDb" : "%s";
+
+                memcpy(o, spec, strlen(spec));
+                o += strlen(spec);
+            }
         }
         else {
             *o++ = *c++;
@@ -372,6 +390,10 @@ static const char *translate(apr_pool_t *p, apr_pool_t *tmp, entry_t *e, const c
         }
     }
     e->nslots = slots->nelts;
+    e->nvalues = 0;
+    for (i = 0; i < slots->nelts; i++) {
+        e->nvalues += param_type(e, APR_ARRAY_IDX(slots, i, int)) == T_BLOB ? BLOB_SLOTS : 1;
+    }
     e->slot_param = apr_pcalloc(p, sizeof(int) * (slots->nelts + 1));
     memcpy(e->slot_param, slots->elts, sizeof(int) * slots->nelts);
     e->sql = apr_pstrmemdup(p, out, o - out);
@@ -435,8 +457,7 @@ static value_t *slot_of(mso_args_t *a, const char *name, int type)
                                                 : "it has no argument :%s_%d", name, a->row)
                 : apr_psprintf(a->p, "its argument %s is %s, bound as %s",
                                param_name(a->p, a->e, i),
-                               param_type(a->e, i) == T_INT ? "int" : "text",
-                               type == T_INT ? "int" : "text");
+                               type_name(param_type(a->e, i)), type_name(type));
         }
         return NULL;
     }
@@ -476,6 +497,18 @@ void mso_arg_opt(mso_args_t *a, const char *name, apr_int64_t value)
     }
 }
 
+void mso_arg_blob(mso_args_t *a, const char *name, const void *data, apr_size_t len)
+{
+    value_t *v = slot_of(a, name, T_BLOB);
+
+    if (v) {
+        v->set = 1;
+        v->null = data == NULL;
+        v->s = data;
+        v->len = len;
+    }
+}
+
 void mso_arg_null(mso_args_t *a, const char *name)
 {
     value_t *v = slot_of(a, name, 0);
@@ -504,7 +537,7 @@ static apr_status_t run(mso_args_t *a, apr_pool_t *pool, int *nrows, mso_rows_t 
     entry_t *e = a->e;
     apr_dbd_results_t *res = NULL;
     const void **vals;
-    int i, rc = 0, n = 0, attempt;
+    int i, k, rc = 0, n = 0, attempt;
 
     memset(f, 0, sizeof(*f));
     if (nrows) {
@@ -514,16 +547,25 @@ static apr_status_t run(mso_args_t *a, apr_pool_t *pool, int *nrows, mso_rows_t 
         *rows = NULL;
     }
     f->bug = e->bad ? e->bad : a->err;
-    vals = apr_palloc(pool, sizeof(*vals) * (e->nslots + 1));
-    for (i = 0; !f->bug && i < e->nslots; i++) {
+    vals = apr_palloc(pool, sizeof(*vals) * (e->nvalues + 1));
+    for (i = 0, k = 0; !f->bug && i < e->nslots; i++) {
         value_t *v = &a->values[e->slot_param[i]];
+        int type = param_type(e, e->slot_param[i]);
 
         if (!v->set) {
             f->bug = apr_psprintf(pool, "its argument %s is not bound",
                                   param_name(pool, e, e->slot_param[i]));
         }
-        vals[i] = v->null ? NULL : param_type(e, e->slot_param[i]) == T_INT
-                                   ? (const void *)&v->i : (const void *)v->s;
+        if (type == T_BLOB) {
+            vals[k++] = v->null ? NULL : v->s;
+            vals[k++] = &v->len;
+            vals[k++] = "";                 /* table and column: neither driver uses them */
+            vals[k++] = "";
+        }
+        else {
+            vals[k++] = v->null ? NULL : type == T_INT ? (const void *)&v->i
+                                                       : (const void *)v->s;
+        }
     }
     if (f->bug) {
         return f->rv = APR_EINVAL;
@@ -659,6 +701,65 @@ const char *mso_col_text(mso_rows_t *r, apr_pool_t *p, const char *name)
         return NULL;
     }
     return apr_pstrdup(p, v);
+}
+
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+const unsigned char *mso_col_blob(mso_rows_t *r, apr_pool_t *p, const char *name,
+                                  apr_size_t *len)
+{
+    int col = column(r, name);
+    unsigned char *out = NULL;
+
+    *len = 0;
+    if (col < 0) {
+        return NULL;
+    }
+    if (r->db->kind == MSO_DB_PGSQL) {
+        /* The pgsql driver reads results as text: bytea comes as \x and hex. */
+        const char *v = apr_dbd_get_entry(r->db->driver, r->row, col);
+        apr_size_t n, i;
+
+        if (!v || strncmp(v, "\\x", 2) || (n = strlen(v + 2)) % 2) {
+            return NULL;
+        }
+        out = apr_palloc(p, n / 2 + 1);
+        for (i = 0; i < n / 2; i++) {
+            int hi = hexval(v[2 + 2 * i]), lo = hexval(v[3 + 2 * i]);
+
+            if (hi < 0 || lo < 0) {
+                return NULL;
+            }
+            out[i] = (unsigned char)(hi * 16 + lo);
+        }
+        *len = n / 2;
+    }
+    else {
+        apr_bucket_alloc_t *ba = apr_bucket_alloc_create(p);
+        apr_bucket_brigade *bb = apr_brigade_create(p, ba);
+        apr_off_t n = 0;
+        char *flat = NULL;
+        apr_size_t got;
+
+        if (apr_dbd_datum_get(r->db->driver, r->row, col, APR_DBD_TYPE_BLOB, bb)
+            != APR_SUCCESS || apr_brigade_length(bb, 1, &n) != APR_SUCCESS || n < 0) {
+            apr_brigade_destroy(bb);
+            return NULL;
+        }
+        got = (apr_size_t)n;
+        if (apr_brigade_pflatten(bb, &flat, &got, p) != APR_SUCCESS) {
+            apr_brigade_destroy(bb);
+            return NULL;
+        }
+        apr_brigade_destroy(bb);
+        out = (unsigned char *)flat;
+        *len = got;
+    }
+    return out ? out : (unsigned char *)"";
 }
 
 apr_int64_t mso_col_int(mso_rows_t *r, const char *name)

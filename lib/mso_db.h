@@ -97,6 +97,8 @@ void mso_arg_text(mso_args_t *a, const char *name, const char *value);   /* NULL
 void mso_arg_int(mso_args_t *a, const char *name, apr_int64_t value);
 void mso_arg_opt(mso_args_t *a, const char *name, apr_int64_t value);    /* 0: SQL NULL */
 void mso_arg_null(mso_args_t *a, const char *name);
+/* Bytes (BLOB / bytea); data NULL: SQL NULL. data must live until the run. */
+void mso_arg_blob(mso_args_t *a, const char *name, const void *data, apr_size_t len);
 /* Statements with a repeated group: from here on, name means the group's
  * name_# of that row (":graph_id_3"); -1 goes back to the other arguments. */
 void mso_args_row(mso_args_t *a, int row);
@@ -111,6 +113,10 @@ int mso_rows_next(mso_rows_t *r);
 const char *mso_col_text(mso_rows_t *r, apr_pool_t *p, const char *name);
 /* 0 for SQL NULL. */
 apr_int64_t mso_col_int(mso_rows_t *r, const char *name);
+/* A BLOB / bytea column's bytes, copied into p; NULL (and *len 0) for SQL
+ * NULL. The whole value is in memory: select large ones one at a time. */
+const unsigned char *mso_col_blob(mso_rows_t *r, apr_pool_t *p, const char *name,
+                                  apr_size_t *len);
 
 /* A statement on its own (outside a transaction). *nrows: the rows a write
  * changed (may be NULL). On failure *err is a sentence in the arguments'
