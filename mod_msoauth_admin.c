@@ -79,20 +79,11 @@ static int parse_id(const char *s, apr_int64_t *id)
     return !*end && *id > 0;
 }
 
-typedef struct {
-    const char *token;
-    const char *scope;
-    apr_int64_t expires_at;
-    const char *reason;         /* set on failure */
-    const char *detail;
-    long aadsts;
-} fresh_t;
-
-/* A token of kind for the account, valid at least MIN_VALIDITY more seconds:
- * the stored one, or a refresh under the account's lease. When the job (or
- * another node) holds the lease, waits for its result instead of racing it. */
-static void fresh_token(request_rec *r, mso_db_t *db, mso_account_t *a, const char *resource,
-                        fresh_t *f)
+/* The stored token when it lives MIN_VALIDITY more seconds, else a refresh
+ * under the account's lease. When the job (or another node) holds the lease,
+ * waits for its result instead of racing it. */
+void msoauth_account_token(request_rec *r, mso_db_t *db, mso_account_t *a,
+                           const char *resource, msoauth_token_t *f)
 {
     msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
     msoauth_company_t *c = msoauth_account_company(r->server, a->company, a->client_id);
@@ -190,7 +181,7 @@ int msoauth_token_handler(request_rec *r)
     apr_int64_t id;
     mso_account_t *a;
     mso_db_t *db;
-    fresh_t f;
+    msoauth_token_t f;
     json_t *j;
 
     int rc;
@@ -232,7 +223,7 @@ int msoauth_token_handler(request_rec *r)
     if (strcmp(a->state, "connected")) {
         return send_json(r, HTTP_CONFLICT, account_state_json(a));
     }
-    fresh_token(r, db, a, resource, &f);
+    msoauth_account_token(r, db, a, resource, &f);
     if (!f.token) {
         if (mso_account_get(db, r->pool, id, &a) == APR_SUCCESS
             && strcmp(a->state, "connected")) {
@@ -576,12 +567,12 @@ static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
     mso_http_response_t *resp = NULL;
     apr_array_header_t *h = apr_array_make(r->pool, 2, sizeof(const char *));
     mso_http_opts_t o;
-    fresh_t f;
+    msoauth_token_t f;
     const char *url;
     apr_status_t rv;
     json_t *j;
 
-    fresh_token(r, db, a, "graph", &f);
+    msoauth_account_token(r, db, a, "graph", &f);
     if (!f.token) {
         return json_error(r, HTTP_OK, f.reason, f.detail);
     }
