@@ -89,7 +89,8 @@ json_t *mso_json_parse(apr_pool_t *p, const char *buf, apr_size_t len, const cha
         return NULL;
     }
     if (len > MSO_JSON_MAX_SIZE) {
-        *err = "JSON error: document larger than 8 MiB";
+        *err = apr_psprintf(p, "JSON error: document larger than %d MiB",
+                            MSO_JSON_MAX_SIZE / (1024 * 1024));
         return NULL;
     }
     j = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
