@@ -236,7 +236,9 @@ mso_flow_check_e mso_flow_open(apr_pool_t *p, const mso_keyring_t *kr, const cha
         return MSO_FLOW_INVALID;
     }
     *flow = f;
-    if (now >= exp || exp - iat > MSO_FLOW_LIFETIME || iat > now + 60) {
+    /* exp > now once the first test fails, so exp - LIFETIME cannot overflow
+     * (exp - iat could, for a hostile iat). */
+    if (now >= exp || exp - MSO_FLOW_LIFETIME > iat || iat > now + 60) {
         return MSO_FLOW_EXPIRED;
     }
     return MSO_FLOW_VALID;
