@@ -93,6 +93,12 @@ add("flow_cookie_open", "payload-version-2", b"\x02" + STATE.encode() + b"\x00"
 add("flow_cookie_open", "payload-types", b"\x02" + STATE.encode() + b"\x00"
     + b'{"v":1,"s":"' + STATE.encode() + b'","n":1,"pv":[],"c":null,"iat":1.5,"exp":"x"}')
 
+# Reproducers of findings (named repro-*): before the fix, a mailbox that is not
+# UTF-8 was left out of the sealed flow and the flow still opened as valid.
+add("flow_cookie_open", "repro-seal-drops-non-utf8-mailbox",
+    b"\x01acme\x00\xe9@example.com\x00\x00\x00\x00\x00")
+add("flow_cookie_open", "repro-seal-drops-non-utf8-company", b"\n\xf3")
+
 # ------------------------------------------------------------- cookie header
 def b36(n):
     s = ""
@@ -348,6 +354,7 @@ for target, files in seeds.items():
     d = os.path.join(CORPUS, target)
     os.makedirs(d, exist_ok=True)
     for name_, data in files.items():
-        with open(os.path.join(d, "seed-" + name_), "wb") as f:
+        fname = name_ if name_.startswith("repro-") else "seed-" + name_
+        with open(os.path.join(d, fname), "wb") as f:
             f.write(data)
 print("\n".join(f"{t}: {len(f)} seeds" for t, f in sorted(seeds.items())))

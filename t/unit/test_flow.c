@@ -63,6 +63,23 @@ START_TEST(optional_fields)
 }
 END_TEST
 
+/* A field JSON cannot carry is refused, never silently left out (the mailbox
+ * asked for would no longer be enforced). */
+START_TEST(not_utf8)
+{
+    const char *v = NULL;
+
+    ck_assert_int_eq(mso_flow_seal(pool, ring, mso_flow_new(pool, "acme", "\xe9@example.com",
+                                                             NULL, NULL, 50), &v), APR_EINVAL);
+    ck_assert_int_eq(mso_flow_seal(pool, ring, mso_flow_new(pool, "acme", NULL, "/\xff", NULL,
+                                                             50), &v), APR_EINVAL);
+    ck_assert_int_eq(mso_flow_seal(pool, ring, mso_flow_new(pool, "acme", NULL, NULL,
+                                                             "J\xfcrgen", 50), &v), APR_EINVAL);
+    ck_assert_int_eq(mso_flow_seal(pool, ring, mso_flow_new(pool, "acme", "j\xc3\xbcrgen@ex.de",
+                                                             NULL, NULL, 50), &v), APR_SUCCESS);
+}
+END_TEST
+
 START_TEST(rejections)
 {
     mso_flow_t *f = mso_flow_new(pool, "acme", NULL, NULL, NULL, 1000);
@@ -196,6 +213,7 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, round_trip);
     tcase_add_test(tc, optional_fields);
+    tcase_add_test(tc, not_utf8);
     tcase_add_test(tc, rejections);
     tcase_add_test(tc, cookie_names);
     tcase_add_test(tc, cookie_cap);
