@@ -1,3 +1,4 @@
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <string.h>
 
@@ -162,10 +163,10 @@ int mso_host_is_loopback(const char *host)
         return 1;
     }
     if (!strncmp(host, "127.", 4)) {
-        int a, b, c;
-        char tail;
-        return sscanf(host + 4, "%d.%d.%d%c", &a, &b, &c, &tail) == 3
-               && a >= 0 && a < 256 && b >= 0 && b < 256 && c >= 0 && c < 256;
+        /* Strict dotted decimal: sscanf's %d also took "-0", "+1" and " 1",
+         * which the resolver does not read as an address. */
+        struct in_addr a;
+        return inet_pton(AF_INET, host, &a) == 1;
     }
     return 0;
 }

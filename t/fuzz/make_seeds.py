@@ -335,6 +335,9 @@ for check, values in {
     for i, v in enumerate(values):
         add("config_values", f"{check}-{i}", bytes([CHECKS.index(check)]) + v.encode())
 
+# Reproducer: sscanf's %d took a sign or a space in a 127.x address.
+add("config_values", "repro-loopback-signed-octet", bytes([CHECKS.index("loopback")]) + b"127.-0.2.1")
+
 # ---------------------------------------------------------------------- json
 for i, j in enumerate([
         json.dumps(ok), json.dumps(page)[:2000], '{"a":1,"a":2}', '[1,2,3]', '"scalar"',

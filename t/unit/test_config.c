@@ -127,6 +127,12 @@ START_TEST(loopback)
     ck_assert(mso_host_is_loopback("::1"));
     ck_assert(!mso_host_is_loopback("127.0.0.1.nip.io"));
     ck_assert(!mso_host_is_loopback("128.0.0.1"));
+    ck_assert(mso_host_is_loopback("127.255.255.255"));
+    /* Only what the resolver reads as an address (found by fuzzing). */
+    ck_assert(!mso_host_is_loopback("127.-0.2.1"));
+    ck_assert(!mso_host_is_loopback("127.+1.0.1"));
+    ck_assert(!mso_host_is_loopback("127. 1.0.1"));
+    ck_assert(!mso_host_is_loopback("127.0.0.256"));
     ck_assert(!mso_host_is_loopback("localhost.example.com"));
     ck_assert(!mso_host_is_loopback(NULL));
 }
