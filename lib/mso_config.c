@@ -174,6 +174,17 @@ int mso_host_is_loopback(const char *host)
 /* The checks shared by the base URL and service URLs. */
 static const char *check_url(apr_pool_t *p, const char *value, apr_uri_t *u, int allow_path)
 {
+    const unsigned char *c;
+
+    /* apr_uri_parse takes any byte; links under a Graph root with one of
+     * these would all be refused later (mso_graph_link_ok). */
+    for (c = (const unsigned char *)value; *c; c++) {
+        if (*c <= 0x20 || *c >= 0x7f) {
+            return apr_psprintf(p, "'%s' holds a space, a control character or a non-ASCII "
+                                "byte: write the host in ASCII (punycode for international "
+                                "names)", value);
+        }
+    }
     if (apr_uri_parse(p, value, u) != APR_SUCCESS || !u->scheme || !u->hostname
         || !*u->hostname) {
         return apr_psprintf(p, "'%s' is not an absolute URL: write it as "

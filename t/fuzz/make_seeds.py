@@ -338,6 +338,11 @@ for check, values in {
 # Reproducer: sscanf's %d took a sign or a space in a 127.x address.
 add("config_values", "repro-loopback-signed-octet", bytes([CHECKS.index("loopback")]) + b"127.-0.2.1")
 
+# Reproducer: a Graph root with a non-ASCII byte passed the URL check, and
+# every link under it was then refused.
+add("config_values", "repro-graph-root-non-ascii", bytes([CHECKS.index("graph_url")])
+    + b"https://gra\xff\xff\xff\xff\xff\xff\xffeta")
+
 # ---------------------------------------------------------------------- json
 for i, j in enumerate([
         json.dumps(ok), json.dumps(page)[:2000], '{"a":1,"a":2}', '[1,2,3]', '"scalar"',

@@ -108,6 +108,10 @@ START_TEST(base_url)
                                  "trailing slash"));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://erp.example.com/app"));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://erp.example.com?a=b"));
+    /* Bytes no link may hold (found by fuzzing: a Graph root whose links were all refused). */
+    ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://erp.ex ample.com"));
+    ck_assert_ptr_nonnull(mso_check_service_url(pool, "https://gra\xff.microsoft.com", 1));
+    ck_assert_ptr_nonnull(mso_check_service_url(pool, "https://graph.microsoft.com/\x01", 1));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://erp.example.com#x"));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://u:p@erp.example.com"));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "ftp://erp.example.com"));
