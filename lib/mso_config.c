@@ -273,6 +273,12 @@ const char *mso_check_date(apr_pool_t *p, const char *value, apr_time_t *when)
     long days;
     char tail;
 
+    /* Digits where digits belong: %d also skips white space and takes a sign. */
+    for (i = 0; i < 10 && value[i]; i++) {
+        if (i != 4 && i != 7 && !apr_isdigit(value[i])) {
+            goto bad;
+        }
+    }
     if (strlen(value) != 10 || sscanf(value, "%4d-%2d-%2d%c", &y, &m, &d, &tail) != 3
         || value[4] != '-' || value[7] != '-' || y < 1970 || y > 2199 || m < 1 || m > 12) {
         goto bad;

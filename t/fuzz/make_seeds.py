@@ -343,6 +343,9 @@ add("config_values", "repro-loopback-signed-octet", bytes([CHECKS.index("loopbac
 add("config_values", "repro-graph-root-non-ascii", bytes([CHECKS.index("graph_url")])
     + b"https://gra\xff\xff\xff\xff\xff\xff\xffeta")
 
+# Reproducer: sscanf's %2d skipped a tab inside a date.
+add("config_values", "repro-date-with-tab", bytes([CHECKS.index("date")]) + b"2027-02-\t9")
+
 # ---------------------------------------------------------------------- json
 for i, j in enumerate([
         json.dumps(ok), json.dumps(page)[:2000], '{"a":1,"a":2}', '[1,2,3]', '"scalar"',

@@ -165,6 +165,10 @@ START_TEST(dates)
     ck_assert_ptr_null(mso_check_date(pool, "2028-02-29", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "2027-02-29", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "2027-13-01", &t));
+    /* Only digits between the dashes (found by fuzzing). */
+    ck_assert_ptr_nonnull(mso_check_date(pool, "2027-02-\t9", &t));
+    ck_assert_ptr_nonnull(mso_check_date(pool, "2027-+2-09", &t));
+    ck_assert_ptr_nonnull(mso_check_date(pool, " 2027-2-09", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "2027-1-01", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "2027-01-01x", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "31.12.2027", &t));
