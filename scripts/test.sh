@@ -36,3 +36,8 @@ sh scripts/build.sh build/asan --enable-werror \
   CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
   LDFLAGS="-fsanitize=address,undefined"
 (export MSO_SANITIZE=asan ASAN_OPTIONS=detect_leaks=1; run_suite asan "$top/build/asan")
+
+# Each fuzz target replays its seeds and runs a few seconds (libFuzzer with
+# ASan + UBSan): fails on any crash, leak, timeout or broken invariant.
+echo "=== fuzz smoke"
+sh scripts/fuzz.sh smoke
