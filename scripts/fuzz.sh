@@ -6,13 +6,14 @@
 #                                      build/fuzz/artifacts/
 #   scripts/fuzz.sh all [SECONDS]      every target in turn (default 10 s each)
 #   scripts/fuzz.sh smoke              CI: replay each seed corpus, then fuzz
-#                                      each target a few seconds; fails on any
-#                                      crash, leak, timeout or sanitizer report
+#                                      each target a few seconds (two at a
+#                                      time); fails on any crash, leak,
+#                                      timeout, sanitizer report or invariant
 #   scripts/fuzz.sh build [TARGET...]  build only
 #   scripts/fuzz.sh list               the targets
 # Needs clang and libclang-rt-14-dev (scripts/install-deps.sh test).
 # Environment: FUZZ_OUT (build/fuzz), FUZZ_JOBS (make -j), FUZZ_SMOKE_SECONDS (2),
-# FUZZ_ARGS (more libFuzzer flags).
+# FUZZ_SMOKE_JOBS (2), FUZZ_ARGS (more libFuzzer flags).
 set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -66,27 +67,46 @@ run() {  # target seconds
     "$out/corpus/$t" "t/fuzz/corpus/$t"
 }
 
+smoke_one() {  # target workdir: replay the seeds one by one, then a short run
+  t=$1 work=$2
+  mkdir -p "$work/$t" "$out/artifacts"
+  # New inputs go to a scratch folder, never into t/fuzz/corpus.
+  # shellcheck disable=SC2046
+  if "$out/fuzz_$t" $(common_flags "$t") -runs=0 "t/fuzz/corpus/$t" >"$work/$t.log" 2>&1 \
+     && "$out/fuzz_$t" $(common_flags "$t") -max_total_time="$secs" \
+          "$work/$t" "t/fuzz/corpus/$t" >>"$work/$t.log" 2>&1; then
+    echo ok >"$work/$t.rc"
+  else
+    echo failed >"$work/$t.rc"
+  fi
+}
+
 smoke() {
   secs=${FUZZ_SMOKE_SECONDS:-2}
+  jobs=${FUZZ_SMOKE_JOBS:-2}
   passed=0 failed=0 failures=""
   build $(names)
   work=$(mktemp -d /tmp/msoauth-fuzz.XXXXXX)
-  for t in $(names); do
-    log="$work/$t.log"
-    mkdir -p "$work/$t" "$out/artifacts"
-    # The seeds one by one (replay), then a short run from them; the new
-    # inputs go to a scratch folder, never into t/fuzz/corpus.
-    # shellcheck disable=SC2046
-    if "$out/fuzz_$t" $(common_flags "$t") -runs=0 "t/fuzz/corpus/$t" >"$log" 2>&1 \
-       && "$out/fuzz_$t" $(common_flags "$t") -max_total_time="$secs" \
-            "$work/$t" "t/fuzz/corpus/$t" >>"$log" 2>&1; then
-      passed=$((passed + 1))
-      echo "fuzz $t: ok ($(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -n 1 | awk '{print $2}') runs)"
-    else
-      failed=$((failed + 1)) failures="$failures $t"
-      echo "fuzz $t: FAILED"
-      tail -n 60 "$log"
-    fi
+  # A few targets at a time (the machine has 2 cores), reported in order.
+  set -- $(names)
+  while [ $# -gt 0 ]; do
+    batch=""
+    while [ $# -gt 0 ] && [ "$(echo $batch | wc -w)" -lt "$jobs" ]; do
+      smoke_one "$1" "$work" &
+      batch="$batch $1"
+      shift
+    done
+    wait
+    for t in $batch; do
+      if [ "$(cat "$work/$t.rc")" = ok ]; then
+        passed=$((passed + 1))
+        echo "fuzz $t: ok ($(grep -ao 'stat::number_of_executed_units: [0-9]*' "$work/$t.log" | tail -n 1 | awk '{print $2}') runs)"
+      else
+        failed=$((failed + 1)) failures="$failures $t"
+        echo "fuzz $t: FAILED"
+        tail -n 60 "$work/$t.log"
+      fi
+    done
   done
   rm -rf "$work"
   [ -z "$failures" ] || echo "fuzz: failed:$failures (inputs in $out/artifacts)"
