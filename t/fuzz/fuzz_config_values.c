@@ -117,10 +117,21 @@ static void check_url_value(apr_pool_t *p, const char *v, int allow_path)
             *c = (char)tolower((unsigned char)*c);
         }
         struct in_addr a;
+        struct in6_addr a6;
+        char buf[INET6_ADDRSTRLEN];
 
-        /* curl writes numeric IPv4 hosts out in full ("127.1" is 127.0.0.1). */
+        /* curl writes numeric hosts out in its own form ("127.1" is
+         * 127.0.0.1, "::0" is "::"): compare addresses as addresses. */
         if (inet_aton(lower, &a)) {
             lower = apr_pstrdup(p, inet_ntoa(a));
+        }
+        else if (inet_pton(AF_INET6, lower, &a6) == 1
+                 && inet_ntop(AF_INET6, &a6, buf, sizeof(buf))) {
+            lower = apr_pstrdup(p, buf);
+            if (inet_pton(AF_INET6, host, &a6) == 1
+                && inet_ntop(AF_INET6, &a6, buf, sizeof(buf))) {
+                host = apr_pstrdup(p, buf);
+            }
         }
         FUZZ_CHECK(!strcmp(host, lower), "APR reads host \"%s\", curl \"%s\" in %s", lower,
                    host, v);
