@@ -11,6 +11,12 @@
 
 static char *dir, *path;
 
+static void remove_dir(void)
+{
+    unlink(path);
+    rmdir(dir);
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     char tmpl[] = "/tmp/mso-fuzz-key.XXXXXX";
@@ -22,6 +28,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     }
     dir = apr_pstrdup(fuzz_root, tmpl);
     path = apr_pstrcat(fuzz_root, dir, "/msoauth.key", NULL);
+    atexit(remove_dir);
     return 0;
 }
 
