@@ -1,3 +1,4 @@
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <string.h>
 
@@ -170,10 +171,10 @@ int mso_host_is_loopback(const char *host)
         return 1;
     }
     if (!strncmp(host, "127.", 4)) {
-        int a, b, c;
-        char tail;
-        return sscanf(host + 4, "%d.%d.%d%c", &a, &b, &c, &tail) == 3
-               && a >= 0 && a < 256 && b >= 0 && b < 256 && c >= 0 && c < 256;
+        /* Strict dotted decimal: sscanf's %d also took "-0", "+1" and " 1",
+         * which the resolver does not read as an address. */
+        struct in_addr a;
+        return inet_pton(AF_INET, host, &a) == 1;
     }
     return 0;
 }
@@ -181,6 +182,17 @@ int mso_host_is_loopback(const char *host)
 /* The checks shared by the base URL and service URLs. */
 static const char *check_url(apr_pool_t *p, const char *value, apr_uri_t *u, int allow_path)
 {
+    const unsigned char *c;
+
+    /* apr_uri_parse takes any byte; links under a Graph root with one of
+     * these would all be refused later (mso_graph_link_ok). */
+    for (c = (const unsigned char *)value; *c; c++) {
+        if (*c <= 0x20 || *c >= 0x7f) {
+            return apr_psprintf(p, "'%s' holds a space, a control character or a non-ASCII "
+                                "byte: write the host in ASCII (punycode for international "
+                                "names)", value);
+        }
+    }
     if (apr_uri_parse(p, value, u) != APR_SUCCESS || !u->scheme || !u->hostname
         || !*u->hostname) {
         return apr_psprintf(p, "'%s' is not an absolute URL: write it as "
@@ -269,6 +281,12 @@ const char *mso_check_date(apr_pool_t *p, const char *value, apr_time_t *when)
     long days;
     char tail;
 
+    /* Digits where digits belong: %d also skips white space and takes a sign. */
+    for (i = 0; i < 10 && value[i]; i++) {
+        if (i != 4 && i != 7 && !apr_isdigit(value[i])) {
+            goto bad;
+        }
+    }
     if (strlen(value) != 10 || sscanf(value, "%4d-%2d-%2d%c", &y, &m, &d, &tail) != 3
         || value[4] != '-' || value[7] != '-' || y < 1970 || y > 2199 || m < 1 || m > 12) {
         goto bad;

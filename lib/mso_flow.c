@@ -186,25 +186,29 @@ apr_status_t mso_flow_seal(apr_pool_t *p, const mso_keyring_t *kr, const mso_flo
     json_t *j = json_object();
     char *text;
     apr_status_t rv;
+    int bad = 0;                /* a field jansson refused (not UTF-8): never seal without it */
 
-    json_object_set_new(j, "v", json_integer(FLOW_VERSION));
-    json_object_set_new(j, "s", json_string(f->state));
-    json_object_set_new(j, "n", json_string(f->nonce));
-    json_object_set_new(j, "pv", json_string(f->verifier));
-    json_object_set_new(j, "c", json_string(f->company));
+    bad |= json_object_set_new(j, "v", json_integer(FLOW_VERSION));
+    bad |= json_object_set_new(j, "s", json_string(f->state));
+    bad |= json_object_set_new(j, "n", json_string(f->nonce));
+    bad |= json_object_set_new(j, "pv", json_string(f->verifier));
+    bad |= json_object_set_new(j, "c", json_string(f->company));
     if (f->mailbox) {
-        json_object_set_new(j, "m", json_string(f->mailbox));
+        bad |= json_object_set_new(j, "m", json_string(f->mailbox));
     }
     if (f->return_to) {
-        json_object_set_new(j, "rt", json_string(f->return_to));
+        bad |= json_object_set_new(j, "rt", json_string(f->return_to));
     }
     if (f->user) {
-        json_object_set_new(j, "u", json_string(f->user));
+        bad |= json_object_set_new(j, "u", json_string(f->user));
     }
-    json_object_set_new(j, "iat", json_integer(f->created));
-    json_object_set_new(j, "exp", json_integer(f->expires));
-    text = json_dumps(j, JSON_COMPACT);
+    bad |= json_object_set_new(j, "iat", json_integer(f->created));
+    bad |= json_object_set_new(j, "exp", json_integer(f->expires));
+    text = bad ? NULL : json_dumps(j, JSON_COMPACT);
     json_decref(j);
+    if (bad) {
+        return APR_EINVAL;
+    }
     if (!text) {
         return APR_ENOMEM;
     }
@@ -255,7 +259,9 @@ mso_flow_check_e mso_flow_open(apr_pool_t *p, const mso_keyring_t *kr, const cha
         return MSO_FLOW_INVALID;
     }
     *flow = f;
-    if (now >= exp || exp - iat > MSO_FLOW_LIFETIME || iat > now + 60) {
+    /* exp > now once the first test fails, so exp - LIFETIME cannot overflow
+     * (exp - iat could, for a hostile iat). */
+    if (now >= exp || exp - MSO_FLOW_LIFETIME > iat || iat > now + 60) {
         return MSO_FLOW_EXPIRED;
     }
     return MSO_FLOW_VALID;

@@ -63,7 +63,8 @@ apr_array_header_t *mso_flow_cookies_to_drop(apr_pool_t *p, const apr_array_head
  * without storing the state itself. */
 const char *mso_flow_state_digest(apr_pool_t *p, const char *state);
 
-/* Seals the flow into a cookie value; the state is bound as associated data. */
+/* Seals the flow into a cookie value; the state is bound as associated data.
+ * APR_EINVAL when a field is not valid UTF-8 (JSON cannot carry it). */
 apr_status_t mso_flow_seal(apr_pool_t *p, const mso_keyring_t *kr, const mso_flow_t *flow,
                            const char **value);
 

@@ -12,7 +12,8 @@ BUILD_PKGS="build-essential autoconf automake libtool pkg-config
   libcurl4-openssl-dev libjansson-dev libssl-dev
   python3 python3-cryptography sqlite3 openssl ca-certificates curl"
 TEST_PKGS="check python3-pytest postgresql postgresql-client
-  chromium chromium-driver python3-selenium procps iproute2"
+  chromium chromium-driver python3-selenium procps iproute2
+  clang libclang-rt-14-dev"
 BENCH_PKGS="wrk libapache2-mod-auth-openidc"
 PACKAGE_PKGS="debhelper dh-autoreconf dpkg-dev lintian"
 case "$what" in

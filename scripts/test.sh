@@ -37,5 +37,10 @@ sh scripts/build.sh build/asan --enable-werror \
   LDFLAGS="-fsanitize=address,undefined"
 (export MSO_SANITIZE=asan ASAN_OPTIONS=detect_leaks=1; run_suite asan "$top/build/asan")
 
+# Each fuzz target replays its seeds and runs a few seconds (libFuzzer with
+# ASan + UBSan): fails on any crash, leak, timeout or broken invariant.
+echo "=== fuzz smoke"
+sh scripts/fuzz.sh smoke
+
 echo "=== Debian package: build, install, a2enmod, configtest, purge"
 sh scripts/test-package.sh

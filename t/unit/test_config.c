@@ -110,6 +110,10 @@ START_TEST(base_url)
                                  "trailing slash"));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://erp.example.com/app"));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://erp.example.com?a=b"));
+    /* Bytes no link may hold (found by fuzzing: a Graph root whose links were all refused). */
+    ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://erp.ex ample.com"));
+    ck_assert_ptr_nonnull(mso_check_service_url(pool, "https://gra\xff.microsoft.com", 1));
+    ck_assert_ptr_nonnull(mso_check_service_url(pool, "https://graph.microsoft.com/\x01", 1));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://erp.example.com#x"));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "https://u:p@erp.example.com"));
     ck_assert_ptr_nonnull(mso_check_base_url(pool, "ftp://erp.example.com"));
@@ -129,6 +133,12 @@ START_TEST(loopback)
     ck_assert(mso_host_is_loopback("::1"));
     ck_assert(!mso_host_is_loopback("127.0.0.1.nip.io"));
     ck_assert(!mso_host_is_loopback("128.0.0.1"));
+    ck_assert(mso_host_is_loopback("127.255.255.255"));
+    /* Only what the resolver reads as an address (found by fuzzing). */
+    ck_assert(!mso_host_is_loopback("127.-0.2.1"));
+    ck_assert(!mso_host_is_loopback("127.+1.0.1"));
+    ck_assert(!mso_host_is_loopback("127. 1.0.1"));
+    ck_assert(!mso_host_is_loopback("127.0.0.256"));
     ck_assert(!mso_host_is_loopback("localhost.example.com"));
     ck_assert(!mso_host_is_loopback(NULL));
 }
@@ -157,6 +167,10 @@ START_TEST(dates)
     ck_assert_ptr_null(mso_check_date(pool, "2028-02-29", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "2027-02-29", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "2027-13-01", &t));
+    /* Only digits between the dashes (found by fuzzing). */
+    ck_assert_ptr_nonnull(mso_check_date(pool, "2027-02-\t9", &t));
+    ck_assert_ptr_nonnull(mso_check_date(pool, "2027-+2-09", &t));
+    ck_assert_ptr_nonnull(mso_check_date(pool, " 2027-2-09", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "2027-1-01", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "2027-01-01x", &t));
     ck_assert_ptr_nonnull(mso_check_date(pool, "31.12.2027", &t));

@@ -63,12 +63,29 @@ START_TEST(optional_fields)
 }
 END_TEST
 
+/* A field JSON cannot carry is refused, never silently left out (the mailbox
+ * asked for would no longer be enforced). */
+START_TEST(not_utf8)
+{
+    const char *v = NULL;
+
+    ck_assert_int_eq(mso_flow_seal(pool, ring, mso_flow_new(pool, "acme", "\xe9@example.com",
+                                                             NULL, NULL, 50), &v), APR_EINVAL);
+    ck_assert_int_eq(mso_flow_seal(pool, ring, mso_flow_new(pool, "acme", NULL, "/\xff", NULL,
+                                                             50), &v), APR_EINVAL);
+    ck_assert_int_eq(mso_flow_seal(pool, ring, mso_flow_new(pool, "acme", NULL, NULL,
+                                                             "J\xfcrgen", 50), &v), APR_EINVAL);
+    ck_assert_int_eq(mso_flow_seal(pool, ring, mso_flow_new(pool, "acme", "j\xc3\xbcrgen@ex.de",
+                                                             NULL, NULL, 50), &v), APR_SUCCESS);
+}
+END_TEST
+
 START_TEST(rejections)
 {
     mso_flow_t *f = mso_flow_new(pool, "acme", NULL, NULL, NULL, 1000);
     mso_flow_t *other = mso_flow_new(pool, "acme", NULL, NULL, NULL, 1000);
     mso_flow_t *g = NULL;
-    const char *v = NULL, *w = NULL;
+    const char *v = NULL, *w = NULL, *x = NULL;
     char *t;
     mso_keyring_t *ring2 = mso_keyring_create(pool);
     unsigned char key[MSO_KEY_LEN];
@@ -85,6 +102,11 @@ START_TEST(rejections)
     ck_assert_int_eq(mso_flow_open(pool, ring, f->state, v, 1000 + MSO_FLOW_LIFETIME, &g),
                      MSO_FLOW_EXPIRED);
     ck_assert_int_eq(mso_flow_open(pool, ring, f->state, v, 100, &g), MSO_FLOW_EXPIRED);
+    /* Times at the ends of the range (no overflow: UBSan in the ASan pass). */
+    f->created = -9223372036854775807LL;
+    f->expires = 9223372036854775807LL;
+    ck_assert_int_eq(mso_flow_seal(pool, ring, f, &x), APR_SUCCESS);
+    ck_assert_int_eq(mso_flow_open(pool, ring, f->state, x, 1001, &g), MSO_FLOW_EXPIRED);
     /* Another server's key. */
     mso_random_bytes(key, sizeof(key));
     mso_keyring_add(ring2, key);
@@ -250,6 +272,7 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, round_trip);
     tcase_add_test(tc, optional_fields);
+    tcase_add_test(tc, not_utf8);
     tcase_add_test(tc, rejections);
     tcase_add_test(tc, cookie_names);
     tcase_add_test(tc, cookie_cap);

@@ -182,6 +182,9 @@ START_TEST(too_large)
     buf[n - 1] = ']';
     ck_assert_ptr_null(mso_json_parse(pool, buf, n, &err));
     ck_assert_ptr_nonnull(err);
+    /* The message names the cap that applies. */
+    ck_assert_ptr_nonnull(strstr(err, apr_psprintf(pool, "larger than %d MiB",
+                                                   MSO_JSON_MAX_SIZE / (1024 * 1024))));
     /* Exactly the limit is still allowed. */
     buf[n - 3] = ']';
     ck_assert_ptr_nonnull(mso_json_parse(pool, buf, n - 2, &err));
