@@ -215,7 +215,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (which % 15 == 7) {
                 /* The module adds /v1.0 itself; a root that passes yields links
                  * that pass the Graph link check. */
-                const char *url = mso_graph_delta_url(p, v, "inbox");
+                const char *url = mso_graph_delta_url(p, mso_graph_mailbox(p, v, NULL),
+                                                      "inbox");
                 FUZZ_CHECK(mso_graph_link_ok(v, url) || strlen(url) >= 8192,
                            "the first delta URL of root %s is refused: %s", v, url);
             }

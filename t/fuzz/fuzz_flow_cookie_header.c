@@ -60,18 +60,27 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     FUZZ_CHECK(j < 0 ? !fc : fc == &APR_ARRAY_IDX(cookies, j, mso_flow_cookie_t),
                "mso_flow_cookie_for picked the wrong cookie");
 
-    drop = mso_flow_cookies_to_drop(p, cookies, now);
+    drop = mso_flow_cookies_to_drop(p, cookies, now, 300);
     kept = cookies->nelts - drop->nelts;
     FUZZ_CHECK(drop->nelts <= cookies->nelts && kept <= MSO_FLOW_MAX_COOKIES - 1,
                "%d kept of %d", kept, cookies->nelts);
-    for (i = 0; i < cookies->nelts; i++) {
-        const mso_flow_cookie_t *c = &APR_ARRAY_IDX(cookies, i, mso_flow_cookie_t);
-        int dropped = 0;
+    {
+        apr_size_t bytes = 300;
 
-        for (j = 0; j < drop->nelts; j++) {
-            dropped |= APR_ARRAY_IDX(drop, j, const char *) == c->name;
+        for (i = 0; i < cookies->nelts; i++) {
+            const mso_flow_cookie_t *c = &APR_ARRAY_IDX(cookies, i, mso_flow_cookie_t);
+            int dropped = 0;
+
+            for (j = 0; j < drop->nelts; j++) {
+                dropped |= APR_ARRAY_IDX(drop, j, const char *) == c->name;
+            }
+            FUZZ_CHECK(dropped || c->created + MSO_FLOW_LIFETIME > now, "expired cookie kept");
+            if (!dropped) {
+                bytes += strlen(c->name) + strlen(c->value) + 2;
+            }
         }
-        FUZZ_CHECK(dropped || c->created + MSO_FLOW_LIFETIME > now, "expired cookie kept");
+        /* What stays, with the new cookie, fits the byte budget. */
+        FUZZ_CHECK(bytes <= MSO_FLOW_MAX_BYTES, "%zu bytes kept", bytes);
     }
 
     /* A name made for the state is found in a header that holds it. */

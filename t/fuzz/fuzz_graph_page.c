@@ -124,7 +124,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     rv = mso_graph_parse_page(p, body, len, &page, &err);
     if (rv == APR_SUCCESS) {
-        json_t *j = mso_json_parse(p, body, len, NULL);
+        json_t *j = mso_json_parse_flags(p, body, len, JSON_ALLOW_NUL, NULL);
         size_t total = json_array_size(mso_json_arr(j, "value"));
 
         FUZZ_CHECK(!err, "an error with a page");

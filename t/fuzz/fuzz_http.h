@@ -25,17 +25,20 @@ typedef struct {
 static inline fuzz_answer_t fuzz_answer(apr_pool_t *p, fuzz_in_t *in)
 {
     fuzz_answer_t a;
-    mso_http_ctx_t ctx;
+    mso_http_call_t *call = apr_pcalloc(p, sizeof(*call));
+    mso_http_ctx_t *ctx = &call->ctx;
     mso_http_response_t *r = apr_pcalloc(p, sizeof(*r));
     unsigned hi = fuzz_byte(in), lo = fuzz_byte(in), flags = fuzz_byte(in);
     const char *head = fuzz_str(p, in), *body, *line;
     size_t body_len, n;
 
-    memset(&ctx, 0, sizeof(ctx));
-    ctx.p = p;
-    ctx.max_body = 4 * 1024 * 1024;
-    ctx.headers = apr_table_make(p, 8);
-    r->headers = ctx.headers;
+    /* The body callback takes the whole call (single request: no multi). */
+    call->p = p;
+    ctx->p = p;
+    apr_pool_cleanup_register(p, ctx, ctx_free, apr_pool_cleanup_null);
+    ctx->max_body = 4 * 1024 * 1024;
+    ctx->headers = apr_table_make(p, 8);
+    r->headers = ctx->headers;
     r->body = "";
     r->retry_after = -1;
     a.rv = APR_SUCCESS;
@@ -48,7 +51,7 @@ static inline fuzz_answer_t fuzz_answer(apr_pool_t *p, fuzz_in_t *in)
 
         n = nl ? (size_t)(nl - line) + 1 : strlen(line);
         copy = apr_pmemdup(p, line, n);
-        if (header_cb(copy, 1, n, &ctx) != n) {
+        if (header_cb(copy, 1, n, ctx) != n) {
             a.rv = APR_ENOSPC;
             r->error = "response headers too large";
             break;
@@ -58,13 +61,13 @@ static inline fuzz_answer_t fuzz_answer(apr_pool_t *p, fuzz_in_t *in)
     if (body_len) {
         char *copy = apr_pmemdup(p, body, body_len);
 
-        if (write_cb(copy, 1, body_len, &ctx) != body_len) {
+        if (write_cb(copy, 1, body_len, call) != body_len) {
             a.rv = APR_ENOSPC;
         }
     }
-    if (ctx.buf) {
-        r->body = ctx.buf;
-        r->body_len = ctx.len;
+    if (ctx->buf) {
+        r->body = ctx->buf;
+        r->body_len = ctx->len;
     }
     FUZZ_CHECK(r->body[r->body_len] == '\0', "body not NUL-terminated");
     a.retry_after_header = apr_table_get(r->headers, "Retry-After");
