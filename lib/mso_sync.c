@@ -177,7 +177,9 @@ static void box_release(mso_box_t *b)
         long wait = b->retry_after > 0 ? b->retry_after : -1;
 
         d.sync_error_runs = w->sync_error_runs + 1;
-        d.sync_retry_at = wait > 0 ? now + (wait > 86400 ? 86400 : wait)
+        /* The clock here counts whole seconds: one more so the wait is never
+         * shorter than asked (Graph counts a retry before Retry-After). */
+        d.sync_retry_at = wait > 0 ? now + 1 + (wait > 86400 ? 86400 : wait)
                                    : mso_refresh_backoff(w->sync_error_runs, THROTTLE_DEFAULT,
                                                          now);
         d.sync_phase = "throttled";
