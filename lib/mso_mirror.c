@@ -35,7 +35,11 @@
 #define WORK_COLUMNS MSO_ACCOUNT_COLUMNS ", sync_due_at, sync_retry_at, " \
     "sync_phase, sync_error, sync_error_runs, auth_retry, " \
     "(SELECT COUNT(*) FROM msoauth_actions q WHERE q.account_id = msoauth_accounts.id " \
-    "AND q.state = 'queued') AS queued_actions"
+    "AND q.state = 'queued') AS queued_actions, " \
+    "CASE WHEN EXISTS (SELECT 1 FROM msoauth_messages m WHERE " \
+    "m.account_id = msoauth_accounts.id AND m.attach_due > 0) OR EXISTS (SELECT 1 FROM " \
+    "msoauth_attachments t WHERE t.account_id = msoauth_accounts.id AND t.state = 'pending') " \
+    "THEN 1 ELSE 0 END AS attach_work"
 
 static const mso_stmt_t ST_WORK_DUE = {
     "look for mailboxes with Graph work", "now:int token_floor:int max:int",
@@ -313,6 +317,7 @@ static mso_work_t *work_from_row(mso_rows_t *r, apr_pool_t *p)
     w->sync_error_runs = (int)mso_col_int(r, "sync_error_runs");
     w->auth_retry = (int)mso_col_int(r, "auth_retry");
     w->queued_actions = (int)mso_col_int(r, "queued_actions");
+    w->attach_work = (int)mso_col_int(r, "attach_work");
     return w;
 }
 

@@ -29,6 +29,7 @@ typedef struct {
     int sync_error_runs;
     int auth_retry;                 /* 1: a 401 asked for a refresh; the next one is an error */
     int queued_actions;             /* claimed because actions wait */
+    int attach_work;                /* attachments to list or download */
 } mso_work_t;
 
 /* Claims up to max connected mailboxes with Graph work to do: a sync due or
