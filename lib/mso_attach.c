@@ -102,7 +102,7 @@ static const mso_stmt_t ST_PENDING = {
     "SELECT t.graph_id, t.attachment_id, t.kind, t.size, t.last_modified, t.tries "
     "FROM msoauth_attachments t JOIN msoauth_messages m "
     "ON m.account_id = t.account_id AND m.graph_id = t.graph_id "
-    "WHERE t.account_id = :id AND t.state = 'pending' "
+    "WHERE t.account_id = :id AND t.state = 'pending' AND m.removed = 0 "
     "ORDER BY m.received_at DESC, t.graph_id, t.attachment_id LIMIT :max", NULL
 };
 static const mso_stmt_t ST_CONTENT = {

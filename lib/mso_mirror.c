@@ -37,9 +37,10 @@
     "(SELECT COUNT(*) FROM msoauth_actions q WHERE q.account_id = msoauth_accounts.id " \
     "AND q.state = 'queued') AS queued_actions, " \
     "CASE WHEN EXISTS (SELECT 1 FROM msoauth_messages m WHERE " \
-    "m.account_id = msoauth_accounts.id AND m.attach_due > 0) OR EXISTS (SELECT 1 FROM " \
-    "msoauth_attachments t WHERE t.account_id = msoauth_accounts.id AND t.state = 'pending') " \
-    "THEN 1 ELSE 0 END AS attach_work"
+    "m.account_id = msoauth_accounts.id AND m.attach_due > 0 AND m.removed = 0) OR EXISTS " \
+    "(SELECT 1 FROM msoauth_attachments t JOIN msoauth_messages m ON m.account_id = " \
+    "t.account_id AND m.graph_id = t.graph_id WHERE t.account_id = msoauth_accounts.id " \
+    "AND t.state = 'pending' AND m.removed = 0) THEN 1 ELSE 0 END AS attach_work"
 
 static const mso_stmt_t ST_WORK_DUE = {
     "look for mailboxes with Graph work", "now:int token_floor:int max:int",
@@ -50,8 +51,9 @@ static const mso_stmt_t ST_WORK_DUE = {
     "WHERE q.state = 'queued' AND q.account_id = a.id) "
     /* attachment work pending: a list to read or a content to download */
     "OR EXISTS (SELECT 1 FROM msoauth_messages m WHERE m.account_id = a.id "
-    "AND m.attach_due > 0) OR EXISTS (SELECT 1 FROM msoauth_attachments t "
-    "WHERE t.account_id = a.id AND t.state = 'pending')) "
+    "AND m.attach_due > 0 AND m.removed = 0) OR EXISTS (SELECT 1 FROM msoauth_attachments t "
+    "JOIN msoauth_messages m ON m.account_id = t.account_id AND m.graph_id = t.graph_id "
+    "WHERE t.account_id = a.id AND t.state = 'pending' AND m.removed = 0)) "
     "ORDER BY COALESCE(sync_due_at, 0), id LIMIT :max", NULL
 };
 static const mso_stmt_t ST_WORK_CLAIM = {

@@ -528,3 +528,47 @@ def test_twenty_attachments_of_20_mb_within_the_memory_bound(request, httpd, sim
     bound = before + 32 + 3 * 25 + 40
     print(f"\n{db}: job child peak RSS {peak} MiB (before {before} MiB, bound {bound} MiB)")
     assert peak <= bound, (peak, before)
+
+
+def test_new_mail_attachments_within_seconds_and_throttling(request, httpd, simulator):
+    """A new message's attachments are rows with their bytes seconds after the
+    message; a 429 on attachment work makes the whole mailbox wait Retry-After,
+    as a 429 on a delta page does, and it converges after."""
+    env = attach_env(request, httpd, simulator, "sqlite3")
+    env.seed(ADELE[0], 20)
+    acc = env.connect(ADELE[0])
+    env.assert_converged(acc, ADELE[0])
+    (msg,) = seed(env, ADELE[0], [{"subject": "Invoice", "body": "x", "attachments": [
+        {"kind": "file", "name": "invoice.pdf", "contentType": "application/pdf",
+         "size": 250000, "seed": "inv"}]}])
+    env.sync_now(acc)
+    t0 = time.time()
+    poll("the new message", lambda: env.rows(f"SELECT 1 FROM msoauth_messages WHERE graph_id = "
+                                             f"'{msg['id']}'", "x"), timeout=15, every=0.05)
+    t_msg = time.time() - t0
+    poll("its attachment's bytes", lambda: [r for r in stored_rows(env, acc)
+                                            if r["state"] == "stored"], timeout=15, every=0.1)
+    t_att = time.time() - t0
+    assert t_att - t_msg < 5, (t_msg, t_att)
+    assert_attachments_converged(env, acc, ADELE[0], 10 * MB)
+
+    # Throttled on an attachment list: Retry-After 5 for the mailbox.
+    sim_call(env.sim, "POST", "/_sim/scenarios", {"endpoint": "graph", "status": 429,
+                                                  "retry_after": 5, "times": 1,
+                                                  "match": {"path": "/attachments"}})
+    seed(env, ADELE[0], [{"subject": "Second", "body": "x", "attachments": [
+        {"kind": "file", "name": "second.txt", "content_text": "2"}]}])
+    env.sync_now(acc)
+    t429 = poll("the 429", lambda: next((e["t"] for e in att_requests(env)
+                                         if e["status"] == 429), None), timeout=15, every=0.05)
+    a = poll("the throttled phase", lambda: (lambda a: a if a["sync"]["phase"] == "throttled"
+                                             else None)(env.account(acc)), timeout=5, every=0.1)
+    assert a["sync"]["retry_at"] >= t429 + 4
+    while time.time() < t429 + 4.5:
+        later = [e for e in sim_call(env.sim, "GET", "/_sim/log")["requests"]
+                 if e["t"] > t429 + 0.2 and e["kind"].startswith("graph")]
+        assert not later, later
+        time.sleep(0.2)
+    assert_attachments_converged(env, acc, ADELE[0], 10 * MB, timeout=30)
+    c = sim_call(env.sim, "GET", "/_sim/counters")
+    assert c["concurrency_violations"] == 0 and c["max_inflight"] <= 4

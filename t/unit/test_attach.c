@@ -444,7 +444,14 @@ START_TEST(rows_follow_their_message)
     exec_ok(db, "UPDATE msoauth_attachments SET state = 'pending'");
     ck_assert_int_eq(mso_mirror_claim(db, pool, "me", now, 45, 10, &works), APR_SUCCESS);
     ck_assert_int_eq(works->nelts, 1);
+    ck_assert_int_eq(APR_ARRAY_IDX(works, 0, mso_work_t *)->attach_work, 1);
     ck_assert_int_eq(mso_mirror_release(db, pool, id, "me", &d, now), APR_SUCCESS);
+    /* Work nobody can do (a row left behind by a message gone from the
+     * mirror) never makes the mailbox due. */
+    exec_ok(db, "UPDATE msoauth_messages SET removed = 1 WHERE graph_id = 'M4'");
+    ck_assert_int_eq(mso_mirror_claim(db, pool, "me", now, 45, 10, &works), APR_SUCCESS);
+    ck_assert_int_eq(works->nelts, 0);
+    exec_ok(db, "UPDATE msoauth_messages SET removed = 0 WHERE graph_id = 'M4'");
     exec_ok(db, "UPDATE msoauth_attachments SET state = 'large'");
     exec_ok(db, "UPDATE msoauth_messages SET attach_due = 1 WHERE graph_id = 'M4'");
     ck_assert_int_eq(mso_mirror_claim(db, pool, "me", now, 45, 10, &works), APR_SUCCESS);
