@@ -81,12 +81,12 @@ APLOG_USE_MODULE(msoauth);
 /* Attachments (MSOAuthAttachmentMaxBytes = C, at most 150 MiB): each body
  * is downloaded raw, up to C, against a budget of its own, so a big
  * download never pauses a delta page; at most MSO_SYNC_DOWNLOADS (8) are in
- * flight per lane and each is stored as it completes, in one statement, then
- * freed. Their bodies held at once stay below GRAPH_DOWNLOAD_BUDGET + C, plus
- * the one being stored (C) and the database driver's copy of it (C): per
- * lane 32 MiB + 3 C on top of the pages' bound above (62 MiB with the default
- * 10 MiB; 482 MiB at 150 MiB), whatever the mailboxes hold. Larger
- * attachments are never downloaded by the job. */
+ * flight per lane. Bodies in flight stay below GRAPH_DOWNLOAD_BUDGET + C;
+ * completed ones wait in a batch of less than 8 MiB + C (lib/mso_sync_attach.c)
+ * stored in one transaction, during which the database driver copies one of
+ * them at a time (C). Per lane 40 MiB + 3 C on top of the pages' bound above
+ * (70 MiB with the default 10 MiB; 490 MiB at 150 MiB), whatever the
+ * mailboxes hold. Larger attachments are never downloaded by the job. */
 #define GRAPH_DOWNLOAD_BUDGET (32 * 1024 * 1024)
 #define GRAPH_TIMEOUT (10 * 60 * 1000)
 #define GRAPH_STALL 30

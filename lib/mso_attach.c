@@ -442,36 +442,68 @@ apr_status_t mso_attach_pending(mso_db_t *db, apr_pool_t *p, apr_int64_t account
 typedef struct {
     const char *owner;
     apr_int64_t account_id;
-    const char *graph_id, *attachment_id, *last_modified;
-    const void *data;
-    apr_size_t len;
+    const char *graph_id, *attachment_id;
     const char *state, *error;
     apr_int64_t now;
-    int n;
     const char *after;              /* the row's state afterwards */
 } item_t;
 
-static apr_status_t content_tx(mso_tx_t *tx, void *baton)
+typedef struct {
+    const char *owner;
+    apr_int64_t account_id;
+    mso_attach_content_t *c;
+    int n;
+    apr_int64_t now;
+} contents_t;
+
+static apr_status_t contents_tx(mso_tx_t *tx, void *baton)
 {
-    item_t *x = baton;
+    contents_t *x = baton;
     mso_args_t *a;
     apr_status_t rv = APR_SUCCESS;
+    int i;
 
     if (x->owner && !MSO_OK(fence(tx, x->account_id, x->owner))) {
         goto leave;
     }
-    a = mso_tx_args(tx, &ST_CONTENT);
-    mso_arg_int(a, "account_id", x->account_id);
-    mso_arg_text(a, "graph_id", x->graph_id);
-    mso_arg_text(a, "attachment_id", x->attachment_id);
-    mso_arg_text(a, "last_modified", x->last_modified);
-    /* Not NULL for an empty file: "" is stored as zero bytes. */
-    mso_arg_blob(a, "content", x->data ? x->data : "", x->len);
-    mso_arg_int(a, "now", x->now);
-    mso_arg_int(a, "any", x->owner == NULL);
-    rv = mso_tx_exec(tx, a, &x->n);
+    for (i = 0; i < x->n; i++) {
+        mso_attach_content_t *c = &x->c[i];
+
+        a = mso_tx_args(tx, &ST_CONTENT);
+        mso_arg_int(a, "account_id", x->account_id);
+        mso_arg_text(a, "graph_id", c->graph_id);
+        mso_arg_text(a, "attachment_id", c->attachment_id);
+        mso_arg_text(a, "last_modified", c->last_modified);
+        /* Not NULL for an empty file: "" is stored as zero bytes. */
+        mso_arg_blob(a, "content", c->data ? c->data : "", c->len);
+        mso_arg_int(a, "now", x->now);
+        mso_arg_int(a, "any", x->owner == NULL);
+        if (!MSO_OK(mso_tx_exec(tx, a, &c->stored))) {
+            goto leave;
+        }
+    }
 
 leave:
+    return rv;
+}
+
+apr_status_t mso_attach_store_contents(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                       apr_int64_t account_id, mso_attach_content_t *c, int n,
+                                       apr_int64_t now, const char **err)
+{
+    contents_t x;
+    apr_status_t rv;
+    int i;
+
+    x.owner = owner;
+    x.account_id = account_id;
+    x.c = c;
+    x.n = n;
+    x.now = now;
+    rv = mso_db_tx(db, p, NULL, contents_tx, &x, err);
+    for (i = 0; i < n; i++) {
+        c[i].stored = rv == APR_SUCCESS && c[i].stored > 0;
+    }
     return rv;
 }
 
@@ -481,20 +513,17 @@ apr_status_t mso_attach_store_content(mso_db_t *db, apr_pool_t *p, const char *o
                                       const void *data, apr_size_t len, apr_int64_t now,
                                       int *stored, const char **err)
 {
-    item_t x;
+    mso_attach_content_t c;
     apr_status_t rv;
 
-    memset(&x, 0, sizeof(x));
-    x.owner = owner;
-    x.account_id = account_id;
-    x.graph_id = graph_id;
-    x.attachment_id = attachment_id;
-    x.last_modified = last_modified;
-    x.data = data;
-    x.len = len;
-    x.now = now;
-    rv = mso_db_tx(db, p, NULL, content_tx, &x, err);
-    *stored = rv == APR_SUCCESS && x.n > 0;
+    c.graph_id = graph_id;
+    c.attachment_id = attachment_id;
+    c.last_modified = last_modified;
+    c.data = data;
+    c.len = len;
+    c.stored = 0;
+    rv = mso_attach_store_contents(db, p, owner, account_id, &c, 1, now, err);
+    *stored = c.stored;
     return rv;
 }
 

@@ -92,6 +92,22 @@ apr_status_t mso_attach_store_content(mso_db_t *db, apr_pool_t *p, const char *o
                                       const void *data, apr_size_t len, apr_int64_t now,
                                       int *stored, const char **err);
 
+/* Several contents in one fenced transaction (a commit per megabyte costs
+ * more than the write on PostgreSQL), each stored as by
+ * mso_attach_store_content; c[i].stored says which were. */
+typedef struct {
+    const char *graph_id;
+    const char *attachment_id;
+    const char *last_modified;
+    const void *data;
+    apr_size_t len;
+    int stored;                     /* out */
+} mso_attach_content_t;
+
+apr_status_t mso_attach_store_contents(mso_db_t *db, apr_pool_t *p, const char *owner,
+                                       apr_int64_t account_id, mso_attach_content_t *c, int n,
+                                       apr_int64_t now, const char **err);
+
 /* A pending attachment not downloaded: state large (above the limit) or
  * failed (Graph refused it, error says how), fenced. */
 apr_status_t mso_attach_set_state(mso_db_t *db, apr_pool_t *p, const char *owner,

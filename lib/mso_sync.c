@@ -130,8 +130,8 @@ apr_status_t mso_sync_send(mso_req_t *rq, const char *method, const char *url,
     return rv;
 }
 
-apr_status_t mso_sync_send_raw(mso_req_t *rq, const char *url, apr_size_t max_body,
-                               mso_http_done_fn *done)
+apr_status_t mso_sync_send_raw(mso_req_t *rq, apr_pool_t *pool, const char *url,
+                               apr_size_t max_body, mso_http_done_fn *done)
 {
     mso_box_t *b = rq->box;
     apr_array_header_t *h = mso_graph_headers(rq->pool, b->in->access_token, 0);
@@ -143,7 +143,7 @@ apr_status_t mso_sync_send_raw(mso_req_t *rq, const char *url, apr_size_t max_bo
             APR_ARRAY_IDX(h, i, const char *) = "Accept: */*";
         }
     }
-    rv = mso_http_multi_add_raw(b->pass->m, rq->pool, url, h, max_body, done, rq);
+    rv = mso_http_multi_add_raw(b->pass->m, pool, url, h, max_body, done, rq);
     if (rv == APR_SUCCESS) {
         b->inflight++;
     }

@@ -10,9 +10,11 @@
  * newest messages first. It shares the mailbox's 4 requests, its Retry-After
  * and its backoff. Memory: bodies go against the multi handle's download
  * budget (never pausing a delta page), at most MSO_SYNC_DOWNLOADS of them in
- * flight per pass; each is stored in one statement as it completes and freed.
- * The work is read at the start of a pass and again when it runs out after
- * new pages or lists were stored. */
+ * flight per pass. Completed ones wait in a batch of at most STORE_BATCH
+ * bytes (plus the one that filled it), stored in one transaction and freed:
+ * a commit per attachment would cost PostgreSQL more than the writes. The
+ * work is read at the start of a pass and again when it runs out after new
+ * pages or lists were stored. */
 #include <string.h>
 
 #include <apr_hash.h>
@@ -27,6 +29,8 @@
 #define READ_ITEMS 50               /* pending attachments read at once */
 #define READS_PER_PASS 20           /* ... and how often in a pass */
 #define LIST_PAGES 10               /* pages of one message's list followed */
+#define STORE_BATCH (8 * 1024 * 1024)   /* bytes of contents stored per transaction */
+#define STORE_BATCH_COUNT 32
 
 typedef enum { STEP_LIST, STEP_CONTENT, STEP_LINK } att_step_e;
 
@@ -38,6 +42,21 @@ typedef struct {
     int pages;
 } list_rt_t;
 
+/* A content downloaded (or a link read), waiting in the batch: its pool
+ * holds the bytes. */
+typedef struct {
+    mso_attach_item_t *it;
+    apr_pool_t *pool;
+    const char *data;
+    apr_size_t len;
+} fetched_t;
+
+/* A content or link request: the item, and the pool of a content's body. */
+typedef struct {
+    mso_attach_item_t *it;
+    apr_pool_t *pool;
+} fetch_rt_t;
+
 typedef struct {
     apr_array_header_t *lists;      /* list_rt_t*, to start in order */
     apr_array_header_t *items;      /* mso_attach_item_t*, to start in order */
@@ -46,6 +65,9 @@ typedef struct {
     int pages_seen;                 /* b->pages_stored at the last read */
     int stored;                     /* lists stored since the last read */
     int reads;
+    int fetching;                   /* contents and links in flight */
+    apr_array_header_t *batch;      /* fetched_t, to store together */
+    apr_size_t batch_bytes;
 } att_t;
 
 static void list_done(void *baton, apr_status_t rv, mso_http_response_t *resp);
@@ -240,9 +262,71 @@ static void item_state(mso_box_t *b, mso_attach_item_t *it, const char *state,
     }
 }
 
-static void item_start(mso_box_t *b, mso_attach_item_t *it)
+/* Stores the batch in one transaction and frees it. */
+static void att_flush(mso_box_t *b, att_t *t)
+{
+    mso_attach_content_t *c;
+    apr_pool_t *tmp;
+    const char *err = NULL;
+    apr_status_t rv;
+    int i, n = t->batch->nelts;
+
+    if (!n) {
+        return;
+    }
+    apr_pool_create(&tmp, b->pool);
+    c = apr_pcalloc(tmp, sizeof(*c) * n);
+    for (i = 0; i < n; i++) {
+        fetched_t *f = &APR_ARRAY_IDX(t->batch, i, fetched_t);
+
+        c[i].graph_id = f->it->graph_id;
+        c[i].attachment_id = f->it->attachment_id;
+        c[i].last_modified = f->it->last_modified;
+        c[i].data = f->data;
+        c[i].len = f->len;
+    }
+    rv = b->lost ? APR_EBUSY : mso_attach_store_contents(b->pass->db, tmp, b->pass->owner,
+                                                         b->id, c, n, mso_sync_now(), &err);
+    if (rv == APR_EBUSY) {
+        b->lost = b->stop = 1;
+    }
+    else if (rv != APR_SUCCESS) {
+        mso_sync_error(b, err ? err : "cannot store attachments");
+    }
+    for (i = 0; i < n; i++) {
+        if (rv == APR_SUCCESS && c[i].stored) {
+            b->pass->st->attach_stored++;
+            b->pass->st->attach_bytes += (apr_int64_t)c[i].len;
+        }
+        apr_pool_destroy(APR_ARRAY_IDX(t->batch, i, fetched_t).pool);
+    }
+    apr_pool_destroy(tmp);
+    apr_array_clear(t->batch);
+    t->batch_bytes = 0;
+}
+
+/* A content in: stored with others once the batch is full, or when nothing
+ * else of the mailbox is on its way. */
+static void att_keep(mso_box_t *b, att_t *t, mso_attach_item_t *it, apr_pool_t *pool,
+                     const char *data, apr_size_t len)
+{
+    fetched_t *f = apr_array_push(t->batch);
+
+    f->it = it;
+    f->pool = pool;
+    f->data = data;
+    f->len = len;
+    t->batch_bytes += len;
+    if (t->batch_bytes >= STORE_BATCH || t->batch->nelts >= STORE_BATCH_COUNT
+        || !t->fetching) {
+        att_flush(b, t);
+    }
+}
+
+static void item_start(mso_box_t *b, att_t *t, mso_attach_item_t *it)
 {
     apr_int64_t cap = b->in->attach_max_bytes;
+    fetch_rt_t *fr = apr_pcalloc(b->pool, sizeof(*fr));
     mso_req_t *rq;
 
     if (!mso_graph_id_ok(it->graph_id) || !mso_graph_id_ok(it->attachment_id)) {
@@ -254,13 +338,16 @@ static void item_start(mso_box_t *b, mso_attach_item_t *it)
             item_state(b, it, "large", NULL);
             return;
         }
-        rq = mso_sync_req(b, it, STEP_LINK);
+        fr->it = it;
+        rq = mso_sync_req(b, fr, STEP_LINK);
         if (mso_sync_send(rq, "GET", mso_graph_attachment_link_url(rq->pool, b->in->mailbox_url,
                                                                    it->graph_id,
                                                                    it->attachment_id),
                           NULL, 0, content_done) != APR_SUCCESS) {
             mso_sync_error(b, "an attachment request could not be sent");
+            return;
         }
+        t->fetching++;
         return;
     }
     /* Larger than the limit (changed since it was listed): never downloaded. */
@@ -268,70 +355,68 @@ static void item_start(mso_box_t *b, mso_attach_item_t *it)
         item_state(b, it, "large", NULL);
         return;
     }
-    rq = mso_sync_req(b, it, STEP_CONTENT);
-    if (mso_sync_send_raw(rq, mso_graph_attachment_value_url(rq->pool, b->in->mailbox_url,
-                                                             it->graph_id, it->attachment_id),
+    /* The body lives in a pool of its own: it waits in the batch after the
+     * request is done. */
+    fr->it = it;
+    apr_pool_create(&fr->pool, b->pool);
+    rq = mso_sync_req(b, fr, STEP_CONTENT);
+    if (mso_sync_send_raw(rq, fr->pool, mso_graph_attachment_value_url(
+                              rq->pool, b->in->mailbox_url, it->graph_id, it->attachment_id),
                           (apr_size_t)cap, content_done) != APR_SUCCESS) {
+        apr_pool_destroy(fr->pool);
         mso_sync_error(b, "an attachment request could not be sent");
         return;
     }
+    t->fetching++;
     b->pass->downloads++;
-}
-
-static void content_store(mso_box_t *b, mso_attach_item_t *it, mso_req_t *rq, const char *data,
-                          apr_size_t len)
-{
-    const char *err = NULL;
-    int stored = 0;
-    apr_status_t rv;
-
-    rv = mso_attach_store_content(b->pass->db, rq->pool, b->pass->owner, b->id, it->graph_id,
-                                  it->attachment_id, it->last_modified, data, len,
-                                  mso_sync_now(), &stored, &err);
-    if (rv == APR_EBUSY) {
-        b->lost = b->stop = 1;
-    }
-    else if (rv != APR_SUCCESS) {
-        mso_sync_error(b, err ? err : "cannot store an attachment");
-    }
-    else if (stored) {
-        b->pass->st->attach_stored++;
-        b->pass->st->attach_bytes += (apr_int64_t)len;
-    }
 }
 
 static void content_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
 {
     mso_req_t *rq = baton;
     mso_box_t *b = rq->box;
-    mso_attach_item_t *it = rq->item;
+    att_t *t = b->kind[MSO_KIND_ATTACH];
+    fetch_rt_t *fr = rq->item;
+    mso_attach_item_t *it = fr->it;
+    apr_pool_t *ip = fr->pool;
     mso_graph_result_t g;
     const char *url = NULL, *err = NULL;
     int gave_up = 0;
 
     mso_sync_answered(rq);
+    t->fetching--;
+    fr->pool = NULL;
     if (rq->step == STEP_CONTENT) {
         b->pass->downloads--;
     }
     if (b->lost) {
+        if (ip) {
+            apr_pool_destroy(ip);
+        }
         apr_pool_destroy(rq->pool);
         return;
     }
     if (rv == APR_ENOSPC && rq->step == STEP_CONTENT) {
         /* More bytes than the limit: never kept, served on demand. */
+        apr_pool_destroy(ip);
+        ip = NULL;
         item_state(b, it, "large", NULL);
-        mso_sync_finished(rq);
-        return;
+        rv = APR_SUCCESS;
+        goto done;
     }
     mso_graph_classify(rq->pool, rv, resp, &g);
     switch (g.cls) {
     case MSO_GRAPH_OK:
         if (rq->step == STEP_CONTENT) {
-            content_store(b, it, rq, resp->body, resp->body_len);
+            att_keep(b, t, it, ip, resp->body, resp->body_len);
+            ip = NULL;              /* the batch's now */
         }
         else if (mso_graph_parse_link(rq->pool, resp->body, resp->body_len, &url, &err)
                  == APR_SUCCESS) {
-            content_store(b, it, rq, url, strlen(url));
+            apr_pool_create(&ip, b->pool);
+            url = apr_pstrdup(ip, url);
+            att_keep(b, t, it, ip, url, strlen(url));
+            ip = NULL;
         }
         else {
             item_state(b, it, "failed", err);
@@ -366,6 +451,15 @@ static void content_done(void *baton, apr_status_t rv, mso_http_response_t *resp
         att_transient(b, "downloading an attachment failed", &g);
         break;
     }
+
+done:
+    if (ip) {
+        apr_pool_destroy(ip);
+    }
+    /* The last one of the mailbox: what waits is stored now. */
+    if (!t->fetching) {
+        att_flush(b, t);
+    }
     mso_sync_finished(rq);
 }
 
@@ -376,6 +470,7 @@ static void att_setup(mso_box_t *b)
     att_t *t = apr_pcalloc(b->pool, sizeof(*t));
 
     t->started = apr_hash_make(b->pool);
+    t->batch = apr_array_make(b->pool, 8, sizeof(fetched_t));
     t->lists = apr_array_make(b->pool, 1, sizeof(list_rt_t *));
     t->items = apr_array_make(b->pool, 1, sizeof(mso_attach_item_t *));
     b->kind[MSO_KIND_ATTACH] = t;
@@ -401,7 +496,7 @@ static int att_pump(mso_box_t *b)
                 break;          /* the pass's bodies: wait for one to finish */
             }
             t->next_item++;
-            item_start(b, it);
+            item_start(b, t, it);
             started = 1;
         }
         else if (t->reads >= READS_PER_PASS
@@ -413,4 +508,12 @@ static int att_pump(mso_box_t *b)
     return started;
 }
 
-const mso_sync_kind_t mso_sync_attach = {"attachments", att_setup, att_pump, NULL};
+/* Whatever still waits is stored before the lease goes. */
+static void att_release(mso_box_t *b, mso_work_done_t *d, apr_int64_t now)
+{
+    (void)d;
+    (void)now;
+    att_flush(b, b->kind[MSO_KIND_ATTACH]);
+}
+
+const mso_sync_kind_t mso_sync_attach = {"attachments", att_setup, att_pump, att_release};

@@ -95,9 +95,10 @@ mso_req_t *mso_sync_req(mso_box_t *b, void *item, int step);
 apr_status_t mso_sync_send(mso_req_t *rq, const char *method, const char *url,
                            const char *body, int page_size, mso_http_done_fn *done);
 /* A GET of bytes (an attachment's $value): kept as received up to max_body,
- * against the multi handle's download budget; otherwise as mso_sync_send. */
-apr_status_t mso_sync_send_raw(mso_req_t *rq, const char *url, apr_size_t max_body,
-                               mso_http_done_fn *done);
+ * against the multi handle's download budget, in pool (the answer outlives
+ * the request when pool is not rq's); otherwise as mso_sync_send. */
+apr_status_t mso_sync_send_raw(mso_req_t *rq, apr_pool_t *pool, const char *url,
+                               apr_size_t max_body, mso_http_done_fn *done);
 /* First thing in a done callback: the mailbox has one request less. */
 void mso_sync_answered(mso_req_t *rq);
 /* Last thing in a done callback: the request's pool goes, and the mailbox

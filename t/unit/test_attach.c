@@ -325,6 +325,28 @@ START_TEST(lists_contents_and_states)
                                               now, &stored, &err), APR_SUCCESS);
     ck_assert_int_eq(stored, 0);
 
+    /* Several in one transaction: each stored or not on its own terms. */
+    {
+        mso_attach_content_t c[2];
+
+        memset(c, 0, sizeof(c));
+        c[0].graph_id = "NEW";
+        c[0].attachment_id = "n1";
+        c[0].last_modified = "t2";
+        c[0].data = "new bytes";
+        c[0].len = 9;
+        c[1] = c[0];
+        c[1].attachment_id = "n3";      /* not pending: large */
+        ck_assert_int_eq(mso_attach_store_contents(db, pool, "me", id, c, 2, now, &err),
+                         APR_SUCCESS);
+        ck_assert_int_eq(c[0].stored, 1);
+        ck_assert_int_eq(c[1].stored, 0);
+        ck_assert_int_eq(rows_of(db, "attachment_id = 'n1' AND state = 'stored'"), 1);
+        ck_assert_int_eq(mso_attach_store_contents(db, pool, "other", id, c, 2, now, &err),
+                         APR_EBUSY);
+        exec_ok(db, "UPDATE msoauth_attachments SET state = 'pending', content = NULL, "
+                    "fetched_at = NULL WHERE attachment_id = 'n1'");
+    }
     /* States: above the limit found on download, refused, failing. */
     ck_assert_int_eq(mso_attach_set_state(db, pool, "me", id, "NEW", "n1", "large", NULL, now),
                      APR_SUCCESS);
