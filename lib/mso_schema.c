@@ -231,7 +231,8 @@ static const mso_ddl_t schema_v4[] = {
 
 /* Version 6: attachments (lib/mso_attach.h). One row per attachment of a
  * mirrored message, keyed by the message's immutable id, so a move keeps
- * them. A message's attach_due counts its changes since its attachment list
+ * them. content is the last column: SQLite reads a column stored after a
+ * large value by walking that value's overflow pages. A message's attach_due counts its changes since its attachment list
  * was last read (0: the rows are current); attach_tries its failed
  * listings. Messages mirrored before this version have their attachments
  * fetched. */
@@ -246,13 +247,13 @@ static const mso_ddl_t schema_v4[] = {
     "is_inline INTEGER NOT NULL DEFAULT 0, " \
     "content_id TEXT, " \
     "kind TEXT NOT NULL CHECK (kind IN ('file', 'item', 'reference')), " \
-    "content " BLOB ", " \
     "fetched_at BIGINT, " \
     "state TEXT NOT NULL DEFAULT 'pending', " \
     "last_modified TEXT, " \
     "tries INTEGER NOT NULL DEFAULT 0, " \
     "error TEXT, " \
     "updated_at BIGINT NOT NULL, " \
+    "content " BLOB ", " \
     "PRIMARY KEY (account_id, graph_id, attachment_id))"
 #define V6_DUE(LIKE) \
     "UPDATE msoauth_messages SET attach_due = 1 WHERE removed = 0 AND (has_attachments = 1 " \
