@@ -23,6 +23,7 @@
 
 #include "mod_msoauth.h"
 #include "mod_msoauth_admin.h"
+#include "mod_msoauth_attach.h"
 #include "mod_msoauth_config.h"
 #include "mod_msoauth_flow.h"
 #include "mod_msoauth_job.h"
@@ -400,6 +401,7 @@ static const struct {
     {"msoauth-confirm", msoauth_confirm_handler},
     {"msoauth-token", msoauth_token_handler},
     {"msoauth-admin", msoauth_admin_handler},
+    {"msoauth-attachment", msoauth_attachment_handler},
     {NULL, NULL}
 };
 

@@ -26,6 +26,7 @@
 #include "mso_reason.h"
 #include "mso_refresh.h"
 #include "mso_account.h"
+#include "mso_attach.h"
 #include "mso_db.h"
 #include "mso_job_runs.h"
 #include "mso_mirror.h"
@@ -340,7 +341,22 @@ static const mso_mirror_stats_t *stats_of(request_rec *r, apr_hash_t *stats, apr
                                 APR_HASH_KEY_STRING) : NULL;
 }
 
-static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats)
+/* The account's attachments (astats may be NULL). */
+static void attach_json(request_rec *r, json_t *o, apr_hash_t *astats, apr_int64_t id)
+{
+    const mso_attach_stats_t *s = astats ? apr_hash_get(astats, apr_psprintf(
+        r->pool, "%" APR_INT64_T_FMT, id), APR_HASH_KEY_STRING) : NULL;
+
+    json_object_set_new(o, "attachments", json_pack(
+        "{s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "count", (json_int_t)(s ? s->count : 0),
+        "stored", (json_int_t)(s ? s->stored : 0), "pending", (json_int_t)(s ? s->pending : 0),
+        "large", (json_int_t)(s ? s->large : 0), "failed", (json_int_t)(s ? s->failed : 0),
+        "bytes", (json_int_t)(s ? s->bytes : 0), "lists_due",
+        (json_int_t)(s ? s->lists_due : 0)));
+}
+
+static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats,
+                            apr_hash_t *astats)
 {
     json_t *o = account_state_json(a);
 
@@ -357,6 +373,7 @@ static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats)
     json_object_set_new(o, "connected_by", a->connected_by ? json_string(a->connected_by)
                                                             : json_null());
     mirror_json(o, stats_of(r, stats, a->id), apr_time_sec(apr_time_now()));
+    attach_json(r, o, astats, a->id);
     return o;
 }
 
@@ -365,7 +382,7 @@ static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats)
 static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db)
 {
     apr_array_header_t *accounts = NULL, *runs = NULL;
-    apr_hash_t *flags = apr_hash_make(r->pool), *stats = NULL;
+    apr_hash_t *flags = apr_hash_make(r->pool), *stats = NULL, *astats = NULL;
     json_t *accs = json_array(), *nodes = json_array(), *m;
     apr_int64_t now = apr_time_sec(apr_time_now());
     int i, due = 0, overdue = 0;
@@ -376,6 +393,9 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
         json_decref(accs);
         json_decref(nodes);
         return NULL;
+    }
+    if (mso_attach_stats(db, r->pool, &astats) != APR_SUCCESS) {
+        astats = NULL;
     }
     {
         for (i = 0; i < accounts->nelts; i++) {
@@ -390,7 +410,7 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
             if (is_admin_reason(a->reason)) {
                 apr_hash_set(flags, a->company, APR_HASH_KEY_STRING, a->reason);
             }
-            json_array_append_new(accs, account_json(r, a, stats));
+            json_array_append_new(accs, account_json(r, a, stats, astats));
         }
     }
     {
@@ -682,12 +702,15 @@ int msoauth_admin_handler(request_rec *r)
         return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
     if (!action) {
-        apr_hash_t *stats = NULL;
+        apr_hash_t *stats = NULL, *astats = NULL;
 
         if (mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS) {
             stats = NULL;
         }
-        return send_json(r, HTTP_OK, account_json(r, a, stats));
+        if (mso_attach_stats(db, r->pool, &astats) != APR_SUCCESS) {
+            astats = NULL;
+        }
+        return send_json(r, HTTP_OK, account_json(r, a, stats, astats));
     }
     if (!strcmp(action, "sync")) {
         if (strcmp(a->state, "connected")) {

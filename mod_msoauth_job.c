@@ -78,6 +78,16 @@ APLOG_USE_MODULE(msoauth);
  * once (job->stopping). */
 #define GRAPH_MAX_BODY (32 * 1024 * 1024)
 #define GRAPH_BUFFER_BUDGET (32 * 1024 * 1024)
+/* Attachments (MSOAuthAttachmentMaxBytes = C, at most 150 MiB): each body
+ * is downloaded raw, up to C, against a budget of its own, so a big
+ * download never pauses a delta page; at most MSO_SYNC_DOWNLOADS (8) are in
+ * flight per lane. Bodies in flight stay below GRAPH_DOWNLOAD_BUDGET + C;
+ * completed ones wait in a batch of less than 8 MiB + C (lib/mso_sync_attach.c)
+ * stored in one transaction, during which the database driver copies one of
+ * them at a time (C). Per lane 40 MiB + 3 C on top of the pages' bound above
+ * (70 MiB with the default 10 MiB; 490 MiB at 150 MiB), whatever the
+ * mailboxes hold. Larger attachments are never downloaded by the job. */
+#define GRAPH_DOWNLOAD_BUDGET (32 * 1024 * 1024)
 #define GRAPH_TIMEOUT (10 * 60 * 1000)
 #define GRAPH_STALL 30
 /* On PostgreSQL under a threaded MPM, a pass's mailboxes are split over this
@@ -313,6 +323,7 @@ static apr_status_t graph_http(apr_pool_t *p, mso_http_multi_t **m)
     http.max_download = MSO_GRAPH_MAX_DOWNLOAD;
     http.capture = mso_graph_link_keys;
     http.buffer_budget = GRAPH_BUFFER_BUDGET;
+    http.download_budget = GRAPH_DOWNLOAD_BUDGET;
     http.grace_ms = GRAPH_TIMEOUT;
     http.stop = the_job ? &the_job->stopping : NULL;
     return mso_http_multi_create(p, &http, GRAPH_IN_FLIGHT, GRAPH_PER_HOST, m);
@@ -439,6 +450,9 @@ static void graph_pass(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *bp, 
         a->actions_waiting += b->actions_waiting;
         a->throttled += b->throttled;
         a->errors += b->errors;
+        a->attach_lists += b->attach_lists;
+        a->attach_stored += b->attach_stored;
+        a->attach_bytes += b->attach_bytes;
     }
 }
 
@@ -485,6 +499,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         boxes[n].folders = c->set.folders.value;
         boxes[n].interval = c->set.sync_interval.value;
         boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);
+        boxes[n].attach_max_bytes = c->set.attachment_max_bytes.value;
         n++;
     }
     if (n && !*gm) {
@@ -602,10 +617,12 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         if (st.sync.mailboxes) {
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(213) "job: Graph work on %d "
                          "mailboxes: %d pages, %d messages, %d resyncs, %d actions done, %d "
-                         "failed, %d waiting, %d throttled, %d errors", st.sync.mailboxes,
-                         st.sync.pages, st.sync.messages, st.sync.resyncs,
+                         "failed, %d waiting, %d throttled, %d errors, %d attachment lists, "
+                         "%d attachments stored (%" APR_INT64_T_FMT " bytes)",
+                         st.sync.mailboxes, st.sync.pages, st.sync.messages, st.sync.resyncs,
                          st.sync.actions_done, st.sync.actions_failed,
-                         st.sync.actions_waiting, st.sync.throttled, st.sync.errors);
+                         st.sync.actions_waiting, st.sync.throttled, st.sync.errors,
+                         st.sync.attach_lists, st.sync.attach_stored, st.sync.attach_bytes);
         }
         run.node = job->owner;
         run.last_cycle_at = apr_time_sec(apr_time_now());

@@ -137,6 +137,7 @@ def delete_accounts(db, where):
     sub = f"(SELECT id FROM msoauth_accounts WHERE {where})"
     db.bulk("BEGIN;\n"
             f"UPDATE msoauth_accounts SET work_owner = 'bench-delete' WHERE {where};\n"
+            f"DELETE FROM msoauth_attachments WHERE account_id IN {sub};\n"
             f"DELETE FROM msoauth_messages WHERE account_id IN {sub};\n"
             f"DELETE FROM msoauth_actions WHERE account_id IN {sub};\n"
             f"DELETE FROM msoauth_sync_folders WHERE account_id IN {sub};\n"

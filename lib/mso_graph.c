@@ -585,6 +585,127 @@ const char *mso_graph_folder_url(apr_pool_t *p, const char *mailbox, const char 
 }
 
 /* ------------------------------------------------------------------------- */
+/* Attachments */
+
+int mso_graph_id_ok(const char *id)
+{
+    return id_ok(id);
+}
+
+const char *mso_graph_attachments_url(apr_pool_t *p, const char *mailbox, const char *graph_id)
+{
+    return apr_pstrcat(p, message_url(p, mailbox, graph_id), "/attachments?$select=",
+                       MSO_GRAPH_ATTACH_SELECT, NULL);
+}
+
+const char *mso_graph_attachment_value_url(apr_pool_t *p, const char *mailbox,
+                                           const char *graph_id, const char *attachment_id)
+{
+    return apr_pstrcat(p, message_url(p, mailbox, graph_id), "/attachments/",
+                       mso_url_encode(p, attachment_id), "/$value", NULL);
+}
+
+const char *mso_graph_attachment_link_url(apr_pool_t *p, const char *mailbox,
+                                          const char *graph_id, const char *attachment_id)
+{
+    const char *v = strstr(mailbox, "/v1.0/");
+    const char *beta = v ? apr_pstrcat(p, apr_pstrmemdup(p, mailbox, v - mailbox), "/beta/",
+                                       v + 6, NULL) : mailbox;
+
+    return apr_pstrcat(p, message_url(p, beta, graph_id), "/attachments/",
+                       mso_url_encode(p, attachment_id), NULL);
+}
+
+/* file | item | reference from "#microsoft.graph.fileAttachment" and the like. */
+static const char *attachment_kind(const char *type)
+{
+    static const char *const kinds[][2] = {{"fileattachment", "file"},
+                                           {"itemattachment", "item"},
+                                           {"referenceattachment", "reference"}};
+    const char *dot = type ? strrchr(type, '.') : NULL;
+    apr_size_t i;
+
+    for (i = 0; dot && i < sizeof(kinds) / sizeof(kinds[0]); i++) {
+        if (!strcasecmp(dot + 1, kinds[i][0])) {
+            return kinds[i][1];
+        }
+    }
+    return NULL;
+}
+
+apr_status_t mso_graph_parse_attachments(apr_pool_t *p, const char *body, apr_size_t len,
+                                         apr_array_header_t **atts, const char **next_link,
+                                         int *skipped, const char **err)
+{
+    const json_t *value;
+    const char *perr = NULL;
+    json_t *j, *e;
+    size_t i;
+
+    *atts = NULL;
+    *next_link = NULL;
+    *skipped = 0;
+    *err = NULL;
+    j = mso_json_parse_flags(p, body, len, JSON_ALLOW_NUL, &perr);
+    if (!j || !json_is_object(j) || !(value = mso_json_arr(j, "value"))) {
+        *err = perr ? apr_pstrcat(p, "the attachment list is not JSON: ", perr, NULL)
+                    : "the attachment list has no \"value\" array";
+        return APR_EINVAL;
+    }
+    *atts = apr_array_make(p, (int)json_array_size(value) + 1, sizeof(mso_graph_att_t));
+    json_array_foreach(value, i, e) {
+        mso_graph_att_t a;
+        const json_t *size;
+
+        memset(&a, 0, sizeof(a));
+        a.id = json_is_object(e) ? exact_str(e, "id") : NULL;
+        a.kind = json_is_object(e) ? attachment_kind(exact_str(e, "@odata.type")) : NULL;
+        if (!id_ok(a.id) || !a.kind) {
+            (*skipped)++;
+            continue;
+        }
+        a.name = page_str(p, e, "name");
+        a.content_type = !strcmp(a.kind, "item") ? "message/rfc822"
+                                                 : page_str(p, e, "contentType");
+        size = json_object_get(e, "size");
+        a.size = json_is_integer(size) && json_integer_value(size) >= 0
+                 ? (apr_int64_t)json_integer_value(size) : -1;
+        a.is_inline = flag_of(e, "isInline") > 0;
+        a.content_id = page_str(p, e, "contentId");
+        a.last_modified = page_str(p, e, "lastModifiedDateTime");
+        APR_ARRAY_PUSH(*atts, mso_graph_att_t) = a;
+    }
+    *next_link = exact_str(j, "@odata.nextLink");
+    *next_link = *next_link ? apr_pstrdup(p, *next_link) : NULL;
+    return APR_SUCCESS;
+}
+
+apr_status_t mso_graph_parse_link(apr_pool_t *p, const char *body, apr_size_t len,
+                                  const char **url, const char **err)
+{
+    const char *perr = NULL, *u, *c;
+    json_t *j;
+
+    *url = NULL;
+    *err = NULL;
+    j = mso_json_parse_flags(p, body, len, JSON_ALLOW_NUL, &perr);
+    u = j && json_is_object(j) ? exact_str(j, "sourceUrl") : NULL;
+    if (!u) {
+        *err = "the reference attachment has no sourceUrl";
+        return APR_EINVAL;
+    }
+    for (c = u; *c > 0x20 && *c < 0x7f; c++) {
+    }
+    if (*c || c - u > 8192
+        || (strncasecmp(u, "https://", 8) != 0 && strncasecmp(u, "http://", 7) != 0)) {
+        *err = "the reference attachment's sourceUrl is not an http(s) URL";
+        return APR_EINVAL;
+    }
+    *url = apr_pstrdup(p, u);
+    return APR_SUCCESS;
+}
+
+/* ------------------------------------------------------------------------- */
 /* Who a token belongs to */
 
 #define MSA_TENANT "9188040d-6c67-4c5b-b112-36a304b66dad"

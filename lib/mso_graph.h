@@ -157,6 +157,57 @@ const char *mso_graph_folder_url(apr_pool_t *p, const char *mailbox, const char 
  * spells in any case, or NULL when it is not one (a folder id). */
 const char *mso_graph_well_known_folder(apr_pool_t *p, const char *name);
 
+/* --- attachments --- */
+
+/* The attachments' metadata without their bytes (contentBytes left out;
+ * contentId belongs to file attachments, hence the cast). */
+#define MSO_GRAPH_ATTACH_SELECT "id,name,contentType,size,isInline,lastModifiedDateTime," \
+    "microsoft.graph.fileAttachment/contentId"
+
+/* One attachment of a message, as Graph describes it. Strings are cleaned of
+ * control characters; everything is still hostile (a name, a content type). */
+typedef struct {
+    const char *id;
+    const char *kind;               /* file | item (an attached message) | reference (a link) */
+    const char *name;
+    const char *content_type;       /* items: message/rfc822, what their $value is */
+    apr_int64_t size;               /* bytes as Graph counts them; -1 when absent */
+    int is_inline;
+    const char *content_id;         /* what cid: URLs of an HTML body name */
+    const char *last_modified;      /* lastModifiedDateTime as sent: another means new bytes */
+} mso_graph_att_t;
+
+/* True for a Graph id we put in a URL: letters, digits and +/=_- only, at
+ * most 512 characters (message, attachment and folder ids). */
+int mso_graph_id_ok(const char *id);
+
+/* "{mailbox}/messages/{id}/attachments?$select=MSO_GRAPH_ATTACH_SELECT". */
+const char *mso_graph_attachments_url(apr_pool_t *p, const char *mailbox, const char *graph_id);
+
+/* "{mailbox}/messages/{id}/attachments/{aid}/$value": a file's bytes, an
+ * attached message as MIME. */
+const char *mso_graph_attachment_value_url(apr_pool_t *p, const char *mailbox,
+                                           const char *graph_id, const char *attachment_id);
+
+/* A reference attachment's link: only the beta version of Graph shows
+ * sourceUrl, so this is the mailbox URL with /beta/ for /v1.0/ and
+ * ".../attachments/{aid}". */
+const char *mso_graph_attachment_link_url(apr_pool_t *p, const char *mailbox,
+                                          const char *graph_id, const char *attachment_id);
+
+/* Parses a list of attachments (as it came through the clip): *atts gets
+ * mso_graph_att_t, entries without a usable id or of an unknown type are
+ * left out and counted in *skipped, *next_link is @odata.nextLink or NULL.
+ * APR_EINVAL (and *err) when it is not such a list. */
+apr_status_t mso_graph_parse_attachments(apr_pool_t *p, const char *body, apr_size_t len,
+                                         apr_array_header_t **atts, const char **next_link,
+                                         int *skipped, const char **err);
+
+/* A reference attachment's sourceUrl (http or https, printable ASCII, at
+ * most 8192 bytes), copied into p. APR_EINVAL (and *err) otherwise. */
+apr_status_t mso_graph_parse_link(apr_pool_t *p, const char *body, apr_size_t len,
+                                  const char **url, const char **err);
+
 /* --- who a token belongs to --- */
 
 /* "{root}/v1.0/me?$select=id,displayName,mail,userPrincipalName". */

@@ -216,7 +216,13 @@ struct mso_http_call_t {
     void *baton;
     call_state_e state;
     int paused;                     /* waiting for the buffer budget */
+    int cls;                        /* whose budget: 0 the handle's, 1 the downloads' */
     mso_http_call_t *prev, *next;
+    /* mso_http_get_stream only */
+    mso_http_sink_fn *sink;
+    void *sink_baton;
+    int streaming;                  /* 1: a 2xx body goes to sink; -1: kept; 0: not known yet */
+    int sink_stopped;
 };
 
 struct mso_http_multi_t {
@@ -226,9 +232,11 @@ struct mso_http_multi_t {
     int max_in_flight;
     int running;                    /* handed to curl */
     int aborting;                   /* the budget ran out: refuse new requests */
-    apr_size_t buffered;            /* capacity of the running requests' buffers */
-    apr_size_t peak;
-    mso_http_call_t *leader;        /* may grow past the budget */
+    /* Per budget (0: buffer_budget, 1: download_budget): capacity of the
+     * running requests' buffers, and the one that may grow past it. */
+    apr_size_t buffered[2];
+    apr_size_t peak;                /* of both together */
+    mso_http_call_t *leader[2];
     int paused;                     /* requests paused now */
     int pauses;                     /* ... and ever */
     int freed;                      /* memory went back: wake the paused */
@@ -254,9 +262,9 @@ static void call_unbudget(mso_http_call_t *c)
     if (!m) {
         return;
     }
-    m->buffered -= c->ctx.cap;
-    if (m->leader == c) {
-        m->leader = NULL;
+    m->buffered[c->cls] -= c->ctx.cap;
+    if (m->leader[c->cls] == c) {
+        m->leader[c->cls] = NULL;
     }
     if (c->paused) {
         c->paused = 0;
@@ -274,6 +282,8 @@ static apr_status_t buf_grow(mso_http_call_t *c, apr_size_t need)
     mso_http_multi_t *m = c->m;
     apr_size_t cap = ctx->cap ? ctx->cap * 2 : 4096;
     apr_size_t most = ctx->max_body + MSO_HTTP_GROW_SLACK;
+    apr_size_t budget = !m ? 0 : c->cls ? m->o.download_budget : m->o.buffer_budget;
+    int k = c->cls;
     char *nbuf;
 
     /* Doubling, but never reserving much more than the cap allows. */
@@ -283,9 +293,8 @@ static apr_status_t buf_grow(mso_http_call_t *c, apr_size_t need)
     if (cap < need) {
         cap = need;
     }
-    if (m && m->o.buffer_budget && m->leader != c
-        && m->buffered + (cap - ctx->cap) > m->o.buffer_budget) {
-        if (m->leader) {
+    if (budget && m->leader[k] != c && m->buffered[k] + (cap - ctx->cap) > budget) {
+        if (m->leader[k]) {
             if (!c->paused) {
                 c->paused = 1;
                 m->paused++;
@@ -293,16 +302,16 @@ static apr_status_t buf_grow(mso_http_call_t *c, apr_size_t need)
             }
             return APR_EAGAIN;
         }
-        m->leader = c;
+        m->leader[k] = c;
     }
     nbuf = realloc(ctx->buf, cap);
     if (!nbuf) {
         return APR_ENOMEM;
     }
     if (m) {
-        m->buffered += cap - ctx->cap;
-        if (m->buffered > m->peak) {
-            m->peak = m->buffered;
+        m->buffered[k] += cap - ctx->cap;
+        if (m->buffered[0] + m->buffered[1] > m->peak) {
+            m->peak = m->buffered[0] + m->buffered[1];
         }
     }
     ctx->buf = nbuf;
@@ -355,6 +364,35 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *baton)
         ctx->len += n;
     }
     ctx->buf[ctx->len] = '\0';
+    return n;
+}
+
+/* mso_http_get_stream: a 2xx body goes to the sink as it arrives, anything
+ * else is kept as write_cb keeps it (an error to read). */
+static size_t stream_cb(char *data, size_t size, size_t nmemb, void *baton)
+{
+    mso_http_call_t *c = baton;
+    mso_http_ctx_t *ctx = &c->ctx;
+    apr_size_t n = size * nmemb;
+    long code = 0;
+
+    if (!c->streaming) {
+        curl_easy_getinfo(c->h, CURLINFO_RESPONSE_CODE, &code);
+        c->r->status = (int)code;
+        c->streaming = code >= 200 && code < 300 ? 1 : -1;
+    }
+    if (c->streaming < 0) {
+        return write_cb(data, size, nmemb, baton);
+    }
+    if (ctx->max_download && (n > ctx->max_download || ctx->received > ctx->max_download - n)) {
+        ctx->body_too_big = 1;
+        return 0;
+    }
+    ctx->received += n;
+    if (c->sink(c->sink_baton, c->r, data, n) != APR_SUCCESS) {
+        c->sink_stopped = 1;
+        return 0;
+    }
     return n;
 }
 
@@ -583,14 +621,19 @@ static apr_status_t call_end(mso_http_call_t *c, CURLcode rc, const char *why)
         }
         r->retry_after = parse_retry_after(apr_table_get(r->headers, "Retry-After"));
     }
+    else if (c->sink_stopped) {
+        rv = APR_ECONNABORTED;
+        r->error = "the receiver of the body stopped it";
+    }
     else if (c->ctx.no_memory) {
         rv = APR_ENOMEM;
         r->error = "out of memory for the response body";
     }
     else if (c->ctx.body_too_big || rc == CURLE_FILESIZE_EXCEEDED) {
         rv = APR_ENOSPC;
-        if (c->ctx.clip && (c->ctx.received + CURL_MAX_WRITE_SIZE > c->ctx.max_download
-                            || rc == CURLE_FILESIZE_EXCEEDED)) {
+        if ((c->ctx.clip || c->streaming > 0)
+            && (c->ctx.received + CURL_MAX_WRITE_SIZE > c->ctx.max_download
+                || rc == CURLE_FILESIZE_EXCEEDED)) {
             r->error = apr_psprintf(p, "response body larger than %" APR_SIZE_T_FMT
                                     " bytes received", c->ctx.max_download);
         }
@@ -637,6 +680,39 @@ apr_status_t mso_http_request(apr_pool_t *p, const mso_http_opts_t *o, const cha
     if (rv != APR_SUCCESS) {
         return rv;
     }
+    c->r->not_sent = 0;
+    rc = curl_easy_perform(c->h);
+    return call_end(c, rc, NULL);
+}
+
+apr_status_t mso_http_get_stream(apr_pool_t *p, const mso_http_opts_t *o, const char *url,
+                                 const apr_array_header_t *headers, mso_http_sink_fn *sink,
+                                 void *baton, mso_http_response_t **resp)
+{
+    mso_http_call_t *c = call_make(p, "GET", url);
+    mso_http_opts_t raw;
+    apr_status_t rv;
+    CURLcode rc;
+
+    *resp = c->r;
+    if (o) {
+        raw = *o;
+    }
+    else {
+        mso_http_opts_default(&raw);
+    }
+    raw.max_string = 0;             /* not JSON: bytes as they are */
+    raw.capture = NULL;
+    rv = call_setup(c, &raw, headers, NULL, 0);
+    if (rv != APR_SUCCESS) {
+        return rv;
+    }
+    c->sink = sink;
+    c->sink_baton = baton;
+    c->ctx.max_download = raw.max_download;
+    curl_easy_setopt(c->h, CURLOPT_WRITEFUNCTION, stream_cb);
+    /* max_body is for an error's body; the streamed one has its own cap. */
+    curl_easy_setopt(c->h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)raw.max_download);
     c->r->not_sent = 0;
     rc = curl_easy_perform(c->h);
     return call_end(c, rc, NULL);
@@ -779,10 +855,10 @@ void mso_http_multi_destroy(mso_http_multi_t *m)
     }
 }
 
-apr_status_t mso_http_multi_add(mso_http_multi_t *m, apr_pool_t *p, const char *method,
-                                const char *url, const apr_array_header_t *headers,
-                                const char *body, apr_size_t body_len,
-                                mso_http_done_fn *done, void *baton)
+static apr_status_t multi_add(mso_http_multi_t *m, apr_pool_t *p, const mso_http_opts_t *o,
+                              int cls, const char *method, const char *url,
+                              const apr_array_header_t *headers, const char *body,
+                              apr_size_t body_len, mso_http_done_fn *done, void *baton)
 {
     mso_http_call_t *c;
     apr_status_t rv;
@@ -794,7 +870,8 @@ apr_status_t mso_http_multi_add(mso_http_multi_t *m, apr_pool_t *p, const char *
         return APR_TIMEUP;
     }
     c = call_make(p, method, url);
-    rv = call_setup(c, &m->o, headers, body, body_len);
+    c->cls = cls;
+    rv = call_setup(c, o, headers, body, body_len);
     if (rv != APR_SUCCESS) {
         if (mso_log_is_level(MSO_LOG_DEBUG)) {
             mso_log_perror(MSO_LOG_MARK, MSO_LOG_DEBUG, rv, "HTTP %s refused: %s",
@@ -809,6 +886,32 @@ apr_status_t mso_http_multi_add(mso_http_multi_t *m, apr_pool_t *p, const char *
     list_push(&m->queue, &m->queue_tail, c);
     apr_pool_cleanup_register(p, c, call_pool_gone, apr_pool_cleanup_null);
     return APR_SUCCESS;
+}
+
+apr_status_t mso_http_multi_add(mso_http_multi_t *m, apr_pool_t *p, const char *method,
+                                const char *url, const apr_array_header_t *headers,
+                                const char *body, apr_size_t body_len,
+                                mso_http_done_fn *done, void *baton)
+{
+    return multi_add(m, p, m ? &m->o : NULL, 0, method, url, headers, body, body_len, done,
+                     baton);
+}
+
+apr_status_t mso_http_multi_add_raw(mso_http_multi_t *m, apr_pool_t *p, const char *url,
+                                    const apr_array_header_t *headers, apr_size_t max_body,
+                                    mso_http_done_fn *done, void *baton)
+{
+    mso_http_opts_t raw;
+
+    if (!m) {
+        return APR_EINVAL;
+    }
+    raw = m->o;
+    raw.max_string = 0;
+    raw.capture = NULL;
+    raw.max_body = max_body;
+    return multi_add(m, p, &raw, m->o.download_budget ? 1 : 0, "GET", url, headers, NULL, 0,
+                     done, baton);
 }
 
 /* Hands waiting requests to curl while there is room. */

@@ -40,6 +40,14 @@ typedef struct {
     apr_size_t buffer_budget;
     long grace_ms;
     const volatile int *stop;
+    /* Multi handle only. download_budget > 0: the raw downloads
+     * (mso_http_multi_add_raw) have a budget of their own, kept as above
+     * but apart from buffer_budget, so a large download never pauses the
+     * other requests, nor they it. Bodies held at once then stay below
+     *     buffer_budget + max_body + download_budget + the largest raw
+     *     download's max_body + 2 x MSO_HTTP_GROW_SLACK.
+     * 0: raw downloads count against buffer_budget with the rest. */
+    apr_size_t download_budget;
 } mso_http_opts_t;
 
 /* What one write of curl may add to a buffer beyond max_body before the cap
@@ -108,6 +116,13 @@ apr_status_t mso_http_multi_add(mso_http_multi_t *m, apr_pool_t *p, const char *
                                 const char *body, apr_size_t body_len,
                                 mso_http_done_fn *done, void *baton);
 
+/* A GET whose answer is kept as received (no JSON clip, whatever the
+ * handle's options say), up to max_body bytes (more: APR_ENOSPC): file
+ * contents. Otherwise as mso_http_multi_add. */
+apr_status_t mso_http_multi_add_raw(mso_http_multi_t *m, apr_pool_t *p, const char *url,
+                                    const apr_array_header_t *headers, apr_size_t max_body,
+                                    mso_http_done_fn *done, void *baton);
+
 /* Runs until every queued request has completed, calling done for each as
  * it completes. When budget runs out (budget <= 0: already out), what is
  * left completes with APR_TIMEUP (resp->not_sent for those never started)
@@ -122,6 +137,20 @@ void mso_http_multi_destroy(mso_http_multi_t *m);
  * created (allocated, not only used), and how often one was paused for the
  * budget. */
 apr_size_t mso_http_multi_peak(const mso_http_multi_t *m, int *pauses);
+
+/* A GET whose 2xx body is handed to sink piece by piece as it arrives,
+ * never held: resp->status and resp->headers are known at the first call.
+ * Other answers are kept in resp->body (up to max_body) as with
+ * mso_http_request; the clip does not apply. The streamed body is capped
+ * by max_download (0: no cap beyond the timeouts). A sink that returns
+ * anything but APR_SUCCESS stops the transfer: APR_ECONNABORTED. Otherwise
+ * returns what mso_http_request would (resp->received: bytes streamed). */
+typedef apr_status_t mso_http_sink_fn(void *baton, const mso_http_response_t *resp,
+                                      const char *data, apr_size_t len);
+
+apr_status_t mso_http_get_stream(apr_pool_t *p, const mso_http_opts_t *o, const char *url,
+                                 const apr_array_header_t *headers, mso_http_sink_fn *sink,
+                                 void *baton, mso_http_response_t **resp);
 
 /* application/x-www-form-urlencoded from NULL-terminated name, value pairs;
  * a pair whose value is NULL is left out. */

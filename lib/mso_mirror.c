@@ -15,12 +15,14 @@
  * ST_WORK_FENCE: it extends the work lease and proves it is still ours, so a
  * node that lost the lease writes nothing. */
 #include <string.h>
+#include <strings.h>
 
 #include <apr_hash.h>
 #include <apr_strings.h>
 #include <apr_time.h>
 
 #include "mso_account.h"
+#include "mso_attach.h"
 #include "mso_log.h"
 #include "mso_mirror.h"
 
@@ -33,7 +35,12 @@
 #define WORK_COLUMNS MSO_ACCOUNT_COLUMNS ", sync_due_at, sync_retry_at, " \
     "sync_phase, sync_error, sync_error_runs, auth_retry, " \
     "(SELECT COUNT(*) FROM msoauth_actions q WHERE q.account_id = msoauth_accounts.id " \
-    "AND q.state = 'queued') AS queued_actions"
+    "AND q.state = 'queued') AS queued_actions, " \
+    "CASE WHEN EXISTS (SELECT 1 FROM msoauth_messages m WHERE " \
+    "m.account_id = msoauth_accounts.id AND m.attach_due > 0 AND m.removed = 0) OR EXISTS " \
+    "(SELECT 1 FROM msoauth_attachments t JOIN msoauth_messages m ON m.account_id = " \
+    "t.account_id AND m.graph_id = t.graph_id WHERE t.account_id = msoauth_accounts.id " \
+    "AND t.state = 'pending' AND m.removed = 0) THEN 1 ELSE 0 END AS attach_work"
 
 static const mso_stmt_t ST_WORK_DUE = {
     "look for mailboxes with Graph work", "now:int token_floor:int max:int",
@@ -41,7 +48,12 @@ static const mso_stmt_t ST_WORK_DUE = {
     "AND (work_until IS NULL OR work_until < :now) AND COALESCE(sync_retry_at, 0) <= :now "
     "AND COALESCE(access_expires_at, 0) > :token_floor AND COALESCE(refresh_due_at, 0) > :now "
     "AND (COALESCE(sync_due_at, 0) <= :now OR EXISTS (SELECT 1 FROM msoauth_actions q "
-    "WHERE q.state = 'queued' AND q.account_id = a.id)) "
+    "WHERE q.state = 'queued' AND q.account_id = a.id) "
+    /* attachment work pending: a list to read or a content to download */
+    "OR EXISTS (SELECT 1 FROM msoauth_messages m WHERE m.account_id = a.id "
+    "AND m.attach_due > 0 AND m.removed = 0) OR EXISTS (SELECT 1 FROM msoauth_attachments t "
+    "JOIN msoauth_messages m ON m.account_id = t.account_id AND m.graph_id = t.graph_id "
+    "WHERE t.account_id = a.id AND t.state = 'pending' AND m.removed = 0)) "
     "ORDER BY COALESCE(sync_due_at, 0), id LIMIT :max", NULL
 };
 static const mso_stmt_t ST_WORK_CLAIM = {
@@ -105,13 +117,21 @@ static const mso_stmt_t ST_FOLDER_RESTART = {
     "WHERE account_id = :id AND folder = :folder", NULL
 };
 
+/* A changed message's attachments are listed again (attach_due counts the
+ * changes) when it may have some (want, else the row's flag), or still has
+ * rows (all of them removed in Outlook); else it has none to list. */
+#define ATTACH_DUE(ROW, ROW_FLAG, WANT, ACCOUNT, GRAPH_ID) \
+    "attach_due = CASE WHEN COALESCE(" WANT ", " ROW_FLAG ") > 0 OR EXISTS (SELECT 1 " \
+    "FROM msoauth_attachments t WHERE t.account_id = " ACCOUNT " AND t.graph_id = " \
+    GRAPH_ID ") THEN " ROW "attach_due + 1 ELSE 0 END, attach_tries = 0"
+
 /* A partial update: what Graph left out stays as it is. */
 static const mso_stmt_t ST_MSG_UPDATE = {
     "update a changed message",
     "account_id:int graph_id:text folder:text now:int round:int internet_message_id:text "
     "conversation_id:text subject:text from_address:text from_name:text to_json:text "
     "received_at:int is_read:int has_attachments:int importance:text body_preview:text "
-    "body_type:text body:text web_link:text body_truncated:int",
+    "body_type:text body:text web_link:text body_truncated:int attach_want:int",
     "UPDATE msoauth_messages SET "
     "internet_message_id = COALESCE(:internet_message_id, internet_message_id), "
     "conversation_id = COALESCE(:conversation_id, conversation_id), "
@@ -124,21 +144,23 @@ static const mso_stmt_t ST_MSG_UPDATE = {
     "body_type = COALESCE(:body_type, body_type), body = COALESCE(:body, body), "
     "web_link = COALESCE(:web_link, web_link), "
     "body_truncated = COALESCE(:body_truncated, body_truncated), folder = :folder, "
-    "removed = 0, updated_at = :now, sync_round = :round "
+    "removed = 0, updated_at = :now, sync_round = :round, " ATTACH_DUE("", "has_attachments",
+    ":attach_want", ":account_id", ":graph_id") " "
     "WHERE account_id = :account_id AND graph_id = :graph_id", NULL
 };
 /* Removed from this folder only: the same id may already live in another
  * mirrored folder (a move reported there first). */
 static const mso_stmt_t ST_MSG_REMOVE = {
     "mark a removed message", "account_id:int graph_id:text folder:text now:int",
-    "UPDATE msoauth_messages SET removed = 1, updated_at = :now "
-    "WHERE account_id = :account_id AND graph_id = :graph_id AND folder = :folder "
-    "AND removed = 0", NULL
+    "UPDATE msoauth_messages SET removed = 1, attach_due = 0, attach_tries = 0, "
+    "updated_at = :now WHERE account_id = :account_id AND graph_id = :graph_id "
+    "AND folder = :folder AND removed = 0", NULL
 };
 static const mso_stmt_t ST_MSG_SWEEP = {
     "remove messages a full sync did not see", "account_id:int folder:text round:int now:int",
-    "UPDATE msoauth_messages SET removed = 1, updated_at = :now WHERE account_id = :account_id "
-    "AND folder = :folder AND removed = 0 AND sync_round < :round", NULL
+    "UPDATE msoauth_messages SET removed = 1, attach_due = 0, attach_tries = 0, "
+    "updated_at = :now WHERE account_id = :account_id AND folder = :folder AND removed = 0 "
+    "AND sync_round < :round", NULL
 };
 
 static const mso_stmt_t ST_ACTIONS = {
@@ -177,6 +199,7 @@ static const mso_stmt_t ST_MSG_SET_FOLDER = {
     "move the mirrored message",
     "account_id:int graph_id:text folder:text removed:int now:int",
     "UPDATE msoauth_messages SET folder = :folder, removed = :removed, sync_round = 0, "
+    "attach_due = CASE WHEN :removed = 1 THEN 0 ELSE attach_due END, "
     "updated_at = :now WHERE account_id = :account_id AND graph_id = :graph_id", NULL
 };
 
@@ -204,12 +227,12 @@ static const mso_stmt_t ST_STATS_ACTIONS = {
     "INSERT INTO msoauth_messages (account_id, graph_id, folder, internet_message_id, " \
     "conversation_id, subject, from_address, from_name, to_json, received_at, is_read, " \
     "has_attachments, importance, body_preview, body_type, body, web_link, body_truncated, " \
-    "updated_at, sync_round, removed) VALUES "
+    "updated_at, sync_round, removed, attach_due) VALUES "
 #define UPSERT_ROW \
     "(:account_id, :graph_id_#, :folder, :internet_message_id_#, :conversation_id_#, " \
     ":subject_#, :from_address_#, :from_name_#, :to_json_#, :received_at_#, :is_read_#, " \
     ":has_attachments_#, :importance_#, :body_preview_#, :body_type_#, :body_#, " \
-    ":web_link_#, :body_truncated_#, :now, :round, 0)"
+    ":web_link_#, :body_truncated_#, :now, :round, 0, :attach_want_#)"
 #define UPSERT_TAIL \
     " ON CONFLICT (account_id, graph_id) DO UPDATE SET folder = excluded.folder, " \
     "internet_message_id = excluded.internet_message_id, " \
@@ -220,12 +243,14 @@ static const mso_stmt_t ST_STATS_ACTIONS = {
     "importance = excluded.importance, body_preview = excluded.body_preview, " \
     "body_type = excluded.body_type, body = excluded.body, web_link = excluded.web_link, " \
     "body_truncated = excluded.body_truncated, removed = 0, " \
-    "updated_at = excluded.updated_at, sync_round = excluded.sync_round"
+    "updated_at = excluded.updated_at, sync_round = excluded.sync_round, " \
+    ATTACH_DUE("msoauth_messages.", "0", "excluded.attach_due", "msoauth_messages.account_id", \
+               "msoauth_messages.graph_id")
 #define UPSERT_PARAMS "account_id:int folder:text now:int round:int " \
     "graph_id_#:text internet_message_id_#:text conversation_id_#:text subject_#:text " \
     "from_address_#:text from_name_#:text to_json_#:text received_at_#:int is_read_#:int " \
     "has_attachments_#:int importance_#:text body_preview_#:text body_type_#:text " \
-    "body_#:text web_link_#:text body_truncated_#:int"
+    "body_#:text web_link_#:text body_truncated_#:int attach_want_#:int"
 
 /* template with each '#' replaced by row. */
 static const char *expand(apr_pool_t *p, const char *template, int row)
@@ -294,12 +319,13 @@ static mso_work_t *work_from_row(mso_rows_t *r, apr_pool_t *p)
     w->sync_error_runs = (int)mso_col_int(r, "sync_error_runs");
     w->auth_retry = (int)mso_col_int(r, "auth_retry");
     w->queued_actions = (int)mso_col_int(r, "queued_actions");
+    w->attach_work = (int)mso_col_int(r, "attach_work");
     return w;
 }
 
 /* The first statement of every transaction that writes for the mailbox:
  * the lease must be ours, and is renewed. APR_EBUSY when it is not. */
-static apr_status_t fence(mso_tx_t *tx, apr_int64_t account_id, const char *owner)
+apr_status_t mso_mirror_fence(mso_tx_t *tx, apr_int64_t account_id, const char *owner)
 {
     mso_args_t *a = mso_tx_args(tx, &ST_WORK_FENCE);
     apr_status_t rv;
@@ -463,6 +489,37 @@ static void arg_flag(mso_args_t *a, const char *name, int flag)
     }
 }
 
+/* True when text holds "cid:" in any case (an inline part's URL). */
+static int has_cid(const char *text)
+{
+    const char *c;
+
+    for (c = text; c && *c; c++) {
+        if ((*c == 'c' || *c == 'C') && (c[1] == 'i' || c[1] == 'I')
+            && (c[2] == 'd' || c[2] == 'D') && c[3] == ':') {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Whether the message's attachments are to be listed: it has some, or an
+ * HTML body may show inline parts (cid:), which Graph's hasAttachments
+ * does not count; a body too long to keep may too. -1 when the update
+ * does not say. */
+static int attach_want(const mso_graph_msg_t *m)
+{
+    int html = m->body_type && !strcasecmp(m->body_type, "html");
+
+    if (m->has_attachments > 0 || (html && (m->body_truncated > 0 || has_cid(m->body)))) {
+        return 1;
+    }
+    if (m->has_attachments == 0 && (m->body_type || m->body || m->body_truncated >= 0)) {
+        return 0;
+    }
+    return -1;
+}
+
 /* The message's own values, in the arguments of the upsert (one row) or of
  * the partial update. */
 static void bind_message(mso_args_t *a, const mso_graph_msg_t *m)
@@ -488,6 +545,7 @@ static void bind_message(mso_args_t *a, const mso_graph_msg_t *m)
     mso_arg_text(a, "body", m->body);
     mso_arg_text(a, "web_link", m->web_link);
     arg_flag(a, "body_truncated", m->body_truncated);
+    arg_flag(a, "attach_want", attach_want(m));
 }
 
 typedef struct {
@@ -522,6 +580,7 @@ static apr_status_t write_chunk(mso_tx_t *tx, page_t *pg, const mso_graph_msg_t 
         mso_arg_int(a, "is_read", rows[i]->is_read > 0);
         mso_arg_int(a, "has_attachments", rows[i]->has_attachments > 0);
         mso_arg_int(a, "body_truncated", rows[i]->body_truncated > 0);
+        mso_arg_int(a, "attach_want", attach_want(rows[i]) > 0);
     }
     pg->count += n;
     return mso_tx_exec(tx, a, NULL);
@@ -557,7 +616,7 @@ static apr_status_t page_tx(mso_tx_t *tx, void *baton)
     apr_status_t rv;
     int i, n = 0, rows = 0;
 
-    if (!MSO_OK(fence(tx, pg->account_id, pg->owner))) {
+    if (!MSO_OK(mso_mirror_fence(tx, pg->account_id, pg->owner))) {
         if (rv == APR_EBUSY) {
             mso_tx_fail(tx, rv, "the mailbox's work lease was taken over (it ran out); "
                         "nothing written");
@@ -592,12 +651,17 @@ static apr_status_t page_tx(mso_tx_t *tx, void *baton)
         }
         pg->count++;
         if (m->removed) {
+            int gone = 0;
+
             a = mso_tx_args(tx, &ST_MSG_REMOVE);
             mso_arg_int(a, "account_id", pg->account_id);
             mso_arg_text(a, "graph_id", m->graph_id);
             mso_arg_text(a, "folder", f->folder);
             mso_arg_int(a, "now", pg->now);
-            rv = mso_tx_exec(tx, a, NULL);
+            if (MSO_OK(mso_tx_exec(tx, a, &gone)) && gone) {
+                /* Its attachments go with it. */
+                rv = mso_attach_drop_tx(tx, pg->account_id, m->graph_id);
+            }
         }
         else {
             rv = write_partial(tx, pg, m);
@@ -610,6 +674,9 @@ static apr_status_t page_tx(mso_tx_t *tx, void *baton)
     if (page->delta_link) {
         /* A full round ends here: what it did not see is gone from the folder. */
         if (strcmp(f->phase ? f->phase : "initial", "idle") != 0) {
+            if (!MSO_OK(mso_attach_drop_unseen_tx(tx, pg->account_id, f->folder, f->round))) {
+                goto leave;
+            }
             a = mso_tx_args(tx, &ST_MSG_SWEEP);
             mso_arg_int(a, "account_id", pg->account_id);
             mso_arg_text(a, "folder", f->folder);
@@ -689,7 +756,7 @@ static apr_status_t restart_tx(mso_tx_t *tx, void *baton)
     mso_args_t *a;
     apr_status_t rv;
 
-    if (MSO_OK(fence(tx, r->account_id, r->owner))) {
+    if (MSO_OK(mso_mirror_fence(tx, r->account_id, r->owner))) {
         a = mso_tx_args(tx, &ST_FOLDER_RESTART);
         mso_arg_int(a, "id", r->account_id);
         mso_arg_text(a, "folder", r->f->folder);
@@ -777,7 +844,7 @@ static apr_status_t action_tx(mso_tx_t *tx, void *baton)
     apr_status_t rv;
     int n = 0;
 
-    if (!MSO_OK(fence(tx, act->account_id, x->owner))) {
+    if (!MSO_OK(mso_mirror_fence(tx, act->account_id, x->owner))) {
         goto leave;
     }
     a = mso_tx_args(tx, x->st);
@@ -815,7 +882,10 @@ static apr_status_t action_tx(mso_tx_t *tx, void *baton)
     mso_arg_int(a, "account_id", act->account_id);
     mso_arg_text(a, "graph_id", act->graph_id);
     mso_arg_int(a, "now", x->now);
-    rv = mso_tx_exec(tx, a, NULL);
+    if (MSO_OK(mso_tx_exec(tx, a, NULL)) && x->folder && x->removed) {
+        /* Moved out of the mirror: its attachments go with it. */
+        rv = mso_attach_drop_tx(tx, act->account_id, act->graph_id);
+    }
 
 leave:
     return rv;

@@ -29,6 +29,7 @@ typedef struct {
     int sync_error_runs;
     int auth_retry;                 /* 1: a 401 asked for a refresh; the next one is an error */
     int queued_actions;             /* claimed because actions wait */
+    int attach_work;                /* attachments to list or download */
 } mso_work_t;
 
 /* Claims up to max connected mailboxes with Graph work to do: a sync due or
@@ -38,6 +39,11 @@ typedef struct {
  * mso_work_t* in p. */
 apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, apr_int64_t now,
                               int lease_seconds, int max, apr_array_header_t **works);
+
+/* The first statement of every transaction that writes for a mailbox's
+ * Graph work (here and in mso_attach): extends the work lease and proves it
+ * is still owner's. APR_EBUSY when it is not: nothing may be written. */
+apr_status_t mso_mirror_fence(mso_tx_t *tx, apr_int64_t account_id, const char *owner);
 
 /* What one pass of work leaves on the account; releases the lease (only if
  * still ours). last_sync_at 0: unchanged. */

@@ -21,6 +21,7 @@
 static const mso_sync_kind_t *const kinds[MSO_KIND_MAX] = {
     &mso_sync_actions,
     &mso_sync_folders,
+    &mso_sync_attach,
 };
 
 int mso_sync_scopes_can_write(const char *scopes)
@@ -120,6 +121,29 @@ apr_status_t mso_sync_send(mso_req_t *rq, const char *method, const char *url,
     }
     rv = mso_http_multi_add(b->pass->m, rq->pool, method, url, h, body,
                             body ? strlen(body) : 0, done, rq);
+    if (rv == APR_SUCCESS) {
+        b->inflight++;
+    }
+    else {
+        apr_pool_destroy(rq->pool);
+    }
+    return rv;
+}
+
+apr_status_t mso_sync_send_raw(mso_req_t *rq, apr_pool_t *pool, const char *url,
+                               apr_size_t max_body, mso_http_done_fn *done)
+{
+    mso_box_t *b = rq->box;
+    apr_array_header_t *h = mso_graph_headers(rq->pool, b->in->access_token, 0);
+    apr_status_t rv;
+    int i;
+
+    for (i = 0; i < h->nelts; i++) {
+        if (!strcmp(APR_ARRAY_IDX(h, i, const char *), "Accept: application/json")) {
+            APR_ARRAY_IDX(h, i, const char *) = "Accept: */*";
+        }
+    }
+    rv = mso_http_multi_add_raw(b->pass->m, pool, url, h, max_body, done, rq);
     if (rv == APR_SUCCESS) {
         b->inflight++;
     }
@@ -270,6 +294,7 @@ apr_status_t mso_sync_run(mso_db_t *db, apr_pool_t *p, const char *owner,
     pass.m = m;
     pass.slice_end = slice_end;
     pass.st = st;
+    pass.downloads = 0;
     rts = apr_pcalloc(pp, sizeof(*rts) * (n > 0 ? n : 1));
     for (i = 0; i < n; i++) {
         rts[i] = box_setup(&pass, &boxes[i]);

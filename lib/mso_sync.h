@@ -16,6 +16,10 @@
 #define MSO_SYNC_PER_MAILBOX 4      /* Outlook's concurrency limit per app and mailbox */
 #define MSO_SYNC_PAGE_SIZE 100      /* Prefer: odata.maxpagesize */
 #define MSO_SYNC_ACTIONS 100        /* queued actions read per mailbox and pass */
+/* Attachment bodies a pass (one lane) downloads at once, over all its
+ * mailboxes: with the multi handle's download budget, what bounds the
+ * memory they take (see mod_msoauth_job.c). */
+#define MSO_SYNC_DOWNLOADS 8
 
 typedef struct {
     mso_work_t *work;               /* from mso_mirror_claim: the lease is held */
@@ -26,12 +30,17 @@ typedef struct {
     const apr_array_header_t *folders;  /* well-known names to mirror (const char *) */
     int interval;                   /* seconds between incremental rounds */
     int can_write;                  /* the grant has Mail.ReadWrite */
+    /* MSOAuthAttachmentMaxBytes: attachments up to this size are downloaded
+     * into the mirror, larger ones never (0: metadata only). */
+    apr_int64_t attach_max_bytes;
 } mso_sync_box_t;
 
 typedef struct {
     int mailboxes, pages, messages, resyncs;
     int actions_done, actions_failed, actions_waiting;
     int throttled, errors;
+    int attach_lists, attach_stored;    /* attachment lists read, contents stored */
+    apr_int64_t attach_bytes;
 } mso_sync_stats_t;
 
 /* Runs the pass. New requests start only before slice_end (a folder in the

@@ -155,6 +155,7 @@ static void page_store(mso_box_t *b, folder_rt_t *fr, mso_req_t *rq,
     fr->f->delta_link = fr->f->delta_link ? apr_pstrdup(b->pool, fr->f->delta_link) : NULL;
     b->pass->st->pages++;
     b->pass->st->messages += applied;
+    b->pages_stored++;
     if (page->delta_link) {
         fr->finished = 1;           /* the round is complete */
         if (fr->page_size < MSO_SYNC_PAGE_SIZE) {

@@ -19,6 +19,7 @@ typedef struct {
     mso_http_multi_t *m;
     apr_time_t slice_end;
     mso_sync_stats_t *st;
+    int downloads;                  /* attachment bodies in flight (MSO_SYNC_DOWNLOADS) */
 } mso_pass_t;
 
 /* The kinds, in the order the core offers them room: small writes the
@@ -26,6 +27,7 @@ typedef struct {
 typedef enum {
     MSO_KIND_ACTIONS = 0,
     MSO_KIND_FOLDERS,
+    MSO_KIND_ATTACH,                /* attachments: after the text, in the room left */
     MSO_KIND_MAX
 } mso_kind_e;
 
@@ -43,6 +45,7 @@ typedef struct mso_box_t {
     int unauthorized;
     const char *error;              /* first failure of the pass */
     const char *graph_error;        /* Graph's answer with it, for the log */
+    int pages_stored;               /* delta pages stored this pass (new mail) */
     void *kind[MSO_KIND_MAX];       /* each kind's runtime for this mailbox */
 } mso_box_t;
 
@@ -61,6 +64,7 @@ typedef struct {
 
 extern const mso_sync_kind_t mso_sync_actions;
 extern const mso_sync_kind_t mso_sync_folders;
+extern const mso_sync_kind_t mso_sync_attach;
 
 /* One request of a mailbox: its own pool (the answer lives in it), the item
  * of the kind it is for and a step of the kind's choosing. */
@@ -90,6 +94,11 @@ mso_req_t *mso_sync_req(mso_box_t *b, void *item, int step);
  * error returned. */
 apr_status_t mso_sync_send(mso_req_t *rq, const char *method, const char *url,
                            const char *body, int page_size, mso_http_done_fn *done);
+/* A GET of bytes (an attachment's $value): kept as received up to max_body,
+ * against the multi handle's download budget, in pool (the answer outlives
+ * the request when pool is not rq's); otherwise as mso_sync_send. */
+apr_status_t mso_sync_send_raw(mso_req_t *rq, apr_pool_t *pool, const char *url,
+                               apr_size_t max_body, mso_http_done_fn *done);
 /* First thing in a done callback: the mailbox has one request less. */
 void mso_sync_answered(mso_req_t *rq);
 /* Last thing in a done callback: the request's pool goes, and the mailbox

@@ -1549,6 +1549,37 @@ def test_received_attachments_of_three_kinds(sim):
     assert sim.graph("GET", f"/me/messages/{msg['id']}/attachments", basic, headers=h).status == 403
 
 
+def test_reference_link_on_beta_only(sim):
+    """A reference attachment's link (sourceUrl) is beta-only in Graph: /beta serves the same
+    resources, /users/{x} and scenarios included, and only there shows it."""
+    at = sim.sign_in()["access_token"]
+    h = {"Prefer": PREFER_IMM}
+    (msg, _), _ = seed_with_attachments(sim)
+    listed = sim.graph("GET", f"/me/messages/{msg['id']}/attachments", at, headers=h).json()["value"]
+    ref = next(a for a in listed if a["@odata.type"].endswith("referenceAttachment"))
+    path = f"/me/messages/{msg['id']}/attachments/{ref['id']}"
+    assert "sourceUrl" not in sim.graph("GET", path, at, headers=h).json()
+    beta = call("GET", f"{sim.url}/beta{path}", headers=dict(h, Authorization=f"Bearer {at}"))
+    assert beta.status == 200, beta.text
+    got = beta.json()
+    assert got["sourceUrl"] == "https://contoso.sharepoint.com/Budget.xlsx"
+    assert got["providerType"] == "oneDriveBusiness" and got["isFolder"] is False
+    assert beta.headers.get("request-id")
+    users = call("GET", f"{sim.url}/beta/users/adele@contoso.com/messages/{msg['id']}/attachments",
+                 headers=dict(h, Authorization=f"Bearer {at}"))
+    assert any(a.get("sourceUrl") for a in users.json()["value"])
+    # Files look the same on beta; the log keeps the path as requested.
+    f = next(a for a in listed if a["name"] == "contract.pdf")
+    raw = call("GET", f"{sim.url}/beta/me/messages/{msg['id']}/attachments/{f['id']}/$value",
+               headers={"Authorization": f"Bearer {at}"})
+    assert raw.status == 200 and raw.headers["Content-Type"] == "application/pdf"
+    assert any(e["path"].startswith("/beta/") for e in sim.ctl("GET", "/log")["requests"])
+    sim.ctl("POST", "/scenarios", {"endpoint": "graph", "status": 503, "times": 1,
+                                   "match": {"path": "/beta/"}})
+    assert call("GET", f"{sim.url}/beta{path}",
+                headers={"Authorization": f"Bearer {at}"}).status == 503
+
+
 def test_attachment_edits_in_outlook_moves_deletes_and_faults(sim):
     at = sim.sign_in()["access_token"]
     h = {"Prefer": PREFER_IMM}

@@ -210,7 +210,8 @@ def test_shipped_sample_protects_connect_and_the_local_api(httpd):
     httpd.start("Include msoauth.conf\n")
     r = Browser().get(httpd.url + "/microsoft_outlook/connect")
     assert r.status == 401, r.text
-    for path in ("/microsoft_outlook/token?account=1", "/microsoft_outlook/admin/accounts"):
+    for path in ("/microsoft_outlook/token?account=1", "/microsoft_outlook/admin/accounts",
+                 "/microsoft_outlook/attachment?account=1&message=M&attachment=A"):
         r = Browser().get(httpd.url + path)
         assert r.status == 401, (path, r.text)
         r = Browser().get(httpd.url + path, headers=dict(bearer(), **{"X-Forwarded-For": "1.2.3.4"}))

@@ -737,10 +737,11 @@ def att_content_bytes(att):
     return att["kind"] == "file"
 
 
-def render_attachment(att, select=None, expand_item=False):
+def render_attachment(att, select=None, expand_item=False, beta=False):
     """-> (dict without contentBytes, whether contentBytes follows). Graph's shapes: file
     attachments carry contentId/contentLocation/contentBytes, items contentType null,
-    references only the base properties in v1.0 (sourceUrl/providerType are beta)."""
+    references only the base properties in v1.0; beta adds sourceUrl, providerType,
+    permission, isFolder, thumbnailUrl and previewUrl."""
     out = {"@odata.type": ATT_TYPES[att["kind"]]}
     if att["kind"] == "file":
         out["@odata.mediaContentType"] = att["contentType"]
@@ -754,13 +755,17 @@ def render_attachment(att, select=None, expand_item=False):
         out[n] = None if (n == "contentType" and att["kind"] == "item") else att.get(n)
     if expand_item and att["kind"] == "item":
         out["item"] = dict({"@odata.type": "#microsoft.graph.message", "id": ""}, **att["item"])
+    if beta and att["kind"] == "reference" and select is None:
+        for n in ("sourceUrl", "providerType", "thumbnailUrl", "previewUrl", "permission",
+                  "isFolder"):
+            out[n] = att.get(n)
     with_bytes = att_content_bytes(att) and (select is None or "contentBytes" in select)
     return out, with_bytes
 
 
-def attachment_parts(att, select=None, expand_item=False):
+def attachment_parts(att, select=None, expand_item=False, beta=False):
     """The JSON text of one attachment as parts: str, or ("b64", att) for contentBytes."""
-    out, with_bytes = render_attachment(att, select, expand_item)
+    out, with_bytes = render_attachment(att, select, expand_item, beta)
     text = json.dumps(out)
     if not with_bytes:
         return [text]
@@ -1330,6 +1335,7 @@ class Request:
         self.body = body
         self.log_extra = {}
         self.graph_user = None       # set by /users/{x}/ rewriting
+        self.beta = False            # /beta/...: served as /v1.0/, with beta-only properties
 
     def header(self, name, default=None):
         return self.headers.get(name, default)
@@ -3210,7 +3216,7 @@ def list_attachments(ctx, mid):
     for i, att in enumerate(msg.get("atts") or ()):
         if i:
             parts.append(", ")
-        parts += attachment_parts(att, select)
+        parts += attachment_parts(att, select, beta=ctx.req.beta)
     parts.append("]}")
     return stream_json(ctx, parts)
 
@@ -3226,7 +3232,7 @@ def get_attachment(ctx, mid, aid):
     att = find_attachment(ctx, ctx.message(mid), aid)
     expand = (ctx.req.query.get("$expand") or "").lower().replace(" ", "")
     parts = attachment_parts(att, attachment_select(ctx.req),
-                             expand_item=expand.endswith("itemattachment/item"))
+                             expand_item=expand.endswith("itemattachment/item"), beta=ctx.req.beta)
     ctx_url = odata(ctx.sim, f"users('{ctx.user['oid']}')/messages('{quote(mid, safe='')}')/attachments/$entity")
     parts[0] = '{"@odata.context": ' + json.dumps(ctx_url) + ", " + parts[0][1:]
     return stream_json(ctx, parts)
@@ -4442,11 +4448,14 @@ class Handler(BaseHTTPRequestHandler):
         # Graph (and Outlook's upload URLs) refuse request bodies over 4 MB.
         self.too_large = False
         self.limit = (int(sim.config["request_size_limit"])
-                      if self.path.startswith(("/v1.0/", "/api/")) else None)
+                      if self.path.startswith(("/v1.0/", "/beta/", "/api/")) else None)
         req = Request(self.command, self.path, self.headers, self.read_body())
         req.too_large = self.too_large
         req.request_id = guid()
         req.client_request_id = req.header("client-request-id") or req.request_id
+        m = re.match(r"/beta(/.*)\Z", req.path)
+        if m:       # beta serves the same resources (attachments show more)
+            req.beta, req.path = True, "/v1.0" + m.group(1)
         m = re.match(r"/v1\.0/users/([^/]+)(/.*)?\Z", req.path)
         if m:       # /users/{id|upn}/... is /me/... for the signed-in user
             req.graph_user, req.path = m.group(1), "/v1.0/me" + (m.group(2) or "")

@@ -461,6 +461,94 @@ END_TEST
 
 /* Every mail URL starts with the mailbox: /me for the person's own, the
  * address (encoded) under /users for app-only and shared mailboxes. */
+START_TEST(attachment_lists)
+{
+    apr_array_header_t *atts = NULL;
+    const mso_graph_att_t *a;
+    const char *next = NULL, *err = NULL;
+    int skipped = -1;
+    /* Graph's three kinds, an inline part, hostile strings, entries to skip. */
+    const char *list = "{\"value\":["
+        "{\"@odata.type\":\"#microsoft.graph.fileAttachment\",\"id\":\"AAMk-f1=\","
+        "\"name\":\"a\\u0000b\\r\\n.pdf\",\"contentType\":\"application/pdf\",\"size\":1234,"
+        "\"isInline\":false,\"contentId\":null,\"lastModifiedDateTime\":\"2026-01-02T03:04:05Z\"},"
+        "{\"@odata.type\":\"#microsoft.graph.fileAttachment\",\"id\":\"AAMk-img\",\"name\":\"logo.png\","
+        "\"contentType\":\"image/png\",\"size\":-5,\"isInline\":true,\"contentId\":\"logo@x\"},"
+        "{\"@odata.type\":\"#microsoft.graph.itemAttachment\",\"id\":\"AAMk-item\",\"name\":\"Fwd\","
+        "\"contentType\":null,\"size\":\"9\"},"
+        "{\"@odata.type\":\"#Microsoft.Graph.ReferenceAttachment\",\"id\":\"AAMk-ref\",\"name\":\"Doc\"},"
+        "{\"@odata.type\":\"#microsoft.graph.fileAttachment\",\"id\":\"../../x\"},"
+        "{\"@odata.type\":\"#microsoft.graph.somethingNew\",\"id\":\"AAMk-new\"},"
+        "{\"id\":\"AAMk-untyped\"}, 7],"
+        "\"@odata.nextLink\":\"" ME "/messages/M/attachments?$skip=4\"}";
+
+    ck_assert_int_eq(mso_graph_parse_attachments(pool, list, strlen(list), &atts, &next,
+                                                 &skipped, &err), APR_SUCCESS);
+    ck_assert_int_eq(atts->nelts, 4);
+    ck_assert_int_eq(skipped, 4);
+    ck_assert_str_eq(next, ME "/messages/M/attachments?$skip=4");
+    a = &APR_ARRAY_IDX(atts, 0, mso_graph_att_t);
+    ck_assert_str_eq(a->kind, "file");
+    ck_assert_str_eq(a->id, "AAMk-f1=");
+    ck_assert_str_eq(a->name, "a b  .pdf");
+    ck_assert_str_eq(a->content_type, "application/pdf");
+    ck_assert_int_eq(a->size, 1234);
+    ck_assert_int_eq(a->is_inline, 0);
+    ck_assert_ptr_null(a->content_id);
+    ck_assert_str_eq(a->last_modified, "2026-01-02T03:04:05Z");
+    a = &APR_ARRAY_IDX(atts, 1, mso_graph_att_t);
+    ck_assert_int_eq(a->is_inline, 1);
+    ck_assert_str_eq(a->content_id, "logo@x");
+    ck_assert_int_eq(a->size, -1);
+    a = &APR_ARRAY_IDX(atts, 2, mso_graph_att_t);
+    ck_assert_str_eq(a->kind, "item");
+    ck_assert_str_eq(a->content_type, "message/rfc822");
+    ck_assert_int_eq(a->size, -1);
+    a = &APR_ARRAY_IDX(atts, 3, mso_graph_att_t);
+    ck_assert_str_eq(a->kind, "reference");
+    ck_assert_ptr_null(a->content_type);
+
+    ck_assert_int_eq(mso_graph_parse_attachments(pool, "[]", 2, &atts, &next, &skipped, &err),
+                     APR_EINVAL);
+    ck_assert_ptr_nonnull(err);
+    ck_assert_int_eq(mso_graph_parse_attachments(pool, "{\"value\":[]}", 12, &atts, &next,
+                                                 &skipped, &err), APR_SUCCESS);
+    ck_assert_int_eq(atts->nelts, 0);
+    ck_assert_ptr_null(next);
+}
+END_TEST
+
+START_TEST(attachment_urls_and_links)
+{
+    const char *url = NULL, *err = NULL, *body;
+
+    ck_assert_str_eq(mso_graph_attachments_url(pool, ME, "A+b/c="),
+                     ME "/messages/A%2Bb%2Fc%3D/attachments?$select=" MSO_GRAPH_ATTACH_SELECT);
+    ck_assert_str_eq(mso_graph_attachment_value_url(pool, ME, "M", "A/1"),
+                     ME "/messages/M/attachments/A%2F1/$value");
+    ck_assert_str_eq(mso_graph_attachment_link_url(pool, ME, "M", "A"),
+                     ROOT "/beta/me/messages/M/attachments/A");
+    ck_assert_str_eq(mso_graph_attachment_link_url(pool, ROOT "/v1.0/users/a%40b.com", "M",
+                                                   "A"),
+                     ROOT "/beta/users/a%40b.com/messages/M/attachments/A");
+    ck_assert(mso_graph_id_ok("AAMkAGI2-_+/="));
+    ck_assert(!mso_graph_id_ok("a b"));
+    ck_assert(!mso_graph_id_ok(""));
+    ck_assert(!mso_graph_id_ok(NULL));
+
+    body = "{\"sourceUrl\":\"https://contoso.sharepoint.com/:w:/r/Doc.docx\"}";
+    ck_assert_int_eq(mso_graph_parse_link(pool, body, strlen(body), &url, &err), APR_SUCCESS);
+    ck_assert_str_eq(url, "https://contoso.sharepoint.com/:w:/r/Doc.docx");
+    body = "{\"sourceUrl\":\"javascript:alert(1)\"}";
+    ck_assert_int_eq(mso_graph_parse_link(pool, body, strlen(body), &url, &err), APR_EINVAL);
+    body = "{\"sourceUrl\":\"https://x/\\r\\nSet-Cookie: a\"}";
+    ck_assert_int_eq(mso_graph_parse_link(pool, body, strlen(body), &url, &err), APR_EINVAL);
+    body = "{\"name\":\"no link\"}";
+    ck_assert_int_eq(mso_graph_parse_link(pool, body, strlen(body), &url, &err), APR_EINVAL);
+    ck_assert_ptr_null(url);
+}
+END_TEST
+
 START_TEST(mailbox_urls)
 {
     const char *shared = mso_graph_mailbox(pool, ROOT, "support+eu@contoso.com");
@@ -500,6 +588,8 @@ int main(void)
     tcase_add_test(tc, write_scopes);
     tcase_add_test(tc, me_identity);
     tcase_add_test(tc, mailbox_urls);
+    tcase_add_test(tc, attachment_lists);
+    tcase_add_test(tc, attachment_urls_and_links);
     suite_add_tcase(s, tc);
     failed = mso_check_run(s);
     apr_terminate();

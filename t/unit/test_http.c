@@ -220,6 +220,19 @@ static int respond(int fd, const char *req, size_t req_len)
         send_all(fd, body, len);
         free(body);
     }
+    else if (strncmp(path, "/half/", 6) == 0) {
+        /* Announces N bytes, sends half of them, then stalls. */
+        size_t n = strtoul(path + 6, NULL, 10);
+        char *body = malloc(n / 2 + 1);
+
+        memset(body, 'z', n / 2);
+        snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %lu\r\n"
+                 "Connection: close\r\n\r\n", (unsigned long)n);
+        send_str(fd, head);
+        send_all(fd, body, n / 2);
+        free(body);
+        wait_for_close(fd);
+    }
     else if (strcmp(path, "/echo") == 0) {
         snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %lu\r\n"
                  "Connection: close\r\n\r\n", (unsigned long)req_len);
@@ -703,6 +716,7 @@ typedef struct {
     apr_status_t rv;
     mso_http_response_t *resp;
     int calls;
+    apr_time_t at;
 } result_t;
 
 static void on_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
@@ -712,6 +726,7 @@ static void on_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
     r->rv = rv;
     r->resp = resp;
     r->calls++;
+    r->at = apr_time_now();
 }
 
 static int max_open(void)
@@ -1125,6 +1140,159 @@ START_TEST(multi_budget_with_clip)
 }
 END_TEST
 
+/* ---- raw downloads and streams ------------------------------------------- */
+
+START_TEST(multi_raw_downloads)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m;
+    result_t res[3];
+    int i;
+
+    /* A handle for JSON (clip, small bodies) downloads raw bytes as they are. */
+    o.max_string = 1000;
+    o.max_body = 4096;
+    o.max_download = 1 << 20;
+    m = multi(&o, 4, 4);
+    memset(res, 0, sizeof(res));
+    ck_assert_int_eq(mso_http_multi_add_raw(m, pool, url("/json/600000"), NULL, 700000,
+                                            on_done, &res[0]), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_add_raw(m, pool, url("/bytes/5000"), NULL, 4999,
+                                            on_done, &res[1]), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/json/600000"), NULL, NULL, 0,
+                                        on_done, &res[2]), APR_SUCCESS);
+    ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_sec(10)), APR_SUCCESS);
+    for (i = 0; i < 3; i++) {
+        ck_assert_int_eq(res[i].calls, 1);
+    }
+    ck_assert_int_eq(res[0].rv, APR_SUCCESS);
+    ck_assert_uint_ge(res[0].resp->body_len, 600000);
+    ck_assert_uint_eq(res[0].resp->clipped, 0);
+    ck_assert_ptr_nonnull(strstr(res[0].resp->body, "\"b\":\"end\"}"));
+    /* One byte over its own cap. */
+    ck_assert_int_eq(res[1].rv, APR_ENOSPC);
+    /* The same answer through the handle's own options is clipped. */
+    ck_assert_int_eq(res[2].rv, APR_SUCCESS);
+    ck_assert_uint_eq(res[2].resp->clipped, 1);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+START_TEST(multi_download_budget)
+{
+    enum { N = 4 };
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m;
+    result_t res[N], dl;
+    apr_time_t start;
+    apr_size_t peak;
+    int i, pauses = 0;
+
+    /* A download that holds more than its budget and then stalls never
+     * pauses the other requests: they have a budget of their own. */
+    o.max_body = 512 * 1024;
+    o.buffer_budget = 256 * 1024;
+    o.download_budget = 256 * 1024;
+    o.timeout_ms = 20000;
+    o.stall_seconds = 2;
+    m = multi(&o, N + 1, N + 1);
+    memset(&dl, 0, sizeof(dl));
+    memset(res, 0, sizeof(res));
+    ck_assert_int_eq(mso_http_multi_add_raw(m, pool, url("/half/2000000"), NULL, 2000000,
+                                            on_done, &dl), APR_SUCCESS);
+    for (i = 0; i < N; i++) {
+        ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url("/bytes/400000"), NULL, NULL,
+                                            0, on_done, &res[i]), APR_SUCCESS);
+    }
+    start = apr_time_now();
+    mso_http_multi_run(m, apr_time_from_sec(10));
+    ck_assert_int_eq(dl.calls, 1);
+    /* Cut by the stall check or by the server giving up first. */
+    ck_assert_int_ne(dl.rv, APR_SUCCESS);
+    ck_assert_int_ge(dl.at - start, apr_time_from_msec(1500));
+    for (i = 0; i < N; i++) {
+        ck_assert_int_eq(res[i].rv, APR_SUCCESS);
+        ck_assert_uint_eq(res[i].resp->body_len, 400000);
+        ck_assert_msg(res[i].at - start < apr_time_from_msec(1500), "request %d waited %ld ms",
+                      i, (long)((res[i].at - start) / 1000));
+    }
+    peak = mso_http_multi_peak(m, &pauses);
+    ck_assert_msg(peak <= o.buffer_budget + o.max_body + o.download_budget + 2000000
+                         + 2 * MSO_HTTP_GROW_SLACK, "peak %lu", (unsigned long)peak);
+    ck_assert_uint_ge(peak, 1000000);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
+typedef struct {
+    apr_size_t got;
+    int calls;
+    int status;
+    int stop_after;             /* > 0: refuse the call after this many */
+    const char *type;
+} sink_t;
+
+static apr_status_t sink(void *baton, const mso_http_response_t *resp, const char *data,
+                         apr_size_t len)
+{
+    sink_t *k = baton;
+    apr_size_t i;
+
+    k->calls++;
+    k->status = resp->status;
+    k->type = apr_table_get(resp->headers, "Content-Type");
+    for (i = 0; i < len; i++) {
+        if (data[i] != 'y' && data[i] != 'x') {
+            ck_abort_msg("byte %lu is %d", (unsigned long)(k->got + i), data[i]);
+        }
+    }
+    k->got += len;
+    return k->stop_after && k->calls >= k->stop_after ? APR_EGENERAL : APR_SUCCESS;
+}
+
+START_TEST(stream_get)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    sink_t k;
+
+    /* Far more than max_body: streamed, never held. */
+    memset(&k, 0, sizeof(k));
+    ck_assert_int_eq(mso_http_get_stream(pool, &o, url("/bytes/3000000"), NULL, sink, &k, &r),
+                     APR_SUCCESS);
+    ck_assert_uint_eq(k.got, 3000000);
+    ck_assert_uint_eq(r->received, 3000000);
+    ck_assert_int_eq(k.status, 200);
+    ck_assert_int_eq(r->status, 200);
+    ck_assert_str_eq(r->body, "");
+    /* Not a 2xx: the answer is kept for reading, the sink sees nothing. */
+    memset(&k, 0, sizeof(k));
+    ck_assert_int_eq(mso_http_get_stream(pool, &o, url("/retry/7"), NULL, sink, &k, &r),
+                     APR_SUCCESS);
+    ck_assert_int_eq(k.calls, 0);
+    ck_assert_int_eq(r->status, 429);
+    ck_assert_int_eq(r->retry_after, 7);
+    /* The receiver stops it. */
+    memset(&k, 0, sizeof(k));
+    k.stop_after = 1;
+    ck_assert_int_eq(mso_http_get_stream(pool, &o, url("/bytes/3000000"), NULL, sink, &k, &r),
+                     APR_ECONNABORTED);
+    ck_assert_int_eq(k.calls, 1);
+    /* max_download caps what is streamed. */
+    memset(&k, 0, sizeof(k));
+    o.max_download = 100000;
+    ck_assert_int_eq(mso_http_get_stream(pool, &o, url("/bytes/3000000"), NULL, sink, &k, &r),
+                     APR_ENOSPC);
+    ck_assert_uint_le(k.got, 100000);
+    /* A body without Content-Length hits the cap in the write callback. */
+    memset(&k, 0, sizeof(k));
+    o.max_download = 1000;
+    ck_assert_int_eq(mso_http_get_stream(pool, &o, url("/big-close"), NULL, sink, &k, &r),
+                     APR_ENOSPC);
+    ck_assert_uint_le(k.got, 1000);
+}
+END_TEST
+
 START_TEST(multi_grace_and_stop)
 {
     mso_http_opts_t o = fast_opts();
@@ -1203,6 +1371,9 @@ int main(void)
     tcase_add_test(tc, multi_memory_budget);
     tcase_add_test(tc, multi_budget_with_clip);
     tcase_add_test(tc, multi_grace_and_stop);
+    tcase_add_test(tc, multi_raw_downloads);
+    tcase_add_test(tc, multi_download_budget);
+    tcase_add_test(tc, stream_get);
     suite_add_tcase(s, tc);
     failed = mso_check_run(s);
     apr_terminate();
