@@ -406,6 +406,9 @@ static json_t *app_token_json(msoauth_company_t *c, apr_array_header_t *tokens,
                       : "none", "expires_at", (json_int_t)t->expires_at, "fetched_at",
                       (json_int_t)t->fetched_at, "roles", t->roles ? t->roles : "", "fetches",
                       t->fetches);
+        if (!t->roles) {
+            json_object_set_new(o, "roles", json_null());     /* an opaque token */
+        }
         json_object_set_new(o, "reason", t->reason ? json_string(t->reason) : json_null());
         json_object_set_new(o, "last_error", t->last_error ? json_string(t->last_error)
                                                            : json_null());

@@ -351,7 +351,7 @@ static void app_tokens(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(216) "job: application token "
                          "of company %s fetched (%s), valid until %" APR_INT64_T_FMT ", roles %s",
                          c->name, c->set.client_cert.cert ? "certificate" : "secret",
-                         out.expires_at, out.roles && *out.roles ? out.roles : "(none)");
+                         out.expires_at, out.roles ? (*out.roles ? out.roles : "(none)") : "(not in the token)");
         }
         else if (out.result != MSO_APPTOKEN_BUSY) {
             const mso_reason_t *rs = mso_reason_get(out.reason);
@@ -371,7 +371,7 @@ static void app_tokens(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
 }
 
 /* The Graph application token of an app account's company in clear (cached
- * in tokens for the batch), or NULL; *roles its roles. */
+ * in tokens for the batch), or NULL; *roles its roles (NULL: unknown). */
 static const char *app_access_token(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_db_t *db,
                                     msoauth_company_t *c, apr_hash_t *tokens,
                                     const char **roles)
@@ -389,7 +389,7 @@ static const char *app_access_token(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_d
             && mso_apptoken_open(p, sc->keyring, &k, row, apr_time_sec(apr_time_now()), 60,
                                  &plain) == APR_SUCCESS) {
             got[0] = plain;
-            got[1] = row->roles ? row->roles : "";
+            got[1] = row->roles;
         }
         apr_hash_set(tokens, name, APR_HASH_KEY_STRING, got);
     }
@@ -628,8 +628,15 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
                                                      app_tokens_of, &roles);
             boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value,
                                                      w->acct->mailbox);
-            boxes[n].can_write = mso_roles_have(roles, "Mail.ReadWrite");
-            boxes[n].can_send = mso_roles_have(roles, "Mail.Send");
+            if (roles) {
+                boxes[n].can_write = mso_roles_have(roles, "Mail.ReadWrite");
+                boxes[n].can_send = mso_roles_have(roles, "Mail.Send");
+            }
+            else {
+                /* An opaque token: what the edition expects; Graph enforces it. */
+                boxes[n].can_write = boxes[n].can_send
+                    = c->set.edition.value == MSO_EDITION_PRO;
+            }
         }
         else if (w->acct->shared) {
             /* A person's token on the shared mailbox they have Full Access to. */

@@ -69,6 +69,18 @@ static const mso_stmt_t ST_AT_FAILED = {
     "lease_owner = NULL, lease_until = NULL, updated_at = :now WHERE " AT_KEY
     " AND lease_owner = :owner", NULL
 };
+/* The first mailbox to find the token refused sets it; the job fetches a
+ * new one at retry_at. */
+static const mso_stmt_t ST_AT_REFUSED = {
+    "record the company's token as refused by Graph",
+    "id:int reason:text last_error:text retry_at:int now:int",
+    "UPDATE msoauth_app_tokens SET reason = :reason, last_error = :last_error, "
+    "error_runs = error_runs + 1, retry_at = :retry_at, refresh_due_at = :retry_at, "
+    "updated_at = :now WHERE resource = 'graph' AND reason IS NULL "
+    "AND EXISTS (SELECT 1 FROM msoauth_accounts a WHERE a.id = :id AND a.kind = 'app' "
+    "AND a.company = msoauth_app_tokens.company "
+    "AND a.client_id = msoauth_app_tokens.client_id)", NULL
+};
 static const mso_stmt_t ST_AT_DUE_NOW = {
     "make the company's Graph token due", "id:int now:int",
     "UPDATE msoauth_app_tokens SET refresh_due_at = :now WHERE resource = 'graph' "
@@ -278,7 +290,7 @@ apr_status_t mso_apptoken_store(mso_db_t *db, apr_pool_t *p, const mso_apptoken_
     mso_arg_text(a, "sealed", sealed);
     mso_arg_int(a, "expires", expires_at);
     mso_arg_int(a, "due", refresh_due_at);
-    mso_arg_text(a, "roles", roles ? roles : "");
+    mso_arg_text(a, "roles", roles);
     mso_arg_int(a, "now", now);
     if (MSO_OK(mso_exec(a, &n, NULL)) && n != 1) {
         rv = APR_EBUSY;
@@ -326,6 +338,26 @@ apr_status_t mso_apptoken_due_now(mso_db_t *db, apr_pool_t *p, apr_int64_t accou
     apr_pool_create(&tmp, p);
     a = mso_args(db, tmp, &ST_AT_DUE_NOW);
     mso_arg_int(a, "id", account_id);
+    mso_arg_int(a, "now", now);
+    rv = mso_exec(a, NULL, NULL);
+    apr_pool_destroy(tmp);
+    return rv;
+}
+
+apr_status_t mso_apptoken_refused(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
+                                  const char *reason, const char *last_error,
+                                  apr_int64_t retry_at, apr_int64_t now)
+{
+    apr_pool_t *tmp;
+    mso_args_t *a;
+    apr_status_t rv;
+
+    apr_pool_create(&tmp, p);
+    a = mso_args(db, tmp, &ST_AT_REFUSED);
+    mso_arg_int(a, "id", account_id);
+    mso_arg_text(a, "reason", reason);
+    mso_arg_text(a, "last_error", last_error);
+    mso_arg_int(a, "retry_at", retry_at);
     mso_arg_int(a, "now", now);
     rv = mso_exec(a, NULL, NULL);
     apr_pool_destroy(tmp);
@@ -419,7 +451,9 @@ apr_status_t mso_apptoken_fetch(mso_db_t *db, apr_pool_t *p, const mso_apptoken_
     mso_token_for_app(p, ctx->http, &ctx->app, k->resource_url, &res);
     if (res->ok) {
         roles = mso_apptoken_roles(p, res->access_token);
-        if (!strcmp(k->resource, "graph") && (!roles || !*roles)) {
+        /* Known to have none (a JWT without roles); an opaque token cannot
+         * tell, and Graph's refusal of it is caught by the mailboxes. */
+        if (!strcmp(k->resource, "graph") && roles && !*roles) {
             res->ok = 0;
             res->reason = "admin_consent_required";
             res->aadsts = 0;
@@ -445,7 +479,7 @@ apr_status_t mso_apptoken_fetch(mso_db_t *db, apr_pool_t *p, const mso_apptoken_
     }
     out->access_token = res->access_token;
     out->expires_at = now + res->expires_in;
-    out->roles = roles ? roles : "";
+    out->roles = roles;
     if (mso_seal(p, ctx->keyring, MSO_PURPOSE_TOKEN, mso_apptoken_aad(p, k), res->access_token,
                  strlen(res->access_token), &sealed) != APR_SUCCESS) {
         out->result = MSO_APPTOKEN_FAILED;

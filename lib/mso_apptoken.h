@@ -43,7 +43,8 @@ typedef struct {
     const char *sealed;             /* NULL: none fetched yet (or only failures) */
     apr_int64_t expires_at;
     apr_int64_t refresh_due_at;     /* when the job fetches the next one */
-    const char *roles;              /* the token's application permissions, space separated */
+    const char *roles;              /* the token's application permissions, space separated;
+                                     * NULL when the token does not tell (not a JWT) */
     apr_int64_t fetched_at;
     int fetches;                    /* tokens fetched into this row */
     apr_int64_t retry_at;           /* after a failure: not before */
@@ -99,6 +100,14 @@ apr_status_t mso_apptoken_failed(mso_db_t *db, apr_pool_t *p, const mso_apptoken
                                  const char *last_error, apr_int64_t retry_at,
                                  apr_int64_t now);
 
+/* Graph refused the company's token as such for app account account_id
+ * (403 "Either scp or roles claim need to be present": no application
+ * permission granted): the company's problem, kept on the row (reason,
+ * last_error) with a new fetch at retry_at. The first report wins. */
+apr_status_t mso_apptoken_refused(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
+                                  const char *reason, const char *last_error,
+                                  apr_int64_t retry_at, apr_int64_t now);
+
 /* Graph refused the company's token for app account account_id (a 401):
  * the company's Graph token is due now (its retry_at is kept). */
 apr_status_t mso_apptoken_due_now(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
@@ -107,7 +116,9 @@ apr_status_t mso_apptoken_due_now(mso_db_t *db, apr_pool_t *p, apr_int64_t accou
 /* The "roles" claim of a token answer's access token, read without
  * verifying it (it came from the token endpoint over TLS, and it is only
  * used to know what the app may do: Graph enforces the roles itself): space
- * separated, "" when the token has none; NULL when it is not a JWT. */
+ * separated, "" when the token has none; NULL when it is not a JWT (Microsoft
+ * calls access tokens opaque: then the company's MSOAuthEdition says what
+ * to expect, pro = Mail.ReadWrite and Mail.Send). */
 const char *mso_apptoken_roles(apr_pool_t *p, const char *access_token);
 /* True when the space-separated list holds word (case-sensitive, whole). */
 int mso_roles_have(const char *list, const char *word);
@@ -140,7 +151,7 @@ typedef struct {
     mso_apptoken_result_e result;
     const char *access_token;       /* plaintext (the token handler's answer) */
     apr_int64_t expires_at;
-    const char *roles;
+    const char *roles;              /* NULL: the token does not tell */
     const char *reason;
     long aadsts;
     const char *detail;             /* for the log: never a token or secret */

@@ -436,6 +436,10 @@ const char *mso_graph_mailbox_reason(const mso_graph_result_t *g)
         && strstr(g->message, "Access to OData is disabled")) {
         return "access_denied_by_policy";
     }
+    if (g->status == 403 && g->message
+        && strstr(g->message, "Either scp or roles claim need to be present")) {
+        return "admin_consent_required";
+    }
     return NULL;
 }
 

@@ -46,7 +46,8 @@ static const mso_stmt_t ST_WORK_DUE = {
     "AND ((kind = 'delegated' AND COALESCE(access_expires_at, 0) > :token_floor "
     "AND COALESCE(refresh_due_at, 0) > :now) OR (kind = 'app' AND EXISTS (SELECT 1 "
     "FROM msoauth_app_tokens t WHERE t.company = a.company AND t.client_id = a.client_id "
-    "AND t.resource = 'graph' AND t.expires_at > :token_floor))) "
+    "AND t.resource = 'graph' AND t.expires_at > :token_floor "
+    "AND (t.reason IS NULL OR t.reason = 'token_endpoint_unreachable')))) "
     "AND (COALESCE(sync_due_at, 0) <= :now OR EXISTS (SELECT 1 FROM msoauth_actions q "
     "WHERE q.state = 'queued' AND q.account_id = a.id)) "
     "ORDER BY COALESCE(sync_due_at, 0), id LIMIT :max", NULL

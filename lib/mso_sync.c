@@ -11,6 +11,7 @@
 
 #include <apr_strings.h>
 
+#include "mso_apptoken.h"
 #include "mso_log.h"
 #include "mso_refresh.h"
 #include "mso_sync.h"
@@ -21,6 +22,8 @@
  * administrator's hand: looked at again after 15 min, doubling to 6 h. */
 #define MAILBOX_WAIT 900
 #define MAILBOX_WAIT_MAX (6 * 3600)
+/* An application token Graph refuses as such: a new one in 5 min. */
+#define COMPANY_WAIT 300
 
 static const mso_sync_kind_t *const kinds[MSO_KIND_MAX] = {
     &mso_sync_actions,
@@ -99,6 +102,19 @@ int mso_sync_mailbox_problem(mso_box_t *b, const mso_graph_result_t *g)
 
     if (!reason) {
         return 0;
+    }
+    if (!strcmp(reason, "admin_consent_required")) {
+        if (!b->in->app_only) {
+            return 0;               /* a delegated grant: the usual 403 */
+        }
+        if (!b->error) {
+            b->company_reason = reason;
+            b->error = apr_psprintf(b->pool, "Graph refused the company's application token "
+                                    "(%s): grant the app's Application permissions with admin "
+                                    "consent", mso_graph_result_text(b->pool, g));
+        }
+        b->stop = 1;
+        return 1;
     }
     if (!b->error) {
         b->mailbox_reason = reason;
@@ -258,6 +274,11 @@ static void box_release(mso_box_t *b)
             d.sync_retry_at = now + (wait < MAILBOX_WAIT_MAX ? wait : MAILBOX_WAIT_MAX);
             mso_account_mailbox_reason(b->pass->db, b->pool, b->id, b->mailbox_reason,
                                        b->error, now);
+        }
+        if (b->company_reason) {
+            /* Every mailbox of the company waits for a new token. */
+            mso_apptoken_refused(b->pass->db, b->pool, b->id, b->company_reason, b->error,
+                                 now + COMPANY_WAIT, now);
         }
         d.auth_retry = 0;
         /* A token that cannot be opened is replaced by a refresh. */

@@ -43,6 +43,7 @@ typedef struct mso_box_t {
     int unauthorized;
     const char *error;              /* first failure of the pass */
     const char *mailbox_reason;     /* mso_graph_mailbox_reason of that failure, or NULL */
+    const char *company_reason;     /* the company's token was refused as such, or NULL */
     const char *graph_error;        /* Graph's answer with it, for the log */
     void *kind[MSO_KIND_MAX];       /* each kind's runtime for this mailbox */
 } mso_box_t;

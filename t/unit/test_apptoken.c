@@ -285,6 +285,22 @@ START_TEST(app_accounts_wait_for_their_company_token)
     ck_assert_int_eq(num(db, "SELECT refresh_due_at FROM msoauth_app_tokens"), NOW + 200);
     ck_assert_int_eq(mso_apptoken_due_now(db, pool, d->id, NOW + 300), APR_SUCCESS);
     ck_assert_int_eq(num(db, "SELECT refresh_due_at FROM msoauth_app_tokens"), NOW + 200);
+    /* Graph refusing the token as such is the company's: its mailboxes wait
+     * for the next fetch, the first report counts. */
+    exec_ok(db, "UPDATE msoauth_accounts SET sync_due_at = 0 WHERE kind = 'app'");
+    ck_assert_int_eq(mso_apptoken_refused(db, pool, a->id, "admin_consent_required", "no roles",
+                                          NOW + 700, NOW + 400), APR_SUCCESS);
+    ck_assert_int_eq(mso_apptoken_refused(db, pool, a->id, "admin_consent_required", "again",
+                                          NOW + 900, NOW + 401), APR_SUCCESS);
+    ck_assert_int_eq(claimed(db, NOW + 400), 0);
+    ck_assert_str_eq(text_of(db, "SELECT last_error FROM msoauth_app_tokens"), "no roles");
+    ck_assert_int_eq(num(db, "SELECT retry_at FROM msoauth_app_tokens"), NOW + 700);
+    ck_assert_int_eq(mso_apptoken_lease(db, pool, &k, "job", NOW + 600, 90, 0), APR_EAGAIN);
+    ck_assert_int_eq(mso_apptoken_lease(db, pool, &k, "job", NOW + 700, 90, 0), APR_SUCCESS);
+    ck_assert_int_eq(mso_apptoken_store(db, pool, &k, "job", "sealed2", NOW + 4300,
+                                        NOW + 3700, NULL, NOW + 700), APR_SUCCESS);
+    ck_assert_ptr_null(text_of(db, "SELECT roles FROM msoauth_app_tokens"));
+    ck_assert_int_eq(claimed(db, NOW + 700), 2);
 
     /* What Graph says of the mailbox is kept, and cleared once it works. */
     ck_assert_int_eq(mso_account_mailbox_reason(db, pool, a->id, "access_denied_by_policy",
