@@ -276,9 +276,12 @@ static void box_release(mso_box_t *b)
                                        b->error, now);
         }
         if (b->company_reason) {
-            /* Every mailbox of the company waits for a new token. */
+            /* Every mailbox of the company waits for a new token (the claim
+             * takes none while the token is refused), and only for it. */
             mso_apptoken_refused(b->pass->db, b->pool, b->id, b->company_reason, b->error,
                                  now + COMPANY_WAIT, now);
+            d.sync_retry_at = 0;
+            d.sync_error_runs = w->sync_error_runs;
         }
         d.auth_retry = 0;
         /* A token that cannot be opened is replaced by a refresh. */
@@ -292,7 +295,7 @@ static void box_release(mso_box_t *b)
                        "mod_msoauth: Graph work for account %" APR_INT64_T_FMT " (%s) failed: "
                        "%s; retrying in %" APR_INT64_T_FMT " s", b->id,
                        w->acct->mailbox ? w->acct->mailbox : "?", b->error,
-                       d.sync_retry_at - now);
+                       d.sync_retry_at ? d.sync_retry_at - now : (apr_int64_t)COMPANY_WAIT);
     }
     else if (!b->throttled && !b->unauthorized && w->acct->reason
              && (!strcmp(w->acct->reason, "mailbox_not_found")
