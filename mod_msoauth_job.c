@@ -787,7 +787,8 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
     mso_log_scope(before);
 }
 
-/* Secret expiry: a warning once a day from 30 days before, an error after. */
+/* Secret and certificate expiry: a warning once a day from 30 days before,
+ * an error after. */
 static void check_secrets(job_t *job, apr_pool_t *p)
 {
     server_rec *s;
@@ -799,7 +800,27 @@ static void check_secrets(job_t *job, apr_pool_t *p)
             msoauth_company_t *c = apr_hash_this_val(hi);
             long days;
 
-            if (!c->set.secret_expires.value || !c->set.client_id.value) {
+            if (c->set.client_cert.cert && c->set.client_id.value) {
+                /* The certificate, like the secret: the job says it every day. */
+                days = mso_days_until(mso_cert_not_after(c->set.client_cert.cert), now);
+                if (days < 0) {
+                    ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(218) "the certificate "
+                                 "of company %s (SHA-1 thumbprint %s) has expired: token "
+                                 "requests fail with certificate_expired. Make a new one, "
+                                 "upload it and point MSOAuthClientCertificateFile at it (%s)",
+                                 c->name, mso_cert_sha1_hex(c->set.client_cert.cert),
+                                 c->set.client_cert.at);
+                }
+                else if (days < MSOAUTH_SECRET_WARN_DAYS) {
+                    ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(219) "the "
+                                 "certificate of company %s (SHA-1 thumbprint %s) expires in "
+                                 "%ld day%s: upload a new one now", c->name,
+                                 mso_cert_sha1_hex(c->set.client_cert.cert), days,
+                                 days == 1 ? "" : "s");
+                }
+            }
+            if (!c->set.secret_expires.value || !c->set.client_id.value
+                || c->set.client_cert.cert) {
                 continue;
             }
             days = mso_days_until(c->set.secret_expires.value, now);
