@@ -436,7 +436,7 @@ apr_status_t mso_apptoken_fetch(mso_db_t *db, apr_pool_t *p, const mso_apptoken_
 {
     mso_token_result_t *res = NULL;
     mso_apptoken_t *row = NULL;
-    const char *sealed = NULL, *roles;
+    const char *sealed = NULL, *roles = NULL;
     apr_status_t rv;
     int runs;
 
