@@ -21,6 +21,10 @@
 #include "mod_msoauth_config.h"
 #include "mod_msoauth_guard.h"
 #include "mod_msoauth_job.h"
+#include "mso_apptoken.h"
+#include "mso_config.h"
+#include "mso_flow.h"
+#include "mso_graph.h"
 #include "mso_identity.h"
 #include "mso_json.h"
 #include "mso_reason.h"
@@ -35,7 +39,7 @@ APLOG_USE_MODULE(msoauth);
 
 #define MIN_VALIDITY 300                /* a token handed out lives 5 more minutes */
 #define WAIT_FOR_OTHER apr_time_from_sec(15)
-#define OUTLOOK_RESOURCE "https://outlook.office.com"
+#define ADD_BODY_MAX 4096               /* POST accounts: {company, mailbox} */
 
 static int send_json(request_rec *r, int status, json_t *j)
 {
@@ -80,9 +84,85 @@ static int parse_id(const char *s, apr_int64_t *id)
     return !*end && *id > 0;
 }
 
+/* An app account's token: its company's application token for resource
+ * (graph or outlook), from the cache when it lives MIN_VALIDITY more
+ * seconds, else fetched under the row's lease (or waited for while another
+ * process fetches it). A company whose last fetch failed answers that
+ * failure until its backoff ends: no call to Microsoft per request. */
+static void app_token(request_rec *r, mso_db_t *db, msoauth_srv_conf_t *sc,
+                      msoauth_company_t *c, const char *resource, msoauth_token_t *f)
+{
+    apr_time_t give_up = apr_time_now() + WAIT_FOR_OTHER;
+    mso_apptoken_key_t k;
+
+    if (!c->set.app_only.value) {
+        f->reason = "not_configured";
+        f->detail = "the account is an app account, but its company is no longer app-only "
+                    "(MSOAuthAppOnly on)";
+        return;
+    }
+    msoauth_app_key(c, resource, &k);
+    for (;;) {
+        apr_int64_t now = apr_time_sec(apr_time_now());
+        mso_apptoken_t *row = NULL;
+        const char *plain = NULL;
+        apr_status_t rv;
+
+        if (mso_apptoken_get(db, r->pool, &k, &row) != APR_SUCCESS) {
+            row = NULL;
+        }
+        if (mso_apptoken_open(r->pool, sc->keyring, &k, row, now, MIN_VALIDITY, &plain)
+            == APR_SUCCESS) {
+            f->token = plain;
+            f->expires_at = row->expires_at;
+            f->scope = row->roles;
+            return;
+        }
+        if (row && row->reason && row->retry_at > now) {
+            f->reason = row->reason;
+            f->aadsts = row->aadsts;
+            f->detail = row->last_error;
+            return;
+        }
+        rv = mso_apptoken_lease(db, r->pool, &k, msoauth_process_owner(), now,
+                                MSOAUTH_LEASE_SECONDS, 1);
+        if (rv == APR_SUCCESS) {
+            mso_apptoken_outcome_t out;
+            mso_apptoken_ctx_t ctx;
+            mso_http_opts_t http;
+
+            msoauth_app_ctx(r->pool, sc, c, msoauth_process_owner(), &http, &ctx);
+            mso_apptoken_fetch(db, r->pool, &ctx, &k, now, &out);
+            if (out.access_token) {
+                f->token = out.access_token;
+                f->expires_at = out.expires_at;
+                f->scope = out.roles;
+                return;
+            }
+            f->reason = out.reason ? out.reason : "token_endpoint_unreachable";
+            f->detail = out.detail;
+            f->aadsts = out.aadsts;
+            return;
+        }
+        if (rv != APR_EBUSY) {
+            f->reason = "graph_error";
+            f->detail = "the application token could not be read from the database";
+            return;
+        }
+        if (apr_time_now() > give_up) {
+            f->reason = "token_endpoint_unreachable";
+            f->detail = "another process is fetching the application token and has not "
+                        "finished";
+            return;
+        }
+        apr_sleep(apr_time_from_msec(200));
+    }
+}
+
 /* The stored token when it lives MIN_VALIDITY more seconds, else a refresh
  * under the account's lease. When the job (or another node) holds the lease,
- * waits for its result instead of racing it. */
+ * waits for its result instead of racing it. An app account gets its
+ * company's application token (resource "graph": Graph's, else Outlook's). */
 void msoauth_account_token(request_rec *r, mso_db_t *db, mso_account_t *a,
                            const char *resource, msoauth_token_t *f)
 {
@@ -95,6 +175,10 @@ void msoauth_account_token(request_rec *r, mso_db_t *db, mso_account_t *a,
     if (!msoauth_company_has_credentials(c) || !sc->keyring) {
         f->reason = "not_configured";
         f->detail = "the account's company has no credentials on this server";
+        return;
+    }
+    if (a->kind && !strcmp(a->kind, "app")) {
+        app_token(r, db, sc, c, strcmp(resource, "graph") ? "outlook" : "graph", f);
         return;
     }
     for (;;) {
@@ -181,6 +265,7 @@ int msoauth_token_handler(request_rec *r)
     const char *why, *resource, *res;
     apr_int64_t id;
     mso_account_t *a;
+    msoauth_company_t *c;
     mso_db_t *db;
     msoauth_token_t f;
     json_t *j;
@@ -205,7 +290,7 @@ int msoauth_token_handler(request_rec *r)
         resource = "graph";
     }
     else if (!strcmp(res, "imap") || !strcmp(res, "smtp")) {
-        resource = OUTLOOK_RESOURCE;
+        resource = "outlook";
     }
     else {
         return json_error(r, HTTP_BAD_REQUEST, "bad_request", "resource must be graph, imap or "
@@ -217,9 +302,13 @@ int msoauth_token_handler(request_rec *r)
     if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
         return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
-    if (!msoauth_account_company(r->server, a->company, a->client_id)) {
+    if (!(c = msoauth_account_company(r->server, a->company, a->client_id))) {
         return json_error(r, HTTP_NOT_FOUND, "not_configured", "the account's company is not "
                           "configured on this virtual host");
+    }
+    if (!strcmp(resource, "outlook")) {
+        /* Delegated: the Outlook resource of MSOAuthScope's IMAP/SMTP scopes. */
+        resource = c->set.outlook_url.value;
     }
     if (strcmp(a->state, "connected")) {
         return send_json(r, HTTP_CONFLICT, account_state_json(a));
@@ -270,7 +359,8 @@ static int is_admin_reason(const char *reason)
 {
     static const char *const admin[] = {"invalid_client_secret", "client_secret_expired",
                                         "app_not_found", "wrong_tenant", "redirect_uri_mismatch",
-                                        "admin_consent_required", "not_configured", NULL};
+                                        "admin_consent_required", "not_configured",
+                                        "certificate_invalid", "certificate_expired", NULL};
     int i;
 
     for (i = 0; reason && admin[i]; i++) {
@@ -281,7 +371,59 @@ static int is_admin_reason(const char *reason)
     return 0;
 }
 
-static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc, apr_hash_t *flags)
+/* The certificate credential: what to compare with the app registration's
+ * Certificates & secrets, and when to renew. */
+static json_t *certificate_json(const mso_cert_t *cert, apr_time_t now)
+{
+    long days = mso_days_until(mso_cert_not_after(cert), now);
+
+    return json_pack("{s:s, s:s, s:s, s:I, s:i, s:o}", "thumbprint", mso_cert_sha1_hex(cert),
+                     "x5t#S256", mso_cert_x5t_s256(cert), "subject", mso_cert_subject(cert),
+                     "expires_at", (json_int_t)apr_time_sec(mso_cert_not_after(cert)),
+                     "days_left", (int)days, "warning",
+                     days < 0 ? json_string("expired")
+                     : days < MSOAUTH_SECRET_WARN_DAYS ? json_string("expires soon")
+                     : json_null());
+}
+
+/* An app-only company's Graph application token (never the token itself). */
+static json_t *app_token_json(msoauth_company_t *c, apr_array_header_t *tokens,
+                              apr_int64_t now)
+{
+    mso_apptoken_key_t k;
+    int i;
+
+    msoauth_app_key(c, "graph", &k);
+    for (i = 0; tokens && i < tokens->nelts; i++) {
+        mso_apptoken_t *t = APR_ARRAY_IDX(tokens, i, mso_apptoken_t *);
+        json_t *o;
+
+        if (strcmp(t->company, k.company) || strcasecmp(t->client_id, k.client_id)
+            || strcmp(t->resource, "graph")) {
+            continue;
+        }
+        o = json_pack("{s:s, s:I, s:I, s:s, s:i}", "state",
+                      t->reason ? "failed" : t->sealed && t->expires_at > now ? "valid"
+                      : "none", "expires_at", (json_int_t)t->expires_at, "fetched_at",
+                      (json_int_t)t->fetched_at, "roles", t->roles ? t->roles : "", "fetches",
+                      t->fetches);
+        if (!t->roles) {
+            json_object_set_new(o, "roles", json_null());     /* an opaque token */
+        }
+        json_object_set_new(o, "reason", t->reason ? json_string(t->reason) : json_null());
+        json_object_set_new(o, "last_error", t->last_error ? json_string(t->last_error)
+                                                           : json_null());
+        if (t->aadsts) {
+            json_object_set_new(o, "aadsts", json_integer(t->aadsts));
+        }
+        json_object_set_new(o, "retry_at", json_integer(t->retry_at));
+        return o;
+    }
+    return json_pack("{s:s}", "state", "none");
+}
+
+static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc, apr_hash_t *flags,
+                              apr_array_header_t *app_tokens)
 {
     json_t *arr = json_array();
     apr_hash_index_t *hi;
@@ -295,7 +437,25 @@ static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc, apr_hash_t
                               "edition", c->set.edition.value == MSO_EDITION_PRO ? "pro" : "basic",
                               "redirect_uri", sc->redirect_uri);
         const char *flag = apr_hash_get(flags, c->name, APR_HASH_KEY_STRING);
-        const mso_reason_t *rs = mso_reason_get(flag);
+        const mso_reason_t *rs;
+
+        json_object_set_new(o, "app_only", json_boolean(c->set.app_only.value));
+        json_object_set_new(o, "credential", c->set.client_cert.cert ? json_string("certificate")
+                            : c->set.client_secret.value ? json_string("secret") : json_null());
+        json_object_set_new(o, "certificate", c->set.client_cert.cert
+                            ? certificate_json(c->set.client_cert.cert, now) : json_null());
+        if (c->set.app_only.value) {
+            json_t *t = app_token_json(c, app_tokens, apr_time_sec(now));
+            const char *tr = mso_json_str(t, "reason");
+
+            json_object_set_new(o, "app_token", t);
+            json_object_set_new(o, "mailboxes_configured",
+                                json_integer(c->mailboxes ? c->mailboxes->nelts : 0));
+            if (tr && !flag && strcmp(tr, "token_endpoint_unreachable")) {
+                flag = apr_pstrdup(r->pool, tr);
+            }
+        }
+        rs = mso_reason_get(flag);
 
         /* Flagged once for the company, not per mailbox: one fix mends them all. */
         json_object_set_new(o, "problem", flag ? json_string(flag) : json_null());
@@ -362,6 +522,8 @@ static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats,
 
     json_object_set_new(o, "id", json_integer(a->id));
     json_object_del(o, "account");
+    json_object_set_new(o, "kind", json_string(a->kind ? a->kind : "delegated"));
+    json_object_set_new(o, "shared", json_boolean(a->shared));
     json_object_set_new(o, "display_name", a->display_name ? json_string(a->display_name)
                                                             : json_null());
     json_object_set_new(o, "tenant_id", a->tenant_id ? json_string(a->tenant_id) : json_null());
@@ -381,7 +543,7 @@ static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats,
  * NULL when the database cannot be read. */
 static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db)
 {
-    apr_array_header_t *accounts = NULL, *runs = NULL;
+    apr_array_header_t *accounts = NULL, *runs = NULL, *app_tokens = NULL;
     apr_hash_t *flags = apr_hash_make(r->pool), *stats = NULL, *astats = NULL;
     json_t *accs = json_array(), *nodes = json_array(), *m;
     apr_int64_t now = apr_time_sec(apr_time_now());
@@ -389,7 +551,8 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
 
     if (mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS
         || mso_account_list(db, r->pool, &accounts) != APR_SUCCESS
-        || mso_job_runs_list(db, r->pool, &runs) != APR_SUCCESS) {
+        || mso_job_runs_list(db, r->pool, &runs) != APR_SUCCESS
+        || mso_apptoken_list(db, r->pool, &app_tokens) != APR_SUCCESS) {
         json_decref(accs);
         json_decref(nodes);
         return NULL;
@@ -403,7 +566,8 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
             if (!msoauth_account_company(r->server, a->company, a->client_id)) {
                 continue;       /* another virtual host's */
             }
-            if (!strcmp(a->state, "connected") && a->refresh_due_at <= now) {
+            if (!strcmp(a->state, "connected") && a->refresh_due_at <= now
+                && strcmp(a->kind, "app")) {
                 due++;
                 overdue += a->refresh_due_at + 300 < now;
             }
@@ -425,7 +589,7 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
         }
     }
     m = json_pack("{s:o, s:o, s:{s:i, s:i, s:o}, s:I}", "companies",
-                  companies_json(r, sc, flags), "accounts", accs, "job", "refresh_due", due,
+                  companies_json(r, sc, flags, app_tokens), "accounts", accs, "job", "refresh_due", due,
                   "refresh_overdue", overdue, "nodes", nodes, "now", (json_int_t)now);
     return m;
 }
@@ -460,22 +624,39 @@ static int status_page(request_rec *r, json_t *m)
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
              "text-align:left;vertical-align:top}.bad{color:#a00}</style></head><body>\n"
              "<h1>mod_msoauth status</h1>\n<h2>Companies</h2>\n<table><tr><th>Company</th>"
-             "<th>Client ID</th><th>Secret</th><th>Tenant</th><th>Edition</th>"
-             "<th>Redirect URI to register</th><th>Problem</th></tr>\n", r);
+             "<th>Client ID</th><th>Secret</th><th>Certificate</th><th>Tenant</th>"
+             "<th>Edition</th><th>Redirect URI to register</th><th>Problem</th></tr>\n", r);
     json_array_foreach(mso_json_arr(m, "companies"), i, c) {
         const char *exp = mso_json_str(c, "secret_expires");
         const char *warn = mso_json_str(c, "secret_warning");
-        apr_int64_t left = 0;
+        const json_t *cert = mso_json_obj(c, "certificate"), *at = mso_json_obj(c, "app_token");
+        const char *cwarn = mso_json_str(cert, "warning");
+        apr_int64_t left = 0, cexp = 0, cleft = 0, texp = 0;
 
         mso_json_int(c, "secret_days_left", &left);
-        ap_rprintf(r, "<tr><td>%s</td><td>%s</td><td%s>%s%s</td><td>%s</td><td>%s</td>"
-                   "<td><code>%s</code></td><td class=bad>%s%s%s</td></tr>\n",
-                   esc(r, mso_json_str(c, "name")),
+        mso_json_int(cert, "expires_at", &cexp);
+        mso_json_int(cert, "days_left", &cleft);
+        mso_json_int(at, "expires_at", &texp);
+        ap_rprintf(r, "<tr><td>%s%s</td><td>%s</td><td%s>%s%s</td><td%s>%s</td><td>%s</td>"
+                   "<td>%s</td>", esc(r, mso_json_str(c, "name")),
+                   json_is_true(json_object_get(c, "app_only"))
+                   ? apr_pstrcat(r->pool, "<br>app-only, application token: ",
+                                 esc(r, mso_json_str(at, "state")),
+                                 texp ? apr_pstrcat(r->pool, " until ", when(r, texp), NULL)
+                                      : "", mso_json_str(at, "roles") && *mso_json_str(at, "roles")
+                                 ? apr_pstrcat(r->pool, " (", esc(r, mso_json_str(at, "roles")),
+                                               ")", NULL) : "", NULL) : "",
                    esc(r, mso_json_str(c, "client_id")), warn ? " class=bad" : "",
                    json_is_true(json_object_get(c, "secret_set")) ? "set" : "missing",
                    exp ? apr_psprintf(r->pool, ", expires %s (%" APR_INT64_T_FMT " days)",
                                       esc(r, exp), left) : "",
-                   esc(r, mso_json_str(c, "tenant")), esc(r, mso_json_str(c, "edition")),
+                   cwarn ? " class=bad" : "",
+                   cert ? apr_psprintf(r->pool, "SHA-1 thumbprint <code>%s</code>, expires %s "
+                                       "(%" APR_INT64_T_FMT " days)",
+                                       esc(r, mso_json_str(cert, "thumbprint")), when(r, cexp),
+                                       cleft) : "—",
+                   esc(r, mso_json_str(c, "tenant")), esc(r, mso_json_str(c, "edition")));
+        ap_rprintf(r, "<td><code>%s</code></td><td class=bad>%s%s%s</td></tr>\n",
                    esc(r, mso_json_str(c, "redirect_uri")), esc(r, mso_json_str(c, "problem")),
                    mso_json_str(c, "problem_fix") ? ": " : "",
                    esc(r, mso_json_str(c, "problem_fix")));
@@ -598,8 +779,11 @@ static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
     }
     mso_http_opts_default(&o);
     o.timeout_ms = 30000;
-    url = apr_pstrcat(r->pool, c->set.graph_url.value, "/v1.0/me/mailFolders/inbox"
-                      "?$select=id,totalItemCount,unreadItemCount", NULL);
+    /* An app or shared account's mailbox is /users/{address}. */
+    url = apr_pstrcat(r->pool, mso_graph_mailbox(r->pool, c->set.graph_url.value,
+                                                 strcmp(a->kind, "app") && !a->shared
+                                                 ? NULL : a->mailbox),
+                      "/mailFolders/inbox?$select=id,totalItemCount,unreadItemCount", NULL);
     APR_ARRAY_PUSH(h, const char *) = apr_pstrcat(r->pool, "Authorization: Bearer ", f.token,
                                                   NULL);
     APR_ARRAY_PUSH(h, const char *) = "Accept: application/json";
@@ -607,6 +791,15 @@ static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
     if (rv != APR_SUCCESS) {
         return json_error(r, HTTP_OK, "graph_error", resp && resp->error ? resp->error
                           : "Graph could not be reached");
+    }
+    {
+        mso_graph_result_t g;
+        const char *mr;
+
+        mso_graph_classify(r->pool, rv, resp, &g);
+        if ((mr = mso_graph_mailbox_reason(&g)) != NULL) {
+            return json_error(r, HTTP_OK, mr, mso_graph_result_text(r->pool, &g));
+        }
     }
     if (resp->status == 429 || resp->status == 503) {
         return json_error(r, HTTP_OK, "throttled", apr_psprintf(r->pool, "Graph answered %d",
@@ -630,6 +823,113 @@ static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
                                                "inbox_total", (json_int_t)total,
                                                "inbox_unread", (json_int_t)unread));
     }
+}
+
+/* The request body, at most max bytes: NULL (and *why) when it is longer,
+ * unreadable or not JSON text. */
+static const char *read_body(request_rec *r, apr_size_t max, apr_size_t *len, const char **why)
+{
+    char *buf = apr_palloc(r->pool, max + 1);
+    apr_size_t n = 0;
+    long got;
+
+    *why = NULL;
+    if (ap_setup_client_block(r, REQUEST_CHUNKED_DECHUNK) != OK || !ap_should_client_block(r)) {
+        *why = "a JSON body is needed";
+        return NULL;
+    }
+    while ((got = ap_get_client_block(r, buf + n, max + 1 - n)) > 0) {
+        n += (apr_size_t)got;
+        if (n > max) {
+            *why = "the body is too long";
+            return NULL;
+        }
+    }
+    if (got < 0) {
+        *why = "the body could not be read";
+        return NULL;
+    }
+    buf[n] = '\0';
+    *len = n;
+    return buf;
+}
+
+/* POST .../admin/accounts {"company": NAME, "mailbox": ADDRESS}: a mailbox of
+ * an app-only company, worked on with the company's application token. */
+static int add_account(request_rec *r, mso_db_t *db)
+{
+    const char *ctype = apr_table_get(r->headers_in, "Content-Type");
+    const char *body, *why = NULL, *name, *mailbox, *err = NULL;
+    msoauth_company_t *c;
+    mso_app_account_t in;
+    mso_account_t *a = NULL;
+    apr_size_t len = 0;
+    apr_status_t rv;
+    json_t *j, *o;
+    int created = 0;
+
+    /* A form or text/plain is what another site's page could send. */
+    if (!ctype || strncasecmp(ctype, "application/json", 16)) {
+        return json_error(r, HTTP_UNSUPPORTED_MEDIA_TYPE, "bad_request", "send "
+                          "Content-Type: application/json");
+    }
+    if (!(body = read_body(r, ADD_BODY_MAX, &len, &why))) {
+        return json_error(r, HTTP_BAD_REQUEST, "bad_request", why);
+    }
+    j = mso_json_parse(r->pool, body, len, NULL);
+    name = mso_json_str(j, "company");
+    mailbox = mso_json_str(j, "mailbox");
+    if (!j || !json_is_object(j) || !name || !mailbox) {
+        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "the body must be a JSON object "
+                          "with company and mailbox");
+    }
+    if (mso_check_company_name(r->pool, name)) {
+        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "company is not a valid name");
+    }
+    if ((why = mso_check_mailbox(mailbox)) != NULL
+        || (why = mso_check_text_param(mailbox)) != NULL) {
+        return json_error(r, HTTP_BAD_REQUEST, "bad_request", apr_pstrcat(r->pool, "mailbox: ",
+                                                                          why, NULL));
+    }
+    c = msoauth_company(r->server, name);
+    if (!msoauth_company_has_credentials(c)) {
+        return json_error(r, HTTP_NOT_FOUND, "not_configured", apr_psprintf(r->pool, "no "
+                          "company %s with credentials is configured here", name));
+    }
+    if (!c->set.app_only.value) {
+        return json_error(r, HTTP_BAD_REQUEST, "bad_request", apr_psprintf(r->pool, "company "
+                          "%s is not app-only (MSOAuthAppOnly on): its mailboxes are connected "
+                          "by the people who own them, through the Connect link", c->name));
+    }
+    if (!db) {
+        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
+    }
+    memset(&in, 0, sizeof(in));
+    in.company = c->name;
+    in.client_id = c->set.client_id.value;
+    in.tenant_id = mso_is_guid(c->set.tenant.value) ? c->set.tenant.value : NULL;
+    in.authority = mso_authority(r->pool, c->set.authority_url.value, c->set.tenant.value);
+    in.connected_by = r->user ? r->user : "admin";
+    rv = mso_account_add_app(db, r->pool, &in, mso_lower(r->pool, mailbox),
+                             apr_time_sec(apr_time_now()), &a, &created, &err);
+    if (rv == MSO_ACCOUNT_OTHER_OBJECT) {
+        return json_error(r, HTTP_CONFLICT, "mailbox_mismatch", err);
+    }
+    if (rv != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(305) "adding mailbox %s to "
+                      "company %s failed: %s", ap_escape_logitem(r->pool, mailbox), c->name,
+                      err ? ap_escape_logitem(r->pool, err) : "");
+        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write failed");
+    }
+    ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(306) "mailbox %s added to app-only "
+                  "company %s as account %" APR_INT64_T_FMT " by %s%s",
+                  ap_escape_logitem(r->pool, a->mailbox), c->name, a->id,
+                  r->user ? ap_escape_logitem(r->pool, r->user) : "anonymous",
+                  created ? "" : " (it existed)");
+    o = account_json(r, a, NULL, NULL);
+    json_object_set_new(o, "ok", json_true());
+    json_object_set_new(o, "created", json_boolean(created));
+    return send_json(r, created ? HTTP_CREATED : HTTP_OK, o);
 }
 
 int msoauth_admin_handler(request_rec *r)
@@ -663,6 +963,14 @@ int msoauth_admin_handler(request_rec *r)
                               "/accounts, /accounts/ID or /accounts/ID/test|sync|disconnect");
         }
     }
+    if (!strcmp(tail, "accounts") && r->method_number == M_POST) {
+        if (!same_origin(r, sc)) {
+            ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(302) "refused a "
+                          "cross-origin admin POST");
+            return json_error(r, HTTP_FORBIDDEN, "forbidden", "cross-origin POST refused");
+        }
+        return add_account(r, msoauth_request_db(r));
+    }
     if (action) {
         if (r->method_number != M_POST) {
             r->allowed = AP_METHOD_BIT << M_POST;
@@ -675,7 +983,8 @@ int msoauth_admin_handler(request_rec *r)
         }
     }
     else if (r->method_number != M_GET) {
-        r->allowed = AP_METHOD_BIT << M_GET;
+        r->allowed = (AP_METHOD_BIT << M_GET)
+                     | (!strcmp(tail, "accounts") ? AP_METHOD_BIT << M_POST : 0);
         return HTTP_METHOD_NOT_ALLOWED;
     }
     db = msoauth_request_db(r);

@@ -28,6 +28,7 @@
 #include "mod_msoauth_job.h"
 #include "mso_graph.h"
 #include "mso_identity.h"
+#include "mso_reason.h"
 #include "mso_log.h"
 #include "mso_refresh.h"
 #include "mso_account.h"
@@ -106,6 +107,8 @@ typedef struct {
     apr_time_t secrets_checked;
     apr_time_t owners_checked;
     apr_time_t rebound;         /* tokens of an older version sealed again */
+    apr_pool_t *app_pool;       /* the job thread's own: app_tried */
+    apr_hash_t *app_tried;      /* app tokens looked at by this generation's job */
     /* A child that goes away (graceful restart, stop) destroys mod_dbd's
      * connections: it must wait until a tick in progress has given its
      * connection back, and no new tick may start. */
@@ -135,6 +138,32 @@ void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_
                                            c->set.edition.value == MSO_EDITION_PRO, c->set.scopes.value);
     ctx->margin = MSOAUTH_REFRESH_MARGIN;
     ctx->keepalive = MSOAUTH_KEEPALIVE;
+}
+
+void msoauth_app_key(msoauth_company_t *c, const char *resource, mso_apptoken_key_t *k)
+{
+    k->company = c->name;
+    k->client_id = c->set.client_id.value;
+    k->resource = resource;
+    k->resource_url = !strcmp(resource, "graph")
+        ? mso_cloud_graph((mso_cloud_e)c->set.cloud.value)
+        : mso_apptoken_outlook_resource(c->set.outlook_url.value, c->set.outlook_url.at != NULL);
+}
+
+void msoauth_app_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
+                     const char *owner, mso_http_opts_t *http, mso_apptoken_ctx_t *ctx)
+{
+    mso_http_opts_default(http);
+    http->timeout_ms = 15000;
+    memset(ctx, 0, sizeof(*ctx));
+    ctx->keyring = sc->keyring;
+    ctx->http = http;
+    ctx->owner = owner;
+    ctx->app.authority = mso_authority(p, c->set.authority_url.value, c->set.tenant.value);
+    ctx->app.client_id = c->set.client_id.value;
+    ctx->app.client_secret = c->set.client_secret.value;
+    ctx->app.cert = c->set.client_cert.cert;
+    ctx->margin = MSOAUTH_REFRESH_MARGIN;
 }
 
 /* The company of an account: this server's, else another virtual host's that
@@ -272,6 +301,110 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
     }
     apr_pool_destroy(bp);
     return due->nelts;
+}
+
+/* The Graph application tokens of the server's app-only companies, fetched
+ * ahead of expiry, each under the lease of its row: one node fetches, the
+ * others read the row. A failure waits its backoff (retry_at), except that
+ * the first tick of a new generation (a reload, perhaps with the fix) tries
+ * once at once. */
+static void app_tokens(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
+                       apr_time_t deadline)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
+    apr_hash_index_t *hi;
+    apr_pool_t *tp;
+
+    if (!sc->keyring) {
+        return;
+    }
+    apr_pool_create(&tp, p);
+    for (hi = apr_hash_first(tp, sc->companies); hi && apr_time_now() < deadline;
+         hi = apr_hash_next(hi)) {
+        msoauth_company_t *c = apr_hash_this_val(hi);
+        apr_int64_t now = apr_time_sec(apr_time_now());
+        mso_apptoken_outcome_t out;
+        mso_apptoken_key_t k;
+        mso_apptoken_ctx_t ctx;
+        mso_http_opts_t http;
+        mso_apptoken_t *row = NULL;
+        const char *seen;
+        int first, force;
+
+        if (!c->set.app_only.value || !msoauth_company_has_credentials(c)) {
+            continue;
+        }
+        msoauth_app_key(c, "graph", &k);
+        seen = apr_pstrcat(tp, k.company, "\n", k.client_id, NULL);
+        first = !apr_hash_get(job->app_tried, seen, APR_HASH_KEY_STRING);
+        if (first) {
+            apr_hash_set(job->app_tried, apr_pstrdup(job->app_pool, seen),
+                         APR_HASH_KEY_STRING, "");
+        }
+        if (mso_apptoken_get(db, tp, &k, &row) != APR_SUCCESS) {
+            row = NULL;
+        }
+        if (row && row->sealed && !row->reason && row->refresh_due_at > now) {
+            continue;                   /* fresh: nothing to do */
+        }
+        force = first && row && row->reason;
+        if (row && !force && row->retry_at > now) {
+            continue;                   /* waiting after a failure */
+        }
+        if (mso_apptoken_lease(db, tp, &k, job->owner, now, MSOAUTH_LEASE_SECONDS, force)
+            != APR_SUCCESS) {
+            continue;                   /* another node fetches it, or nothing is due */
+        }
+        msoauth_app_ctx(tp, sc, c, job->owner, &http, &ctx);
+        mso_apptoken_fetch(db, tp, &ctx, &k, now, &out);
+        if (out.result == MSO_APPTOKEN_OK) {
+            ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(216) "job: application token "
+                         "of company %s fetched (%s), valid until %" APR_INT64_T_FMT ", roles %s",
+                         c->name, c->set.client_cert.cert ? "certificate" : "secret",
+                         out.expires_at, out.roles ? (*out.roles ? out.roles : "(none)") : "(not in the token)");
+        }
+        else if (out.result != MSO_APPTOKEN_BUSY) {
+            const mso_reason_t *rs = mso_reason_get(out.reason);
+
+            ap_log_error(APLOG_MARK, out.result == MSO_APPTOKEN_TRANSIENT ? APLOG_WARNING
+                         : APLOG_ERR, 0, s, MSOLOGNO(217) "job: the application token of "
+                         "company %s cannot be fetched: %s%s%s; its mailboxes wait.%s%s",
+                         c->name, out.reason ? out.reason : "error",
+                         out.aadsts ? apr_psprintf(tp, " AADSTS%ld", out.aadsts) : "",
+                         out.detail ? apr_pstrcat(tp, " (", ap_escape_logitem(tp, out.detail),
+                                                  ")", NULL) : "",
+                         rs && out.result == MSO_APPTOKEN_ADMIN ? " Fix: " : "",
+                         rs && out.result == MSO_APPTOKEN_ADMIN ? rs->fix : "");
+        }
+    }
+    apr_pool_destroy(tp);
+}
+
+/* The Graph application token of an app account's company in clear (cached
+ * in tokens for the batch), or NULL; *roles its roles (NULL: unknown). */
+static const char *app_access_token(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_db_t *db,
+                                    msoauth_company_t *c, apr_hash_t *tokens,
+                                    const char **roles)
+{
+    const char *name = apr_pstrcat(p, c->name, "\n", c->set.client_id.value, NULL);
+    const char **got = apr_hash_get(tokens, name, APR_HASH_KEY_STRING);
+    mso_apptoken_key_t k;
+    mso_apptoken_t *row = NULL;
+    const char *plain = NULL;
+
+    if (!got) {
+        got = apr_pcalloc(p, 2 * sizeof(*got));
+        msoauth_app_key(c, "graph", &k);
+        if (sc->keyring && mso_apptoken_get(db, p, &k, &row) == APR_SUCCESS
+            && mso_apptoken_open(p, sc->keyring, &k, row, apr_time_sec(apr_time_now()), 60,
+                                 &plain) == APR_SUCCESS) {
+            got[0] = plain;
+            got[1] = row->roles;
+        }
+        apr_hash_set(tokens, name, APR_HASH_KEY_STRING, got);
+    }
+    *roles = got[1];
+    return got[0];
 }
 
 /* The account's Graph access token in clear, or NULL. */
@@ -465,10 +598,12 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
     apr_array_header_t *works = NULL;
     mso_sync_box_t *boxes;
     apr_pool_t *bp;
+    apr_hash_t *app_tokens_of;
     apr_int64_t now = apr_time_sec(apr_time_now());
     int i, n = 0, claimed;
 
     apr_pool_create(&bp, p);
+    app_tokens_of = apr_hash_make(bp);
     if (mso_mirror_claim(db, bp, job->owner, now, MSO_MIRROR_LEASE, GRAPH_BATCH, &works)
         != APR_SUCCESS || !works->nelts) {
         apr_pool_destroy(bp);
@@ -482,7 +617,9 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         msoauth_company_t *c = company_of(job, s, w->acct, &cs);
         mso_work_done_t keep;
 
-        if (!c || !c->set.client_id.value) {
+        int app = w->acct->kind && !strcmp(w->acct->kind, "app");
+
+        if (!c || !c->set.client_id.value || app != (c->set.app_only.value != 0)) {
             /* Its company left the configuration: leave it as it is. */
             memset(&keep, 0, sizeof(keep));
             keep.sync_due_at = now + 3600;
@@ -493,12 +630,42 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
             continue;
         }
         boxes[n].work = w;
-        boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
         boxes[n].graph_root = c->set.graph_url.value;
-        boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value, NULL);
         boxes[n].folders = c->set.folders.value;
         boxes[n].interval = c->set.sync_interval.value;
-        boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);
+        if (app) {
+            /* The company's token, on /users/{address}; what it may do are its roles. */
+            const char *roles = NULL;
+
+            boxes[n].app_only = 1;
+            boxes[n].access_token = app_access_token(bp, msoauth_srv_conf(cs), db, c,
+                                                     app_tokens_of, &roles);
+            boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value,
+                                                     w->acct->mailbox);
+            if (roles) {
+                boxes[n].can_write = mso_roles_have(roles, "Mail.ReadWrite");
+                boxes[n].can_send = mso_roles_have(roles, "Mail.Send");
+            }
+            else {
+                /* An opaque token: what the edition expects; Graph enforces it. */
+                boxes[n].can_write = boxes[n].can_send
+                    = c->set.edition.value == MSO_EDITION_PRO;
+            }
+        }
+        else if (w->acct->shared) {
+            /* A person's token on the shared mailbox they have Full Access to. */
+            boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
+            boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value,
+                                                     w->acct->mailbox);
+            boxes[n].can_write = mso_sync_scope_has(w->acct->scopes, "Mail.ReadWrite.Shared");
+            boxes[n].can_send = mso_sync_scope_has(w->acct->scopes, "Mail.Send.Shared");
+        }
+        else {
+            boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
+            boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value, NULL);
+            boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);
+            boxes[n].can_send = mso_sync_scope_has(w->acct->scopes, "Mail.Send");
+        }
         boxes[n].attach_max_bytes = c->set.attachment_max_bytes.value;
         n++;
     }
@@ -598,6 +765,7 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         while (refresh_batch(job, s, db, p, deadline, m, &st) == CLAIM_BATCH
                && apr_time_now() < deadline) {
         }
+        app_tokens(job, s, db, p, deadline);
         /* Then the mail: actions and delta pages, with fresh tokens. */
         graph_end = apr_time_now() + GRAPH_TICK;
         if (graph_end > deadline - apr_time_from_sec(5)) {
@@ -636,7 +804,8 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
     mso_log_scope(before);
 }
 
-/* Secret expiry: a warning once a day from 30 days before, an error after. */
+/* Secret and certificate expiry: a warning once a day from 30 days before,
+ * an error after. */
 static void check_secrets(job_t *job, apr_pool_t *p)
 {
     server_rec *s;
@@ -648,7 +817,27 @@ static void check_secrets(job_t *job, apr_pool_t *p)
             msoauth_company_t *c = apr_hash_this_val(hi);
             long days;
 
-            if (!c->set.secret_expires.value || !c->set.client_id.value) {
+            if (c->set.client_cert.cert && c->set.client_id.value) {
+                /* The certificate, like the secret: the job says it every day. */
+                days = mso_days_until(mso_cert_not_after(c->set.client_cert.cert), now);
+                if (days < 0) {
+                    ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(218) "the certificate "
+                                 "of company %s (SHA-1 thumbprint %s) has expired: token "
+                                 "requests fail with certificate_expired. Make a new one, "
+                                 "upload it and point MSOAuthClientCertificateFile at it (%s)",
+                                 c->name, mso_cert_sha1_hex(c->set.client_cert.cert),
+                                 c->set.client_cert.at);
+                }
+                else if (days < MSOAUTH_SECRET_WARN_DAYS) {
+                    ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(219) "the "
+                                 "certificate of company %s (SHA-1 thumbprint %s) expires in "
+                                 "%ld day%s: upload a new one now", c->name,
+                                 mso_cert_sha1_hex(c->set.client_cert.cert), days,
+                                 days == 1 ? "" : "s");
+                }
+            }
+            if (!c->set.secret_expires.value || !c->set.client_id.value
+                || c->set.client_cert.cert) {
                 continue;
             }
             days = mso_days_until(c->set.secret_expires.value, now);
@@ -743,6 +932,8 @@ apr_status_t msoauth_job_register(apr_pool_t *pconf, server_rec *main_s)
     }
     job = apr_pcalloc(pconf, sizeof(*job));
     job->main_s = main_s;
+    apr_pool_create(&job->app_pool, pconf);
+    job->app_tried = apr_hash_make(job->app_pool);
     the_job = job;
     rv = wd_register_callback(wd, JOB_TICK, job, job_tick);
     if (rv != APR_SUCCESS) {

@@ -23,6 +23,7 @@
 
 #include "mso_account.h"
 #include "mso_attach.h"
+#include "mso_apptoken.h"
 #include "mso_log.h"
 #include "mso_mirror.h"
 
@@ -42,11 +43,18 @@
     "t.account_id AND m.graph_id = t.graph_id WHERE t.account_id = msoauth_accounts.id " \
     "AND t.state = 'pending' AND m.removed = 0) THEN 1 ELSE 0 END AS attach_work"
 
+/* A delegated account works with its own token; an app account with its
+ * company's application token (mso_apptoken.h), so it waits while that one
+ * is missing or failing. */
 static const mso_stmt_t ST_WORK_DUE = {
     "look for mailboxes with Graph work", "now:int token_floor:int max:int",
     "SELECT id FROM msoauth_accounts a WHERE state = 'connected' "
     "AND (work_until IS NULL OR work_until < :now) AND COALESCE(sync_retry_at, 0) <= :now "
-    "AND COALESCE(access_expires_at, 0) > :token_floor AND COALESCE(refresh_due_at, 0) > :now "
+    "AND ((kind = 'delegated' AND COALESCE(access_expires_at, 0) > :token_floor "
+    "AND COALESCE(refresh_due_at, 0) > :now) OR (kind = 'app' AND EXISTS (SELECT 1 "
+    "FROM msoauth_app_tokens t WHERE t.company = a.company AND t.client_id = a.client_id "
+    "AND t.resource = 'graph' AND t.expires_at > :token_floor "
+    "AND (t.reason IS NULL OR t.reason = 'token_endpoint_unreachable')))) "
     "AND (COALESCE(sync_due_at, 0) <= :now OR EXISTS (SELECT 1 FROM msoauth_actions q "
     "WHERE q.state = 'queued' AND q.account_id = a.id) "
     /* attachment work pending: a list to read or a content to download */
@@ -387,6 +395,10 @@ apr_status_t mso_mirror_release(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
         mso_arg_int(a, "id", id);
         mso_arg_int(a, "now", now);
         rv = mso_exec(a, NULL, NULL);
+        if (rv == APR_SUCCESS) {
+            /* An app account's token is its company's. */
+            rv = mso_apptoken_due_now(db, tmp, id, now);
+        }
     }
     a = mso_args(db, tmp, &ST_WORK_RELEASE);
     mso_arg_int(a, "id", id);

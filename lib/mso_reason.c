@@ -127,6 +127,14 @@ static const mso_reason_t reasons[] = {
      "Add-DistributionGroupMember -Identity <policy group> -Member <mailbox>, checks it with "
      "Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client id>, and waits up to "
      "an hour for the change."},
+    {"shared_access_denied", 403, "You cannot open this shared mailbox",
+     "Microsoft Graph refused the person who signed in access to the shared mailbox asked "
+     "for: they have no Full Access to it (yet), or the sign-in did not grant "
+     "Mail.Read.Shared.",
+     "An Exchange administrator grants Full Access (Add-MailboxPermission -Identity <shared "
+     "mailbox> -User <person> -AccessRights FullAccess) and waits for it to apply; "
+     "MSOAuthScope must list Mail.Read.Shared or Mail.ReadWrite.Shared. Then connect again, "
+     "signed in as that person."},
     {"send_not_permitted", 403, "Mail cannot be sent from this mailbox",
      "The mailbox's grant lacks Mail.Send, so Microsoft refuses to send as it.",
      "Set MSOAuthEdition pro for the company (it asks for Mail.Send), reload httpd and "
