@@ -34,7 +34,6 @@ APLOG_USE_MODULE(msoauth);
 
 #define MIN_VALIDITY 300                /* a token handed out lives 5 more minutes */
 #define WAIT_FOR_OTHER apr_time_from_sec(15)
-#define OUTLOOK_RESOURCE "https://outlook.office.com"
 
 static int send_json(request_rec *r, int status, json_t *j)
 {
@@ -180,10 +179,10 @@ int msoauth_token_handler(request_rec *r)
     const char *why, *resource, *res;
     apr_int64_t id;
     mso_account_t *a;
+    msoauth_company_t *c;
     mso_db_t *db;
     msoauth_token_t f;
     json_t *j;
-
     int rc;
 
     if ((rc = msoauth_guard(r, MSOAUTH_GUARD_KEY_REQUIRED, NULL)) != DECLINED) {
@@ -204,7 +203,7 @@ int msoauth_token_handler(request_rec *r)
         resource = "graph";
     }
     else if (!strcmp(res, "imap") || !strcmp(res, "smtp")) {
-        resource = OUTLOOK_RESOURCE;
+        resource = NULL;                /* the company's Outlook resource, below */
     }
     else {
         return json_error(r, HTTP_BAD_REQUEST, "bad_request", "resource must be graph, imap or "
@@ -216,12 +215,16 @@ int msoauth_token_handler(request_rec *r)
     if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
         return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
-    if (!msoauth_account_company(r->server, a->company, a->client_id)) {
+    if (!(c = msoauth_account_company(r->server, a->company, a->client_id))) {
         return json_error(r, HTTP_NOT_FOUND, "not_configured", "the account's company is not "
                           "configured on this virtual host");
     }
     if (strcmp(a->state, "connected")) {
         return send_json(r, HTTP_CONFLICT, account_state_json(a));
+    }
+    if (!resource) {
+        /* IMAP and SMTP: MSOAuthOutlookURL, or the cloud's Outlook host. */
+        resource = c->set.outlook_url.value;
     }
     msoauth_account_token(r, db, a, resource, &f);
     if (!f.token) {
@@ -576,7 +579,7 @@ static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
     if (!f.token) {
         return json_error(r, HTTP_OK, f.reason, f.detail);
     }
-    mso_http_opts_default(&o);
+    msoauth_http_opts(msoauth_srv_conf(r->server), &o);
     o.timeout_ms = 30000;
     url = apr_pstrcat(r->pool, c->set.graph_url.value, "/v1.0/me/mailFolders/inbox"
                       "?$select=id,totalItemCount,unreadItemCount", NULL);

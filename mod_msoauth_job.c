@@ -110,7 +110,7 @@ static job_t *the_job;
 void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
                          const char *owner, mso_http_opts_t *http, mso_refresh_ctx_t *ctx)
 {
-    mso_http_opts_default(http);
+    msoauth_http_opts(sc, http);
     http->timeout_ms = 30000;
     memset(ctx, 0, sizeof(*ctx));
     ctx->keyring = sc->keyring;
@@ -215,9 +215,14 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         n++;
     }
     if (n && !*m) {
-        /* Every context has the same HTTP options: the first one's serve all. */
-        apr_status_t rv = mso_http_multi_create(p, ctxs[0]->http, JOB_HTTP_IN_FLIGHT,
-                                                JOB_HTTP_PER_HOST, m);
+        /* The server's proxy and CA file serve its whole database (job_tick
+         * gives servers with other ones their own clients). */
+        mso_http_opts_t http;
+        apr_status_t rv;
+
+        msoauth_http_opts(msoauth_srv_conf(s), &http);
+        http.timeout_ms = ctxs[0]->http->timeout_ms;
+        rv = mso_http_multi_create(p, &http, JOB_HTTP_IN_FLIGHT, JOB_HTTP_PER_HOST, m);
 
         if (rv != APR_SUCCESS) {
             ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(208) "job: cannot set up "
@@ -301,11 +306,11 @@ typedef struct {
     int tried;
 } lanes_t;
 
-static apr_status_t graph_http(apr_pool_t *p, mso_http_multi_t **m)
+static apr_status_t graph_http(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_http_multi_t **m)
 {
     mso_http_opts_t http;
 
-    mso_http_opts_default(&http);
+    msoauth_http_opts(sc, &http);
     http.timeout_ms = GRAPH_TIMEOUT;
     http.stall_seconds = GRAPH_STALL;
     http.max_body = GRAPH_MAX_BODY;
@@ -340,7 +345,7 @@ static void lanes_setup(job_t *job, server_rec *s, mso_db_t *db, lanes_t *ls)
         if (!l->dbd || l->dbd->handle == db->handle
             || mso_db_wrap(l->dbd->pool, l->dbd->driver, l->dbd->handle, &l->db)
                != APR_SUCCESS
-            || graph_http(l->pool, &l->m) != APR_SUCCESS) {
+            || graph_http(l->pool, msoauth_srv_conf(s), &l->m) != APR_SUCCESS) {
             if (l->dbd) {
                 msoauth_dbd_close(s, l->dbd);
             }
@@ -488,7 +493,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         n++;
     }
     if (n && !*gm) {
-        apr_status_t rv = graph_http(p, gm);
+        apr_status_t rv = graph_http(p, msoauth_srv_conf(s), gm);
 
         if (rv != APR_SUCCESS) {
             ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(212) "job: cannot set up the "
@@ -651,12 +656,18 @@ static void check_secrets(job_t *job, apr_pool_t *p)
     }
 }
 
+static int same_text(const char *a, const char *b)
+{
+    return a == b || (a && b && !strcmp(a, b));
+}
+
 static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
 {
     job_t *job = data;
     server_rec *s;
     apr_time_t deadline;
     mso_http_multi_t *m = NULL, *gm = NULL;
+    msoauth_srv_conf_t *http_of = NULL;
 
     switch (state) {
     case AP_WATCHDOG_STATE_STARTING:
@@ -678,6 +689,17 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
         deadline = apr_time_now() + TICK_BUDGET;
         for (s = job->main_s; s; s = s->next) {
             if (msoauth_server_in_use(s)) {
+                msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
+
+                /* Connections go through one proxy: a server with another
+                 * proxy or CA file than the last one gets clients of its own. */
+                if (!http_of || !same_text(sc->http_proxy, http_of->http_proxy)
+                    || !same_text(sc->ca_file, http_of->ca_file)) {
+                    mso_http_multi_destroy(m);
+                    mso_http_multi_destroy(gm);
+                    m = gm = NULL;
+                    http_of = sc;
+                }
                 refresh_due(job, s, pool, deadline, &m, &gm);
             }
         }

@@ -493,6 +493,19 @@ static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
     if (o->ca_file && *o->ca_file) {
         curl_easy_setopt(h, CURLOPT_CAINFO, o->ca_file);
     }
+    /* "" turns off curl's look at the environment: a stray https_proxy in
+     * httpd's environment must not receive the client secret. With a proxy,
+     * no_proxy is ignored as well ("": every host through it). */
+    if (o->proxy && *o->proxy) {
+        curl_easy_setopt(h, CURLOPT_PROXY, o->proxy);
+        curl_easy_setopt(h, CURLOPT_NOPROXY, "");
+        if (o->ca_file && *o->ca_file) {
+            curl_easy_setopt(h, CURLOPT_PROXY_CAINFO, o->ca_file);
+        }
+    }
+    else {
+        curl_easy_setopt(h, CURLOPT_PROXY, "");
+    }
     /* Zero or negative would mean "no limit" to curl: fall back to defaults. */
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
                      o->connect_timeout_ms > 0 ? o->connect_timeout_ms

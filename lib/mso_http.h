@@ -14,7 +14,13 @@ typedef struct {
     long timeout_ms;            /* whole call; default 30000 */
     long stall_seconds;         /* abort when < 1 byte/s for this long; default 15 */
     apr_size_t max_body;        /* response cap in bytes (what is kept); default 4 MiB */
-    const char *ca_file;        /* optional CA bundle (tests against a TLS simulator) */
+    const char *ca_file;        /* optional CA bundle instead of the system's (also for
+                                 * an https:// proxy) */
+    /* A proxy URL (http://, https://, socks5h://) every call goes through;
+     * NULL or "": none. A proxy from the environment (http_proxy,
+     * https_proxy, all_proxy, no_proxy) is never used: only the
+     * configuration says where secrets and tokens are sent. */
+    const char *proxy;
     const char *user_agent;     /* default "mod_msoauth/VERSION" */
     /* > 0: the answer is JSON and goes through mso_json's clip as it arrives
      * (mso_json.h): a string longer than this is cut and marked, so one huge

@@ -122,7 +122,14 @@ static int respond(int fd, const char *req, size_t req_len)
         sscanf(sp + 1, "%127s", path);
     }
     memset(big, 'x', sizeof(big));
-    if (strcmp(path, "/ok") == 0) {
+    if (strncmp(path, "http://", 7) == 0) {
+        /* The absolute form: a client that takes this server for its proxy. */
+        snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %lu\r\n"
+                 "Connection: close\r\n\r\nproxied %s", (unsigned long)(8 + strlen(path)),
+                 path);
+        send_str(fd, head);
+    }
+    else if (strcmp(path, "/ok") == 0) {
         send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Test: yes\r\n"
                      "X-Multi: a\r\nX-Multi: b\r\nX-Spaces:   padded  \r\n"
                      "Content-Length: 5\r\nConnection: close\r\n\r\nhello");
@@ -432,6 +439,41 @@ START_TEST(ok_with_headers)
 
     r = get("/nothing-here", APR_SUCCESS);
     ck_assert_int_eq(r->status, 404);
+}
+END_TEST
+
+/* MSOAuthHTTPProxy: every call goes through the configured proxy, whatever
+ * no_proxy says; without one, never through a proxy of the environment. */
+START_TEST(proxy_from_the_configuration_only)
+{
+    static const char *const vars[] = {"http_proxy", "HTTP_PROXY", "https_proxy",
+                                       "HTTPS_PROXY", "all_proxy", "ALL_PROXY", NULL};
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    int i;
+
+    o.proxy = url("");
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", "http://login.example.invalid/tenant/x",
+                                      NULL, NULL, 0, &r), APR_SUCCESS);
+    ck_assert_int_eq(r->status, 200);
+    ck_assert_str_eq(r->body, "proxied http://login.example.invalid/tenant/x");
+
+    /* A dead proxy in every variable curl would read: not used. */
+    for (i = 0; vars[i]; i++) {
+        setenv(vars[i], "http://127.0.0.1:1", 1);
+    }
+    setenv("no_proxy", "*", 1);
+    r = get("/ok", APR_SUCCESS);
+    ck_assert_int_eq(r->status, 200);
+    ck_assert_str_eq(r->body, "hello");
+    /* and no_proxy exempts nothing from the configured one */
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/ok"), NULL, NULL, 0, &r),
+                     APR_SUCCESS);
+    ck_assert_str_eq(r->body, apr_pstrcat(pool, "proxied ", url("/ok"), NULL));
+    for (i = 0; vars[i]; i++) {
+        unsetenv(vars[i]);
+    }
+    unsetenv("no_proxy");
 }
 END_TEST
 
@@ -1180,6 +1222,7 @@ int main(void)
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, ok_with_headers);
     tcase_add_test(tc, last_header_block);
+    tcase_add_test(tc, proxy_from_the_configuration_only);
     tcase_add_test(tc, no_redirects);
     tcase_add_test(tc, retry_after);
     tcase_add_test(tc, max_body);
