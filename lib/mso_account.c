@@ -4,6 +4,7 @@
 #include <apr_strings.h>
 
 #include "mso_account.h"
+#include "mso_events.h"
 #include "mso_log.h"
 
 /* The leases. A lease is a row's lease_owner/lease_until pair; it can be
@@ -985,36 +986,66 @@ apr_status_t mso_account_refreshed(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                      &rf, err);
 }
 
+typedef struct {
+    apr_int64_t id;
+    const char *owner, *state, *reason, *last_error;
+    long aadsts;
+    apr_int64_t retry_at, now;
+    int written;
+} failed_t;
+
+/* The error on the account and in its history, in one transaction. */
+static apr_status_t refresh_failed_tx(mso_tx_t *tx, void *baton)
+{
+    failed_t *f = baton;
+    mso_args_t *a;
+    apr_status_t rv;
+    int n = 0;
+
+    a = mso_tx_args(tx, &ST_REFRESH_FAILED);
+    mso_arg_int(a, "id", f->id);
+    mso_arg_text(a, "owner", f->owner);
+    mso_arg_text(a, "state", f->state);
+    mso_arg_text(a, "reason", f->reason);
+    mso_arg_opt(a, "aadsts", f->aadsts);
+    mso_arg_text(a, "last_error", f->last_error);
+    mso_arg_opt(a, "retry_at", f->retry_at);
+    mso_arg_int(a, "now", f->now);
+    if (MSO_OK(mso_tx_exec(tx, a, &n)) && n == 1) {
+        f->written = 1;
+        rv = mso_events_add_tx(tx, f->id, f->reason, f->last_error, f->now);
+    }
+    return rv;
+}
+
 apr_status_t mso_account_refresh_failed(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                                         const char *owner, const char *state,
                                         const char *reason, long aadsts,
                                         const char *last_error, apr_int64_t retry_at,
                                         apr_int64_t now)
 {
-    apr_pool_t *tmp;
-    mso_args_t *a;
+    failed_t f;
     apr_status_t rv;
-    int n = 0;
 
     if (!owner || !*owner || !state
         || (strcmp(state, "connected") && strcmp(state, "reconnect_required"))) {
         return APR_EINVAL;
     }
-    apr_pool_create(&tmp, p);
-    a = mso_args(db, tmp, &ST_REFRESH_FAILED);
-    mso_arg_int(a, "id", id);
-    mso_arg_text(a, "owner", owner);
-    mso_arg_text(a, "state", state);
-    mso_arg_text(a, "reason", reason);
-    mso_arg_opt(a, "aadsts", aadsts);
-    mso_arg_text(a, "last_error", last_error);
-    mso_arg_opt(a, "retry_at", retry_at);
-    mso_arg_int(a, "now", now);
-    if (MSO_OK(mso_exec(a, &n, NULL)) && n != 1) {
+    memset(&f, 0, sizeof(f));
+    f.id = id;
+    f.owner = owner;
+    f.state = state;
+    f.reason = reason;
+    f.aadsts = aadsts;
+    f.last_error = last_error;
+    f.retry_at = retry_at;
+    f.now = now;
+    rv = mso_db_tx(db, p, apr_psprintf(p, "of account %" APR_INT64_T_FMT, id),
+                   refresh_failed_tx, &f, NULL);
+    if (rv == APR_SUCCESS && !f.written) {
         /* another owner holds it now, it was disconnected, or there is no such account */
         rv = APR_EBUSY;
     }
-    apr_pool_destroy(tmp);
     return rv;
 }
 
