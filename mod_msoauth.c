@@ -26,6 +26,7 @@
 #include "mod_msoauth_config.h"
 #include "mod_msoauth_flow.h"
 #include "mod_msoauth_job.h"
+#include "mod_msoauth_metrics.h"
 #include "mso_crypto.h"
 #include "mso_discovery.h"
 #include "mso_http.h"
@@ -400,6 +401,7 @@ static const struct {
     {"msoauth-confirm", msoauth_confirm_handler},
     {"msoauth-token", msoauth_token_handler},
     {"msoauth-admin", msoauth_admin_handler},
+    {"msoauth-metrics", msoauth_metrics_handler},
     {NULL, NULL}
 };
 

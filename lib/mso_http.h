@@ -129,6 +129,16 @@ void mso_http_multi_destroy(mso_http_multi_t *m);
  * budget. */
 apr_size_t mso_http_multi_peak(const mso_http_multi_t *m, int *pauses);
 
+/* What the requests of a multi handle ended in (those that were sent): a
+ * 2xx/3xx answer, 429 or 503 (Microsoft asks to wait), another 4xx or 5xx,
+ * or no answer (connection, TLS, timeout, a body over the cap). */
+typedef struct {
+    apr_int64_t ok, throttled, client_error, server_error, failed;
+} mso_http_counts_t;
+
+/* Adds the handle's outcomes since the last call to *add, and counts afresh. */
+void mso_http_multi_counts(mso_http_multi_t *m, mso_http_counts_t *add);
+
 /* application/x-www-form-urlencoded from NULL-terminated name, value pairs;
  * a pair whose value is NULL is left out. */
 char *mso_form_encode(apr_pool_t *p, ...);

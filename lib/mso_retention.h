@@ -13,6 +13,7 @@
 #include "mso_db.h"
 
 #define MSO_RETENTION_BATCH 500     /* rows one statement deletes */
+#define MSO_RETENTION_MAX 8         /* entries the list may have: size of deleted[] */
 
 /* Deletes up to max rows last changed before `before`, in one statement. */
 typedef apr_status_t mso_purge_fn(mso_db_t *db, apr_pool_t *p, apr_int64_t before, int max,

@@ -787,6 +787,42 @@ static apr_interval_time_t run_gets(mso_http_multi_t *m, const char *path, resul
     return apr_time_now() - start;
 }
 
+/* The outcomes a multi handle counts for the metrics, and counts afresh. */
+START_TEST(multi_counts_outcomes)
+{
+    static const char *const paths[] = {"/ok", "/empty", "/retry/5", "/retry/date+5",
+                                        "/nothing-here", "/stall", NULL};
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m;
+    mso_http_counts_t n;
+    result_t res[8];
+    int i;
+
+    o.stall_seconds = 1;
+    o.timeout_ms = 1500;
+    m = multi(&o, 8, 8);
+    memset(res, 0, sizeof(res));
+    for (i = 0; paths[i]; i++) {
+        ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url(paths[i]), NULL, NULL, 0,
+                                            on_done, &res[i]), APR_SUCCESS);
+    }
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", "http://127.0.0.1:1/", NULL, NULL, 0,
+                                        on_done, &res[i]), APR_SUCCESS);
+    mso_http_multi_run(m, apr_time_from_sec(10));
+    memset(&n, 0, sizeof(n));
+    mso_http_multi_counts(m, &n);
+    ck_assert_int_eq(n.ok, 2);
+    ck_assert_int_eq(n.throttled, 2);          /* 429 and 503 */
+    ck_assert_int_eq(n.client_error, 1);       /* 404 */
+    ck_assert_int_eq(n.server_error, 0);
+    ck_assert_int_eq(n.failed, 2);             /* a stall and a refused connection */
+    mso_http_multi_counts(m, &n);
+    ck_assert_int_eq(n.ok + n.throttled + n.client_error + n.failed, 7);
+    mso_http_multi_counts(NULL, &n);
+    mso_http_multi_destroy(m);
+}
+END_TEST
+
 START_TEST(multi_concurrent)
 {
     mso_http_opts_t o = fast_opts();
@@ -1235,6 +1271,7 @@ int main(void)
     tcase_add_test(tc, encoding);
     tcase_add_test(tc, defaults);
     tcase_add_test(tc, multi_concurrent);
+    tcase_add_test(tc, multi_counts_outcomes);
     tcase_add_test(tc, multi_max_in_flight);
     tcase_add_test(tc, multi_max_host_connections);
     tcase_add_test(tc, multi_stall_times_out_alone);
