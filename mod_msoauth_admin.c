@@ -690,7 +690,8 @@ static void page_headers(request_rec *r)
 {
     apr_table_setn(r->err_headers_out, "Cache-Control", "no-store");
     apr_table_setn(r->err_headers_out, "X-Content-Type-Options", "nosniff");
-    apr_table_setn(r->err_headers_out, "Referrer-Policy", "no-referrer");
+    /* not no-referrer: browsers then send "Origin: null" with the forms */
+    apr_table_setn(r->err_headers_out, "Referrer-Policy", "same-origin");
     apr_table_setn(r->err_headers_out, "X-Frame-Options", "DENY");
     apr_table_setn(r->err_headers_out, "Content-Security-Policy",
                    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
