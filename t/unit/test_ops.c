@@ -272,6 +272,115 @@ START_TEST(retention_sweep)
 }
 END_TEST
 
+/* ---- rekey ---------------------------------------------------------------- */
+
+static mso_keyring_t *ring(const char *first, const char *second)
+{
+    mso_keyring_t *kr = mso_keyring_create(pool);
+    unsigned char key[MSO_KEY_LEN];
+    const char *why = NULL;
+
+    ck_assert_int_eq(mso_key_parse((const unsigned char *)first, strlen(first), key, &why),
+                     APR_SUCCESS);
+    ck_assert_int_eq(mso_keyring_add(kr, key), APR_SUCCESS);
+    if (second) {
+        ck_assert_int_eq(mso_key_parse((const unsigned char *)second, strlen(second), key,
+                                       &why), APR_SUCCESS);
+        ck_assert_int_eq(mso_keyring_add(kr, key), APR_SUCCESS);
+    }
+    return kr;
+}
+
+#define K1 "1111111111111111111111111111111111111111111111111111111111111111"
+#define K2 "2222222222222222222222222222222222222222222222222222222222222222"
+#define K3 "3333333333333333333333333333333333333333333333333333333333333333"
+
+static mso_account_t *sealed_account(mso_db_t *db, mso_keyring_t *kr, const char *mailbox)
+{
+    mso_connect_t c = sample("default", mailbox, apr_pstrcat(pool, "oid-", mailbox, NULL));
+    mso_token_sealer_t t;
+    mso_account_t *a = NULL;
+    const char *err = NULL;
+
+    t.p = pool;
+    t.keyring = kr;
+    t.client_id = c.client_id;
+    t.refresh_token = apr_pstrcat(pool, "refresh-of-", mailbox, NULL);
+    t.access_token = apr_pstrcat(pool, "access-of-", mailbox, NULL);
+    ck_assert_int_eq(mso_account_connect(db, pool, &c, mso_account_seal_tokens, &t, 1000, &a,
+                                         &err), APR_SUCCESS);
+    return a;
+}
+
+START_TEST(rekey_under_the_first_key)
+{
+    mso_db_t *db = fresh_db(_i);
+    mso_keyring_t *old = ring(K1, NULL), *both = ring(K2, K1), *only_new = ring(K2, NULL);
+    apr_array_header_t *tokens = NULL;
+    mso_account_t *a, *b, *lost;
+    const char *plain = NULL, *legacy = NULL;
+    mso_rekey_t n;
+    int i;
+
+    migrate_ok(db);
+    a = sealed_account(db, old, "ann@example.com");
+    b = sealed_account(db, both, "ben@example.com");         /* already under K2 */
+    lost = sealed_account(db, ring(K3, NULL), "lou@example.com");
+    /* A token of binding 1 (before schema version 4), under K1. */
+    ck_assert_int_eq(mso_seal(pool, old, MSO_PURPOSE_TOKEN,
+                              "token:refresh:default:ann@example.com", "legacy-refresh", 14,
+                              &legacy), APR_SUCCESS);
+    exec_ok(db, apr_psprintf(pool, "UPDATE msoauth_tokens SET sealed = '%s', binding = 1 "
+                             "WHERE account_id = %" APR_INT64_T_FMT " AND kind = 'refresh'",
+                             legacy, a->id));
+
+    ck_assert_int_eq(mso_account_rekey(db, pool, both, &n), APR_SUCCESS);
+    ck_assert_int_eq(n.tokens, 6);
+    ck_assert_int_eq(n.resealed, 2);
+    ck_assert_int_eq(n.current, 2);
+    ck_assert_int_eq(n.unopened, 2);
+    ck_assert_int_eq(n.changed + n.gone + n.failed, 0);
+
+    /* Every token that opened now opens with the new key alone. */
+    ck_assert_int_eq(mso_account_token_open(db, pool, only_new, a, "graph", &plain, NULL),
+                     APR_SUCCESS);
+    ck_assert_str_eq(plain, "access-of-ann@example.com");
+    ck_assert_int_eq(mso_account_token_open(db, pool, only_new, b, "refresh", &plain, NULL),
+                     APR_SUCCESS);
+    ck_assert_str_eq(plain, "refresh-of-ben@example.com");
+    ck_assert_int_eq(mso_account_token_open(db, pool, only_new, lost, "refresh", &plain, NULL),
+                     APR_EINVAL);
+    /* The binding-1 token keeps its binding, sealed under K2 for the same data. */
+    ck_assert_int_eq(mso_account_tokens(db, pool, a->id, &tokens), APR_SUCCESS);
+    ck_assert_int_eq(tokens->nelts, 2);
+    for (i = 0; i < tokens->nelts; i++) {
+        mso_token_info_t *t = &APR_ARRAY_IDX(tokens, i, mso_token_info_t);
+
+        ck_assert_str_eq(t->kid, mso_keyring_kid(only_new, 0));
+        ck_assert_int_eq(t->binding, strcmp(t->kind, "refresh") ? 2 : 1);
+    }
+    {
+        unsigned char *out = NULL;
+        apr_size_t len = 0;
+
+        ck_assert_int_eq(mso_open(pool, only_new, MSO_PURPOSE_TOKEN,
+                                  "token:refresh:default:ann@example.com",
+                                  text_of(db, apr_psprintf(pool, "SELECT sealed FROM "
+                                                           "msoauth_tokens WHERE account_id = %"
+                                                           APR_INT64_T_FMT " AND kind = "
+                                                           "'refresh'", a->id)), &out, &len),
+                         APR_SUCCESS);
+        ck_assert_str_eq((const char *)out, "legacy-refresh");
+    }
+    /* Again: nothing left to do but the tokens no key opens. */
+    ck_assert_int_eq(mso_account_rekey(db, pool, both, &n), APR_SUCCESS);
+    ck_assert_int_eq(n.current, 4);
+    ck_assert_int_eq(n.resealed, 0);
+    ck_assert_int_eq(n.unopened, 2);
+    ck_assert_int_eq(mso_account_rekey(db, pool, mso_keyring_create(pool), &n), APR_EINVAL);
+}
+END_TEST
+
 /* ---- metrics ------------------------------------------------------------- */
 
 static int only_default(void *baton, const char *company, const char *client_id)
@@ -413,6 +522,7 @@ static void add_tests(TCase *tc, int backend)
     ADD_BOTH(tc, history_of_sync_errors, backend);
     ADD_BOTH(tc, counters_add_up, backend);
     ADD_BOTH(tc, retention_sweep, backend);
+    ADD_BOTH(tc, rekey_under_the_first_key, backend);
     ADD_BOTH(tc, metrics_from_the_tables, backend);
     if (backend == BACKEND_SQLITE) {
         tcase_add_test(tc, metrics_text_exposition);
