@@ -27,6 +27,7 @@
 #include "mod_msoauth_config.h"
 #include "mod_msoauth_flow.h"
 #include "mod_msoauth_job.h"
+#include "mod_msoauth_metrics.h"
 #include "mso_crypto.h"
 #include "mso_discovery.h"
 #include "mso_http.h"
@@ -452,6 +453,7 @@ static const struct {
     {"msoauth-token", msoauth_token_handler},
     {"msoauth-admin", msoauth_admin_handler},
     {"msoauth-attachment", msoauth_attachment_handler},
+    {"msoauth-metrics", msoauth_metrics_handler},
     {NULL, NULL}
 };
 

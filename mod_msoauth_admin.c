@@ -34,6 +34,9 @@
 #include "mso_db.h"
 #include "mso_job_runs.h"
 #include "mso_mirror.h"
+#include "mso_events.h"
+#include "mso_cert.h"
+#include "mso_crypto.h"
 
 APLOG_USE_MODULE(msoauth);
 
@@ -269,7 +272,6 @@ int msoauth_token_handler(request_rec *r)
     mso_db_t *db;
     msoauth_token_t f;
     json_t *j;
-
     int rc;
 
     if ((rc = msoauth_guard(r, MSOAUTH_GUARD_KEY_REQUIRED, NULL)) != DECLINED) {
@@ -422,6 +424,12 @@ static json_t *app_token_json(msoauth_company_t *c, apr_array_header_t *tokens,
     return json_pack("{s:s}", "state", "none");
 }
 
+static json_t *expiry_warning(long days)
+{
+    return days < 0 ? json_string("expired")
+           : days < MSOAUTH_SECRET_WARN_DAYS ? json_string("expires soon") : json_null();
+}
+
 static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc, apr_hash_t *flags,
                               apr_array_header_t *app_tokens)
 {
@@ -466,9 +474,17 @@ static json_t *companies_json(request_rec *r, msoauth_srv_conf_t *sc, apr_hash_t
             long days = mso_days_until(c->set.secret_expires.value, now);
             json_object_set_new(o, "secret_expires", json_string(c->set.secret_expires.text));
             json_object_set_new(o, "secret_days_left", json_integer(days));
-            json_object_set_new(o, "secret_warning", days < 0 ? json_string("expired")
-                                : days < MSOAUTH_SECRET_WARN_DAYS ? json_string("expires soon")
-                                : json_null());
+            json_object_set_new(o, "secret_warning", expiry_warning(days));
+        }
+        if (c->set.client_cert.cert) {
+            apr_time_t until = mso_cert_not_after(c->set.client_cert.cert);
+            long days = mso_days_until(until, now);
+            char date[APR_CTIME_LEN];
+
+            apr_ctime(date, until);
+            json_object_set_new(o, "certificate_expires", json_string(date));
+            json_object_set_new(o, "certificate_days_left", json_integer(days));
+            json_object_set_new(o, "certificate_warning", expiry_warning(days));
         }
         json_array_append_new(arr, o);
     }
@@ -515,8 +531,28 @@ static void attach_json(request_rec *r, json_t *o, apr_hash_t *astats, apr_int64
         (json_int_t)(s ? s->lists_due : 0)));
 }
 
+/* The account's recent errors (mso_events), newest first, each with its fix. */
+static json_t *history_json(const apr_array_header_t *events, apr_int64_t id)
+{
+    json_t *arr = json_array();
+    int i;
+
+    for (i = 0; events && i < events->nelts; i++) {
+        const mso_event_t *e = &APR_ARRAY_IDX(events, i, mso_event_t);
+        const mso_reason_t *rs = mso_reason_get(e->reason);
+
+        if (e->account_id != id) {
+            continue;
+        }
+        json_array_append_new(arr, json_pack("{s:I, s:s?, s:s, s:s?}", "at", (json_int_t)e->at,
+                                             "reason", e->reason, "text", e->text ? e->text : "",
+                                             "fix", rs ? rs->fix : NULL));
+    }
+    return arr;
+}
+
 static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats,
-                            apr_hash_t *astats)
+                            apr_hash_t *astats, const apr_array_header_t *events)
 {
     json_t *o = account_state_json(a);
 
@@ -536,6 +572,7 @@ static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats,
                                                             : json_null());
     mirror_json(o, stats_of(r, stats, a->id), apr_time_sec(apr_time_now()));
     attach_json(r, o, astats, a->id);
+    json_object_set_new(o, "history", history_json(events, a->id));
     return o;
 }
 
@@ -543,23 +580,28 @@ static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats,
  * NULL when the database cannot be read. */
 static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db)
 {
-    apr_array_header_t *accounts = NULL, *runs = NULL, *app_tokens = NULL;
+    apr_array_header_t *accounts = NULL, *runs = NULL, *app_tokens = NULL, *events = NULL;
     apr_hash_t *flags = apr_hash_make(r->pool), *stats = NULL, *astats = NULL;
-    json_t *accs = json_array(), *nodes = json_array(), *m;
+    json_t *accs = json_array(), *nodes = json_array(), *states = json_object(), *m;
     apr_int64_t now = apr_time_sec(apr_time_now());
     int i, due = 0, overdue = 0;
 
     if (mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS
         || mso_account_list(db, r->pool, &accounts) != APR_SUCCESS
         || mso_job_runs_list(db, r->pool, &runs) != APR_SUCCESS
-        || mso_apptoken_list(db, r->pool, &app_tokens) != APR_SUCCESS) {
+        || mso_apptoken_list(db, r->pool, &app_tokens) != APR_SUCCESS
+        || mso_events_list(db, r->pool, 0, &events) != APR_SUCCESS) {
         json_decref(accs);
         json_decref(nodes);
+        json_decref(states);
         return NULL;
     }
     if (mso_attach_stats(db, r->pool, &astats) != APR_SUCCESS) {
         astats = NULL;
     }
+    json_object_set_new(states, "connected", json_integer(0));
+    json_object_set_new(states, "reconnect_required", json_integer(0));
+    json_object_set_new(states, "disconnected", json_integer(0));
     {
         for (i = 0; i < accounts->nelts; i++) {
             mso_account_t *a = APR_ARRAY_IDX(accounts, i, mso_account_t *);
@@ -574,7 +616,9 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
             if (is_admin_reason(a->reason)) {
                 apr_hash_set(flags, a->company, APR_HASH_KEY_STRING, a->reason);
             }
-            json_array_append_new(accs, account_json(r, a, stats, astats));
+            json_object_set_new(states, a->state, json_integer(
+                json_integer_value(json_object_get(states, a->state)) + 1));
+            json_array_append_new(accs, account_json(r, a, stats, astats, events));
         }
     }
     {
@@ -588,9 +632,11 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
                                                    "failed", jr->failed));
         }
     }
-    m = json_pack("{s:o, s:o, s:{s:i, s:i, s:o}, s:I}", "companies",
-                  companies_json(r, sc, flags, app_tokens), "accounts", accs, "job", "refresh_due", due,
-                  "refresh_overdue", overdue, "nodes", nodes, "now", (json_int_t)now);
+    m = json_pack("{s:s, s:o, s:o, s:o, s:{s:i, s:i, s:o}, s:I}", "version", MSO_VERSION,
+                  "states", states, "companies", companies_json(r, sc, flags, app_tokens),
+                  "accounts", accs,
+                  "job", "refresh_due", due, "refresh_overdue", overdue, "nodes", nodes, "now",
+                  (json_int_t)now);
     return m;
 }
 
@@ -610,61 +656,135 @@ static const char *when(request_rec *r, json_int_t t)
     return apr_pstrdup(r->pool, buf);
 }
 
-static int status_page(request_rec *r, json_t *m)
-{
-    size_t i;
-    json_t *c, *a;
+/* --- the HTML page: rendered from the status model, section by section --- */
 
-    apr_table_setn(r->err_headers_out, "Cache-Control", "no-store");
-    apr_table_setn(r->err_headers_out, "Content-Security-Policy",
-                   "default-src 'none'; style-src 'unsafe-inline'");
-    ap_set_content_type(r, "text/html; charset=utf-8");
+typedef struct {
+    request_rec *r;
+    const char *base;           /* the admin location: /microsoft_outlook/admin */
+    const char *csrf;           /* the form token of the browser's session */
+    const char *connect;        /* the connect handler, next to confirm */
+} page_t;
+
+static void page_head(page_t *pg, json_t *m)
+{
+    request_rec *r = pg->r;
+    const json_t *st = mso_json_obj(m, "states");
+    apr_int64_t conn = 0, rec = 0, disc = 0;
+
+    mso_json_int(st, "connected", &conn);
+    mso_json_int(st, "reconnect_required", &rec);
+    mso_json_int(st, "disconnected", &disc);
     ap_rputs("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
              "<title>mod_msoauth status</title><style>body{font-family:sans-serif;margin:2em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
-             "text-align:left;vertical-align:top}.bad{color:#a00}</style></head><body>\n"
-             "<h1>mod_msoauth status</h1>\n<h2>Companies</h2>\n<table><tr><th>Company</th>"
-             "<th>Client ID</th><th>Secret</th><th>Certificate</th><th>Tenant</th>"
-             "<th>Edition</th><th>Redirect URI to register</th><th>Problem</th></tr>\n", r);
-    json_array_foreach(mso_json_arr(m, "companies"), i, c) {
-        const char *exp = mso_json_str(c, "secret_expires");
-        const char *warn = mso_json_str(c, "secret_warning");
-        const json_t *cert = mso_json_obj(c, "certificate"), *at = mso_json_obj(c, "app_token");
-        const char *cwarn = mso_json_str(cert, "warning");
-        apr_int64_t left = 0, cexp = 0, cleft = 0, texp = 0;
+             "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;"
+             "padding:.3em .6em;text-align:left;vertical-align:top}.bad{color:#a00}"
+             "form{display:inline;margin:0 .2em}</style></head><body>\n"
+             "<h1>mod_msoauth status</h1>\n", r);
+    ap_rprintf(r, "<p id=\"states\">Accounts: %" APR_INT64_T_FMT " connected, <span%s>%"
+               APR_INT64_T_FMT " to reconnect</span>, %" APR_INT64_T_FMT " disconnected.</p>\n",
+               conn, rec ? " class=bad" : "", rec, disc);
+}
 
-        mso_json_int(c, "secret_days_left", &left);
-        mso_json_int(cert, "expires_at", &cexp);
-        mso_json_int(cert, "days_left", &cleft);
+/* "expires DATE (N days)" of a secret or certificate, or "". */
+static const char *expiry(request_rec *r, const json_t *c, const char *what)
+{
+    const char *date = mso_json_str(c, apr_pstrcat(r->pool, what, "_expires", NULL));
+    const char *warn = mso_json_str(c, apr_pstrcat(r->pool, what, "_warning", NULL));
+    apr_int64_t left = 0;
+
+    if (!date) {
+        return "—";
+    }
+    mso_json_int(c, apr_pstrcat(r->pool, what, "_days_left", NULL), &left);
+    return apr_psprintf(r->pool, "<span%s>%s (%" APR_INT64_T_FMT " days%s%s)</span>",
+                        warn ? " class=bad" : "", esc(r, date), left, warn ? ": " : "",
+                        warn ? esc(r, warn) : "");
+}
+
+static void page_companies(page_t *pg, json_t *m)
+{
+    request_rec *r = pg->r;
+    size_t i;
+    json_t *c;
+
+    ap_rputs("<h2>Companies</h2>\n<table><tr><th>Company</th><th>Client ID</th>"
+             "<th>Secret</th><th>Secret expires</th><th>Certificate expires</th>"
+             "<th>Tenant</th><th>Edition</th><th>Redirect URI to register</th>"
+             "<th>Problem</th></tr>\n", r);
+    json_array_foreach(mso_json_arr(m, "companies"), i, c) {
+        const json_t *cert = mso_json_obj(c, "certificate"), *at = mso_json_obj(c, "app_token");
+        const char *roles = mso_json_str(at, "roles");
+        apr_int64_t texp = 0;
+        const char *app = "";
+
         mso_json_int(at, "expires_at", &texp);
-        ap_rprintf(r, "<tr><td>%s%s</td><td>%s</td><td%s>%s%s</td><td%s>%s</td><td>%s</td>"
-                   "<td>%s</td>", esc(r, mso_json_str(c, "name")),
-                   json_is_true(json_object_get(c, "app_only"))
-                   ? apr_pstrcat(r->pool, "<br>app-only, application token: ",
-                                 esc(r, mso_json_str(at, "state")),
-                                 texp ? apr_pstrcat(r->pool, " until ", when(r, texp), NULL)
-                                      : "", mso_json_str(at, "roles") && *mso_json_str(at, "roles")
-                                 ? apr_pstrcat(r->pool, " (", esc(r, mso_json_str(at, "roles")),
-                                               ")", NULL) : "", NULL) : "",
-                   esc(r, mso_json_str(c, "client_id")), warn ? " class=bad" : "",
+        if (json_is_true(json_object_get(c, "app_only"))) {
+            app = apr_pstrcat(r->pool, "<br>app-only, application token: ",
+                              esc(r, mso_json_str(at, "state")),
+                              texp ? apr_pstrcat(r->pool, " until ", when(r, texp), NULL) : "",
+                              roles && *roles ? apr_pstrcat(r->pool, " (", esc(r, roles), ")",
+                                                            NULL) : "", NULL);
+        }
+        ap_rprintf(r, "<tr><td>%s%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s%s%s%s</td>"
+                   "<td>%s</td><td>%s</td><td><code>%s</code></td><td class=bad>%s%s%s</td>"
+                   "</tr>\n",
+                   esc(r, mso_json_str(c, "name")), app, esc(r, mso_json_str(c, "client_id")),
                    json_is_true(json_object_get(c, "secret_set")) ? "set" : "missing",
-                   exp ? apr_psprintf(r->pool, ", expires %s (%" APR_INT64_T_FMT " days)",
-                                      esc(r, exp), left) : "",
-                   cwarn ? " class=bad" : "",
-                   cert ? apr_psprintf(r->pool, "SHA-1 thumbprint <code>%s</code>, expires %s "
-                                       "(%" APR_INT64_T_FMT " days)",
-                                       esc(r, mso_json_str(cert, "thumbprint")), when(r, cexp),
-                                       cleft) : "—",
-                   esc(r, mso_json_str(c, "tenant")), esc(r, mso_json_str(c, "edition")));
-        ap_rprintf(r, "<td><code>%s</code></td><td class=bad>%s%s%s</td></tr>\n",
+                   expiry(r, c, "secret"), expiry(r, c, "certificate"),
+                   cert ? "<br>SHA-1 thumbprint <code>" : "",
+                   cert ? esc(r, mso_json_str(cert, "thumbprint")) : "", cert ? "</code>" : "",
+                   esc(r, mso_json_str(c, "tenant")), esc(r, mso_json_str(c, "edition")),
                    esc(r, mso_json_str(c, "redirect_uri")), esc(r, mso_json_str(c, "problem")),
                    mso_json_str(c, "problem_fix") ? ": " : "",
                    esc(r, mso_json_str(c, "problem_fix")));
     }
-    ap_rputs("</table>\n<h2>Accounts</h2>\n<table><tr><th>ID</th><th>Company</th>"
-             "<th>Mailbox</th><th>State</th><th>Token expires</th><th>Last refresh</th>"
-             "<th>Last sync</th><th>Messages</th><th>Sync</th><th>Write-back queue</th>"
-             "<th>Last error and fix</th></tr>\n", r);
+    ap_rputs("</table>\n", r);
+}
+
+/* Reconnect (the connect URL for the account's company and mailbox, back to
+ * this page), and the actions as forms that carry the session's token. */
+static const char *account_actions(page_t *pg, const json_t *a, apr_int64_t id)
+{
+    request_rec *r = pg->r;
+    static const char *const acts[][2] = {{"test", "Test"}, {"sync", "Sync now"},
+                                          {"disconnect", "Disconnect"}};
+    const char *html, *state = mso_json_str(a, "state");
+    const char *link = apr_pstrcat(r->pool, pg->connect, "?company=",
+                                   mso_url_encode(r->pool, mso_json_str(a, "company")),
+                                   "&mailbox=", mso_url_encode(r->pool, mso_json_str(a, "mailbox")),
+                                   "&return_to=", mso_url_encode(r->pool,
+                                                                 apr_pstrcat(r->pool, pg->base,
+                                                                             "/", NULL)), NULL);
+    size_t k;
+
+    html = apr_psprintf(r->pool, "<a id=\"reconnect-%" APR_INT64_T_FMT "\" href=\"%s\">"
+                        "Reconnect</a>", id, esc(r, link));
+    for (k = 0; k < sizeof(acts) / sizeof(acts[0]); k++) {
+        if (strcmp(acts[k][0], "disconnect") && state && strcmp(state, "connected")) {
+            continue;           /* only a connected mailbox can be tested or synced */
+        }
+        if (!strcmp(acts[k][0], "disconnect") && state && !strcmp(state, "disconnected")) {
+            continue;
+        }
+        html = apr_psprintf(r->pool, "%s<form method=\"post\" action=\"%s/accounts/%"
+                            APR_INT64_T_FMT "/%s\"><input type=\"hidden\" name=\"csrf\" "
+                            "value=\"%s\"><button id=\"%s-%" APR_INT64_T_FMT "\">%s</button>"
+                            "</form>", html, esc(r, pg->base), id, acts[k][0], esc(r, pg->csrf),
+                            acts[k][0], id, acts[k][1]);
+    }
+    return html;
+}
+
+static void page_accounts(page_t *pg, json_t *m)
+{
+    request_rec *r = pg->r;
+    size_t i;
+    json_t *a;
+
+    ap_rputs("<h2>Accounts</h2>\n<table><tr><th>ID</th><th>Company</th><th>Mailbox</th>"
+             "<th>State</th><th>Token expires</th><th>Last refresh</th><th>Last sync</th>"
+             "<th>Messages</th><th>Sync</th><th>Write-back queue</th>"
+             "<th>Last error and fix</th><th>Actions</th></tr>\n", r);
     json_array_foreach(mso_json_arr(m, "accounts"), i, a) {
         apr_int64_t id = 0, exp = 0, ref = 0, sync = 0, msgs = 0, queued = 0, age = 0;
         apr_int64_t failed = 0;
@@ -680,47 +800,140 @@ static int status_page(request_rec *r, json_t *m)
         mso_json_int(q, "queued", &queued);
         mso_json_int(q, "oldest_queued_age", &age);
         mso_json_int(q, "failed", &failed);
-        ap_rprintf(r, "<tr><td>%" APR_INT64_T_FMT "</td><td>%s</td><td>%s</td><td%s>%s</td>"
+        ap_rprintf(r, "<tr id=\"account-%" APR_INT64_T_FMT "\"><td>%" APR_INT64_T_FMT "</td>"
+                   "<td>%s</td><td>%s</td><td class=\"state%s\">%s</td>"
                    "<td>%s</td><td>%s</td><td>%s</td><td>%" APR_INT64_T_FMT "</td>"
                    "<td%s>%s%s%s</td><td%s>%" APR_INT64_T_FMT " queued%s, %" APR_INT64_T_FMT
-                   " failed</td><td>%s%s%s</td></tr>\n", id,
+                   " failed</td><td>%s%s%s</td><td>%s</td></tr>\n", id, id,
                    esc(r, mso_json_str(a, "company")), esc(r, mso_json_str(a, "mailbox")),
-                   strcmp(mso_json_str(a, "state"), "connected") ? " class=bad" : "",
+                   strcmp(mso_json_str(a, "state"), "connected") ? " bad" : "",
                    esc(r, mso_json_str(a, "state")), when(r, exp), when(r, ref), when(r, sync),
                    msgs, serr ? " class=bad" : "", esc(r, mso_json_str(sy, "phase")),
                    serr ? ": " : "", esc(r, serr), failed ? " class=bad" : "", queued,
                    queued ? apr_psprintf(r->pool, " (oldest %" APR_INT64_T_FMT " s)", age) : "",
                    failed, esc(r, err), err && fix ? "<br>Fix: " : "",
-                   err && fix ? esc(r, fix) : "");
+                   err && fix ? esc(r, fix) : "", account_actions(pg, a, id));
     }
-    {
-        apr_int64_t due = 0, overdue = 0;
-        const json_t *job = mso_json_obj(m, "job");
-        mso_json_int(job, "refresh_due", &due);
-        mso_json_int(job, "refresh_overdue", &overdue);
-        size_t k;
-        json_t *n;
+    ap_rputs("</table>\n", r);
+}
 
-        ap_rprintf(r, "</table>\n<h2>Background job</h2>\n<p>Accounts due for a refresh: %"
-                   APR_INT64_T_FMT "; overdue by more than 5 minutes: <span%s>%"
-                   APR_INT64_T_FMT "</span>.</p>\n<table><tr><th>Node</th><th>Last cycle</th>"
-                   "<th>Duration</th><th>Claimed</th><th>Refreshed</th><th>Failed</th></tr>\n",
-                   due, overdue ? " class=bad" : "", overdue);
-        json_array_foreach(mso_json_arr(job, "nodes"), k, n) {
-            apr_int64_t at = 0, ms = 0, cl = 0, rf = 0, fl = 0;
-            mso_json_int(n, "last_cycle_at", &at);
-            mso_json_int(n, "cycle_ms", &ms);
-            mso_json_int(n, "claimed", &cl);
-            mso_json_int(n, "refreshed", &rf);
-            mso_json_int(n, "failed", &fl);
-            ap_rprintf(r, "<tr><td>%s</td><td>%s</td><td>%" APR_INT64_T_FMT " ms</td><td>%"
-                       APR_INT64_T_FMT "</td><td>%" APR_INT64_T_FMT "</td><td>%"
-                       APR_INT64_T_FMT "</td></tr>\n", esc(r, mso_json_str(n, "node")),
-                       when(r, at), ms, cl, rf, fl);
+/* Each account's last errors with time and fix (the newest first). */
+static void page_history(page_t *pg, json_t *m)
+{
+    request_rec *r = pg->r;
+    size_t i, k;
+    json_t *a, *e;
+    int any = 0;
+
+    json_array_foreach(mso_json_arr(m, "accounts"), i, a) {
+        const json_t *h = mso_json_arr(a, "history");
+        apr_int64_t id = 0;
+
+        if (!json_array_size(h)) {
+            continue;
         }
-        ap_rputs("</table>\n</body></html>\n", r);
+        if (!any++) {
+            ap_rputs("<h2>Last errors</h2>\n", r);
+        }
+        mso_json_int(a, "id", &id);
+        ap_rprintf(r, "<h3>Account %" APR_INT64_T_FMT " (%s)</h3>\n<table id=\"history-%"
+                   APR_INT64_T_FMT "\"><tr><th>Time</th><th>Reason</th><th>What happened</th>"
+                   "<th>Fix</th></tr>\n", id, esc(r, mso_json_str(a, "mailbox")), id);
+        json_array_foreach(h, k, e) {
+            apr_int64_t at = 0;
+
+            mso_json_int(e, "at", &at);
+            ap_rprintf(r, "<tr><td>%s</td><td><code>%s</code></td><td>%s</td><td>%s</td>"
+                       "</tr>\n", when(r, at), esc(r, mso_json_str(e, "reason")),
+                       esc(r, mso_json_str(e, "text")), esc(r, mso_json_str(e, "fix")));
+        }
+        ap_rputs("</table>\n", r);
     }
+}
+
+static void page_job(page_t *pg, json_t *m)
+{
+    request_rec *r = pg->r;
+    apr_int64_t due = 0, overdue = 0;
+    const json_t *job = mso_json_obj(m, "job");
+    size_t k;
+    json_t *n;
+
+    mso_json_int(job, "refresh_due", &due);
+    mso_json_int(job, "refresh_overdue", &overdue);
+    ap_rprintf(r, "<h2>Background job</h2>\n<p>Accounts due for a refresh: %" APR_INT64_T_FMT
+               "; overdue by more than 5 minutes: <span%s>%" APR_INT64_T_FMT "</span>.</p>\n"
+               "<table><tr><th>Node</th><th>Last cycle</th><th>Duration</th><th>Claimed</th>"
+               "<th>Refreshed</th><th>Failed</th></tr>\n", due, overdue ? " class=bad" : "",
+               overdue);
+    json_array_foreach(mso_json_arr(job, "nodes"), k, n) {
+        apr_int64_t at = 0, ms = 0, cl = 0, rf = 0, fl = 0;
+
+        mso_json_int(n, "last_cycle_at", &at);
+        mso_json_int(n, "cycle_ms", &ms);
+        mso_json_int(n, "claimed", &cl);
+        mso_json_int(n, "refreshed", &rf);
+        mso_json_int(n, "failed", &fl);
+        ap_rprintf(r, "<tr><td>%s</td><td>%s</td><td>%" APR_INT64_T_FMT " ms</td><td>%"
+                   APR_INT64_T_FMT "</td><td>%" APR_INT64_T_FMT "</td><td>%" APR_INT64_T_FMT
+                   "</td></tr>\n", esc(r, mso_json_str(n, "node")), when(r, at), ms, cl, rf,
+                   fl);
+    }
+    ap_rputs("</table>\n", r);
+}
+
+static void page_headers(request_rec *r)
+{
+    apr_table_setn(r->err_headers_out, "Cache-Control", "no-store");
+    apr_table_setn(r->err_headers_out, "X-Content-Type-Options", "nosniff");
+    /* not no-referrer: browsers then send "Origin: null" with the forms */
+    apr_table_setn(r->err_headers_out, "Referrer-Policy", "same-origin");
+    apr_table_setn(r->err_headers_out, "X-Frame-Options", "DENY");
+    apr_table_setn(r->err_headers_out, "Content-Security-Policy",
+                   "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+                   "frame-ancestors 'none'");
+    ap_set_content_type(r, "text/html; charset=utf-8");
+}
+
+static int status_page(request_rec *r, json_t *m, const char *base, const char *csrf)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
+    const char *slash = strrchr(sc->redirect_path, '/');
+    page_t pg;
+
+    pg.r = r;
+    pg.base = base;
+    pg.csrf = csrf ? csrf : "";
+    /* connect lives in the folder of the redirect path (the README says so:
+     * the sign-in cookie is scoped to it). */
+    pg.connect = apr_pstrcat(r->pool, apr_pstrndup(r->pool, sc->redirect_path,
+                                                   slash ? slash - sc->redirect_path + 1 : 0),
+                             "connect", NULL);
+    page_headers(r);
+    page_head(&pg, m);
+    page_companies(&pg, m);
+    page_accounts(&pg, m);
+    page_history(&pg, m);
+    page_job(&pg, m);
+    ap_rprintf(r, "<p>mod_msoauth %s</p>\n</body></html>\n",
+               esc(r, mso_json_str(m, "version")));
     json_decref(m);
+    return OK;
+}
+
+/* What a form of the page did, as a page with the way back. */
+static int action_page(request_rec *r, const char *base, int status, const char *title,
+                       const char *text, const char *fix)
+{
+    page_headers(r);
+    r->status = status;
+    ap_rprintf(r, "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+               "<title>%s</title><style>body{font-family:sans-serif;margin:2em}</style>"
+               "</head><body>\n<h1>%s</h1>\n<p id=\"result\">%s</p>\n%s%s%s"
+               "<p><a id=\"back\" href=\"%s/\">Back to the status page</a></p>\n"
+               "</body></html>\n", esc(r, title), esc(r, title), esc(r, text),
+               fix ? "<p id=\"fix\">Fix: " : "", fix ? esc(r, fix) : "", fix ? "</p>\n" : "",
+               esc(r, base));
     return OK;
 }
 
@@ -762,11 +975,29 @@ static const char *admin_tail(request_rec *r)
     return tail;
 }
 
-static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
+/* An answer of an action: ok, or the reason with its message and fix. */
+static json_t *result_error(const char *reason, const char *detail)
+{
+    const mso_reason_t *rs = mso_reason_get(reason);
+    json_t *j = json_pack("{s:b, s:s}", "ok", 0, "reason", reason);
+
+    if (rs) {
+        json_object_set_new(j, "message", json_string(rs->message));
+        json_object_set_new(j, "fix", json_string(rs->fix));
+    }
+    if (detail) {
+        json_object_set_new(j, "detail", json_string(detail));
+    }
+    return j;
+}
+
+/* A real Graph call with the account's token: the inbox's counts. */
+static json_t *graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
 {
     msoauth_company_t *c = msoauth_account_company(r->server, a->company, a->client_id);
     mso_http_response_t *resp = NULL;
     apr_array_header_t *h = apr_array_make(r->pool, 2, sizeof(const char *));
+    apr_int64_t total = 0, unread = 0;
     mso_http_opts_t o;
     msoauth_token_t f;
     const char *url;
@@ -775,9 +1006,9 @@ static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
 
     msoauth_account_token(r, db, a, "graph", &f);
     if (!f.token) {
-        return json_error(r, HTTP_OK, f.reason, f.detail);
+        return result_error(f.reason, f.detail);
     }
-    mso_http_opts_default(&o);
+    msoauth_http_opts(msoauth_srv_conf(r->server), &o);
     o.timeout_ms = 30000;
     /* An app or shared account's mailbox is /users/{address}. */
     url = apr_pstrcat(r->pool, mso_graph_mailbox(r->pool, c->set.graph_url.value,
@@ -789,8 +1020,8 @@ static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
     APR_ARRAY_PUSH(h, const char *) = "Accept: application/json";
     rv = mso_http_request(r->pool, &o, "GET", url, h, NULL, 0, &resp);
     if (rv != APR_SUCCESS) {
-        return json_error(r, HTTP_OK, "graph_error", resp && resp->error ? resp->error
-                          : "Graph could not be reached");
+        return result_error("graph_error", resp && resp->error ? resp->error
+                            : "Graph could not be reached");
     }
     {
         mso_graph_result_t g;
@@ -798,31 +1029,180 @@ static int graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
 
         mso_graph_classify(r->pool, rv, resp, &g);
         if ((mr = mso_graph_mailbox_reason(&g)) != NULL) {
-            return json_error(r, HTTP_OK, mr, mso_graph_result_text(r->pool, &g));
+            return result_error(mr, mso_graph_result_text(r->pool, &g));
         }
     }
     if (resp->status == 429 || resp->status == 503) {
-        return json_error(r, HTTP_OK, "throttled", apr_psprintf(r->pool, "Graph answered %d",
-                                                                  resp->status));
+        return result_error("throttled", apr_psprintf(r->pool, "Graph answered %d",
+                                                      resp->status));
     }
     if (resp->status == 403) {
-        return json_error(r, HTTP_OK, "consent_required", "Graph refused access to the inbox "
-                          "(403): the mailbox may lack a licence or the app Mail.Read");
+        return result_error("consent_required", "Graph refused access to the inbox (403): the "
+                            "mailbox may lack a licence or the app Mail.Read");
     }
     if (resp->status != 200) {
-        return json_error(r, HTTP_OK, "graph_error", apr_psprintf(r->pool, "Graph answered "
-                                                                    "HTTP %d", resp->status));
+        return result_error("graph_error", apr_psprintf(r->pool, "Graph answered HTTP %d",
+                                                        resp->status));
     }
     j = mso_json_parse(r->pool, resp->body, resp->body_len, NULL);
-    {
-        apr_int64_t total = 0, unread = 0;
-        mso_json_int(j, "totalItemCount", &total);
-        mso_json_int(j, "unreadItemCount", &unread);
-        return send_json(r, HTTP_OK, json_pack("{s:b, s:I, s:s, s:I, s:I}", "ok", 1, "account",
-                                               (json_int_t)a->id, "mailbox", a->mailbox,
-                                               "inbox_total", (json_int_t)total,
-                                               "inbox_unread", (json_int_t)unread));
+    mso_json_int(j, "totalItemCount", &total);
+    mso_json_int(j, "unreadItemCount", &unread);
+    return json_pack("{s:b, s:I, s:s, s:I, s:I}", "ok", 1, "account", (json_int_t)a->id,
+                     "mailbox", a->mailbox, "inbox_total", (json_int_t)total, "inbox_unread",
+                     (json_int_t)unread);
+}
+
+/* --- the forms of the page: a browser session and its token --- */
+
+#define SESSION_COOKIE "msoauth_admin"
+#define FORM_MAX 4096
+
+/* The value of cookie name, or NULL. */
+static const char *cookie_value(request_rec *r, const char *name)
+{
+    const char *all = apr_table_get(r->headers_in, "Cookie");
+    char *copy, *part, *last;
+    apr_size_t n = strlen(name);
+
+    if (!all) {
+        return NULL;
     }
+    copy = apr_pstrdup(r->pool, all);
+    for (part = apr_strtok(copy, ";", &last); part; part = apr_strtok(NULL, ";", &last)) {
+        while (*part == ' ') {
+            part++;
+        }
+        if (!strncmp(part, name, n) && part[n] == '=') {
+            return part + n + 1;
+        }
+    }
+    return NULL;
+}
+
+/* The browser's session id: 22 characters of base64url (16 random bytes). */
+static const char *session_of(request_rec *r)
+{
+    const char *v = cookie_value(r, SESSION_COOKIE);
+    apr_size_t i;
+
+    if (!v || strlen(v) != 22) {
+        return NULL;
+    }
+    for (i = 0; i < 22; i++) {
+        if (!apr_isalnum(v[i]) && v[i] != '-' && v[i] != '_') {
+            return NULL;
+        }
+    }
+    return v;
+}
+
+/* The session of the page's forms: the browser's, or a new one in a cookie
+ * for the admin location only, never sent by another site (SameSite). */
+static const char *page_session(request_rec *r, msoauth_srv_conf_t *sc, const char *base)
+{
+    const char *s = session_of(r), *path = *base ? base : "/";
+    apr_size_t i;
+
+    if (s) {
+        return s;
+    }
+    s = mso_random_token(r->pool, 16);
+    if (!s) {
+        return NULL;
+    }
+    for (i = 0; path[i]; i++) {
+        if (!apr_isalnum(path[i]) && !strchr("/._~-", path[i])) {
+            path = "/";
+            break;
+        }
+    }
+    apr_table_addn(r->err_headers_out, "Set-Cookie",
+                   apr_pstrcat(r->pool, SESSION_COOKIE, "=", s, "; Path=", path,
+                               "; HttpOnly; SameSite=Strict",
+                               !strncasecmp(sc->effective_base_url, "https:", 6)
+                               ? "; Secure" : "", NULL));
+    return s;
+}
+
+/* The fields of a small url-encoded form body; NULL when there is none or
+ * it is not one. */
+static apr_table_t *read_form(request_rec *r)
+{
+    const char *type = apr_table_get(r->headers_in, "Content-Type");
+    char *buf;
+    apr_size_t len = 0;
+    apr_table_t *fields = NULL;
+    long n;
+
+    if (!type || strncasecmp(type, "application/x-www-form-urlencoded", 33)
+        || ap_setup_client_block(r, REQUEST_CHUNKED_ERROR) != OK
+        || !ap_should_client_block(r)) {
+        return NULL;
+    }
+    buf = apr_palloc(r->pool, FORM_MAX + 1);
+    while ((n = ap_get_client_block(r, buf + len, FORM_MAX - len)) > 0) {
+        len += (apr_size_t)n;
+        if (len >= FORM_MAX) {
+            return NULL;
+        }
+    }
+    if (n < 0) {
+        return NULL;
+    }
+    buf[len] = '\0';
+    return mso_query_parse(r->pool, buf, &fields) ? NULL : fields;
+}
+
+/* The path of the admin location: the request's without the tail. */
+static const char *admin_base(request_rec *r, const char *tail)
+{
+    apr_size_t n = strlen(r->uri), t = strlen(tail);
+
+    while (n > 0 && r->uri[n - 1] == '/') {
+        n--;
+    }
+    if (t && n >= t && !strncmp(r->uri + n - t, tail, t)) {
+        n -= t;
+        while (n > 0 && r->uri[n - 1] == '/') {
+            n--;
+        }
+    }
+    return apr_pstrndup(r->pool, r->uri, n);
+}
+
+/* The answer of an action: JSON for a program, a page for a form. */
+static int action_answer(request_rec *r, const char *base, int form, int status, json_t *j,
+                         const char *title, const char *done)
+{
+    const char *text, *fix;
+
+    if (!form) {
+        return send_json(r, status, j);
+    }
+    if (json_is_true(json_object_get(j, "ok"))) {
+        apr_int64_t total = 0, unread = 0;
+
+        if (mso_json_int(j, "inbox_total", &total)) {
+            mso_json_int(j, "inbox_unread", &unread);
+            done = apr_psprintf(r->pool, "%s The inbox holds %" APR_INT64_T_FMT " messages, %"
+                                APR_INT64_T_FMT " unread.", done, total, unread);
+        }
+        text = done;
+        fix = NULL;
+    }
+    else {
+        const char *msg = mso_json_str(j, "message"), *detail = mso_json_str(j, "detail");
+        const char *state = mso_json_str(j, "state");
+
+        text = apr_pstrcat(r->pool, state ? apr_pstrcat(r->pool, "The account is ", state,
+                                                        ". ", NULL) : "",
+                           msg ? msg : "It did not work.", detail ? " (" : "",
+                           detail ? detail : "", detail ? ")" : "", NULL);
+        fix = mso_json_str(j, "fix");
+    }
+    action_page(r, base, status == HTTP_ACCEPTED ? HTTP_OK : status, title, text, fix);
+    json_decref(j);
+    return OK;
 }
 
 /* The request body, at most max bytes: NULL (and *why) when it is longer,
@@ -916,7 +1296,7 @@ static int add_account(request_rec *r, mso_db_t *db)
         return json_error(r, HTTP_CONFLICT, "mailbox_mismatch", err);
     }
     if (rv != APR_SUCCESS) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(305) "adding mailbox %s to "
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(308) "adding mailbox %s to "
                       "company %s failed: %s", ap_escape_logitem(r->pool, mailbox), c->name,
                       err ? ap_escape_logitem(r->pool, err) : "");
         return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write failed");
@@ -926,7 +1306,7 @@ static int add_account(request_rec *r, mso_db_t *db)
                   ap_escape_logitem(r->pool, a->mailbox), c->name, a->id,
                   r->user ? ap_escape_logitem(r->pool, r->user) : "anonymous",
                   created ? "" : " (it existed)");
-    o = account_json(r, a, NULL, NULL);
+    o = account_json(r, a, NULL, NULL, NULL);
     json_object_set_new(o, "ok", json_true());
     json_object_set_new(o, "created", json_boolean(created));
     return send_json(r, created ? HTTP_CREATED : HTTP_OK, o);
@@ -935,17 +1315,20 @@ static int add_account(request_rec *r, mso_db_t *db)
 int msoauth_admin_handler(request_rec *r)
 {
     msoauth_srv_conf_t *sc = msoauth_srv_conf(r->server);
-    const char *tail = admin_tail(r);
+    const char *tail = admin_tail(r), *base = admin_base(r, tail), *title;
     mso_db_t *db;
     mso_account_t *a;
     apr_int64_t id = 0;
     char *rest, *id_part, *action = NULL, *last;
-    int rc, page = !*tail && r->method_number == M_GET && !wants_json(r);
+    int rc, keyed = 0, form = 0;
+    int page = !*tail && r->method_number == M_GET && !wants_json(r);
+    int post = r->method_number == M_POST;
 
-    /* The HTML page is for a browser behind Require; everything a program
-     * uses (JSON, actions) needs the API key when one is configured. */
-    if ((rc = msoauth_guard(r, page ? MSOAUTH_GUARD_KEY_OPTIONAL : MSOAUTH_GUARD_KEY_REQUIRED,
-                            NULL)) != DECLINED) {
+    /* The HTML page is for a browser behind Require; what a program reads
+     * (JSON) needs the API key when one is configured. An action needs the
+     * API key or a form of the page (its session's token), see below. */
+    if ((rc = msoauth_guard(r, page || post ? MSOAUTH_GUARD_KEY_OPTIONAL
+                                            : MSOAUTH_GUARD_KEY_REQUIRED, &keyed)) != DECLINED) {
         return rc;
     }
     if (*tail && strcmp(tail, "accounts")) {
@@ -969,10 +1352,20 @@ int msoauth_admin_handler(request_rec *r)
                           "cross-origin admin POST");
             return json_error(r, HTTP_FORBIDDEN, "forbidden", "cross-origin POST refused");
         }
+        /* A program's call (no form adds mailboxes): the API key when one is set. */
+        if (sc->api_key && !keyed) {
+            ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(307) "refused an admin "
+                          "POST to add a mailbox without the API key");
+            apr_table_setn(r->err_headers_out, "WWW-Authenticate", "Bearer realm=\"mod_msoauth\"");
+            return json_error(r, HTTP_UNAUTHORIZED, "forbidden", "adding a mailbox needs the "
+                              "API key ('Authorization: Bearer KEY')");
+        }
         return add_account(r, msoauth_request_db(r));
     }
     if (action) {
-        if (r->method_number != M_POST) {
+        apr_table_t *fields;
+
+        if (!post) {
             r->allowed = AP_METHOD_BIT << M_POST;
             return HTTP_METHOD_NOT_ALLOWED;
         }
@@ -980,6 +1373,25 @@ int msoauth_admin_handler(request_rec *r)
             ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(302) "refused a "
                           "cross-origin admin POST");
             return json_error(r, HTTP_FORBIDDEN, "forbidden", "cross-origin POST refused");
+        }
+        /* A program has the API key; a person's browser posts a form of the
+         * page, whose token belongs to the session in its cookie (a forged
+         * form of another site has neither: its cookie is not sent, and the
+         * token cannot be made without the key ring). Compared in constant
+         * time. */
+        if (!keyed) {
+            fields = read_form(r);
+            if (!sc->keyring || !fields
+                || !mso_csrf_check(r->pool, sc->keyring, session_of(r),
+                                   apr_table_get(fields, "csrf"))) {
+                ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(305) "refused an "
+                              "admin POST without the API key or a valid form token");
+                return json_error(r, HTTP_FORBIDDEN, "forbidden", "an admin action needs the "
+                                  "API key ('Authorization: Bearer KEY') or a form of the "
+                                  "status page: reload the page and try again");
+            }
+            /* A page answers a form; JSON who asks for it. */
+            form = !wants_json(r);
         }
     }
     else if (r->method_number != M_GET) {
@@ -1001,7 +1413,12 @@ int msoauth_admin_handler(request_rec *r)
             json_decref(m);
             return send_json(r, HTTP_OK, accs);
         }
-        return wants_json(r) ? send_json(r, HTTP_OK, m) : status_page(r, m);
+        if (wants_json(r)) {
+            return send_json(r, HTTP_OK, m);
+        }
+        return status_page(r, m, base, sc->keyring ? mso_csrf_token(r->pool, sc->keyring,
+                                                                    page_session(r, sc, base))
+                                                   : NULL);
     }
     if (!db) {
         return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
@@ -1012,6 +1429,7 @@ int msoauth_admin_handler(request_rec *r)
     }
     if (!action) {
         apr_hash_t *stats = NULL, *astats = NULL;
+        apr_array_header_t *events = NULL;
 
         if (mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS) {
             stats = NULL;
@@ -1019,41 +1437,57 @@ int msoauth_admin_handler(request_rec *r)
         if (mso_attach_stats(db, r->pool, &astats) != APR_SUCCESS) {
             astats = NULL;
         }
-        return send_json(r, HTTP_OK, account_json(r, a, stats, astats));
+        if (mso_events_list(db, r->pool, a->id, &events) != APR_SUCCESS) {
+            events = NULL;
+        }
+        return send_json(r, HTTP_OK, account_json(r, a, stats, astats, events));
     }
+    title = apr_psprintf(r->pool, "%s: account %" APR_INT64_T_FMT " (%s)",
+                         !strcmp(action, "test") ? "Test" : !strcmp(action, "sync")
+                         ? "Sync now" : "Disconnect", a->id, a->mailbox);
     if (!strcmp(action, "sync")) {
         if (strcmp(a->state, "connected")) {
             json_t *j = account_state_json(a);
             json_object_set_new(j, "ok", json_false());
-            return send_json(r, HTTP_CONFLICT, j);
+            return action_answer(r, base, form, HTTP_CONFLICT, j, title, NULL);
         }
         if (mso_mirror_sync_now(db, r->pool, a->id) != APR_SUCCESS) {
-            return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write "
-                              "failed");
+            return action_answer(r, base, form, HTTP_SERVICE_UNAVAILABLE,
+                                 result_error("graph_error", "database write failed"), title,
+                                 NULL);
         }
         ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r, MSOLOGNO(304) "sync of account %"
                       APR_INT64_T_FMT " (%s) requested by %s", a->id,
                       ap_escape_logitem(r->pool, a->mailbox),
                       r->user ? ap_escape_logitem(r->pool, r->user) : "anonymous");
         /* The job picks it up within a tick (about a second). */
-        return send_json(r, HTTP_ACCEPTED, json_pack("{s:b, s:I, s:s}", "ok", 1, "account",
-                                                     (json_int_t)a->id, "sync", "scheduled"));
+        return action_answer(r, base, form, HTTP_ACCEPTED,
+                             json_pack("{s:b, s:I, s:s}", "ok", 1, "account",
+                                       (json_int_t)a->id, "sync", "scheduled"), title,
+                             "A sync is scheduled: the background job starts it within a few "
+                             "seconds.");
     }
     if (!strcmp(action, "test")) {
         if (strcmp(a->state, "connected")) {
             json_t *j = account_state_json(a);
             json_object_set_new(j, "ok", json_false());
-            return send_json(r, HTTP_OK, j);
+            return action_answer(r, base, form, HTTP_OK, j, title, NULL);
         }
-        return graph_test(r, db, a);
+        return action_answer(r, base, form, HTTP_OK, graph_test(r, db, a), title,
+                             "Microsoft Graph answered with the account's token.");
     }
     if (mso_account_disconnect(db, r->pool, a->id, apr_time_sec(apr_time_now()))
         != APR_SUCCESS) {
-        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write failed");
+        return action_answer(r, base, form, HTTP_SERVICE_UNAVAILABLE,
+                             result_error("graph_error", "database write failed"), title,
+                             NULL);
     }
     ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(303) "account %" APR_INT64_T_FMT
                   " (%s) disconnected by %s", a->id, ap_escape_logitem(r->pool, a->mailbox),
                   r->user ? ap_escape_logitem(r->pool, r->user) : "anonymous");
-    return send_json(r, HTTP_OK, json_pack("{s:b, s:I, s:s}", "ok", 1, "account",
-                                           (json_int_t)a->id, "state", "disconnected"));
+    return action_answer(r, base, form, HTTP_OK,
+                         json_pack("{s:b, s:I, s:s}", "ok", 1, "account", (json_int_t)a->id,
+                                   "state", "disconnected"), title,
+                         "The mailbox is disconnected: its tokens are deleted. Reconnect it "
+                         "from the status page when it is needed again.");
 }

@@ -335,9 +335,9 @@ int msoauth_connect_handler(request_rec *r)
     return redirect(r, mso_authorize_url(r->pool, app_of(r, sc, c), &req));
 }
 
-static void http_opts(mso_http_opts_t *o)
+static void http_opts(request_rec *r, mso_http_opts_t *o)
 {
-    mso_http_opts_default(o);
+    msoauth_http_opts(msoauth_srv_conf(r->server), o);
     o->timeout_ms = TOKEN_TIMEOUT_MS;
 }
 
@@ -371,7 +371,7 @@ static apr_status_t shared_reachable(request_rec *r, msoauth_company_t *c,
     const char *mr;
     apr_status_t rv;
 
-    http_opts(&o);
+    http_opts(r, &o);
     rv = mso_http_request(r->pool, &o, "GET",
                           apr_pstrcat(r->pool, mso_graph_mailbox(r->pool,
                                                                  c->set.graph_url.value, shared),
@@ -404,7 +404,7 @@ static const char *graph_mailbox(request_rec *r, msoauth_company_t *c, const cha
     const char *err = NULL, *addr;
     apr_status_t rv;
 
-    http_opts(&o);
+    http_opts(r, &o);
     rv = mso_http_request(r->pool, &o, "GET", mso_graph_me_url(r->pool,
                           c->set.graph_url.value), mso_graph_headers(r->pool, access_token, 0),
                           NULL, 0, &resp);
@@ -477,7 +477,7 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
         return fail_reason(r, sc, "not_configured", why, flow->return_to);
     }
     app = app_of(r, sc, c);
-    http_opts(&o);
+    http_opts(r, &o);
     mso_token_from_code(r->pool, &o, app, code, flow->verifier,
                         mso_token_scopes(r->pool, signin_scopes(r, c), mso_cloud_graph((mso_cloud_e)c->set.cloud.value),
                                          "graph"), &tok);

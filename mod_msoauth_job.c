@@ -34,6 +34,8 @@
 #include "mso_account.h"
 #include "mso_db.h"
 #include "mso_job_runs.h"
+#include "mso_counters.h"
+#include "mso_retention.h"
 #include "mso_sync.h"
 
 APLOG_USE_MODULE(msoauth);
@@ -56,6 +58,9 @@ APLOG_USE_MODULE(msoauth);
  * a long initial sync keeps going while new accounts and queued actions get
  * their turn within a pass. */
 #define REBIND_EVERY apr_time_from_sec(600)
+/* Retention: a sweep an hour per node, for at most 5 s of a tick. */
+#define SWEEP_EVERY apr_time_from_sec(3600)
+#define SWEEP_BUDGET apr_time_from_sec(5)
 #define GRAPH_BATCH 100
 #define GRAPH_SLICE apr_time_from_msec(1500)
 #define GRAPH_TICK apr_time_from_sec(10)
@@ -109,6 +114,7 @@ typedef struct {
     apr_time_t rebound;         /* tokens of an older version sealed again */
     apr_pool_t *app_pool;       /* the job thread's own: app_tried */
     apr_hash_t *app_tried;      /* app tokens looked at by this generation's job */
+    apr_time_t swept;           /* the last retention sweep */
     /* A child that goes away (graceful restart, stop) destroys mod_dbd's
      * connections: it must wait until a tick in progress has given its
      * connection back, and no new tick may start. */
@@ -123,7 +129,7 @@ static job_t *the_job;
 void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
                          const char *owner, mso_http_opts_t *http, mso_refresh_ctx_t *ctx)
 {
-    mso_http_opts_default(http);
+    msoauth_http_opts(sc, http);
     http->timeout_ms = 30000;
     memset(ctx, 0, sizeof(*ctx));
     ctx->keyring = sc->keyring;
@@ -153,7 +159,7 @@ void msoauth_app_key(msoauth_company_t *c, const char *resource, mso_apptoken_ke
 void msoauth_app_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
                      const char *owner, mso_http_opts_t *http, mso_apptoken_ctx_t *ctx)
 {
-    mso_http_opts_default(http);
+    msoauth_http_opts(sc, http);
     http->timeout_ms = 15000;
     memset(ctx, 0, sizeof(*ctx));
     ctx->keyring = sc->keyring;
@@ -196,7 +202,10 @@ static const char *not_configured_text(apr_pool_t *p, const mso_account_t *a)
 
 typedef struct {
     int claimed, refreshed, failed;
+    int outcomes[MSO_REFRESH_DEFERRED + 1];     /* by mso_refresh_result_e */
     mso_sync_stats_t sync;
+    mso_http_counts_t graph;    /* Graph requests by outcome */
+    apr_int64_t purged[MSO_RETENTION_MAX];  /* by mso_retention_list()'s entry */
 } tick_stats_t;
 
 /* Claims one batch of due accounts in a server's database and refreshes them;
@@ -239,6 +248,7 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
                                        "not_configured", 0, not_configured_text(bp, a),
                                        now + 3600, now);
             st->failed++;
+            st->outcomes[MSO_REFRESH_ADMIN]++;
             continue;
         }
         if (apr_time_now() > deadline) {
@@ -254,9 +264,14 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         n++;
     }
     if (n && !*m) {
-        /* Every context has the same HTTP options: the first one's serve all. */
-        apr_status_t rv = mso_http_multi_create(p, ctxs[0]->http, JOB_HTTP_IN_FLIGHT,
-                                                JOB_HTTP_PER_HOST, m);
+        /* The server's proxy and CA file serve its whole database (job_tick
+         * gives servers with other ones their own clients). */
+        mso_http_opts_t http;
+        apr_status_t rv;
+
+        msoauth_http_opts(msoauth_srv_conf(s), &http);
+        http.timeout_ms = ctxs[0]->http->timeout_ms;
+        rv = mso_http_multi_create(p, &http, JOB_HTTP_IN_FLIGHT, JOB_HTTP_PER_HOST, m);
 
         if (rv != APR_SUCCESS) {
             ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(208) "job: cannot set up "
@@ -275,6 +290,9 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         const mso_account_t *a = accts[i];
         const mso_refresh_outcome_t *out = &outs[i];
 
+        if (out->result >= 0 && out->result <= MSO_REFRESH_DEFERRED) {
+            st->outcomes[out->result]++;
+        }
         if (out->result == MSO_REFRESHED) {
             st->refreshed++;
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(201) "job: account %"
@@ -444,11 +462,11 @@ typedef struct {
     int tried;
 } lanes_t;
 
-static apr_status_t graph_http(apr_pool_t *p, mso_http_multi_t **m)
+static apr_status_t graph_http(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_http_multi_t **m)
 {
     mso_http_opts_t http;
 
-    mso_http_opts_default(&http);
+    msoauth_http_opts(sc, &http);
     http.timeout_ms = GRAPH_TIMEOUT;
     http.stall_seconds = GRAPH_STALL;
     http.max_body = GRAPH_MAX_BODY;
@@ -484,7 +502,7 @@ static void lanes_setup(job_t *job, server_rec *s, mso_db_t *db, lanes_t *ls)
         if (!l->dbd || l->dbd->handle == db->handle
             || mso_db_wrap(l->dbd->pool, l->dbd->driver, l->dbd->handle, &l->db)
                != APR_SUCCESS
-            || graph_http(l->pool, &l->m) != APR_SUCCESS) {
+            || graph_http(l->pool, msoauth_srv_conf(s), &l->m) != APR_SUCCESS) {
             if (l->dbd) {
                 msoauth_dbd_close(s, l->dbd);
             }
@@ -498,13 +516,14 @@ static void lanes_setup(job_t *job, server_rec *s, mso_db_t *db, lanes_t *ls)
     }
 }
 
-static void lanes_teardown(server_rec *s, lanes_t *ls)
+static void lanes_teardown(server_rec *s, lanes_t *ls, mso_http_counts_t *counts)
 {
     int k;
 
     for (k = 1; k <= ls->extra; k++) {
         lane_t *l = &ls->lane[k];
 
+        mso_http_multi_counts(l->m, counts);
         mso_http_multi_destroy(l->m);
         msoauth_dbd_close(s, l->dbd);
         apr_pool_destroy(l->pool);
@@ -670,7 +689,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         n++;
     }
     if (n && !*gm) {
-        apr_status_t rv = graph_http(p, gm);
+        apr_status_t rv = graph_http(p, msoauth_srv_conf(s), gm);
 
         if (rv != APR_SUCCESS) {
             ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(212) "job: cannot set up the "
@@ -733,6 +752,70 @@ static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t
     }
 }
 
+/* Retention: what MSOAuthRetentionDays lets go, in small batches, for at
+ * most SWEEP_BUDGET of the tick; what is left waits for the next sweep. */
+static void sweep(server_rec *s, mso_db_t *db, apr_pool_t *p, apr_time_t deadline,
+                  tick_stats_t *st)
+{
+    const mso_purge_t *list = mso_retention_list();
+    int days = msoauth_retention_days(msoauth_srv_conf(s)), i, finished = 1;
+    apr_time_t until = apr_time_now() + SWEEP_BUDGET;
+    const char *err = NULL;
+    apr_pool_t *sp;
+
+    if (days == 0) {
+        return;
+    }
+    apr_pool_create(&sp, p);
+    if (mso_retention_sweep(db, sp, days, apr_time_sec(apr_time_now()),
+                            until < deadline ? until : deadline, st->purged, &finished, &err)
+        != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(216) "job: retention sweep: %s",
+                     err ? err : "failed");
+    }
+    for (i = 0; list[i].what; i++) {
+        if (st->purged[i]) {
+            ap_log_error(APLOG_MARK, APLOG_INFO, 0, s, MSOLOGNO(217) "job: retention: %"
+                         APR_INT64_T_FMT " %s older than %d days deleted%s", st->purged[i],
+                         list[i].what, days, finished ? "" : " (more next time)");
+        }
+    }
+    apr_pool_destroy(sp);
+}
+
+/* What this tick did, added to the node's counters for the metrics. */
+static void add_counters(mso_db_t *db, apr_pool_t *p, const tick_stats_t *st)
+{
+    const mso_purge_t *list = mso_retention_list();
+    mso_counter_t c[32];
+    int n = 0, i;
+
+#define COUNT(m_, l_, v_) \
+    do { c[n].metric = (m_); c[n].label = (l_); c[n].value = (v_); n++; } while (0)
+    COUNT("refreshes", "refreshed", st->outcomes[MSO_REFRESHED]);
+    COUNT("refreshes", "transient", st->outcomes[MSO_REFRESH_TRANSIENT]);
+    COUNT("refreshes", "reconnect", st->outcomes[MSO_REFRESH_RECONNECT]);
+    COUNT("refreshes", "admin", st->outcomes[MSO_REFRESH_ADMIN]);
+    COUNT("refreshes", "failed", st->outcomes[MSO_REFRESH_FAILED]);
+    COUNT("graph_requests", "ok", st->graph.ok);
+    COUNT("graph_requests", "throttled", st->graph.throttled);
+    COUNT("graph_requests", "client_error", st->graph.client_error);
+    COUNT("graph_requests", "server_error", st->graph.server_error);
+    COUNT("graph_requests", "failed", st->graph.failed);
+    COUNT("graph_pages", NULL, st->sync.pages);
+    COUNT("graph_messages", NULL, st->sync.messages);
+    COUNT("graph_throttled", NULL, st->sync.throttled);
+    COUNT("graph_errors", NULL, st->sync.errors);
+    COUNT("actions", "done", st->sync.actions_done);
+    COUNT("actions", "failed", st->sync.actions_failed);
+    for (i = 0; list[i].what && n < (int)(sizeof(c) / sizeof(c[0])); i++) {
+        COUNT("retention_deleted", list[i].name, st->purged[i]);
+    }
+#undef COUNT
+    mso_counters_add(db, p, msoauth_node_id() ? msoauth_node_id() : "node", c, n,
+                     apr_time_sec(apr_time_now()));
+}
+
 /* Everything due in one server's database, batch after batch, until none is
  * left or the tick's time is up; then the node's health row. */
 static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t deadline,
@@ -781,7 +864,11 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
                 break;          /* nothing left to do */
             }
         }
-        lanes_teardown(s, &lanes);
+        lanes_teardown(s, &lanes, &st.graph);
+        mso_http_multi_counts(*gm, &st.graph);
+        if (apr_time_now() - job->swept > SWEEP_EVERY) {
+            sweep(s, db, p, deadline, &st);
+        }
         if (st.sync.mailboxes) {
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(213) "job: Graph work on %d "
                          "mailboxes: %d pages, %d messages, %d resyncs, %d actions done, %d "
@@ -799,6 +886,7 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         run.refreshed = st.refreshed;
         run.failed = st.failed;
         mso_job_runs_record(db, p, &run);
+        add_counters(db, p, &st);
     }
     msoauth_dbd_close(s, dbd);
     mso_log_scope(before);
@@ -857,12 +945,18 @@ static void check_secrets(job_t *job, apr_pool_t *p)
     }
 }
 
+static int same_text(const char *a, const char *b)
+{
+    return a == b || (a && b && !strcmp(a, b));
+}
+
 static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
 {
     job_t *job = data;
     server_rec *s;
     apr_time_t deadline;
     mso_http_multi_t *m = NULL, *gm = NULL;
+    msoauth_srv_conf_t *http_of = NULL;
 
     switch (state) {
     case AP_WATCHDOG_STATE_STARTING:
@@ -884,6 +978,17 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
         deadline = apr_time_now() + TICK_BUDGET;
         for (s = job->main_s; s; s = s->next) {
             if (msoauth_server_in_use(s)) {
+                msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
+
+                /* Connections go through one proxy: a server with another
+                 * proxy or CA file than the last one gets clients of its own. */
+                if (!http_of || !same_text(sc->http_proxy, http_of->http_proxy)
+                    || !same_text(sc->ca_file, http_of->ca_file)) {
+                    mso_http_multi_destroy(m);
+                    mso_http_multi_destroy(gm);
+                    m = gm = NULL;
+                    http_of = sc;
+                }
                 refresh_due(job, s, pool, deadline, &m, &gm);
             }
         }
@@ -892,6 +997,9 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
         mso_http_multi_destroy(gm);
         if (apr_time_now() - job->rebound > REBIND_EVERY) {
             job->rebound = apr_time_now();
+        }
+        if (apr_time_now() - job->swept > SWEEP_EVERY) {
+            job->swept = apr_time_now();
         }
         if (apr_time_now() - job->secrets_checked > apr_time_from_sec(86400)) {
             job->secrets_checked = apr_time_now();

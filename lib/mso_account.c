@@ -5,6 +5,7 @@
 #include <apr_strings.h>
 
 #include "mso_account.h"
+#include "mso_events.h"
 #include "mso_log.h"
 
 /* The leases. A lease is a row's lease_owner/lease_until pair; it can be
@@ -1068,36 +1069,66 @@ apr_status_t mso_account_refreshed(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                      &rf, err);
 }
 
+typedef struct {
+    apr_int64_t id;
+    const char *owner, *state, *reason, *last_error;
+    long aadsts;
+    apr_int64_t retry_at, now;
+    int written;
+} failed_t;
+
+/* The error on the account and in its history, in one transaction. */
+static apr_status_t refresh_failed_tx(mso_tx_t *tx, void *baton)
+{
+    failed_t *f = baton;
+    mso_args_t *a;
+    apr_status_t rv;
+    int n = 0;
+
+    a = mso_tx_args(tx, &ST_REFRESH_FAILED);
+    mso_arg_int(a, "id", f->id);
+    mso_arg_text(a, "owner", f->owner);
+    mso_arg_text(a, "state", f->state);
+    mso_arg_text(a, "reason", f->reason);
+    mso_arg_opt(a, "aadsts", f->aadsts);
+    mso_arg_text(a, "last_error", f->last_error);
+    mso_arg_opt(a, "retry_at", f->retry_at);
+    mso_arg_int(a, "now", f->now);
+    if (MSO_OK(mso_tx_exec(tx, a, &n)) && n == 1) {
+        f->written = 1;
+        rv = mso_events_add_tx(tx, f->id, f->reason, f->last_error, f->now);
+    }
+    return rv;
+}
+
 apr_status_t mso_account_refresh_failed(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                                         const char *owner, const char *state,
                                         const char *reason, long aadsts,
                                         const char *last_error, apr_int64_t retry_at,
                                         apr_int64_t now)
 {
-    apr_pool_t *tmp;
-    mso_args_t *a;
+    failed_t f;
     apr_status_t rv;
-    int n = 0;
 
     if (!owner || !*owner || !state
         || (strcmp(state, "connected") && strcmp(state, "reconnect_required"))) {
         return APR_EINVAL;
     }
-    apr_pool_create(&tmp, p);
-    a = mso_args(db, tmp, &ST_REFRESH_FAILED);
-    mso_arg_int(a, "id", id);
-    mso_arg_text(a, "owner", owner);
-    mso_arg_text(a, "state", state);
-    mso_arg_text(a, "reason", reason);
-    mso_arg_opt(a, "aadsts", aadsts);
-    mso_arg_text(a, "last_error", last_error);
-    mso_arg_opt(a, "retry_at", retry_at);
-    mso_arg_int(a, "now", now);
-    if (MSO_OK(mso_exec(a, &n, NULL)) && n != 1) {
+    memset(&f, 0, sizeof(f));
+    f.id = id;
+    f.owner = owner;
+    f.state = state;
+    f.reason = reason;
+    f.aadsts = aadsts;
+    f.last_error = last_error;
+    f.retry_at = retry_at;
+    f.now = now;
+    rv = mso_db_tx(db, p, apr_psprintf(p, "of account %" APR_INT64_T_FMT, id),
+                   refresh_failed_tx, &f, NULL);
+    if (rv == APR_SUCCESS && !f.written) {
         /* another owner holds it now, it was disconnected, or there is no such account */
         rv = APR_EBUSY;
     }
-    apr_pool_destroy(tmp);
     return rv;
 }
 
@@ -1383,4 +1414,159 @@ apr_status_t mso_account_mailbox_reason(mso_db_t *db, apr_pool_t *p, apr_int64_t
     rv = mso_exec(a, NULL, NULL);
     apr_pool_destroy(tmp);
     return rv;
+}
+/* The tokens as stored, and sealing them again under the first key */
+
+static const mso_stmt_t ST_TOKEN_KEYS = {
+    "list the tokens", "id:int",
+    "SELECT account_id, kind, binding, expires_at, updated_at FROM msoauth_tokens "
+    "WHERE account_id = :id OR :id = 0 ORDER BY account_id, kind", NULL
+};
+static const mso_stmt_t ST_TOKEN_ROW = {
+    "read a token and its account", "id:int kind:text",
+    "SELECT t.sealed AS sealed, t.binding AS binding, a.company AS company, "
+    "a.mailbox AS mailbox, a.client_id AS client_id FROM msoauth_tokens t "
+    "JOIN msoauth_accounts a ON a.id = t.account_id "
+    "WHERE t.account_id = :id AND t.kind = :kind", NULL
+};
+/* Only the value that was read: the job or the token handler may have
+ * stored a fresh token meanwhile (sealed under httpd's first key). */
+static const mso_stmt_t ST_RESEAL = {
+    "seal a token under the first key", "id:int kind:text old:text sealed:text",
+    "UPDATE msoauth_tokens SET sealed = :sealed WHERE account_id = :id AND kind = :kind "
+    "AND sealed = :old", NULL
+};
+
+apr_status_t mso_account_tokens(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
+                                apr_array_header_t **tokens)
+{
+    apr_pool_t *tmp;
+    mso_rows_t *rows = NULL;
+    mso_args_t *a;
+    apr_status_t rv;
+
+    *tokens = apr_array_make(p, 8, sizeof(mso_token_info_t));
+    apr_pool_create(&tmp, p);
+    a = mso_args(db, tmp, &ST_TOKEN_KEYS);
+    mso_arg_int(a, "id", account_id);
+    if (MSO_OK(mso_select(a, &rows, NULL))) {
+        while (mso_rows_next(rows)) {
+            mso_token_info_t *t = apr_array_push(*tokens);
+
+            t->account_id = mso_col_int(rows, "account_id");
+            t->kind = mso_col_text(rows, p, "kind");
+            t->binding = (int)mso_col_int(rows, "binding");
+            t->expires_at = mso_col_int(rows, "expires_at");
+            t->updated_at = mso_col_int(rows, "updated_at");
+        }
+    }
+    apr_pool_destroy(tmp);
+    /* The key ids, token by token (the sealed values are not kept). */
+    if (rv == APR_SUCCESS) {
+        int i;
+
+        for (i = 0; i < (*tokens)->nelts; i++) {
+            mso_token_info_t *t = &APR_ARRAY_IDX(*tokens, i, mso_token_info_t);
+            const char *sealed = NULL;
+
+            if (mso_account_token_get(db, p, t->account_id, t->kind, &sealed, NULL)
+                == APR_SUCCESS) {
+                t->kid = mso_sealed_kid(p, sealed);
+            }
+        }
+    }
+    return rv;
+}
+
+/* One token: read, opened, sealed under the first key, written back only
+ * if unchanged. */
+static void rekey_one(mso_db_t *db, apr_pool_t *p, const mso_keyring_t *kr,
+                      const mso_token_info_t *t, mso_rekey_t *n)
+{
+    mso_rows_t *rows = NULL;
+    mso_args_t *a;
+    const char *old = NULL, *aad = NULL, *sealed = NULL, *kid;
+    unsigned char *plain = NULL;
+    apr_size_t len = 0;
+    int binding = 0, changed = 0;
+
+    a = mso_args(db, p, &ST_TOKEN_ROW);
+    mso_arg_int(a, "id", t->account_id);
+    mso_arg_text(a, "kind", t->kind);
+    if (mso_select(a, &rows, NULL) != APR_SUCCESS) {
+        n->failed++;
+        return;
+    }
+    if (mso_rows_next(rows)) {
+        const char *company = mso_col_text(rows, p, "company");
+        const char *mailbox = mso_col_text(rows, p, "mailbox");
+        const char *cid = mso_col_text(rows, p, "client_id");
+
+        old = mso_col_text(rows, p, "sealed");
+        binding = (int)mso_col_int(rows, "binding");
+        aad = binding == 2 ? (cid ? mso_token_aad(p, cid, t->account_id, t->kind) : NULL)
+              : (company && mailbox ? legacy_aad(p, company, mailbox, t->kind) : NULL);
+        while (mso_rows_next(rows)) {
+        }
+    }
+    if (!old) {
+        n->gone++;              /* replaced by a disconnect or reconnect meanwhile */
+        return;
+    }
+    n->tokens++;
+    kid = mso_sealed_kid(p, old);
+    if (kid && !strcmp(kid, mso_keyring_kid(kr, 0))) {
+        n->current++;
+        return;
+    }
+    if (!aad || mso_open(p, kr, MSO_PURPOSE_TOKEN, aad, old, &plain, &len) != APR_SUCCESS) {
+        n->unopened++;
+        return;
+    }
+    if (mso_seal(p, kr, MSO_PURPOSE_TOKEN, aad, plain, len, &sealed) != APR_SUCCESS) {
+        wipe(plain, len);
+        n->failed++;
+        return;
+    }
+    wipe(plain, len);
+    a = mso_args(db, p, &ST_RESEAL);
+    mso_arg_int(a, "id", t->account_id);
+    mso_arg_text(a, "kind", t->kind);
+    mso_arg_text(a, "old", old);
+    mso_arg_text(a, "sealed", sealed);
+    if (mso_exec(a, &changed, NULL) != APR_SUCCESS) {
+        n->failed++;
+    }
+    else if (changed == 1) {
+        n->resealed++;
+    }
+    else {
+        n->changed++;
+    }
+}
+
+apr_status_t mso_account_rekey(mso_db_t *db, apr_pool_t *p, const mso_keyring_t *keyring,
+                               mso_rekey_t *counts)
+{
+    apr_array_header_t *tokens = NULL;
+    apr_pool_t *tmp;
+    apr_status_t rv;
+    int i;
+
+    memset(counts, 0, sizeof(*counts));
+    if (!keyring || mso_keyring_count(keyring) < 1) {
+        return APR_EINVAL;
+    }
+    apr_pool_create(&tmp, p);
+    if (MSO_OK(mso_account_tokens(db, tmp, 0, &tokens))) {
+        for (i = 0; i < tokens->nelts; i++) {
+            apr_pool_t *one;
+
+            apr_pool_create(&one, tmp);
+            rekey_one(db, one, keyring, &APR_ARRAY_IDX(tokens, i, mso_token_info_t), counts);
+            apr_pool_destroy(one);
+        }
+    }
+    apr_pool_destroy(tmp);
+    return rv != APR_SUCCESS ? rv : counts->failed ? APR_EGENERAL : APR_SUCCESS;
 }

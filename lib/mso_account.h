@@ -220,6 +220,39 @@ apr_status_t mso_account_add_app(mso_db_t *db, apr_pool_t *p, const mso_app_acco
 apr_status_t mso_account_mailbox_reason(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                                         const char *reason, const char *last_error,
                                         apr_int64_t now);
+/* A stored token without its value: for tools and the status of a key. */
+typedef struct {
+    apr_int64_t account_id;
+    const char *kind;                 /* refresh | graph | outlook */
+    int binding;                      /* 1 or 2, see the top of this file */
+    apr_int64_t expires_at;           /* 0: unknown (refresh tokens) */
+    apr_int64_t updated_at;
+    const char *kid;                  /* the key id that sealed it (mso_sealed_kid) */
+} mso_token_info_t;
+
+/* The tokens (mso_token_info_t) of one account, or of all (account_id 0). */
+apr_status_t mso_account_tokens(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
+                                apr_array_header_t **tokens);
+
+/* Seals every token again under the keyring's first key, so that the other
+ * keys can be removed: row by row, each token read, opened with any key of
+ * the ring and written back in a statement of its own only while it is
+ * still the value that was read (a refresh meanwhile wins: it was sealed by
+ * httpd's own first key). Safe while httpd runs. Tokens that do not open
+ * are left as they are and counted. APR_EGENERAL when a database write
+ * failed (counts say how far it got). */
+typedef struct {
+    int tokens;                       /* tokens looked at */
+    int resealed;                     /* sealed again under the first key */
+    int current;                      /* sealed under the first key already */
+    int unopened;                     /* open with no key of the ring: left as they are */
+    int changed;                      /* replaced meanwhile: left to their writer */
+    int gone;                         /* deleted meanwhile */
+    int failed;                       /* database or sealing failures */
+} mso_rekey_t;
+
+apr_status_t mso_account_rekey(mso_db_t *db, apr_pool_t *p, const mso_keyring_t *keyring,
+                               mso_rekey_t *counts);
 
 /* APR_NOTFOUND when no such row; APR_EGENERAL (logged) when the database failed. */
 apr_status_t mso_account_get(mso_db_t *db, apr_pool_t *p, apr_int64_t id,

@@ -24,6 +24,7 @@
 #include "mso_account.h"
 #include "mso_attach.h"
 #include "mso_apptoken.h"
+#include "mso_events.h"
 #include "mso_log.h"
 #include "mso_mirror.h"
 
@@ -382,11 +383,51 @@ apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, ap
     return APR_SUCCESS;
 }
 
+typedef struct {
+    apr_int64_t id;
+    const char *owner;
+    const mso_work_done_t *d;
+    apr_int64_t now;
+} release_t;
+
+static void bind_release(mso_args_t *a, const release_t *r)
+{
+    mso_arg_int(a, "id", r->id);
+    mso_arg_text(a, "owner", r->owner);
+    mso_arg_int(a, "due", r->d->sync_due_at);
+    mso_arg_opt(a, "retry_at", r->d->sync_retry_at);
+    mso_arg_text(a, "phase", r->d->sync_phase);
+    mso_arg_text(a, "error", r->d->sync_error);
+    mso_arg_int(a, "error_runs", r->d->sync_error_runs);
+    mso_arg_int(a, "auth_retry", r->d->auth_retry);
+    mso_arg_opt(a, "last_sync_at", r->d->last_sync_at);
+    mso_arg_int(a, "now", r->now);
+}
+
+/* A pass that ended in an error: the account's state and its history. */
+static apr_status_t release_error_tx(mso_tx_t *tx, void *baton)
+{
+    release_t *r = baton;
+    mso_args_t *a;
+    apr_status_t rv;
+    int n = 0;
+
+    a = mso_tx_args(tx, &ST_WORK_RELEASE);
+    bind_release(a, r);
+    if (MSO_OK(mso_tx_exec(tx, a, &n)) && n == 1) {
+        rv = mso_events_add_tx(tx, r->id, r->d->sync_phase
+                               && !strcmp(r->d->sync_phase, "throttled") ? "throttled"
+                               : "graph_error", r->d->sync_error, r->now);
+    }
+    return rv;
+}
+
 apr_status_t mso_mirror_release(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                                 const char *owner, const mso_work_done_t *d, apr_int64_t now)
 {
     apr_pool_t *tmp;
     mso_args_t *a;
+    release_t r;
     apr_status_t rv = APR_SUCCESS, rv2;
 
     apr_pool_create(&tmp, p);
@@ -400,18 +441,19 @@ apr_status_t mso_mirror_release(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
             rv = mso_apptoken_due_now(db, tmp, id, now);
         }
     }
-    a = mso_args(db, tmp, &ST_WORK_RELEASE);
-    mso_arg_int(a, "id", id);
-    mso_arg_text(a, "owner", owner);
-    mso_arg_int(a, "due", d->sync_due_at);
-    mso_arg_opt(a, "retry_at", d->sync_retry_at);
-    mso_arg_text(a, "phase", d->sync_phase);
-    mso_arg_text(a, "error", d->sync_error);
-    mso_arg_int(a, "error_runs", d->sync_error_runs);
-    mso_arg_int(a, "auth_retry", d->auth_retry);
-    mso_arg_opt(a, "last_sync_at", d->last_sync_at);
-    mso_arg_int(a, "now", now);
-    rv2 = mso_exec(a, NULL, NULL);
+    r.id = id;
+    r.owner = owner;
+    r.d = d;
+    r.now = now;
+    if (d->sync_error) {
+        rv2 = mso_db_tx(db, tmp, apr_psprintf(tmp, "of account %" APR_INT64_T_FMT, id),
+                        release_error_tx, &r, NULL);
+    }
+    else {
+        a = mso_args(db, tmp, &ST_WORK_RELEASE);
+        bind_release(a, &r);
+        rv2 = mso_exec(a, NULL, NULL);
+    }
     apr_pool_destroy(tmp);
     return rv2 != APR_SUCCESS ? rv2 : rv;
 }
@@ -1020,4 +1062,48 @@ apr_status_t mso_mirror_stats(mso_db_t *db, apr_pool_t *p, apr_hash_t **stats)
         s->failed = mso_col_int(rows, "failed");
     }
     return APR_SUCCESS;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Retention (mso_retention.h): small batches, each its own statement, so no
+ * sweep holds a long transaction over the tables the job writes. */
+
+static const mso_stmt_t ST_PURGE_ACTIONS = {
+    "delete done actions past the retention", "before:int max:int",
+    "DELETE FROM msoauth_actions WHERE id IN (SELECT id FROM msoauth_actions "
+    "WHERE state = 'done' AND updated_at < :before LIMIT :max)", NULL
+};
+static const mso_stmt_t ST_PURGE_MESSAGES = {
+    "delete removed messages past the retention", "before:int max:int",
+    "DELETE FROM msoauth_messages WHERE id IN (SELECT id FROM msoauth_messages "
+    "WHERE removed = 1 AND updated_at < :before LIMIT :max)", NULL
+};
+
+static apr_status_t purge(mso_db_t *db, apr_pool_t *p, const mso_stmt_t *st,
+                          apr_int64_t before, int max, int *deleted)
+{
+    apr_pool_t *tmp;
+    mso_args_t *a;
+    apr_status_t rv;
+
+    *deleted = 0;
+    apr_pool_create(&tmp, p);
+    a = mso_args(db, tmp, st);
+    mso_arg_int(a, "before", before);
+    mso_arg_int(a, "max", max);
+    rv = mso_exec(a, deleted, NULL);
+    apr_pool_destroy(tmp);
+    return rv;
+}
+
+apr_status_t mso_mirror_purge_actions(mso_db_t *db, apr_pool_t *p, apr_int64_t before,
+                                      int max, int *deleted)
+{
+    return purge(db, p, &ST_PURGE_ACTIONS, before, max, deleted);
+}
+
+apr_status_t mso_mirror_purge_messages(mso_db_t *db, apr_pool_t *p, apr_int64_t before,
+                                       int max, int *deleted)
+{
+    return purge(db, p, &ST_PURGE_MESSAGES, before, max, deleted);
 }

@@ -155,4 +155,14 @@ typedef struct {
 /* Per account (apr_hash keyed by the account id as a decimal string). */
 apr_status_t mso_mirror_stats(mso_db_t *db, apr_pool_t *p, apr_hash_t **stats);
 
+/* --- retention (mso_retention.h's list): up to max rows last changed
+ * before `before`, in one statement; *deleted: how many went --- */
+
+/* Actions in state done. */
+apr_status_t mso_mirror_purge_actions(mso_db_t *db, apr_pool_t *p, apr_int64_t before,
+                                      int max, int *deleted);
+/* Messages marked removed. */
+apr_status_t mso_mirror_purge_messages(mso_db_t *db, apr_pool_t *p, apr_int64_t before,
+                                       int max, int *deleted);
+
 #endif

@@ -95,6 +95,17 @@ static const mso_reason_t reasons[] = {
      "Outlook).",
      "Check the identifiers the application sends; a message deleted or moved in Outlook "
      "leaves the mirror at the next sync."},
+    {"account_not_found", 404, "No such account",
+     "The account ID the application sent names no account of this server.",
+     "Read the account IDs from msoauth_accounts (or the status JSON) and send one of them."},
+    {"message_not_found", 404, "The message is not in the mirror",
+     "The message was never mirrored, or it was deleted or moved out of the mirrored folders.",
+     "Read message IDs from msoauth_messages rows with removed = 0 of that account."},
+    {"attachment_not_found", 404, "The message has no such attachment",
+     "The attachment is not among the message's attachments, or the job has not read the "
+     "message's attachment list yet.",
+     "Read attachment IDs from msoauth_attachments; a new message's list arrives within "
+     "seconds of the message."},
     {"forbidden", 403, "This request is not allowed",
      "The local API refused the request: it came through a proxy without MSOAuthTrustProxy, "
      "it lacks the API key of MSOAuthAPIKeyFile, or its Host does not name this server.",

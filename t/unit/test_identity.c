@@ -188,7 +188,9 @@ START_TEST(every_reason_has_text)
         "access_denied_by_policy", "send_not_permitted", "not_found", "forbidden",
         "cross_site",
         /* shared mailboxes */
-        "shared_access_denied", NULL
+        "shared_access_denied",
+        /* the attachment handler */
+        "account_not_found", "message_not_found", "attachment_not_found", NULL
     };
     const mso_reason_t *r;
     int i, n = 0;

@@ -51,6 +51,9 @@ static const char *const schema_columns[][20] = {
      "refresh_due_at", "roles", "fetched_at", "fetches", "retry_at", "error_runs", "reason",
      "aadsts", "last_error", "lease_owner", "lease_until", "updated_at", NULL},
     {"msoauth_accounts", "shared", NULL},
+    /* schema v8 */
+    {"msoauth_account_events", "id", "account_id", "created_at", "reason", "text", NULL},
+    {"msoauth_counters", "node", "metric", "label", "value", "updated_at", NULL},
 };
 
 
@@ -78,7 +81,7 @@ START_TEST(migrate_creates_schema)
     ck_assert_ptr_null(err);
     ck_assert_int_eq(from, 0);
     ck_assert_int_eq(to, mso_schema_latest());
-    ck_assert_int_eq(mso_schema_latest(), 7);
+    ck_assert_int_eq(mso_schema_latest(), 8);
     ck_assert_int_eq(mso_schema_version(db, pool, &version, &err), APR_SUCCESS);
     ck_assert_int_eq(version, mso_schema_latest());
 
@@ -96,8 +99,10 @@ START_TEST(migrate_creates_schema)
                                 &v), 0);
     ck_assert_int_eq(num(db, "SELECT MAX(version) FROM msoauth_schema"), mso_schema_latest());
     ck_assert_int_eq(index_count(db, _i, "'msoauth_messages_recent', 'msoauth_actions_queue', "
-                                         "'msoauth_accounts_due', 'msoauth_accounts_object'"),
-                     4);
+                                         "'msoauth_accounts_due', 'msoauth_accounts_object', "
+                                         "'msoauth_account_events_account', "
+                                         "'msoauth_actions_done', 'msoauth_messages_removed'"),
+                     7);
 
     /* Defaults and checks an application relies on when it queues an action. */
     {
