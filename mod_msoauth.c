@@ -27,9 +27,11 @@
 #include "mod_msoauth_config.h"
 #include "mod_msoauth_flow.h"
 #include "mod_msoauth_job.h"
+#include "mod_msoauth_metrics.h"
 #include "mso_crypto.h"
 #include "mso_discovery.h"
 #include "mso_http.h"
+#include "mso_identity.h"
 #include "mso_log.h"
 #include "mso_account.h"
 #include "mso_db.h"
@@ -319,6 +321,54 @@ void msoauth_rebind_tokens(apr_pool_t *p, server_rec *main_s, server_rec *s, mso
     }
 }
 
+/* One app account per MSOAuthMailbox of the server's app-only companies
+ * (each child: the ones that exist are left alone). */
+static void ensure_app_accounts(apr_pool_t *p, server_rec *s, mso_db_t *db)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
+    apr_hash_index_t *hi;
+
+    for (hi = apr_hash_first(p, sc->companies); hi; hi = apr_hash_next(hi)) {
+        msoauth_company_t *c = apr_hash_this_val(hi);
+        mso_app_account_t in;
+        const char *err = NULL;
+        int created = 0, conflicts = 0;
+        apr_status_t rv;
+
+        if (!c->set.app_only.value || !c->mailboxes || !c->set.client_id.value) {
+            continue;
+        }
+        memset(&in, 0, sizeof(in));
+        in.company = c->name;
+        in.client_id = c->set.client_id.value;
+        in.tenant_id = mso_is_guid(c->set.tenant.value) ? c->set.tenant.value : NULL;
+        in.authority = mso_authority(p, c->set.authority_url.value, c->set.tenant.value);
+        in.connected_by = "MSOAuthMailbox";
+        rv = mso_account_ensure_app(db, p, &in, c->mailboxes, apr_time_sec(apr_time_now()),
+                                    &created, &conflicts, &err);
+        if (rv != APR_SUCCESS) {
+            ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(037) "mod_msoauth: the "
+                         "mailboxes of company %s cannot be added: %s", c->name,
+                         err ? err : "database error");
+            continue;
+        }
+        if (created) {
+            ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s, MSOLOGNO(038) "mod_msoauth: %d "
+                         "mailbox%s of MSOAuthMailbox added to app-only company %s", created,
+                         created == 1 ? "" : "es", c->name);
+        }
+        if (conflicts) {
+            ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(039) "mod_msoauth: %d "
+                         "mailbox%s of MSOAuthMailbox in company %s %s connected by a "
+                         "person's sign-in already and stay%s so: disconnect %s on the admin "
+                         "page and reload httpd to work on %s with the app", conflicts,
+                         conflicts == 1 ? "" : "es", c->name, conflicts == 1 ? "is" : "are",
+                         conflicts == 1 ? "s" : "", conflicts == 1 ? "it" : "them",
+                         conflicts == 1 ? "it" : "them");
+        }
+    }
+}
+
 /* Brings the schema up to date. Runs in every child: mso_schema serializes
  * concurrent migrations, and once the schema is current it is one SELECT. */
 static void migrate_server(apr_pool_t *p, server_rec *main_s, server_rec *s)
@@ -357,6 +407,7 @@ static void migrate_server(apr_pool_t *p, server_rec *main_s, server_rec *s)
                          from, to);
         }
         msoauth_rebind_tokens(p, main_s, s, db);
+        ensure_app_accounts(p, s, db);
     }
     msoauth_dbd_close(s, dbd);
 }
@@ -402,6 +453,7 @@ static const struct {
     {"msoauth-token", msoauth_token_handler},
     {"msoauth-admin", msoauth_admin_handler},
     {"msoauth-attachment", msoauth_attachment_handler},
+    {"msoauth-metrics", msoauth_metrics_handler},
     {NULL, NULL}
 };
 

@@ -248,7 +248,10 @@ static int serve_from_graph(request_rec *r, mso_db_t *db, mso_account_t *a,
 {
     msoauth_company_t *c = msoauth_account_company(r->server, a->company, a->client_id);
     apr_int64_t cap = c->set.attachment_max_bytes.value;
-    const char *mailbox = mso_graph_mailbox(r->pool, c->set.graph_url.value, NULL);
+    /* An app or shared account's mailbox is /users/{address}. */
+    const char *mailbox = mso_graph_mailbox(r->pool, c->set.graph_url.value,
+                                            (a->kind && !strcmp(a->kind, "app")) || a->shared
+                                            ? a->mailbox : NULL);
     mso_http_response_t *resp = NULL;
     apr_array_header_t *h;
     mso_graph_result_t g;
@@ -268,7 +271,7 @@ static int serve_from_graph(request_rec *r, mso_db_t *db, mso_account_t *a,
                           : HTTP_SERVICE_UNAVAILABLE, f.reason, f.detail);
     }
     h = mso_graph_headers(r->pool, f.token, 0);
-    mso_http_opts_default(&o);
+    msoauth_http_opts(msoauth_srv_conf(r->server), &o);
     o.timeout_ms = GRAPH_TIMEOUT_MS;
     o.stall_seconds = 30;
     o.max_body = 1024 * 1024;       /* an error, or a reference's description */

@@ -59,6 +59,18 @@ int msoauth_company_has_credentials(const msoauth_company_t *c)
     return c && c->set.client_id.value && (c->set.client_secret.value || c->set.client_cert.cert);
 }
 
+int msoauth_retention_days(const msoauth_srv_conf_t *sc)
+{
+    return sc->retention_days >= 0 ? sc->retention_days : MSOAUTH_DEFAULT_RETENTION_DAYS;
+}
+
+void msoauth_http_opts(const msoauth_srv_conf_t *sc, mso_http_opts_t *o)
+{
+    mso_http_opts_default(o);
+    o->proxy = sc->http_proxy;
+    o->ca_file = sc->ca_file;
+}
+
 void *msoauth_create_srv_conf(apr_pool_t *p, server_rec *s)
 {
     msoauth_srv_conf_t *sc = apr_pcalloc(p, sizeof(*sc));

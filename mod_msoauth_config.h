@@ -8,6 +8,7 @@
 
 #include "mso_config.h"
 #include "mso_crypto.h"
+#include "mso_http.h"
 #include "mso_settings.h"
 
 #define MSOAUTH_DEFAULT_COMPANY "default"
@@ -90,5 +91,13 @@ int msoauth_server_in_use(server_rec *s);
 int msoauth_company_has_credentials(const msoauth_company_t *c);
 
 #define MSOAUTH_DEFAULT_RETENTION_DAYS 30
+
+/* The days MSOAuthRetentionDays keeps done work (0: forever). */
+int msoauth_retention_days(const msoauth_srv_conf_t *sc);
+
+/* HTTP options for a call to Microsoft made for server sc: the defaults with
+ * MSOAuthHTTPProxy and MSOAuthCACertificateFile. Every call to Microsoft
+ * (sign-in, refreshes, Graph, the admin test) starts from here. */
+void msoauth_http_opts(const msoauth_srv_conf_t *sc, mso_http_opts_t *o);
 
 #endif

@@ -24,6 +24,7 @@
 #include "mso_account.h"
 #include "mso_db.h"
 #include "mso_flows_used.h"
+#include "mso_sync.h"
 
 APLOG_USE_MODULE(msoauth);
 
@@ -38,6 +39,8 @@ typedef struct {
     const char *detail;         /* for the log only; never a secret or token */
     const char *title, *message;/* overrides of the reason's text, rarely */
 } failure_t;
+
+static int asks_shared(const msoauth_company_t *c);
 
 static void no_store(request_rec *r)
 {
@@ -322,14 +325,69 @@ int msoauth_connect_handler(request_rec *r)
      * (Microsoft refuses select_account together with a login_hint). */
     req.login_hint = mailbox;
     req.prompt = mailbox ? "login" : "select_account";
+    if (mailbox && asks_shared(c)) {
+        /* The mailbox may be a shared one, which nobody signs in as: the
+         * person picks their own account. */
+        req.login_hint = NULL;
+        req.prompt = "select_account";
+    }
     req.scope = signin_scopes(r, c);
     return redirect(r, mso_authorize_url(r->pool, app_of(r, sc, c), &req));
 }
 
-static void http_opts(mso_http_opts_t *o)
+static void http_opts(request_rec *r, mso_http_opts_t *o)
 {
-    mso_http_opts_default(o);
+    msoauth_http_opts(msoauth_srv_conf(r->server), o);
     o->timeout_ms = TOKEN_TIMEOUT_MS;
+}
+
+/* True when the company asks for Mail.Read.Shared or Mail.ReadWrite.Shared:
+ * its people may connect shared mailboxes they have Full Access to. */
+static int asks_shared(const msoauth_company_t *c)
+{
+    const apr_array_header_t *s = c->set.scopes.value;
+    int i;
+
+    for (i = 0; s && i < s->nelts; i++) {
+        const char *v = APR_ARRAY_IDX(s, i, const char *);
+
+        if (mso_sync_scope_has(v, "Mail.Read.Shared")
+            || mso_sync_scope_has(v, "Mail.ReadWrite.Shared")) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Whether the person's token opens the shared mailbox asked for: Graph's
+ * answer to its inbox, the one check that needs no permission beyond what
+ * mirroring needs. APR_SUCCESS, or *f filled. */
+static apr_status_t shared_reachable(request_rec *r, msoauth_company_t *c,
+                                     const char *access_token, const char *shared, failure_t *f)
+{
+    mso_http_opts_t o;
+    mso_http_response_t *resp = NULL;
+    mso_graph_result_t g;
+    const char *mr;
+    apr_status_t rv;
+
+    http_opts(r, &o);
+    rv = mso_http_request(r->pool, &o, "GET",
+                          apr_pstrcat(r->pool, mso_graph_mailbox(r->pool,
+                                                                 c->set.graph_url.value, shared),
+                                      "/mailFolders/inbox?$select=id", NULL),
+                          mso_graph_headers(r->pool, access_token, 0), NULL, 0, &resp);
+    mso_graph_classify(r->pool, rv, resp, &g);
+    if (g.cls == MSO_GRAPH_OK) {
+        return APR_SUCCESS;
+    }
+    mr = mso_graph_mailbox_reason(&g);
+    f->reason = mr && !strcmp(mr, "mailbox_not_found") ? mr
+                : g.cls == MSO_GRAPH_FORBIDDEN || mr ? "shared_access_denied"
+                : g.cls == MSO_GRAPH_THROTTLED ? "throttled" : "graph_error";
+    f->detail = apr_pstrcat(r->pool, "Graph, asked whether the signed-in person can open ",
+                            shared, ", answered: ", mso_graph_result_text(r->pool, &g), NULL);
+    return APR_EGENERAL;
 }
 
 /* Who signed in, as Graph says: the address of the object the ID token names.
@@ -346,7 +404,7 @@ static const char *graph_mailbox(request_rec *r, msoauth_company_t *c, const cha
     const char *err = NULL, *addr;
     apr_status_t rv;
 
-    http_opts(&o);
+    http_opts(r, &o);
     rv = mso_http_request(r->pool, &o, "GET", mso_graph_me_url(r->pool,
                           c->set.graph_url.value), mso_graph_headers(r->pool, access_token, 0),
                           NULL, 0, &resp);
@@ -419,7 +477,7 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
         return fail_reason(r, sc, "not_configured", why, flow->return_to);
     }
     app = app_of(r, sc, c);
-    http_opts(&o);
+    http_opts(r, &o);
     mso_token_from_code(r->pool, &o, app, code, flow->verifier,
                         mso_token_scopes(r->pool, signin_scopes(r, c), mso_cloud_graph((mso_cloud_e)c->set.cloud.value),
                                          "graph"), &tok);
@@ -465,7 +523,20 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
     if (!(mailbox = graph_mailbox(r, c, tok->access_token, cl, &f))) {
         return fail(r, sc, &f, flow->return_to);
     }
-    if (flow->mailbox && strcmp(flow->mailbox, mailbox)) {
+    memset(&in, 0, sizeof(in));
+    if (flow->mailbox && strcmp(flow->mailbox, mailbox) && asks_shared(c)) {
+        /* A shared mailbox the person has Full Access to: their account,
+         * that mailbox. */
+        if (shared_reachable(r, c, tok->access_token, flow->mailbox, &f) != APR_SUCCESS) {
+            return fail(r, sc, &f, flow->return_to);
+        }
+        ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r, MSOLOGNO(105) "%s connects shared mailbox "
+                      "%s of company %s", ap_escape_logitem(r->pool, mailbox),
+                      ap_escape_logitem(r->pool, flow->mailbox), c->name);
+        in.shared = 1;
+        mailbox = flow->mailbox;
+    }
+    else if (flow->mailbox && strcmp(flow->mailbox, mailbox)) {
         f.reason = "mailbox_mismatch";
         f.detail = apr_psprintf(r->pool, "asked for %s, signed in as %s", flow->mailbox,
                                 mailbox);
@@ -476,13 +547,12 @@ static int complete(request_rec *r, msoauth_srv_conf_t *sc, mso_flow_t *flow, co
     /* The account is the person's (their Microsoft object): a mailbox bound
      * to another one is not taken over, and the tokens are sealed for the
      * account once its id is known. */
-    memset(&in, 0, sizeof(in));
     in.company = c->name;
     in.client_id = c->set.client_id.value;
     in.tenant_id = cl->tid;
     in.object_id = cl->oid;
     in.mailbox = mailbox;
-    in.display_name = cl->name;     /* a label only */
+    in.display_name = in.shared ? NULL : cl->name;     /* a label only */
     in.scopes = tok->scope;
     in.authority = app->authority;
     in.access_expires_at = now + tok->expires_in;

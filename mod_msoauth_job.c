@@ -28,11 +28,14 @@
 #include "mod_msoauth_job.h"
 #include "mso_graph.h"
 #include "mso_identity.h"
+#include "mso_reason.h"
 #include "mso_log.h"
 #include "mso_refresh.h"
 #include "mso_account.h"
 #include "mso_db.h"
 #include "mso_job_runs.h"
+#include "mso_counters.h"
+#include "mso_retention.h"
 #include "mso_sync.h"
 
 APLOG_USE_MODULE(msoauth);
@@ -55,6 +58,9 @@ APLOG_USE_MODULE(msoauth);
  * a long initial sync keeps going while new accounts and queued actions get
  * their turn within a pass. */
 #define REBIND_EVERY apr_time_from_sec(600)
+/* Retention: a sweep an hour per node, for at most 5 s of a tick. */
+#define SWEEP_EVERY apr_time_from_sec(3600)
+#define SWEEP_BUDGET apr_time_from_sec(5)
 #define GRAPH_BATCH 100
 #define GRAPH_SLICE apr_time_from_msec(1500)
 #define GRAPH_TICK apr_time_from_sec(10)
@@ -106,6 +112,9 @@ typedef struct {
     apr_time_t secrets_checked;
     apr_time_t owners_checked;
     apr_time_t rebound;         /* tokens of an older version sealed again */
+    apr_pool_t *app_pool;       /* the job thread's own: app_tried */
+    apr_hash_t *app_tried;      /* app tokens looked at by this generation's job */
+    apr_time_t swept;           /* the last retention sweep */
     /* A child that goes away (graceful restart, stop) destroys mod_dbd's
      * connections: it must wait until a tick in progress has given its
      * connection back, and no new tick may start. */
@@ -120,7 +129,7 @@ static job_t *the_job;
 void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
                          const char *owner, mso_http_opts_t *http, mso_refresh_ctx_t *ctx)
 {
-    mso_http_opts_default(http);
+    msoauth_http_opts(sc, http);
     http->timeout_ms = 30000;
     memset(ctx, 0, sizeof(*ctx));
     ctx->keyring = sc->keyring;
@@ -135,6 +144,32 @@ void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_
                                            c->set.edition.value == MSO_EDITION_PRO, c->set.scopes.value);
     ctx->margin = MSOAUTH_REFRESH_MARGIN;
     ctx->keepalive = MSOAUTH_KEEPALIVE;
+}
+
+void msoauth_app_key(msoauth_company_t *c, const char *resource, mso_apptoken_key_t *k)
+{
+    k->company = c->name;
+    k->client_id = c->set.client_id.value;
+    k->resource = resource;
+    k->resource_url = !strcmp(resource, "graph")
+        ? mso_cloud_graph((mso_cloud_e)c->set.cloud.value)
+        : mso_apptoken_outlook_resource(c->set.outlook_url.value, c->set.outlook_url.at != NULL);
+}
+
+void msoauth_app_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
+                     const char *owner, mso_http_opts_t *http, mso_apptoken_ctx_t *ctx)
+{
+    msoauth_http_opts(sc, http);
+    http->timeout_ms = 15000;
+    memset(ctx, 0, sizeof(*ctx));
+    ctx->keyring = sc->keyring;
+    ctx->http = http;
+    ctx->owner = owner;
+    ctx->app.authority = mso_authority(p, c->set.authority_url.value, c->set.tenant.value);
+    ctx->app.client_id = c->set.client_id.value;
+    ctx->app.client_secret = c->set.client_secret.value;
+    ctx->app.cert = c->set.client_cert.cert;
+    ctx->margin = MSOAUTH_REFRESH_MARGIN;
 }
 
 /* The company of an account: this server's, else another virtual host's that
@@ -167,7 +202,10 @@ static const char *not_configured_text(apr_pool_t *p, const mso_account_t *a)
 
 typedef struct {
     int claimed, refreshed, failed;
+    int outcomes[MSO_REFRESH_DEFERRED + 1];     /* by mso_refresh_result_e */
     mso_sync_stats_t sync;
+    mso_http_counts_t graph;    /* Graph requests by outcome */
+    apr_int64_t purged[MSO_RETENTION_MAX];  /* by mso_retention_list()'s entry */
 } tick_stats_t;
 
 /* Claims one batch of due accounts in a server's database and refreshes them;
@@ -210,6 +248,7 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
                                        "not_configured", 0, not_configured_text(bp, a),
                                        now + 3600, now);
             st->failed++;
+            st->outcomes[MSO_REFRESH_ADMIN]++;
             continue;
         }
         if (apr_time_now() > deadline) {
@@ -225,9 +264,14 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         n++;
     }
     if (n && !*m) {
-        /* Every context has the same HTTP options: the first one's serve all. */
-        apr_status_t rv = mso_http_multi_create(p, ctxs[0]->http, JOB_HTTP_IN_FLIGHT,
-                                                JOB_HTTP_PER_HOST, m);
+        /* The server's proxy and CA file serve its whole database (job_tick
+         * gives servers with other ones their own clients). */
+        mso_http_opts_t http;
+        apr_status_t rv;
+
+        msoauth_http_opts(msoauth_srv_conf(s), &http);
+        http.timeout_ms = ctxs[0]->http->timeout_ms;
+        rv = mso_http_multi_create(p, &http, JOB_HTTP_IN_FLIGHT, JOB_HTTP_PER_HOST, m);
 
         if (rv != APR_SUCCESS) {
             ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(208) "job: cannot set up "
@@ -246,6 +290,9 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         const mso_account_t *a = accts[i];
         const mso_refresh_outcome_t *out = &outs[i];
 
+        if (out->result >= 0 && out->result <= MSO_REFRESH_DEFERRED) {
+            st->outcomes[out->result]++;
+        }
         if (out->result == MSO_REFRESHED) {
             st->refreshed++;
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(201) "job: account %"
@@ -272,6 +319,110 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
     }
     apr_pool_destroy(bp);
     return due->nelts;
+}
+
+/* The Graph application tokens of the server's app-only companies, fetched
+ * ahead of expiry, each under the lease of its row: one node fetches, the
+ * others read the row. A failure waits its backoff (retry_at), except that
+ * the first tick of a new generation (a reload, perhaps with the fix) tries
+ * once at once. */
+static void app_tokens(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
+                       apr_time_t deadline)
+{
+    msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
+    apr_hash_index_t *hi;
+    apr_pool_t *tp;
+
+    if (!sc->keyring) {
+        return;
+    }
+    apr_pool_create(&tp, p);
+    for (hi = apr_hash_first(tp, sc->companies); hi && apr_time_now() < deadline;
+         hi = apr_hash_next(hi)) {
+        msoauth_company_t *c = apr_hash_this_val(hi);
+        apr_int64_t now = apr_time_sec(apr_time_now());
+        mso_apptoken_outcome_t out;
+        mso_apptoken_key_t k;
+        mso_apptoken_ctx_t ctx;
+        mso_http_opts_t http;
+        mso_apptoken_t *row = NULL;
+        const char *seen;
+        int first, force;
+
+        if (!c->set.app_only.value || !msoauth_company_has_credentials(c)) {
+            continue;
+        }
+        msoauth_app_key(c, "graph", &k);
+        seen = apr_pstrcat(tp, k.company, "\n", k.client_id, NULL);
+        first = !apr_hash_get(job->app_tried, seen, APR_HASH_KEY_STRING);
+        if (first) {
+            apr_hash_set(job->app_tried, apr_pstrdup(job->app_pool, seen),
+                         APR_HASH_KEY_STRING, "");
+        }
+        if (mso_apptoken_get(db, tp, &k, &row) != APR_SUCCESS) {
+            row = NULL;
+        }
+        if (row && row->sealed && !row->reason && row->refresh_due_at > now) {
+            continue;                   /* fresh: nothing to do */
+        }
+        force = first && row && row->reason;
+        if (row && !force && row->retry_at > now) {
+            continue;                   /* waiting after a failure */
+        }
+        if (mso_apptoken_lease(db, tp, &k, job->owner, now, MSOAUTH_LEASE_SECONDS, force)
+            != APR_SUCCESS) {
+            continue;                   /* another node fetches it, or nothing is due */
+        }
+        msoauth_app_ctx(tp, sc, c, job->owner, &http, &ctx);
+        mso_apptoken_fetch(db, tp, &ctx, &k, now, &out);
+        if (out.result == MSO_APPTOKEN_OK) {
+            ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(216) "job: application token "
+                         "of company %s fetched (%s), valid until %" APR_INT64_T_FMT ", roles %s",
+                         c->name, c->set.client_cert.cert ? "certificate" : "secret",
+                         out.expires_at, out.roles ? (*out.roles ? out.roles : "(none)") : "(not in the token)");
+        }
+        else if (out.result != MSO_APPTOKEN_BUSY) {
+            const mso_reason_t *rs = mso_reason_get(out.reason);
+
+            ap_log_error(APLOG_MARK, out.result == MSO_APPTOKEN_TRANSIENT ? APLOG_WARNING
+                         : APLOG_ERR, 0, s, MSOLOGNO(217) "job: the application token of "
+                         "company %s cannot be fetched: %s%s%s; its mailboxes wait.%s%s",
+                         c->name, out.reason ? out.reason : "error",
+                         out.aadsts ? apr_psprintf(tp, " AADSTS%ld", out.aadsts) : "",
+                         out.detail ? apr_pstrcat(tp, " (", ap_escape_logitem(tp, out.detail),
+                                                  ")", NULL) : "",
+                         rs && out.result == MSO_APPTOKEN_ADMIN ? " Fix: " : "",
+                         rs && out.result == MSO_APPTOKEN_ADMIN ? rs->fix : "");
+        }
+    }
+    apr_pool_destroy(tp);
+}
+
+/* The Graph application token of an app account's company in clear (cached
+ * in tokens for the batch), or NULL; *roles its roles (NULL: unknown). */
+static const char *app_access_token(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_db_t *db,
+                                    msoauth_company_t *c, apr_hash_t *tokens,
+                                    const char **roles)
+{
+    const char *name = apr_pstrcat(p, c->name, "\n", c->set.client_id.value, NULL);
+    const char **got = apr_hash_get(tokens, name, APR_HASH_KEY_STRING);
+    mso_apptoken_key_t k;
+    mso_apptoken_t *row = NULL;
+    const char *plain = NULL;
+
+    if (!got) {
+        got = apr_pcalloc(p, 2 * sizeof(*got));
+        msoauth_app_key(c, "graph", &k);
+        if (sc->keyring && mso_apptoken_get(db, p, &k, &row) == APR_SUCCESS
+            && mso_apptoken_open(p, sc->keyring, &k, row, apr_time_sec(apr_time_now()), 60,
+                                 &plain) == APR_SUCCESS) {
+            got[0] = plain;
+            got[1] = row->roles;
+        }
+        apr_hash_set(tokens, name, APR_HASH_KEY_STRING, got);
+    }
+    *roles = got[1];
+    return got[0];
 }
 
 /* The account's Graph access token in clear, or NULL. */
@@ -311,11 +462,11 @@ typedef struct {
     int tried;
 } lanes_t;
 
-static apr_status_t graph_http(apr_pool_t *p, mso_http_multi_t **m)
+static apr_status_t graph_http(apr_pool_t *p, msoauth_srv_conf_t *sc, mso_http_multi_t **m)
 {
     mso_http_opts_t http;
 
-    mso_http_opts_default(&http);
+    msoauth_http_opts(sc, &http);
     http.timeout_ms = GRAPH_TIMEOUT;
     http.stall_seconds = GRAPH_STALL;
     http.max_body = GRAPH_MAX_BODY;
@@ -351,7 +502,7 @@ static void lanes_setup(job_t *job, server_rec *s, mso_db_t *db, lanes_t *ls)
         if (!l->dbd || l->dbd->handle == db->handle
             || mso_db_wrap(l->dbd->pool, l->dbd->driver, l->dbd->handle, &l->db)
                != APR_SUCCESS
-            || graph_http(l->pool, &l->m) != APR_SUCCESS) {
+            || graph_http(l->pool, msoauth_srv_conf(s), &l->m) != APR_SUCCESS) {
             if (l->dbd) {
                 msoauth_dbd_close(s, l->dbd);
             }
@@ -365,13 +516,14 @@ static void lanes_setup(job_t *job, server_rec *s, mso_db_t *db, lanes_t *ls)
     }
 }
 
-static void lanes_teardown(server_rec *s, lanes_t *ls)
+static void lanes_teardown(server_rec *s, lanes_t *ls, mso_http_counts_t *counts)
 {
     int k;
 
     for (k = 1; k <= ls->extra; k++) {
         lane_t *l = &ls->lane[k];
 
+        mso_http_multi_counts(l->m, counts);
         mso_http_multi_destroy(l->m);
         msoauth_dbd_close(s, l->dbd);
         apr_pool_destroy(l->pool);
@@ -465,10 +617,12 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
     apr_array_header_t *works = NULL;
     mso_sync_box_t *boxes;
     apr_pool_t *bp;
+    apr_hash_t *app_tokens_of;
     apr_int64_t now = apr_time_sec(apr_time_now());
     int i, n = 0, claimed;
 
     apr_pool_create(&bp, p);
+    app_tokens_of = apr_hash_make(bp);
     if (mso_mirror_claim(db, bp, job->owner, now, MSO_MIRROR_LEASE, GRAPH_BATCH, &works)
         != APR_SUCCESS || !works->nelts) {
         apr_pool_destroy(bp);
@@ -482,7 +636,9 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         msoauth_company_t *c = company_of(job, s, w->acct, &cs);
         mso_work_done_t keep;
 
-        if (!c || !c->set.client_id.value) {
+        int app = w->acct->kind && !strcmp(w->acct->kind, "app");
+
+        if (!c || !c->set.client_id.value || app != (c->set.app_only.value != 0)) {
             /* Its company left the configuration: leave it as it is. */
             memset(&keep, 0, sizeof(keep));
             keep.sync_due_at = now + 3600;
@@ -493,17 +649,47 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
             continue;
         }
         boxes[n].work = w;
-        boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
         boxes[n].graph_root = c->set.graph_url.value;
-        boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value, NULL);
         boxes[n].folders = c->set.folders.value;
         boxes[n].interval = c->set.sync_interval.value;
-        boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);
+        if (app) {
+            /* The company's token, on /users/{address}; what it may do are its roles. */
+            const char *roles = NULL;
+
+            boxes[n].app_only = 1;
+            boxes[n].access_token = app_access_token(bp, msoauth_srv_conf(cs), db, c,
+                                                     app_tokens_of, &roles);
+            boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value,
+                                                     w->acct->mailbox);
+            if (roles) {
+                boxes[n].can_write = mso_roles_have(roles, "Mail.ReadWrite");
+                boxes[n].can_send = mso_roles_have(roles, "Mail.Send");
+            }
+            else {
+                /* An opaque token: what the edition expects; Graph enforces it. */
+                boxes[n].can_write = boxes[n].can_send
+                    = c->set.edition.value == MSO_EDITION_PRO;
+            }
+        }
+        else if (w->acct->shared) {
+            /* A person's token on the shared mailbox they have Full Access to. */
+            boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
+            boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value,
+                                                     w->acct->mailbox);
+            boxes[n].can_write = mso_sync_scope_has(w->acct->scopes, "Mail.ReadWrite.Shared");
+            boxes[n].can_send = mso_sync_scope_has(w->acct->scopes, "Mail.Send.Shared");
+        }
+        else {
+            boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
+            boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value, NULL);
+            boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);
+            boxes[n].can_send = mso_sync_scope_has(w->acct->scopes, "Mail.Send");
+        }
         boxes[n].attach_max_bytes = c->set.attachment_max_bytes.value;
         n++;
     }
     if (n && !*gm) {
-        apr_status_t rv = graph_http(p, gm);
+        apr_status_t rv = graph_http(p, msoauth_srv_conf(s), gm);
 
         if (rv != APR_SUCCESS) {
             ap_log_error(APLOG_MARK, APLOG_ERR, rv, s, MSOLOGNO(212) "job: cannot set up the "
@@ -566,6 +752,70 @@ static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t
     }
 }
 
+/* Retention: what MSOAuthRetentionDays lets go, in small batches, for at
+ * most SWEEP_BUDGET of the tick; what is left waits for the next sweep. */
+static void sweep(server_rec *s, mso_db_t *db, apr_pool_t *p, apr_time_t deadline,
+                  tick_stats_t *st)
+{
+    const mso_purge_t *list = mso_retention_list();
+    int days = msoauth_retention_days(msoauth_srv_conf(s)), i, finished = 1;
+    apr_time_t until = apr_time_now() + SWEEP_BUDGET;
+    const char *err = NULL;
+    apr_pool_t *sp;
+
+    if (days == 0) {
+        return;
+    }
+    apr_pool_create(&sp, p);
+    if (mso_retention_sweep(db, sp, days, apr_time_sec(apr_time_now()),
+                            until < deadline ? until : deadline, st->purged, &finished, &err)
+        != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(216) "job: retention sweep: %s",
+                     err ? err : "failed");
+    }
+    for (i = 0; list[i].what; i++) {
+        if (st->purged[i]) {
+            ap_log_error(APLOG_MARK, APLOG_INFO, 0, s, MSOLOGNO(217) "job: retention: %"
+                         APR_INT64_T_FMT " %s older than %d days deleted%s", st->purged[i],
+                         list[i].what, days, finished ? "" : " (more next time)");
+        }
+    }
+    apr_pool_destroy(sp);
+}
+
+/* What this tick did, added to the node's counters for the metrics. */
+static void add_counters(mso_db_t *db, apr_pool_t *p, const tick_stats_t *st)
+{
+    const mso_purge_t *list = mso_retention_list();
+    mso_counter_t c[32];
+    int n = 0, i;
+
+#define COUNT(m_, l_, v_) \
+    do { c[n].metric = (m_); c[n].label = (l_); c[n].value = (v_); n++; } while (0)
+    COUNT("refreshes", "refreshed", st->outcomes[MSO_REFRESHED]);
+    COUNT("refreshes", "transient", st->outcomes[MSO_REFRESH_TRANSIENT]);
+    COUNT("refreshes", "reconnect", st->outcomes[MSO_REFRESH_RECONNECT]);
+    COUNT("refreshes", "admin", st->outcomes[MSO_REFRESH_ADMIN]);
+    COUNT("refreshes", "failed", st->outcomes[MSO_REFRESH_FAILED]);
+    COUNT("graph_requests", "ok", st->graph.ok);
+    COUNT("graph_requests", "throttled", st->graph.throttled);
+    COUNT("graph_requests", "client_error", st->graph.client_error);
+    COUNT("graph_requests", "server_error", st->graph.server_error);
+    COUNT("graph_requests", "failed", st->graph.failed);
+    COUNT("graph_pages", NULL, st->sync.pages);
+    COUNT("graph_messages", NULL, st->sync.messages);
+    COUNT("graph_throttled", NULL, st->sync.throttled);
+    COUNT("graph_errors", NULL, st->sync.errors);
+    COUNT("actions", "done", st->sync.actions_done);
+    COUNT("actions", "failed", st->sync.actions_failed);
+    for (i = 0; list[i].what && n < (int)(sizeof(c) / sizeof(c[0])); i++) {
+        COUNT("retention_deleted", list[i].name, st->purged[i]);
+    }
+#undef COUNT
+    mso_counters_add(db, p, msoauth_node_id() ? msoauth_node_id() : "node", c, n,
+                     apr_time_sec(apr_time_now()));
+}
+
 /* Everything due in one server's database, batch after batch, until none is
  * left or the tick's time is up; then the node's health row. */
 static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t deadline,
@@ -598,6 +848,7 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         while (refresh_batch(job, s, db, p, deadline, m, &st) == CLAIM_BATCH
                && apr_time_now() < deadline) {
         }
+        app_tokens(job, s, db, p, deadline);
         /* Then the mail: actions and delta pages, with fresh tokens. */
         graph_end = apr_time_now() + GRAPH_TICK;
         if (graph_end > deadline - apr_time_from_sec(5)) {
@@ -613,7 +864,11 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
                 break;          /* nothing left to do */
             }
         }
-        lanes_teardown(s, &lanes);
+        lanes_teardown(s, &lanes, &st.graph);
+        mso_http_multi_counts(*gm, &st.graph);
+        if (apr_time_now() - job->swept > SWEEP_EVERY) {
+            sweep(s, db, p, deadline, &st);
+        }
         if (st.sync.mailboxes) {
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(213) "job: Graph work on %d "
                          "mailboxes: %d pages, %d messages, %d resyncs, %d actions done, %d "
@@ -631,12 +886,14 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         run.refreshed = st.refreshed;
         run.failed = st.failed;
         mso_job_runs_record(db, p, &run);
+        add_counters(db, p, &st);
     }
     msoauth_dbd_close(s, dbd);
     mso_log_scope(before);
 }
 
-/* Secret expiry: a warning once a day from 30 days before, an error after. */
+/* Secret and certificate expiry: a warning once a day from 30 days before,
+ * an error after. */
 static void check_secrets(job_t *job, apr_pool_t *p)
 {
     server_rec *s;
@@ -648,7 +905,27 @@ static void check_secrets(job_t *job, apr_pool_t *p)
             msoauth_company_t *c = apr_hash_this_val(hi);
             long days;
 
-            if (!c->set.secret_expires.value || !c->set.client_id.value) {
+            if (c->set.client_cert.cert && c->set.client_id.value) {
+                /* The certificate, like the secret: the job says it every day. */
+                days = mso_days_until(mso_cert_not_after(c->set.client_cert.cert), now);
+                if (days < 0) {
+                    ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(218) "the certificate "
+                                 "of company %s (SHA-1 thumbprint %s) has expired: token "
+                                 "requests fail with certificate_expired. Make a new one, "
+                                 "upload it and point MSOAuthClientCertificateFile at it (%s)",
+                                 c->name, mso_cert_sha1_hex(c->set.client_cert.cert),
+                                 c->set.client_cert.at);
+                }
+                else if (days < MSOAUTH_SECRET_WARN_DAYS) {
+                    ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s, MSOLOGNO(219) "the "
+                                 "certificate of company %s (SHA-1 thumbprint %s) expires in "
+                                 "%ld day%s: upload a new one now", c->name,
+                                 mso_cert_sha1_hex(c->set.client_cert.cert), days,
+                                 days == 1 ? "" : "s");
+                }
+            }
+            if (!c->set.secret_expires.value || !c->set.client_id.value
+                || c->set.client_cert.cert) {
                 continue;
             }
             days = mso_days_until(c->set.secret_expires.value, now);
@@ -668,12 +945,18 @@ static void check_secrets(job_t *job, apr_pool_t *p)
     }
 }
 
+static int same_text(const char *a, const char *b)
+{
+    return a == b || (a && b && !strcmp(a, b));
+}
+
 static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
 {
     job_t *job = data;
     server_rec *s;
     apr_time_t deadline;
     mso_http_multi_t *m = NULL, *gm = NULL;
+    msoauth_srv_conf_t *http_of = NULL;
 
     switch (state) {
     case AP_WATCHDOG_STATE_STARTING:
@@ -695,6 +978,17 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
         deadline = apr_time_now() + TICK_BUDGET;
         for (s = job->main_s; s; s = s->next) {
             if (msoauth_server_in_use(s)) {
+                msoauth_srv_conf_t *sc = msoauth_srv_conf(s);
+
+                /* Connections go through one proxy: a server with another
+                 * proxy or CA file than the last one gets clients of its own. */
+                if (!http_of || !same_text(sc->http_proxy, http_of->http_proxy)
+                    || !same_text(sc->ca_file, http_of->ca_file)) {
+                    mso_http_multi_destroy(m);
+                    mso_http_multi_destroy(gm);
+                    m = gm = NULL;
+                    http_of = sc;
+                }
                 refresh_due(job, s, pool, deadline, &m, &gm);
             }
         }
@@ -703,6 +997,9 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
         mso_http_multi_destroy(gm);
         if (apr_time_now() - job->rebound > REBIND_EVERY) {
             job->rebound = apr_time_now();
+        }
+        if (apr_time_now() - job->swept > SWEEP_EVERY) {
+            job->swept = apr_time_now();
         }
         if (apr_time_now() - job->secrets_checked > apr_time_from_sec(86400)) {
             job->secrets_checked = apr_time_now();
@@ -743,6 +1040,8 @@ apr_status_t msoauth_job_register(apr_pool_t *pconf, server_rec *main_s)
     }
     job = apr_pcalloc(pconf, sizeof(*job));
     job->main_s = main_s;
+    apr_pool_create(&job->app_pool, pconf);
+    job->app_tried = apr_hash_make(job->app_pool);
     the_job = job;
     rv = wd_register_callback(wd, JOB_TICK, job, job_tick);
     if (rv != APR_SUCCESS) {

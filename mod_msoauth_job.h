@@ -5,6 +5,7 @@
 #include <httpd.h>
 
 #include "mod_msoauth_config.h"
+#include "mso_apptoken.h"
 #include "mso_http.h"
 #include "mso_refresh.h"
 
@@ -18,5 +19,11 @@ void msoauth_job_child_init(apr_pool_t *pchild);
 /* What a refresh of one of company c's accounts needs. */
 void msoauth_refresh_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
                          const char *owner, mso_http_opts_t *http, mso_refresh_ctx_t *ctx);
+
+/* App-only companies: which application token (resource "graph" or
+ * "outlook"), and what fetching it needs. */
+void msoauth_app_key(msoauth_company_t *c, const char *resource, mso_apptoken_key_t *k);
+void msoauth_app_ctx(apr_pool_t *p, msoauth_srv_conf_t *sc, msoauth_company_t *c,
+                     const char *owner, mso_http_opts_t *http, mso_apptoken_ctx_t *ctx);
 
 #endif

@@ -1,9 +1,11 @@
 /* Accounts, tokens and the refresh lease (see mso_account.h). */
 #include <string.h>
 
+#include <apr_hash.h>
 #include <apr_strings.h>
 
 #include "mso_account.h"
+#include "mso_events.h"
 #include "mso_log.h"
 
 /* The leases. A lease is a row's lease_owner/lease_until pair; it can be
@@ -33,13 +35,14 @@ static const mso_stmt_t ST_FIND_OBJECT = {
     "company:text tenant_id:text object_id:text mailbox:text",
     "SELECT id, mailbox FROM msoauth_accounts WHERE company = :company "
     "AND tenant_id = :tenant_id AND object_id = :object_id AND kind = 'delegated' "
+    "AND shared = 0 "
     "ORDER BY CASE WHEN mailbox = :mailbox THEN 0 ELSE 1 END, updated_at DESC, id LIMIT 1",
     NULL
 };
 /* Connect, (b), and the read-back of (c). */
 static const mso_stmt_t ST_FIND_MAILBOX = {
     "look up the account by its mailbox", "company:text mailbox:text",
-    "SELECT id, object_id, kind FROM msoauth_accounts "
+    "SELECT id, object_id, tenant_id, kind, shared FROM msoauth_accounts "
     "WHERE company = :company AND mailbox = :mailbox", NULL
 };
 static const mso_stmt_t ST_ADDRESS_USED = {
@@ -51,20 +54,20 @@ static const mso_stmt_t ST_ACCOUNT_INSERT = {
     "insert the account",
     "company:text client_id:text mailbox:text display_name:text tenant_id:text "
     "object_id:text scopes:text authority:text expires:int connected_by:text now:int "
-    "due:int",
+    "due:int shared:int",
     "INSERT INTO msoauth_accounts (company, client_id, mailbox, display_name, tenant_id, "
     "object_id, scopes, state, authority, access_expires_at, connected_by, created_at, "
-    "updated_at, refresh_due_at) VALUES (:company, :client_id, :mailbox, :display_name, "
-    ":tenant_id, :object_id, :scopes, 'connected', :authority, :expires, :connected_by, "
-    ":now, :now, :due)", NULL
+    "updated_at, refresh_due_at, shared) VALUES (:company, :client_id, :mailbox, "
+    ":display_name, :tenant_id, :object_id, :scopes, 'connected', :authority, :expires, "
+    ":connected_by, :now, :now, :due, :shared)", NULL
 };
 /* A reconnect describes the account afresh, except that identity facts the
  * new sign-in did not supply are kept rather than blanked. */
 static const mso_stmt_t ST_ACCOUNT_RECONNECT = {
     "update the account",
     "id:int client_id:text mailbox:text display_name:text tenant_id:text object_id:text "
-    "scopes:text authority:text expires:int connected_by:text now:int due:int",
-    "UPDATE msoauth_accounts SET client_id = :client_id, mailbox = :mailbox, "
+    "scopes:text authority:text expires:int connected_by:text now:int due:int shared:int",
+    "UPDATE msoauth_accounts SET client_id = :client_id, mailbox = :mailbox, shared = :shared, "
     "display_name = COALESCE(:display_name, display_name), "
     "tenant_id = COALESCE(:tenant_id, tenant_id), object_id = COALESCE(:object_id, object_id), "
     "scopes = :scopes, state = 'connected', authority = :authority, "
@@ -118,7 +121,7 @@ static const mso_stmt_t ST_REBIND = {
 
 static const mso_stmt_t ST_DUE_IDS = {
     "look for accounts due for a refresh", "now:int max:int",
-    "SELECT id FROM msoauth_accounts WHERE state = 'connected' "
+    "SELECT id FROM msoauth_accounts WHERE state = 'connected' AND kind = 'delegated' "
     "AND COALESCE(refresh_due_at, 0) <= :now AND COALESCE(retry_at, 0) <= :now "
     "AND (lease_until IS NULL OR lease_until < :now) "
     "ORDER BY COALESCE(refresh_due_at, 0), id LIMIT :max", NULL
@@ -128,7 +131,7 @@ static const mso_stmt_t ST_DUE_IDS = {
 static const mso_stmt_t ST_CLAIM = {
     "take a refresh lease", "id:int owner:text until:int now:int",
     "UPDATE msoauth_accounts SET lease_owner = :owner, lease_until = :until WHERE id = :id "
-    "AND state = 'connected' AND COALESCE(refresh_due_at, 0) <= :now "
+    "AND state = 'connected' AND kind = 'delegated' AND COALESCE(refresh_due_at, 0) <= :now "
     "AND COALESCE(retry_at, 0) <= :now "
     "AND (lease_until IS NULL OR lease_until < :now OR lease_owner = :owner)", NULL
 };
@@ -188,6 +191,42 @@ static const mso_stmt_t ST_DROP_WORK = {
     NULL
 };
 
+/* App accounts: no object, no tokens, due for their first sync at once. A
+ * row with that address already (another child or node made it, or a
+ * delegated account) stays as it is. */
+static const mso_stmt_t ST_APP_MAILBOXES = {
+    "list the company's mailboxes", "company:text",
+    "SELECT mailbox, kind FROM msoauth_accounts WHERE company = :company", NULL
+};
+static const mso_stmt_t ST_APP_INSERT = {
+    "insert an app account",
+    "company:text client_id:text mailbox:text tenant_id:text authority:text "
+    "connected_by:text now:int",
+    "INSERT INTO msoauth_accounts (company, kind, client_id, mailbox, tenant_id, state, "
+    "authority, connected_by, created_at, updated_at, sync_due_at) VALUES (:company, 'app', "
+    ":client_id, :mailbox, :tenant_id, 'connected', :authority, :connected_by, :now, :now, 0) "
+    "ON CONFLICT (company, mailbox) DO NOTHING", NULL
+};
+static const mso_stmt_t ST_APP_RECONNECT = {
+    "connect the app account again",
+    "id:int client_id:text tenant_id:text authority:text connected_by:text now:int",
+    "UPDATE msoauth_accounts SET state = 'connected', client_id = :client_id, "
+    "tenant_id = :tenant_id, authority = :authority, connected_by = :connected_by, "
+    "reason = NULL, aadsts = NULL, last_error = NULL, error_runs = 0, retry_at = NULL, "
+    "sync_due_at = 0, sync_retry_at = NULL, sync_error = NULL, sync_error_runs = 0, "
+    "updated_at = :now WHERE id = :id AND kind = 'app'", NULL
+};
+static const mso_stmt_t ST_MAILBOX_REASON = {
+    "record the mailbox's problem", "id:int reason:text last_error:text now:int",
+    "UPDATE msoauth_accounts SET reason = :reason, last_error = :last_error, "
+    "updated_at = :now WHERE id = :id", NULL
+};
+static const mso_stmt_t ST_MAILBOX_REASON_CLEAR = {
+    "clear the mailbox's problem", "id:int now:int",
+    "UPDATE msoauth_accounts SET reason = NULL, last_error = NULL, updated_at = :now "
+    "WHERE id = :id AND reason IN ('mailbox_not_found', 'access_denied_by_policy')", NULL
+};
+
 /* ASCII lower case: mailbox addresses and client IDs compare case-insensitively. */
 static const char *lower_ascii(apr_pool_t *p, const char *s)
 {
@@ -243,6 +282,7 @@ mso_account_t *mso_account_from_row(mso_rows_t *r, apr_pool_t *p)
     a->last_refresh_at = mso_col_int(r, "last_refresh_at");
     a->lease_owner = mso_col_text(r, p, "lease_owner");
     a->lease_until = mso_col_int(r, "lease_until");
+    a->shared = (int)mso_col_int(r, "shared");
     return a;
 }
 
@@ -470,6 +510,7 @@ static void bind_account(mso_args_t *a, const connect_t *c)
     mso_arg_text(a, "connected_by", c->in->connected_by);
     mso_arg_int(a, "now", c->now);
     mso_arg_opt(a, "due", c->in->refresh_due_at);
+    mso_arg_int(a, "shared", c->in->shared ? 1 : 0);
 }
 
 /* The first row's id (0: none) and, when asked, one text column. */
@@ -491,6 +532,45 @@ static apr_status_t first_id(mso_tx_t *tx, mso_args_t *a, apr_int64_t *id, const
     return rv;
 }
 
+/* A shared mailbox: found by its address only; *id 0 for a new one. */
+static apr_status_t connect_which_shared(mso_tx_t *tx, connect_t *c, apr_int64_t *id)
+{
+    const mso_connect_t *in = c->in;
+    const char *object = NULL, *tenant = NULL, *kind = NULL;
+    mso_rows_t *rows = NULL;
+    mso_args_t *a;
+    apr_status_t rv;
+    int mine;
+
+    if (!in->tenant_id || !*in->tenant_id || !in->object_id || !*in->object_id) {
+        return mso_tx_fail(tx, APR_EINVAL, "a shared mailbox (%s) is connected for the person "
+                           "who signed in, but the sign-in names no Microsoft object",
+                           c->mailbox);
+    }
+    a = mso_tx_args(tx, &ST_FIND_MAILBOX);
+    mso_arg_text(a, "company", in->company);
+    mso_arg_text(a, "mailbox", c->mailbox);
+    if (!MSO_OK(mso_tx_select(tx, a, &rows)) || !mso_rows_next(rows)) {
+        return rv;
+    }
+    *id = mso_col_int(rows, "id");
+    object = mso_col_text(rows, tx->ptemp, "object_id");
+    tenant = mso_col_text(rows, tx->ptemp, "tenant_id");
+    kind = mso_col_text(rows, tx->ptemp, "kind");
+    mine = object && tenant && !strcmp(object, in->object_id)
+           && !strcmp(tenant, in->tenant_id) && mso_col_int(rows, "shared");
+    while (mso_rows_next(rows)) {
+    }
+    if ((object && !mine) || !kind || strcmp(kind, "delegated")) {
+        rv = mso_tx_fail(tx, MSO_ACCOUNT_OTHER_OBJECT, "mailbox %s of company %s is "
+                         "connected as account %" APR_INT64_T_FMT " for another Microsoft "
+                         "account (%s), not for the one that signed in (%s): disconnect it "
+                         "first to connect it for another person", c->mailbox, in->company,
+                         *id, object ? object : kind ? kind : "?", in->object_id);
+    }
+    return rv;
+}
+
 /* Which row this sign-in is: (a), (b) or (c) of mso_account.h; *id 0 for a
  * new one. */
 static apr_status_t connect_which(mso_tx_t *tx, connect_t *c, apr_int64_t *id)
@@ -503,6 +583,10 @@ static apr_status_t connect_which(mso_tx_t *tx, connect_t *c, apr_int64_t *id)
     apr_status_t rv = APR_SUCCESS;
 
     *id = 0;
+    if (in->shared) {
+        rv = connect_which_shared(tx, c, id);
+        goto leave;
+    }
     if (in->tenant_id && *in->tenant_id && in->object_id && *in->object_id) {
         a = mso_tx_args(tx, &ST_FIND_OBJECT);
         mso_arg_text(a, "company", in->company);
@@ -985,36 +1069,66 @@ apr_status_t mso_account_refreshed(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                      &rf, err);
 }
 
+typedef struct {
+    apr_int64_t id;
+    const char *owner, *state, *reason, *last_error;
+    long aadsts;
+    apr_int64_t retry_at, now;
+    int written;
+} failed_t;
+
+/* The error on the account and in its history, in one transaction. */
+static apr_status_t refresh_failed_tx(mso_tx_t *tx, void *baton)
+{
+    failed_t *f = baton;
+    mso_args_t *a;
+    apr_status_t rv;
+    int n = 0;
+
+    a = mso_tx_args(tx, &ST_REFRESH_FAILED);
+    mso_arg_int(a, "id", f->id);
+    mso_arg_text(a, "owner", f->owner);
+    mso_arg_text(a, "state", f->state);
+    mso_arg_text(a, "reason", f->reason);
+    mso_arg_opt(a, "aadsts", f->aadsts);
+    mso_arg_text(a, "last_error", f->last_error);
+    mso_arg_opt(a, "retry_at", f->retry_at);
+    mso_arg_int(a, "now", f->now);
+    if (MSO_OK(mso_tx_exec(tx, a, &n)) && n == 1) {
+        f->written = 1;
+        rv = mso_events_add_tx(tx, f->id, f->reason, f->last_error, f->now);
+    }
+    return rv;
+}
+
 apr_status_t mso_account_refresh_failed(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                                         const char *owner, const char *state,
                                         const char *reason, long aadsts,
                                         const char *last_error, apr_int64_t retry_at,
                                         apr_int64_t now)
 {
-    apr_pool_t *tmp;
-    mso_args_t *a;
+    failed_t f;
     apr_status_t rv;
-    int n = 0;
 
     if (!owner || !*owner || !state
         || (strcmp(state, "connected") && strcmp(state, "reconnect_required"))) {
         return APR_EINVAL;
     }
-    apr_pool_create(&tmp, p);
-    a = mso_args(db, tmp, &ST_REFRESH_FAILED);
-    mso_arg_int(a, "id", id);
-    mso_arg_text(a, "owner", owner);
-    mso_arg_text(a, "state", state);
-    mso_arg_text(a, "reason", reason);
-    mso_arg_opt(a, "aadsts", aadsts);
-    mso_arg_text(a, "last_error", last_error);
-    mso_arg_opt(a, "retry_at", retry_at);
-    mso_arg_int(a, "now", now);
-    if (MSO_OK(mso_exec(a, &n, NULL)) && n != 1) {
+    memset(&f, 0, sizeof(f));
+    f.id = id;
+    f.owner = owner;
+    f.state = state;
+    f.reason = reason;
+    f.aadsts = aadsts;
+    f.last_error = last_error;
+    f.retry_at = retry_at;
+    f.now = now;
+    rv = mso_db_tx(db, p, apr_psprintf(p, "of account %" APR_INT64_T_FMT, id),
+                   refresh_failed_tx, &f, NULL);
+    if (rv == APR_SUCCESS && !f.written) {
         /* another owner holds it now, it was disconnected, or there is no such account */
         rv = APR_EBUSY;
     }
-    apr_pool_destroy(tmp);
     return rv;
 }
 
@@ -1089,4 +1203,370 @@ apr_status_t mso_account_drop_owner(mso_db_t *db, apr_pool_t *p, const char *own
     }
     apr_pool_destroy(tmp);
     return rv;
+}
+
+/* ------------------------------------------------------------------------- */
+/* App accounts */
+
+typedef struct {
+    const mso_app_account_t *in;
+    const apr_array_header_t *mailboxes;
+    const char *one;                /* add_app: the mailbox */
+    apr_int64_t now;
+    int created, conflicts;
+    mso_account_t *acct;            /* add_app: out, in tx->p */
+} app_t;
+
+static void bind_app(mso_args_t *a, const app_t *x, const char *mailbox)
+{
+    mso_arg_text(a, "company", x->in->company);
+    mso_arg_text(a, "client_id", x->in->client_id);
+    mso_arg_text(a, "mailbox", mailbox);
+    mso_arg_text(a, "tenant_id", x->in->tenant_id);
+    mso_arg_text(a, "authority", x->in->authority);
+    mso_arg_text(a, "connected_by", x->in->connected_by);
+    mso_arg_int(a, "now", x->now);
+}
+
+static apr_status_t ensure_app_tx(mso_tx_t *tx, void *baton)
+{
+    app_t *x = baton;
+    apr_hash_t *have = apr_hash_make(tx->ptemp);
+    mso_rows_t *rows = NULL;
+    mso_args_t *a;
+    apr_status_t rv;
+    int i, n;
+
+    a = mso_tx_args(tx, &ST_APP_MAILBOXES);
+    mso_arg_text(a, "company", x->in->company);
+    if (!MSO_OK(mso_tx_select(tx, a, &rows))) {
+        goto leave;
+    }
+    while (mso_rows_next(rows)) {
+        const char *m = mso_col_text(rows, tx->ptemp, "mailbox");
+        const char *k = mso_col_text(rows, tx->ptemp, "kind");
+
+        if (m) {
+            apr_hash_set(have, m, APR_HASH_KEY_STRING, k ? k : "");
+        }
+    }
+    for (i = 0; i < x->mailboxes->nelts; i++) {
+        const char *m = lower_ascii(tx->ptemp, APR_ARRAY_IDX(x->mailboxes, i, const char *));
+        const char *k = apr_hash_get(have, m, APR_HASH_KEY_STRING);
+
+        if (k) {
+            x->conflicts += strcmp(k, "app") != 0;
+            continue;
+        }
+        a = mso_tx_args(tx, &ST_APP_INSERT);
+        bind_app(a, x, m);
+        if (!MSO_OK(mso_tx_exec(tx, a, &n))) {
+            goto leave;
+        }
+        x->created += n;
+    }
+
+leave:
+    return rv;
+}
+
+static int app_input_ok(const mso_app_account_t *in)
+{
+    return in && in->company && *in->company && in->client_id && *in->client_id;
+}
+
+apr_status_t mso_account_ensure_app(mso_db_t *db, apr_pool_t *p, const mso_app_account_t *in,
+                                    const apr_array_header_t *mailboxes, apr_int64_t now,
+                                    int *created, int *conflicts, const char **err)
+{
+    mso_app_account_t lc;
+    app_t x;
+    apr_status_t rv;
+
+    *created = *conflicts = 0;
+    *err = NULL;
+    if (!app_input_ok(in) || !mailboxes) {
+        *err = "cannot make the app accounts: the company or its client ID is missing";
+        return APR_EINVAL;
+    }
+    lc = *in;
+    lc.client_id = lower_ascii(p, in->client_id);
+    memset(&x, 0, sizeof(x));
+    x.in = &lc;
+    x.mailboxes = mailboxes;
+    x.now = now;
+    rv = mso_db_tx(db, p, apr_psprintf(p, "for the mailboxes of company %s", in->company),
+                   ensure_app_tx, &x, err);
+    if (rv == APR_SUCCESS) {
+        *created = x.created;
+        *conflicts = x.conflicts;
+    }
+    return rv;
+}
+
+static apr_status_t add_app_tx(mso_tx_t *tx, void *baton)
+{
+    app_t *x = baton;
+    mso_rows_t *rows = NULL;
+    const char *kind = NULL, *state = NULL;
+    apr_int64_t id = 0;
+    mso_args_t *a;
+    apr_status_t rv;
+
+    a = mso_tx_args(tx, &ST_ACCOUNT_FIND);
+    mso_arg_text(a, "company", x->in->company);
+    mso_arg_text(a, "mailbox", x->one);
+    if (!MSO_OK(mso_tx_select(tx, a, &rows))) {
+        goto leave;
+    }
+    if (mso_rows_next(rows)) {
+        id = mso_col_int(rows, "id");
+        kind = mso_col_text(rows, tx->ptemp, "kind");
+        state = mso_col_text(rows, tx->ptemp, "state");
+        while (mso_rows_next(rows)) {
+        }
+    }
+    if (id && (!kind || strcmp(kind, "app"))) {
+        rv = mso_tx_fail(tx, MSO_ACCOUNT_OTHER_OBJECT, "mailbox %s of company %s is account %"
+                         APR_INT64_T_FMT ", connected by a person's sign-in: disconnect it "
+                         "first", x->one, x->in->company, id);
+        goto leave;
+    }
+    if (id && state && strcmp(state, "connected")) {
+        a = mso_tx_args(tx, &ST_APP_RECONNECT);
+        mso_arg_int(a, "id", id);
+        mso_arg_text(a, "client_id", x->in->client_id);
+        mso_arg_text(a, "tenant_id", x->in->tenant_id);
+        mso_arg_text(a, "authority", x->in->authority);
+        mso_arg_text(a, "connected_by", x->in->connected_by);
+        mso_arg_int(a, "now", x->now);
+        if (!MSO_OK(mso_tx_exec(tx, a, NULL))) {
+            goto leave;
+        }
+    }
+    else if (!id) {
+        a = mso_tx_args(tx, &ST_APP_INSERT);
+        bind_app(a, x, x->one);
+        if (!MSO_OK(mso_tx_exec(tx, a, &x->created))) {
+            goto leave;
+        }
+    }
+    a = mso_tx_args(tx, &ST_ACCOUNT_FIND);
+    mso_arg_text(a, "company", x->in->company);
+    mso_arg_text(a, "mailbox", x->one);
+    if (MSO_OK(mso_tx_select(tx, a, &rows)) && mso_rows_next(rows)) {
+        x->acct = mso_account_from_row(rows, tx->p);
+        while (mso_rows_next(rows)) {
+        }
+    }
+
+leave:
+    return rv;
+}
+
+apr_status_t mso_account_add_app(mso_db_t *db, apr_pool_t *p, const mso_app_account_t *in,
+                                 const char *mailbox, apr_int64_t now, mso_account_t **acct,
+                                 int *created, const char **err)
+{
+    mso_app_account_t lc;
+    app_t x;
+    apr_status_t rv;
+
+    *acct = NULL;
+    *created = 0;
+    *err = NULL;
+    if (!app_input_ok(in) || !mailbox || !*mailbox) {
+        *err = "cannot add the mailbox: the company, its client ID or the address is missing";
+        return APR_EINVAL;
+    }
+    lc = *in;
+    lc.client_id = lower_ascii(p, in->client_id);
+    memset(&x, 0, sizeof(x));
+    x.in = &lc;
+    x.one = lower_ascii(p, mailbox);
+    x.now = now;
+    rv = mso_db_tx(db, p, apr_psprintf(p, "for mailbox %s", x.one), add_app_tx, &x, err);
+    if (rv == APR_SUCCESS && !x.acct) {
+        *err = "the account just stored cannot be read back";
+        rv = APR_EGENERAL;
+    }
+    *acct = x.acct;
+    *created = x.created > 0;
+    return rv;
+}
+
+apr_status_t mso_account_mailbox_reason(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
+                                        const char *reason, const char *last_error,
+                                        apr_int64_t now)
+{
+    apr_pool_t *tmp;
+    mso_args_t *a;
+    apr_status_t rv;
+
+    apr_pool_create(&tmp, p);
+    a = mso_args(db, tmp, reason ? &ST_MAILBOX_REASON : &ST_MAILBOX_REASON_CLEAR);
+    mso_arg_int(a, "id", id);
+    mso_arg_int(a, "now", now);
+    if (reason) {
+        mso_arg_text(a, "reason", reason);
+        mso_arg_text(a, "last_error", last_error);
+    }
+    rv = mso_exec(a, NULL, NULL);
+    apr_pool_destroy(tmp);
+    return rv;
+}
+/* The tokens as stored, and sealing them again under the first key */
+
+static const mso_stmt_t ST_TOKEN_KEYS = {
+    "list the tokens", "id:int",
+    "SELECT account_id, kind, binding, expires_at, updated_at FROM msoauth_tokens "
+    "WHERE account_id = :id OR :id = 0 ORDER BY account_id, kind", NULL
+};
+static const mso_stmt_t ST_TOKEN_ROW = {
+    "read a token and its account", "id:int kind:text",
+    "SELECT t.sealed AS sealed, t.binding AS binding, a.company AS company, "
+    "a.mailbox AS mailbox, a.client_id AS client_id FROM msoauth_tokens t "
+    "JOIN msoauth_accounts a ON a.id = t.account_id "
+    "WHERE t.account_id = :id AND t.kind = :kind", NULL
+};
+/* Only the value that was read: the job or the token handler may have
+ * stored a fresh token meanwhile (sealed under httpd's first key). */
+static const mso_stmt_t ST_RESEAL = {
+    "seal a token under the first key", "id:int kind:text old:text sealed:text",
+    "UPDATE msoauth_tokens SET sealed = :sealed WHERE account_id = :id AND kind = :kind "
+    "AND sealed = :old", NULL
+};
+
+apr_status_t mso_account_tokens(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
+                                apr_array_header_t **tokens)
+{
+    apr_pool_t *tmp;
+    mso_rows_t *rows = NULL;
+    mso_args_t *a;
+    apr_status_t rv;
+
+    *tokens = apr_array_make(p, 8, sizeof(mso_token_info_t));
+    apr_pool_create(&tmp, p);
+    a = mso_args(db, tmp, &ST_TOKEN_KEYS);
+    mso_arg_int(a, "id", account_id);
+    if (MSO_OK(mso_select(a, &rows, NULL))) {
+        while (mso_rows_next(rows)) {
+            mso_token_info_t *t = apr_array_push(*tokens);
+
+            t->account_id = mso_col_int(rows, "account_id");
+            t->kind = mso_col_text(rows, p, "kind");
+            t->binding = (int)mso_col_int(rows, "binding");
+            t->expires_at = mso_col_int(rows, "expires_at");
+            t->updated_at = mso_col_int(rows, "updated_at");
+        }
+    }
+    apr_pool_destroy(tmp);
+    /* The key ids, token by token (the sealed values are not kept). */
+    if (rv == APR_SUCCESS) {
+        int i;
+
+        for (i = 0; i < (*tokens)->nelts; i++) {
+            mso_token_info_t *t = &APR_ARRAY_IDX(*tokens, i, mso_token_info_t);
+            const char *sealed = NULL;
+
+            if (mso_account_token_get(db, p, t->account_id, t->kind, &sealed, NULL)
+                == APR_SUCCESS) {
+                t->kid = mso_sealed_kid(p, sealed);
+            }
+        }
+    }
+    return rv;
+}
+
+/* One token: read, opened, sealed under the first key, written back only
+ * if unchanged. */
+static void rekey_one(mso_db_t *db, apr_pool_t *p, const mso_keyring_t *kr,
+                      const mso_token_info_t *t, mso_rekey_t *n)
+{
+    mso_rows_t *rows = NULL;
+    mso_args_t *a;
+    const char *old = NULL, *aad = NULL, *sealed = NULL, *kid;
+    unsigned char *plain = NULL;
+    apr_size_t len = 0;
+    int binding = 0, changed = 0;
+
+    a = mso_args(db, p, &ST_TOKEN_ROW);
+    mso_arg_int(a, "id", t->account_id);
+    mso_arg_text(a, "kind", t->kind);
+    if (mso_select(a, &rows, NULL) != APR_SUCCESS) {
+        n->failed++;
+        return;
+    }
+    if (mso_rows_next(rows)) {
+        const char *company = mso_col_text(rows, p, "company");
+        const char *mailbox = mso_col_text(rows, p, "mailbox");
+        const char *cid = mso_col_text(rows, p, "client_id");
+
+        old = mso_col_text(rows, p, "sealed");
+        binding = (int)mso_col_int(rows, "binding");
+        aad = binding == 2 ? (cid ? mso_token_aad(p, cid, t->account_id, t->kind) : NULL)
+              : (company && mailbox ? legacy_aad(p, company, mailbox, t->kind) : NULL);
+        while (mso_rows_next(rows)) {
+        }
+    }
+    if (!old) {
+        n->gone++;              /* replaced by a disconnect or reconnect meanwhile */
+        return;
+    }
+    n->tokens++;
+    kid = mso_sealed_kid(p, old);
+    if (kid && !strcmp(kid, mso_keyring_kid(kr, 0))) {
+        n->current++;
+        return;
+    }
+    if (!aad || mso_open(p, kr, MSO_PURPOSE_TOKEN, aad, old, &plain, &len) != APR_SUCCESS) {
+        n->unopened++;
+        return;
+    }
+    if (mso_seal(p, kr, MSO_PURPOSE_TOKEN, aad, plain, len, &sealed) != APR_SUCCESS) {
+        wipe(plain, len);
+        n->failed++;
+        return;
+    }
+    wipe(plain, len);
+    a = mso_args(db, p, &ST_RESEAL);
+    mso_arg_int(a, "id", t->account_id);
+    mso_arg_text(a, "kind", t->kind);
+    mso_arg_text(a, "old", old);
+    mso_arg_text(a, "sealed", sealed);
+    if (mso_exec(a, &changed, NULL) != APR_SUCCESS) {
+        n->failed++;
+    }
+    else if (changed == 1) {
+        n->resealed++;
+    }
+    else {
+        n->changed++;
+    }
+}
+
+apr_status_t mso_account_rekey(mso_db_t *db, apr_pool_t *p, const mso_keyring_t *keyring,
+                               mso_rekey_t *counts)
+{
+    apr_array_header_t *tokens = NULL;
+    apr_pool_t *tmp;
+    apr_status_t rv;
+    int i;
+
+    memset(counts, 0, sizeof(*counts));
+    if (!keyring || mso_keyring_count(keyring) < 1) {
+        return APR_EINVAL;
+    }
+    apr_pool_create(&tmp, p);
+    if (MSO_OK(mso_account_tokens(db, tmp, 0, &tokens))) {
+        for (i = 0; i < tokens->nelts; i++) {
+            apr_pool_t *one;
+
+            apr_pool_create(&one, tmp);
+            rekey_one(db, one, keyring, &APR_ARRAY_IDX(tokens, i, mso_token_info_t), counts);
+            apr_pool_destroy(one);
+        }
+    }
+    apr_pool_destroy(tmp);
+    return rv != APR_SUCCESS ? rv : counts->failed ? APR_EGENERAL : APR_SUCCESS;
 }

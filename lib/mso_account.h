@@ -20,6 +20,24 @@
  * mso_account_disconnect drops the tokens and the object: the next sign-in
  * for that mailbox, by whoever owns the address then, takes it over.
  *
+ * Shared mailboxes (mso_connect_t.shared). A person with Full Access to a
+ * shared mailbox (support@) connects it with their own sign-in: the row is
+ * kind delegated, shared 1, mailbox the shared address, tenant_id and
+ * object_id the person's, and its tokens the person's, reaching the mailbox
+ * at /users/{mailbox} (Mail.Read.Shared / Mail.ReadWrite.Shared). The row
+ * says "this person's grant, used on that mailbox": a person has at most one
+ * account of their own (shared 0, found by (a)) and any number of shared
+ * ones, each found by its mailbox: the person's own shared row is
+ * reconnected, a row bound to nobody is taken over, a row bound to another
+ * object (another person's shared row, or the owner's own account) or an
+ * app account is refused (MSO_ACCOUNT_OTHER_OBJECT). Each shared row keeps
+ * its own refresh token chain (Microsoft keeps every one of them valid).
+ *
+ * App accounts (kind app) belong to an app-only company: no person, no
+ * object, no tokens of their own (they use the company's application token,
+ * mso_apptoken.h), no refresh schedule; made by mso_account_ensure_app
+ * (MSOAuthMailbox, at start-up) and mso_account_add_app (the admin page).
+ *
  * How tokens are bound. Each token is sealed (mso_seal, MSO_PURPOSE_TOKEN)
  * with associated data naming the company's client ID and the account id,
  * "token:v2:KIND:CLIENTID:ID" (binding 2), so a sealed value copied or
@@ -71,6 +89,7 @@ typedef struct {
     apr_int64_t last_refresh_at;
     const char *lease_owner;
     apr_int64_t lease_until;
+    int shared;                       /* delegated, on a mailbox not the person's own */
 } mso_account_t;
 
 /* What a sign-in tells about the account. */
@@ -86,6 +105,8 @@ typedef struct {
     const char *connected_by;
     apr_int64_t access_expires_at;    /* 0: unknown */
     apr_int64_t refresh_due_at;       /* 0: now */
+    int shared;                       /* mailbox is a shared one the person reaches
+                                       * with Full Access, not Graph /me's address */
 } mso_connect_t;
 
 /* Seals the tokens for the account once its id is known (inside the
@@ -164,6 +185,75 @@ apr_status_t mso_account_rebind(mso_db_t *db, apr_pool_t *p, const mso_keyring_t
                                 mso_client_id_fn *client_id_of, void *baton,
                                 mso_rebind_t *counts, const char **err);
 
+/* --- app accounts --- */
+
+/* What an app account is created with. */
+typedef struct {
+    const char *company;
+    const char *client_id;
+    const char *tenant_id;            /* the company's tenant GUID, or NULL (a domain) */
+    const char *authority;
+    const char *connected_by;         /* "MSOAuthMailbox", or the admin's user */
+} mso_app_account_t;
+
+/* Creates an app account (kind app, connected, due for its first sync) for
+ * each mailbox (const char *) the company has no account for yet, in one
+ * transaction; accounts that exist are left as they are (a delegated one
+ * with that address too: *conflicts counts them). *created: how many were
+ * made. */
+apr_status_t mso_account_ensure_app(mso_db_t *db, apr_pool_t *p, const mso_app_account_t *in,
+                                    const apr_array_header_t *mailboxes, apr_int64_t now,
+                                    int *created, int *conflicts, const char **err);
+
+/* The admin page's add: the app account of mailbox, made (*created 1), or
+ * the existing one, connected again when it was disconnected (*created 0).
+ * MSO_ACCOUNT_OTHER_OBJECT when the company has a delegated account with
+ * that address. *acct in p. */
+apr_status_t mso_account_add_app(mso_db_t *db, apr_pool_t *p, const mso_app_account_t *in,
+                                 const char *mailbox, apr_int64_t now, mso_account_t **acct,
+                                 int *created, const char **err);
+
+/* Records what Graph says of an app or shared account's mailbox (reason
+ * mailbox_not_found or access_denied_by_policy, with a sentence), or clears
+ * such a reason (reason NULL); other reasons (the refresh's) are not
+ * touched by a clear. */
+apr_status_t mso_account_mailbox_reason(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
+                                        const char *reason, const char *last_error,
+                                        apr_int64_t now);
+/* A stored token without its value: for tools and the status of a key. */
+typedef struct {
+    apr_int64_t account_id;
+    const char *kind;                 /* refresh | graph | outlook */
+    int binding;                      /* 1 or 2, see the top of this file */
+    apr_int64_t expires_at;           /* 0: unknown (refresh tokens) */
+    apr_int64_t updated_at;
+    const char *kid;                  /* the key id that sealed it (mso_sealed_kid) */
+} mso_token_info_t;
+
+/* The tokens (mso_token_info_t) of one account, or of all (account_id 0). */
+apr_status_t mso_account_tokens(mso_db_t *db, apr_pool_t *p, apr_int64_t account_id,
+                                apr_array_header_t **tokens);
+
+/* Seals every token again under the keyring's first key, so that the other
+ * keys can be removed: row by row, each token read, opened with any key of
+ * the ring and written back in a statement of its own only while it is
+ * still the value that was read (a refresh meanwhile wins: it was sealed by
+ * httpd's own first key). Safe while httpd runs. Tokens that do not open
+ * are left as they are and counted. APR_EGENERAL when a database write
+ * failed (counts say how far it got). */
+typedef struct {
+    int tokens;                       /* tokens looked at */
+    int resealed;                     /* sealed again under the first key */
+    int current;                      /* sealed under the first key already */
+    int unopened;                     /* open with no key of the ring: left as they are */
+    int changed;                      /* replaced meanwhile: left to their writer */
+    int gone;                         /* deleted meanwhile */
+    int failed;                       /* database or sealing failures */
+} mso_rekey_t;
+
+apr_status_t mso_account_rekey(mso_db_t *db, apr_pool_t *p, const mso_keyring_t *keyring,
+                               mso_rekey_t *counts);
+
 /* APR_NOTFOUND when no such row; APR_EGENERAL (logged) when the database failed. */
 apr_status_t mso_account_get(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                              mso_account_t **acct);
@@ -179,7 +269,7 @@ apr_status_t mso_account_disconnect(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
 
 /* --- the refresh lease --- */
 
-/* Claims up to max accounts whose refresh is due (state connected,
+/* Claims up to max delegated accounts whose refresh is due (state connected,
  * refresh_due_at <= now, retry_at <= now), most overdue first, each with a
  * lease for owner until now + lease_seconds (mso_db_claim). A row leased by
  * another owner whose lease has not run out is skipped; two nodes never hold
@@ -237,7 +327,7 @@ apr_status_t mso_account_drop_owner(mso_db_t *db, apr_pool_t *p, const char *own
     "id, company, kind, client_id, mailbox, display_name, tenant_id, object_id, scopes, " \
     "state, authority, access_expires_at, last_sync_at, last_error, connected_by, " \
     "created_at, updated_at, refresh_due_at, retry_at, error_runs, reason, aadsts, " \
-    "last_refresh_at, lease_owner, lease_until"
+    "last_refresh_at, lease_owner, lease_until, shared"
 mso_account_t *mso_account_from_row(mso_rows_t *r, apr_pool_t *p);
 
 #endif

@@ -33,6 +33,7 @@ typedef struct {
     char kid_hex[2 * KID_LEN + 1];
     unsigned char token_key[MSO_KEY_LEN];
     unsigned char state_key[MSO_KEY_LEN];
+    unsigned char csrf_key[MSO_KEY_LEN];
 } keyring_entry_t;
 
 struct mso_keyring_t {
@@ -549,6 +550,8 @@ apr_status_t mso_keyring_add(mso_keyring_t *kr, const unsigned char key[MSO_KEY_
         || (rv = hkdf_sha256(key, MSO_KEY_LEN, "mso-token-v1", e.token_key, MSO_KEY_LEN))
            != APR_SUCCESS
         || (rv = hkdf_sha256(key, MSO_KEY_LEN, "mso-state-v1", e.state_key, MSO_KEY_LEN))
+           != APR_SUCCESS
+        || (rv = hkdf_sha256(key, MSO_KEY_LEN, "mso-csrf-v1", e.csrf_key, MSO_KEY_LEN))
            != APR_SUCCESS) {
         OPENSSL_cleanse(&e, sizeof(e));
         return rv;
@@ -755,4 +758,68 @@ int mso_str_equal_ct(const char *a, const char *b)
         return 0;               /* lengths are not secret; contents are */
     }
     return CRYPTO_memcmp(a, b, la) == 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Form tokens and key ids of sealed blobs                                   */
+
+static const char *csrf_mac(apr_pool_t *p, const keyring_entry_t *e, const char *session)
+{
+    unsigned char mac[32];
+    size_t len = 0;
+
+    const char *msg = apr_pstrcat(p, "admin-form:", session, NULL);
+
+    if (!EVP_Q_mac(NULL, "HMAC", NULL, "SHA256", NULL, e->csrf_key, MSO_KEY_LEN,
+                   (const unsigned char *)msg, strlen(msg), mac, sizeof(mac), &len)
+        || len != sizeof(mac)) {
+        return NULL;
+    }
+    return mso_b64url_encode(p, mac, sizeof(mac));
+}
+
+const char *mso_csrf_token(apr_pool_t *p, const mso_keyring_t *kr, const char *session)
+{
+    if (!kr || kr->count < 1 || !session || !*session) {
+        return NULL;
+    }
+    return csrf_mac(p, &kr->keys[0], session);
+}
+
+int mso_csrf_check(apr_pool_t *p, const mso_keyring_t *kr, const char *session,
+                   const char *token)
+{
+    int i, ok = 0;
+
+    if (!kr || !session || !*session || !token || !*token) {
+        return 0;
+    }
+    /* Every key: a page opened before the ring was rotated still works. */
+    for (i = 0; i < kr->count; i++) {
+        const char *want = csrf_mac(p, &kr->keys[i], session);
+
+        ok |= want && mso_str_equal_ct(want, token);
+    }
+    return ok;
+}
+
+const char *mso_sealed_kid(apr_pool_t *p, const char *sealed)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char *blob;
+    apr_size_t len;
+    char *out;
+    int i;
+
+    if (!sealed || mso_b64url_decode(p, sealed, &blob, &len) != APR_SUCCESS
+        || len < BLOB_MIN || blob[0] != BLOB_VERSION) {
+        return NULL;
+    }
+    out = apr_palloc(p, 2 * KID_LEN + 1);
+    for (i = 0; i < KID_LEN; i++) {
+        out[2 * i] = hex[blob[1 + i] >> 4];
+        out[2 * i + 1] = hex[blob[1 + i] & 15];
+    }
+    out[2 * KID_LEN] = '\0';
+    return out;
 }

@@ -68,6 +68,19 @@ apr_status_t mso_open(apr_pool_t *p, const mso_keyring_t *kr, mso_purpose_e purp
                       const char *aad, const char *sealed, unsigned char **plain,
                       apr_size_t *plain_len);
 
+/* The form token of a browser session of the admin page (CSRF): base64url
+ * of HMAC-SHA256 over the session id, under a key derived (HKDF) from the
+ * ring's first key for this purpose alone. NULL without a key or session. */
+const char *mso_csrf_token(apr_pool_t *p, const mso_keyring_t *kr, const char *session);
+/* 1 when token is session's under any key of the ring (constant time). */
+int mso_csrf_check(apr_pool_t *p, const mso_keyring_t *kr, const char *session,
+                   const char *token);
+
+/* The key id (8 hex chars, as mso_keyring_kid) of the key that sealed a
+ * blob, read from its header; NULL when it is not a sealed blob. Public:
+ * says which key a token needs, nothing about the token. */
+const char *mso_sealed_kid(apr_pool_t *p, const char *sealed);
+
 /* Constant-time comparison of two strings (both lengths are compared too). */
 int mso_str_equal_ct(const char *a, const char *b);
 

@@ -425,6 +425,24 @@ static int code_is(const mso_graph_result_t *g, const char *code)
     return g->code && !strcasecmp(g->code, code);
 }
 
+const char *mso_graph_mailbox_reason(const mso_graph_result_t *g)
+{
+    if (g->status == 404 && (code_is(g, "ErrorInvalidUser") || code_is(g, "ResourceNotFound")
+                             || code_is(g, "ErrorNonExistentMailbox")
+                             || code_is(g, "MailboxNotEnabledForRESTAPI"))) {
+        return "mailbox_not_found";
+    }
+    if (g->status == 403 && code_is(g, "ErrorAccessDenied") && g->message
+        && strstr(g->message, "Access to OData is disabled")) {
+        return "access_denied_by_policy";
+    }
+    if (g->status == 403 && g->message
+        && strstr(g->message, "Either scp or roles claim need to be present")) {
+        return "admin_consent_required";
+    }
+    return NULL;
+}
+
 void mso_graph_classify(apr_pool_t *p, apr_status_t rv, const mso_http_response_t *resp,
                         mso_graph_result_t *g)
 {

@@ -124,6 +124,16 @@ typedef struct {
 void mso_graph_classify(apr_pool_t *p, apr_status_t rv, const mso_http_response_t *resp,
                         mso_graph_result_t *g);
 
+/* What an error says about the mailbox addressed at /users/{address}
+ * rather than about the request: "mailbox_not_found" (404 ErrorInvalidUser,
+ * ResourceNotFound, ...: no such mailbox in the tenant), or
+ * "access_denied_by_policy" (403 ErrorAccessDenied "Access to OData is
+ * disabled": an Exchange application access policy); or about the token:
+ * "admin_consent_required" (403 "Either scp or roles claim need to be
+ * present": an application token without any permission); NULL otherwise
+ * (a 403 for one missing permission stays a 403). */
+const char *mso_graph_mailbox_reason(const mso_graph_result_t *g);
+
 /* "HTTP 429 TooManyRequests: <message> [request-id ...]" for logs and
  * last_error; never a token. */
 const char *mso_graph_result_text(apr_pool_t *p, const mso_graph_result_t *g);

@@ -242,6 +242,7 @@ struct mso_http_multi_t {
     int freed;                      /* memory went back: wake the paused */
     mso_http_call_t *queue, *queue_tail;    /* waiting, in the order added */
     mso_http_call_t *active, *active_tail;  /* handed to curl */
+    mso_http_counts_t counts;       /* outcomes since mso_http_multi_counts */
 };
 
 static apr_status_t ctx_free(void *data)
@@ -531,6 +532,19 @@ static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
     if (o->ca_file && *o->ca_file) {
         curl_easy_setopt(h, CURLOPT_CAINFO, o->ca_file);
     }
+    /* "" turns off curl's look at the environment: a stray https_proxy in
+     * httpd's environment must not receive the client secret. With a proxy,
+     * no_proxy is ignored as well ("": every host through it). */
+    if (o->proxy && *o->proxy) {
+        curl_easy_setopt(h, CURLOPT_PROXY, o->proxy);
+        curl_easy_setopt(h, CURLOPT_NOPROXY, "");
+        if (o->ca_file && *o->ca_file) {
+            curl_easy_setopt(h, CURLOPT_PROXY_CAINFO, o->ca_file);
+        }
+    }
+    else {
+        curl_easy_setopt(h, CURLOPT_PROXY, "");
+    }
     /* Zero or negative would mean "no limit" to curl: fall back to defaults. */
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
                      o->connect_timeout_ms > 0 ? o->connect_timeout_ms
@@ -788,12 +802,44 @@ static void call_complete(mso_http_call_t *c, CURLcode rc, const char *why)
     mso_http_done_fn *done = c->done;
     void *baton = c->baton;
     mso_http_response_t *r = c->r;
+    mso_http_multi_t *m = c->m;
     apr_status_t rv;
 
     call_detach(c);
     apr_pool_cleanup_kill(c->p, c, call_pool_gone);
     rv = call_end(c, rc, why);
+    if (!m || r->not_sent) {
+        /* never left: not a request that had an outcome */
+    }
+    else if (rv != APR_SUCCESS || !r->status) {
+        m->counts.failed++;
+    }
+    else if (r->status == 429 || r->status == 503) {
+        m->counts.throttled++;
+    }
+    else if (r->status >= 500) {
+        m->counts.server_error++;
+    }
+    else if (r->status >= 400) {
+        m->counts.client_error++;
+    }
+    else {
+        m->counts.ok++;
+    }
     done(baton, rv, r);
+}
+
+void mso_http_multi_counts(mso_http_multi_t *m, mso_http_counts_t *add)
+{
+    if (!m) {
+        return;
+    }
+    add->ok += m->counts.ok;
+    add->throttled += m->counts.throttled;
+    add->client_error += m->counts.client_error;
+    add->server_error += m->counts.server_error;
+    add->failed += m->counts.failed;
+    memset(&m->counts, 0, sizeof(m->counts));
 }
 
 static apr_status_t multi_cleanup(void *data)

@@ -14,7 +14,13 @@ typedef struct {
     long timeout_ms;            /* whole call; default 30000 */
     long stall_seconds;         /* abort when < 1 byte/s for this long; default 15 */
     apr_size_t max_body;        /* response cap in bytes (what is kept); default 4 MiB */
-    const char *ca_file;        /* optional CA bundle (tests against a TLS simulator) */
+    const char *ca_file;        /* optional CA bundle instead of the system's (also for
+                                 * an https:// proxy) */
+    /* A proxy URL (http://, https://, socks5h://) every call goes through;
+     * NULL or "": none. A proxy from the environment (http_proxy,
+     * https_proxy, all_proxy, no_proxy) is never used: only the
+     * configuration says where secrets and tokens are sent. */
+    const char *proxy;
     const char *user_agent;     /* default "mod_msoauth/VERSION" */
     /* > 0: the answer is JSON and goes through mso_json's clip as it arrives
      * (mso_json.h): a string longer than this is cut and marked, so one huge
@@ -151,6 +157,15 @@ typedef apr_status_t mso_http_sink_fn(void *baton, const mso_http_response_t *re
 apr_status_t mso_http_get_stream(apr_pool_t *p, const mso_http_opts_t *o, const char *url,
                                  const apr_array_header_t *headers, mso_http_sink_fn *sink,
                                  void *baton, mso_http_response_t **resp);
+/* What the requests of a multi handle ended in (those that were sent): a
+ * 2xx/3xx answer, 429 or 503 (Microsoft asks to wait), another 4xx or 5xx,
+ * or no answer (connection, TLS, timeout, a body over the cap). */
+typedef struct {
+    apr_int64_t ok, throttled, client_error, server_error, failed;
+} mso_http_counts_t;
+
+/* Adds the handle's outcomes since the last call to *add, and counts afresh. */
+void mso_http_multi_counts(mso_http_multi_t *m, mso_http_counts_t *add);
 
 /* application/x-www-form-urlencoded from NULL-terminated name, value pairs;
  * a pair whose value is NULL is left out. */

@@ -148,9 +148,9 @@ const char *mso_reason_for_error(const char *error, long aadsts, int during_refr
         return "certificate_invalid";
     case 700016:
         return "app_not_found";
-    case 50194: case 50020: case 90002: case 7000012:
+    case 50194: case 50020: case 90002: case 7000012: case 9001023:
         return "wrong_tenant";
-    case 90094: case 90095: case 900941:
+    case 90094: case 90095: case 900941: case 7000229:
         return "admin_consent_required";
     case 65004:
         return "access_denied";

@@ -23,6 +23,8 @@
 
 #include "mso_account.h"
 #include "mso_attach.h"
+#include "mso_apptoken.h"
+#include "mso_events.h"
 #include "mso_log.h"
 #include "mso_mirror.h"
 
@@ -42,11 +44,18 @@
     "t.account_id AND m.graph_id = t.graph_id WHERE t.account_id = msoauth_accounts.id " \
     "AND t.state = 'pending' AND m.removed = 0) THEN 1 ELSE 0 END AS attach_work"
 
+/* A delegated account works with its own token; an app account with its
+ * company's application token (mso_apptoken.h), so it waits while that one
+ * is missing or failing. */
 static const mso_stmt_t ST_WORK_DUE = {
     "look for mailboxes with Graph work", "now:int token_floor:int max:int",
     "SELECT id FROM msoauth_accounts a WHERE state = 'connected' "
     "AND (work_until IS NULL OR work_until < :now) AND COALESCE(sync_retry_at, 0) <= :now "
-    "AND COALESCE(access_expires_at, 0) > :token_floor AND COALESCE(refresh_due_at, 0) > :now "
+    "AND ((kind = 'delegated' AND COALESCE(access_expires_at, 0) > :token_floor "
+    "AND COALESCE(refresh_due_at, 0) > :now) OR (kind = 'app' AND EXISTS (SELECT 1 "
+    "FROM msoauth_app_tokens t WHERE t.company = a.company AND t.client_id = a.client_id "
+    "AND t.resource = 'graph' AND t.expires_at > :token_floor "
+    "AND (t.reason IS NULL OR t.reason = 'token_endpoint_unreachable')))) "
     "AND (COALESCE(sync_due_at, 0) <= :now OR EXISTS (SELECT 1 FROM msoauth_actions q "
     "WHERE q.state = 'queued' AND q.account_id = a.id) "
     /* attachment work pending: a list to read or a content to download */
@@ -374,11 +383,51 @@ apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, ap
     return APR_SUCCESS;
 }
 
+typedef struct {
+    apr_int64_t id;
+    const char *owner;
+    const mso_work_done_t *d;
+    apr_int64_t now;
+} release_t;
+
+static void bind_release(mso_args_t *a, const release_t *r)
+{
+    mso_arg_int(a, "id", r->id);
+    mso_arg_text(a, "owner", r->owner);
+    mso_arg_int(a, "due", r->d->sync_due_at);
+    mso_arg_opt(a, "retry_at", r->d->sync_retry_at);
+    mso_arg_text(a, "phase", r->d->sync_phase);
+    mso_arg_text(a, "error", r->d->sync_error);
+    mso_arg_int(a, "error_runs", r->d->sync_error_runs);
+    mso_arg_int(a, "auth_retry", r->d->auth_retry);
+    mso_arg_opt(a, "last_sync_at", r->d->last_sync_at);
+    mso_arg_int(a, "now", r->now);
+}
+
+/* A pass that ended in an error: the account's state and its history. */
+static apr_status_t release_error_tx(mso_tx_t *tx, void *baton)
+{
+    release_t *r = baton;
+    mso_args_t *a;
+    apr_status_t rv;
+    int n = 0;
+
+    a = mso_tx_args(tx, &ST_WORK_RELEASE);
+    bind_release(a, r);
+    if (MSO_OK(mso_tx_exec(tx, a, &n)) && n == 1) {
+        rv = mso_events_add_tx(tx, r->id, r->d->sync_phase
+                               && !strcmp(r->d->sync_phase, "throttled") ? "throttled"
+                               : "graph_error", r->d->sync_error, r->now);
+    }
+    return rv;
+}
+
 apr_status_t mso_mirror_release(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
                                 const char *owner, const mso_work_done_t *d, apr_int64_t now)
 {
     apr_pool_t *tmp;
     mso_args_t *a;
+    release_t r;
     apr_status_t rv = APR_SUCCESS, rv2;
 
     apr_pool_create(&tmp, p);
@@ -387,19 +436,24 @@ apr_status_t mso_mirror_release(mso_db_t *db, apr_pool_t *p, apr_int64_t id,
         mso_arg_int(a, "id", id);
         mso_arg_int(a, "now", now);
         rv = mso_exec(a, NULL, NULL);
+        if (rv == APR_SUCCESS) {
+            /* An app account's token is its company's. */
+            rv = mso_apptoken_due_now(db, tmp, id, now);
+        }
     }
-    a = mso_args(db, tmp, &ST_WORK_RELEASE);
-    mso_arg_int(a, "id", id);
-    mso_arg_text(a, "owner", owner);
-    mso_arg_int(a, "due", d->sync_due_at);
-    mso_arg_opt(a, "retry_at", d->sync_retry_at);
-    mso_arg_text(a, "phase", d->sync_phase);
-    mso_arg_text(a, "error", d->sync_error);
-    mso_arg_int(a, "error_runs", d->sync_error_runs);
-    mso_arg_int(a, "auth_retry", d->auth_retry);
-    mso_arg_opt(a, "last_sync_at", d->last_sync_at);
-    mso_arg_int(a, "now", now);
-    rv2 = mso_exec(a, NULL, NULL);
+    r.id = id;
+    r.owner = owner;
+    r.d = d;
+    r.now = now;
+    if (d->sync_error) {
+        rv2 = mso_db_tx(db, tmp, apr_psprintf(tmp, "of account %" APR_INT64_T_FMT, id),
+                        release_error_tx, &r, NULL);
+    }
+    else {
+        a = mso_args(db, tmp, &ST_WORK_RELEASE);
+        bind_release(a, &r);
+        rv2 = mso_exec(a, NULL, NULL);
+    }
     apr_pool_destroy(tmp);
     return rv2 != APR_SUCCESS ? rv2 : rv;
 }
@@ -1008,4 +1062,48 @@ apr_status_t mso_mirror_stats(mso_db_t *db, apr_pool_t *p, apr_hash_t **stats)
         s->failed = mso_col_int(rows, "failed");
     }
     return APR_SUCCESS;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Retention (mso_retention.h): small batches, each its own statement, so no
+ * sweep holds a long transaction over the tables the job writes. */
+
+static const mso_stmt_t ST_PURGE_ACTIONS = {
+    "delete done actions past the retention", "before:int max:int",
+    "DELETE FROM msoauth_actions WHERE id IN (SELECT id FROM msoauth_actions "
+    "WHERE state = 'done' AND updated_at < :before LIMIT :max)", NULL
+};
+static const mso_stmt_t ST_PURGE_MESSAGES = {
+    "delete removed messages past the retention", "before:int max:int",
+    "DELETE FROM msoauth_messages WHERE id IN (SELECT id FROM msoauth_messages "
+    "WHERE removed = 1 AND updated_at < :before LIMIT :max)", NULL
+};
+
+static apr_status_t purge(mso_db_t *db, apr_pool_t *p, const mso_stmt_t *st,
+                          apr_int64_t before, int max, int *deleted)
+{
+    apr_pool_t *tmp;
+    mso_args_t *a;
+    apr_status_t rv;
+
+    *deleted = 0;
+    apr_pool_create(&tmp, p);
+    a = mso_args(db, tmp, st);
+    mso_arg_int(a, "before", before);
+    mso_arg_int(a, "max", max);
+    rv = mso_exec(a, deleted, NULL);
+    apr_pool_destroy(tmp);
+    return rv;
+}
+
+apr_status_t mso_mirror_purge_actions(mso_db_t *db, apr_pool_t *p, apr_int64_t before,
+                                      int max, int *deleted)
+{
+    return purge(db, p, &ST_PURGE_ACTIONS, before, max, deleted);
+}
+
+apr_status_t mso_mirror_purge_messages(mso_db_t *db, apr_pool_t *p, apr_int64_t before,
+                                       int max, int *deleted)
+{
+    return purge(db, p, &ST_PURGE_MESSAGES, before, max, deleted);
 }

@@ -34,8 +34,9 @@ typedef struct {
 
 /* Claims up to max connected mailboxes with Graph work to do: a sync due or
  * an action queued, not throttled (sync_retry_at), with an access token good
- * for at least a minute whose refresh is not due, and no live work lease of
- * another owner. Each gets a lease until now + lease_seconds. *works:
+ * for at least a minute whose refresh is not due (an app account: its
+ * company's Graph application token good for a minute), and no live work
+ * lease of another owner. Each gets a lease until now + lease_seconds. *works:
  * mso_work_t* in p. */
 apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, apr_int64_t now,
                               int lease_seconds, int max, apr_array_header_t **works);
@@ -153,5 +154,15 @@ typedef struct {
 
 /* Per account (apr_hash keyed by the account id as a decimal string). */
 apr_status_t mso_mirror_stats(mso_db_t *db, apr_pool_t *p, apr_hash_t **stats);
+
+/* --- retention (mso_retention.h's list): up to max rows last changed
+ * before `before`, in one statement; *deleted: how many went --- */
+
+/* Actions in state done. */
+apr_status_t mso_mirror_purge_actions(mso_db_t *db, apr_pool_t *p, apr_int64_t before,
+                                      int max, int *deleted);
+/* Messages marked removed. */
+apr_status_t mso_mirror_purge_messages(mso_db_t *db, apr_pool_t *p, apr_int64_t before,
+                                       int max, int *deleted);
 
 #endif

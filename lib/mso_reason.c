@@ -95,6 +95,17 @@ static const mso_reason_t reasons[] = {
      "Outlook).",
      "Check the identifiers the application sends; a message deleted or moved in Outlook "
      "leaves the mirror at the next sync."},
+    {"account_not_found", 404, "No such account",
+     "The account ID the application sent names no account of this server.",
+     "Read the account IDs from msoauth_accounts (or the status JSON) and send one of them."},
+    {"message_not_found", 404, "The message is not in the mirror",
+     "The message was never mirrored, or it was deleted or moved out of the mirrored folders.",
+     "Read message IDs from msoauth_messages rows with removed = 0 of that account."},
+    {"attachment_not_found", 404, "The message has no such attachment",
+     "The attachment is not among the message's attachments, or the job has not read the "
+     "message's attachment list yet.",
+     "Read attachment IDs from msoauth_attachments; a new message's list arrives within "
+     "seconds of the message."},
     {"forbidden", 403, "This request is not allowed",
      "The local API refused the request: it came through a proxy without MSOAuthTrustProxy, "
      "it lacks the API key of MSOAuthAPIKeyFile, or its Host does not name this server.",
@@ -127,6 +138,14 @@ static const mso_reason_t reasons[] = {
      "Add-DistributionGroupMember -Identity <policy group> -Member <mailbox>, checks it with "
      "Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client id>, and waits up to "
      "an hour for the change."},
+    {"shared_access_denied", 403, "You cannot open this shared mailbox",
+     "Microsoft Graph refused the person who signed in access to the shared mailbox asked "
+     "for: they have no Full Access to it (yet), or the sign-in did not grant "
+     "Mail.Read.Shared.",
+     "An Exchange administrator grants Full Access (Add-MailboxPermission -Identity <shared "
+     "mailbox> -User <person> -AccessRights FullAccess) and waits for it to apply; "
+     "MSOAuthScope must list Mail.Read.Shared or Mail.ReadWrite.Shared. Then connect again, "
+     "signed in as that person."},
     {"send_not_permitted", 403, "Mail cannot be sent from this mailbox",
      "The mailbox's grant lacks Mail.Send, so Microsoft refuses to send as it.",
      "Set MSOAuthEdition pro for the company (it asks for Mail.Send), reload httpd and "

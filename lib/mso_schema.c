@@ -283,13 +283,64 @@ static const mso_ddl_t schema_v6[] = {
     {NULL, NULL, NULL}
 };
 
+/* Version 7: mailboxes nobody signs in to. The application token of an
+ * app-only company (client credentials), one row per company, client ID and
+ * resource (graph, outlook), sealed for the three (mso_apptoken.h); the row
+ * is also the lease under which one node fetches it, and keeps the last
+ * failure, which is the company's. A delegated account's shared flag: its
+ * mailbox is not the person's own but one they have Full Access to, opened
+ * at /users/{mailbox} with their token. */
+static const mso_ddl_t schema_v7[] = {
+    {"create table msoauth_app_tokens",
+     "CREATE TABLE msoauth_app_tokens (company TEXT NOT NULL, client_id TEXT NOT NULL, "
+     "resource TEXT NOT NULL, sealed TEXT, expires_at BIGINT, refresh_due_at BIGINT, "
+     "roles TEXT, fetched_at BIGINT, fetches INTEGER NOT NULL DEFAULT 0, retry_at BIGINT, "
+     "error_runs INTEGER NOT NULL DEFAULT 0, reason TEXT, aadsts INTEGER, last_error TEXT, "
+     "lease_owner TEXT, lease_until BIGINT, updated_at BIGINT NOT NULL, "
+     "PRIMARY KEY (company, client_id, resource))", NULL},
+    {"add column msoauth_accounts.shared",
+     "ALTER TABLE msoauth_accounts ADD COLUMN shared INTEGER NOT NULL DEFAULT 0", NULL},
+    {NULL, NULL, NULL}
+};
+
+/* Version 8: operations. Each account's recent errors (msoauth_account_events,
+ * the last 20 per account, for the status page); counters that add up over
+ * the life of each node (msoauth_counters, for the metrics); and indexes
+ * that let the retention sweep find done actions and removed messages
+ * without reading the whole table (partial indexes: SQLite 3.8 and
+ * PostgreSQL both have them). */
+static const mso_ddl_t schema_v8[] = {
+    {"create table msoauth_account_events",
+     "CREATE TABLE msoauth_account_events (" ID_SQLITE ", "
+     "account_id BIGINT NOT NULL REFERENCES msoauth_accounts (id) ON DELETE CASCADE, "
+     "created_at BIGINT NOT NULL, reason TEXT, text TEXT NOT NULL)",
+     "CREATE TABLE msoauth_account_events (" ID_PGSQL ", "
+     "account_id BIGINT NOT NULL REFERENCES msoauth_accounts (id) ON DELETE CASCADE, "
+     "created_at BIGINT NOT NULL, reason TEXT, text TEXT NOT NULL)"},
+    {"create index msoauth_account_events_account",
+     "CREATE INDEX msoauth_account_events_account ON msoauth_account_events (account_id, id)",
+     NULL},
+    {"create table msoauth_counters",
+     "CREATE TABLE msoauth_counters (node TEXT NOT NULL, metric TEXT NOT NULL, "
+     "label TEXT NOT NULL DEFAULT '', value BIGINT NOT NULL DEFAULT 0, "
+     "updated_at BIGINT NOT NULL, PRIMARY KEY (node, metric, label))", NULL},
+    {"create index msoauth_actions_done",
+     "CREATE INDEX msoauth_actions_done ON msoauth_actions (updated_at) WHERE state = 'done'",
+     NULL},
+    {"create index msoauth_messages_removed",
+     "CREATE INDEX msoauth_messages_removed ON msoauth_messages (updated_at) WHERE removed = 1",
+     NULL},
+    {NULL, NULL, NULL}
+};
+
 static const mso_migration_t migrations[] = {
     {1, schema_v1},
     {2, schema_v2},
     {3, schema_v3},
     {4, schema_v4},
-    /* 5 (sending) is merged before this one. */
     {6, schema_v6},
+    {7, schema_v7},
+    {8, schema_v8},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

@@ -11,12 +11,19 @@
 
 #include <apr_strings.h>
 
+#include "mso_apptoken.h"
 #include "mso_log.h"
 #include "mso_refresh.h"
 #include "mso_sync.h"
 #include "mso_sync_int.h"
 
 #define THROTTLE_DEFAULT 30         /* seconds when Graph gives no Retry-After */
+/* A mailbox that does not exist or that a policy closes changes by an
+ * administrator's hand: looked at again after 15 min, doubling to 6 h. */
+#define MAILBOX_WAIT 900
+#define MAILBOX_WAIT_MAX (6 * 3600)
+/* An application token Graph refuses as such: a new one in 5 min. */
+#define COMPANY_WAIT 300
 
 static const mso_sync_kind_t *const kinds[MSO_KIND_MAX] = {
     &mso_sync_actions,
@@ -38,6 +45,22 @@ int mso_sync_scopes_can_write(const char *scopes)
             return 1;
         }
         c += 14;
+    }
+    return 0;
+}
+
+int mso_sync_scope_has(const char *scopes, const char *scope)
+{
+    apr_size_t n = scope ? strlen(scope) : 0;
+    const char *c = scopes;
+
+    while (n && c && (c = strstr(c, scope)) != NULL) {
+        char before = c == scopes ? ' ' : c[-1];
+
+        if ((before == ' ' || before == '/') && (c[n] == '\0' || c[n] == ' ')) {
+            return 1;
+        }
+        c += n;
     }
     return 0;
 }
@@ -72,6 +95,39 @@ void mso_sync_throttle(mso_box_t *b, const mso_graph_result_t *g)
     }
     b->stop = 1;
     b->pass->st->throttled++;
+}
+
+int mso_sync_mailbox_problem(mso_box_t *b, const mso_graph_result_t *g)
+{
+    const char *reason = mso_graph_mailbox_reason(g);
+
+    if (!reason) {
+        return 0;
+    }
+    if (!strcmp(reason, "admin_consent_required")) {
+        if (!b->in->app_only) {
+            return 0;               /* a delegated grant: the usual 403 */
+        }
+        if (!b->error) {
+            b->company_reason = reason;
+            b->error = apr_psprintf(b->pool, "Graph refused the company's application token "
+                                    "(%s): grant the app's Application permissions with admin "
+                                    "consent", mso_graph_result_text(b->pool, g));
+        }
+        b->stop = 1;
+        return 1;
+    }
+    if (!b->error) {
+        b->mailbox_reason = reason;
+        b->error = !strcmp(reason, "mailbox_not_found")
+            ? apr_psprintf(b->pool, "Graph does not know mailbox %s (%s): check the address",
+                           b->in->work->acct->mailbox, mso_graph_result_text(b->pool, g))
+            : apr_psprintf(b->pool, "an Exchange application access policy keeps the app out "
+                           "of mailbox %s (%s): add the mailbox to the policy's group",
+                           b->in->work->acct->mailbox, mso_graph_result_text(b->pool, g));
+    }
+    b->stop = 1;
+    return 1;
 }
 
 void mso_sync_unauthorized(mso_box_t *b, const mso_graph_result_t *g)
@@ -234,6 +290,25 @@ static void box_release(mso_box_t *b)
         d.sync_error = b->error;
         d.sync_error_runs = w->sync_error_runs + 1;
         d.sync_retry_at = mso_refresh_backoff(w->sync_error_runs, -1, now);
+        if (b->mailbox_reason) {
+            apr_int64_t wait = MAILBOX_WAIT;
+            int r;
+
+            for (r = 0; r < w->sync_error_runs && wait < MAILBOX_WAIT_MAX; r++) {
+                wait *= 2;
+            }
+            d.sync_retry_at = now + (wait < MAILBOX_WAIT_MAX ? wait : MAILBOX_WAIT_MAX);
+            mso_account_mailbox_reason(b->pass->db, b->pool, b->id, b->mailbox_reason,
+                                       b->error, now);
+        }
+        if (b->company_reason) {
+            /* Every mailbox of the company waits for a new token (the claim
+             * takes none while the token is refused), and only for it. */
+            mso_apptoken_refused(b->pass->db, b->pool, b->id, b->company_reason, b->error,
+                                 now + COMPANY_WAIT, now);
+            d.sync_retry_at = 0;
+            d.sync_error_runs = w->sync_error_runs;
+        }
         d.auth_retry = 0;
         /* A token that cannot be opened is replaced by a refresh. */
         d.refresh_now = !b->in->access_token;
@@ -246,7 +321,13 @@ static void box_release(mso_box_t *b)
                        "mod_msoauth: Graph work for account %" APR_INT64_T_FMT " (%s) failed: "
                        "%s; retrying in %" APR_INT64_T_FMT " s", b->id,
                        w->acct->mailbox ? w->acct->mailbox : "?", b->error,
-                       d.sync_retry_at - now);
+                       d.sync_retry_at ? d.sync_retry_at - now : (apr_int64_t)COMPANY_WAIT);
+    }
+    else if (!b->throttled && !b->unauthorized && w->acct->reason
+             && (!strcmp(w->acct->reason, "mailbox_not_found")
+                 || !strcmp(w->acct->reason, "access_denied_by_policy"))) {
+        /* Reachable again. */
+        mso_account_mailbox_reason(b->pass->db, b->pool, b->id, NULL, NULL, now);
     }
     mso_mirror_release(b->pass->db, b->pool, b->id, b->pass->owner, &d, now);
 }
@@ -269,8 +350,11 @@ static mso_box_t *box_setup(mso_pass_t *pass, mso_sync_box_t *in)
         kinds[k]->setup(b);
     }
     if (!in->access_token) {
-        mso_sync_error(b, "the stored access token cannot be opened (was the key ring "
-                          "changed?); refreshing it");
+        mso_sync_error(b, in->app_only
+                       ? "the company's application token cannot be opened (was the key ring "
+                         "changed?); fetching a new one"
+                       : "the stored access token cannot be opened (was the key ring "
+                         "changed?); refreshing it");
     }
     return b;
 }

@@ -33,6 +33,12 @@ typedef struct {
     /* MSOAuthAttachmentMaxBytes: attachments up to this size are downloaded
      * into the mirror, larger ones never (0: metadata only). */
     apr_int64_t attach_max_bytes;
+    /* access_token is the company's application token (an app account:
+     * roles, not scopes; mailbox_url is /users/{address}): a 401 makes the
+     * company's token due, not the account's. */
+    int app_only;
+    int can_send;                   /* the grant has Mail.Send (.Shared for a shared
+                                     * mailbox, the role for an app account) */
 } mso_sync_box_t;
 
 typedef struct {
@@ -55,5 +61,9 @@ apr_status_t mso_sync_run(mso_db_t *db, apr_pool_t *p, const char *owner,
 /* True when a granted scope list allows write-back (Mail.ReadWrite, short or
  * with the Graph prefix). */
 int mso_sync_scopes_can_write(const char *scopes);
+
+/* True when a granted scope list holds scope (a whole word, short or with a
+ * resource prefix): "Mail.ReadWrite.Shared", "Mail.Send". */
+int mso_sync_scope_has(const char *scopes, const char *scope);
 
 #endif

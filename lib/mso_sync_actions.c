@@ -91,8 +91,17 @@ static void act_done(mso_box_t *b, act_rt_t *ar)
     act_finish(b, ar, rv);
 }
 
-static const char *read_only_text(void)
+static const char *read_only_text(const mso_box_t *b)
 {
+    if (b->in->app_only) {
+        return "the company's app has no Mail.ReadWrite application permission: write-back "
+               "needs it. Add it under API permissions, Application permissions, and grant "
+               "admin consent";
+    }
+    if (b->in->work->acct->shared) {
+        return "this shared mailbox was connected without Mail.ReadWrite.Shared: write-back "
+               "needs it. Add it to MSOAuthScope and connect the mailbox again";
+    }
     return "this mailbox was connected with read access only (Mail.Read): write-back needs "
            "Mail.ReadWrite. Set MSOAuthEdition pro for its company and connect the mailbox "
            "again";
@@ -104,6 +113,12 @@ static void act_failure(mso_box_t *b, act_rt_t *ar, const mso_graph_result_t *g,
 {
     const char *text = mso_graph_result_text(b->pool, g);
 
+    if (mso_sync_mailbox_problem(b, g)) {
+        /* Not the action's fault: it waits with its mailbox. */
+        act_wait(b, ar, apr_pstrcat(b->pool, "the mailbox cannot be reached: ", text, NULL),
+                 maybe_applied || g->maybe_applied);
+        return;
+    }
     switch (g->cls) {
     case MSO_GRAPH_THROTTLED:
         mso_sync_throttle(b, g);
@@ -117,7 +132,7 @@ static void act_failure(mso_box_t *b, act_rt_t *ar, const mso_graph_result_t *g,
         break;
     case MSO_GRAPH_FORBIDDEN:
         act_fail(b, ar, "read_only", apr_pstrcat(b->pool, "Graph refused the change (", text,
-                                                 "): ", read_only_text(), NULL));
+                                                 "): ", read_only_text(b), NULL));
         break;
     case MSO_GRAPH_NOT_FOUND:
         act_fail(b, ar, "not_found", apr_pstrcat(b->pool, ar->dest_id || !ar->dest
@@ -190,7 +205,7 @@ static void act_start(mso_box_t *b, act_rt_t *ar)
 
     if (!b->in->can_write) {
         /* Nothing goes to Graph: the grant cannot write. */
-        act_fail(b, ar, "read_only", read_only_text());
+        act_fail(b, ar, "read_only", read_only_text(b));
         return;
     }
     if (mso_graph_action_request(b->pool, b->in->mailbox_url, ar->a->action, ar->a->graph_id,

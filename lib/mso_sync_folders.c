@@ -254,6 +254,11 @@ static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
         return;
     }
     mso_graph_classify(rq->pool, rv, resp, &g);
+    if (mso_sync_mailbox_problem(b, &g)) {
+        fr->finished = 1;
+        mso_sync_finished(rq);
+        return;
+    }
     switch (g.cls) {
     case MSO_GRAPH_OK:
         page_ok(b, fr, rq, resp);
@@ -292,8 +297,11 @@ static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
     case MSO_GRAPH_FORBIDDEN:
         fr->finished = 1;
         mso_sync_error(b, apr_pstrcat(b->pool, "Graph refused to read folder ", fr->f->folder, " (",
-                                 mso_graph_result_text(b->pool, &g), "): the grant needs "
-                                 "Mail.Read; connect the mailbox again", NULL));
+                                 mso_graph_result_text(b->pool, &g), b->in->app_only
+                                 ? "): the app needs the application permission Mail.Read "
+                                   "with admin consent"
+                                 : "): the grant needs Mail.Read; connect the mailbox again",
+                                 NULL));
         break;
     case MSO_GRAPH_NOT_FOUND:
         fr->finished = 1;

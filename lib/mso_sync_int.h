@@ -44,6 +44,8 @@ typedef struct mso_box_t {
     long retry_after;
     int unauthorized;
     const char *error;              /* first failure of the pass */
+    const char *mailbox_reason;     /* mso_graph_mailbox_reason of that failure, or NULL */
+    const char *company_reason;     /* the company's token was refused as such, or NULL */
     const char *graph_error;        /* Graph's answer with it, for the log */
     int pages_stored;               /* delta pages stored this pass (new mail) */
     void *kind[MSO_KIND_MAX];       /* each kind's runtime for this mailbox */
@@ -83,6 +85,11 @@ int mso_sync_room(const mso_box_t *b);
 void mso_sync_error(mso_box_t *b, const char *text);
 /* Graph asked to wait (429/503): the mailbox stops for Retry-After. */
 void mso_sync_throttle(mso_box_t *b, const mso_graph_result_t *g);
+/* True (and the mailbox stops, with its reason) when Graph's answer says
+ * the mailbox itself cannot be reached (mso_graph_mailbox_reason): the
+ * kinds check it first, so that such an answer is never taken for a
+ * missing message or folder. */
+int mso_sync_mailbox_problem(mso_box_t *b, const mso_graph_result_t *g);
 /* Graph refused the token (401): refreshed once, then retried. */
 void mso_sync_unauthorized(mso_box_t *b, const mso_graph_result_t *g);
 /* True when name is one of the mailbox's mirrored folders. */

@@ -132,7 +132,8 @@ dpkg-deb -c "$deb" | awk '{print $6}' > "$work/files"
 for f in ./usr/lib/apache2/modules/mod_msoauth.so \
          ./etc/apache2/mods-available/msoauth.load ./etc/apache2/mods-available/msoauth.conf \
          ./usr/share/doc/$pkg/copyright ./usr/share/doc/$pkg/changelog.gz \
-         ./usr/share/doc/$pkg/README.md.gz; do
+         ./usr/share/doc/$pkg/README.md.gz \
+         ./usr/bin/msoauthctl ./usr/share/man/man1/msoauthctl.1.gz; do
   grep -qx "$f" "$work/files" || fail "$f is not in the package"
 done
 ! grep -q '\.la$' "$work/files" || fail "a libtool .la is in the package"
@@ -214,6 +215,12 @@ for b in $(grep -E '^/usr/s?bin/.' "$work/installed" || true); do
   [ -x "$b" ] || fail "$b is not executable"
   echo "    program: $b"
 done
+/usr/bin/msoauthctl --version | grep -q "^msoauthctl (mod_msoauth) $ac_version\$" ||
+  fail "msoauthctl --version does not say $ac_version"
+/usr/bin/msoauthctl check-key /etc/apache2/msoauth.key | grep -q 'a valid key, key id' ||
+  fail "msoauthctl check-key does not read the key configtest used"
+man -w msoauthctl >/dev/null 2>&1 || [ -f /usr/share/man/man1/msoauthctl.1.gz ] ||
+  fail "no manual page for msoauthctl"
 dpkg-query -W -f='${Conffiles}\n' "$pkg" | grep -q ' /etc/apache2/mods-available/msoauth.conf ' ||
   fail "msoauth.conf is not registered as a conffile"
 

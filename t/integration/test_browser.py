@@ -237,3 +237,102 @@ def connect_and_cancel(chrome, httpd, simulator, tmp_path):
     assert state_cookies(chrome) == [], state_cookies(chrome)
     kinds = [r["kind"] for r in sim_call(simulator, "GET", "/_sim/log")["requests"]]
     assert "authorize_submit" in kinds and "token" not in kinds, kinds
+
+
+# --- the status page, as an administrator uses it ----------------------------------------
+
+ADMIN_LOCATION = """
+<Location /microsoft_outlook/admin>
+  SetHandler msoauth-admin
+  Require local
+</Location>
+"""
+
+
+def other_site(html):
+    """Another origin (localhost, not 127.0.0.1) serving one page: its URL."""
+    import http.server
+    import threading
+
+    body = html.encode()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://localhost:{srv.server_address[1]}/index.html"
+
+
+def test_chromium_disconnects_from_the_status_page(httpd, simulator, tmp_path):
+    """The administrator opens the status page, clicks Disconnect on an
+    account and sees it disconnected; a form of another site that posts to
+    the same action is refused and changes nothing."""
+    with chromium() as chrome:
+        admin_disconnect(chrome, httpd, simulator, tmp_path)
+
+
+def admin_disconnect(chrome, httpd, simulator, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    httpd.file("api.key", "k" * 64 + "\n")
+    s = Setup(httpd, simulator, extra=ADMIN_LOCATION + "MSOAuthAPIKeyFile api.key\n")
+    s.wait_schema()
+    _, _, r3 = s.sign_in(mailbox="adele@contoso.com", return_to="/a")
+    acc = int(r3.query()["account"])
+    admin = f"{s.h.url}/microsoft_outlook/admin/"
+
+    # Another site's page (another origin: localhost, not 127.0.0.1) with a
+    # form that posts to the action as soon as it loads.
+    forged = other_site(f"""<!DOCTYPE html><html><body>
+<form id="f" method="POST" action="{admin}accounts/{acc}/disconnect">
+<input type="hidden" name="csrf" value="guessed-token"></form>
+<script>document.getElementById("f").submit();</script></body></html>""")
+
+    chrome.get(admin)
+    wait(chrome, "the status page", lambda d: d.title == "mod_msoauth status")
+    row = chrome.find_element(By.ID, f"account-{acc}")
+    assert "adele@contoso.com" in row.text and "connected" in row.text
+    reconnect = chrome.find_element(By.ID, f"reconnect-{acc}").get_attribute("href")
+    q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(reconnect).query))
+    assert urllib.parse.urlsplit(reconnect).path == "/microsoft_outlook/connect"
+    assert q == {"company": "default", "mailbox": "adele@contoso.com",
+                 "return_to": "/microsoft_outlook/admin/"}, q
+    session = [c for c in all_cookies(chrome) if c["name"] == "msoauth_admin"]
+    assert len(session) == 1 and session[0]["httpOnly"] and session[0]["sameSite"] == "Strict"
+    assert session[0]["path"] == "/microsoft_outlook/admin"
+    page_png = tmp_path / "admin.png"
+    assert chrome.save_screenshot(str(page_png))
+    assert_png(page_png)
+
+    # The forged form: the browser posts it, the module refuses it.
+    chrome.get(forged)
+    wait(chrome, "the forged form's answer",
+         lambda d: "/microsoft_outlook/admin/accounts/" in d.current_url)
+    assert "forbidden" in chrome.find_element(By.TAG_NAME, "body").text
+    assert s.accounts()[0]["state"] == "connected"
+
+    # Disconnect, clicked on the page.
+    chrome.get(admin)
+    wait(chrome, "the status page", lambda d: d.title == "mod_msoauth status")
+    chrome.find_element(By.ID, f"disconnect-{acc}").click()
+    wait(chrome, "the answer of Disconnect", lambda d: d.title.startswith("Disconnect"))
+    assert "disconnected" in chrome.find_element(By.ID, "result").text
+    done_png = tmp_path / "disconnected.png"
+    assert chrome.save_screenshot(str(done_png))
+    assert_png(done_png)
+    assert s.accounts()[0]["state"] == "disconnected"
+    chrome.find_element(By.ID, "back").click()
+    wait(chrome, "the status page again", lambda d: d.title == "mod_msoauth status")
+    row = chrome.find_element(By.ID, f"account-{acc}")
+    assert row.find_element(By.CLASS_NAME, "state").text == "disconnected"
+    assert not chrome.find_elements(By.ID, f"disconnect-{acc}")

@@ -2,7 +2,9 @@
 handler and the admin handler, with a real httpd and the simulator."""
 import base64
 import json
+import re
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -33,6 +35,22 @@ def get_json(s, path, headers=None, method="GET"):
                           headers=dict({"Accept": "application/json"}, **(headers or {})))
     assert r.headers["Content-Type"].startswith("application/json"), r.text
     assert SECRET not in r.text
+    return r.status, json.loads(r.text)
+
+
+def admin_post(s, path, headers=None, browser=None):
+    """An admin action as the status page's form posts it: the session cookie
+    the page set and the page's form token (no API key); JSON answers."""
+    b = browser or Browser()
+    page = b.get(s.h.url + "/microsoft_outlook/admin/", headers={"Accept": "text/html"})
+    assert page.status == 200, page.text
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    r = b.request(s.h.url + path, method="POST",
+                  data=urllib.parse.urlencode({"csrf": token}).encode(),
+                  headers=dict({"Content-Type": "application/x-www-form-urlencoded",
+                                "Accept": "application/json", "Origin": s.h.url},
+                               **(headers or {})))
+    assert r.headers["Content-Type"].startswith("application/json"), r.text
     return r.status, json.loads(r.text)
 
 
@@ -240,16 +258,19 @@ def test_admin_status_test_and_disconnect(job):
     assert html.status == 200 and ADELE[0] in html.text and job.redirect_uri in html.text
     assert SECRET not in html.text
 
-    status, t = get_json(job, f"/microsoft_outlook/admin/accounts/{acc}/test", method="POST")
+    status, t = admin_post(job, f"/microsoft_outlook/admin/accounts/{acc}/test")
     assert status == 200 and t["ok"] is True and t["inbox_total"] >= 7, t
 
-    status, x = get_json(job, f"/microsoft_outlook/admin/accounts/{acc}/disconnect",
-                         method="POST", headers={"Origin": "https://evil.example"})
+    status, x = admin_post(job, f"/microsoft_outlook/admin/accounts/{acc}/disconnect",
+                           headers={"Origin": "https://evil.example"})
     assert status == 403
-    assert account(job, acc)["state"] == "connected"
-
+    # neither the API key nor a form of the page
     status, x = get_json(job, f"/microsoft_outlook/admin/accounts/{acc}/disconnect",
                          method="POST", headers={"Origin": job.h.url})
+    assert status == 403 and x["reason"] == "forbidden", x
+    assert account(job, acc)["state"] == "connected"
+
+    status, x = admin_post(job, f"/microsoft_outlook/admin/accounts/{acc}/disconnect")
     assert status == 200 and x["state"] == "disconnected"
     assert account(job, acc)["state"] == "disconnected"
     assert job.tokens(acc) == {}

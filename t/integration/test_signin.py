@@ -21,7 +21,8 @@ class Setup:
     """One httpd with the module, one app registered at the simulator."""
 
     def __init__(self, httpd, simulator, db="sqlite3", pg_params=None, secret=SECRET,
-                 extra="", register=True, audience="AzureADandPersonalMicrosoftAccount"):
+                 extra="", register=True, audience="AzureADandPersonalMicrosoftAccount",
+                 prepare=None, main_extra=""):
         self.h = httpd
         self.sim = simulator
         self.client_id = "0c9a7d52-6a0e-4c55-9d0e-3c2b1a0f9e8d"
@@ -35,6 +36,8 @@ class Setup:
                 "client_id": self.client_id, "display_name": "ERP",
                 "secrets": [{"value": SECRET}], "redirect_uris": [self.redirect_uri],
                 "sign_in_audience": audience, "home_tenant": TENANT})
+        if prepare:
+            prepare(self)      # simulator state the module must find at its first tick
         httpd.file("keys/k1.hex", self.key_hex)
         self.db = db
         self.pg = pg_params
@@ -46,6 +49,7 @@ DBDParams "{params}"
 MSOAuthTokenKeyFile keys/k1.hex
 MSOAuthClientID {self.client_id}
 MSOAuthClientSecret "{secret}"
+{main_extra}
 MSOAuthAuthorityURL {simulator.url}
 MSOAuthGraphURL {simulator.url}
 <MSOAuthCompany single>

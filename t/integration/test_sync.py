@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import sim_call
-from test_job import ADMIN, get_json
+from test_job import ADMIN, admin_post, get_json
 from test_nodes import alive, pg_schema, poll, second_node  # noqa: F401 (fixture)
 from test_signin import ADELE, MEGAN, SECRET, Setup
 
@@ -55,8 +55,7 @@ class Env:
         return body
 
     def sync_now(self, acc):
-        status, body = get_json(self.s, f"/microsoft_outlook/admin/accounts/{acc}/sync",
-                                method="POST")
+        status, body = admin_post(self.s, f"/microsoft_outlook/admin/accounts/{acc}/sync")
         assert status == 202 and body["sync"] == "scheduled", body
         return body
 
@@ -298,8 +297,7 @@ def test_admin_page_shows_counts(httpd, simulator):
     assert a["messages"] == 42 and a["actions"]["queued"] == 0
     page = env.s.browser.get(f"{env.h.url}/microsoft_outlook/admin")
     assert "<th>Messages</th>" in page.text and "<td>42</td>" in page.text
-    status, body = get_json(env.s, "/microsoft_outlook/admin/accounts/99999/sync",
-                            method="POST")
+    status, body = admin_post(env.s, "/microsoft_outlook/admin/accounts/99999/sync")
     assert status == 404
 
 

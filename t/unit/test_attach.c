@@ -546,17 +546,19 @@ START_TEST(upgrade_lists_what_was_mirrored)
      * an inline image, one plain, one removed. */
     ck_assert_int_eq(mso_schema_migrate_to(db, pool, 4, &from, &to, &err), APR_SUCCESS);
     {
-        mso_connect_t in = sample("default", "up@example.com", "oid-up");
-        mso_account_t *a = connect_ok(db, &in, "r", "a", 1700000000);
+        /* A row as version 4 knows it (this build's account code expects the
+         * latest schema). */
         const char *rows[][4] = {{"H", "1", "text", "x"}, {"I", "0", "html", "<img src=\"Cid:x\">"},
                                  {"P", "0", "html", "<p>plain</p>"}, {"R", "1", "text", "x"}};
         int k;
 
+        exec_ok(db, "INSERT INTO msoauth_accounts (company, mailbox, created_at, updated_at) "
+                    "VALUES ('default', 'up@example.com', 1700000000, 1700000000)");
         for (k = 0; k < 4; k++) {
             exec_ok(db, apr_psprintf(pool, "INSERT INTO msoauth_messages (account_id, graph_id, "
                                      "folder, has_attachments, body_type, body, removed, "
-                                     "updated_at) VALUES (%" APR_INT64_T_FMT ", '%s', 'inbox', "
-                                     "%s, '%s', '%s', %d, 1)", a->id, rows[k][0], rows[k][1],
+                                     "updated_at) VALUES ((SELECT MAX(id) FROM msoauth_accounts), "
+                                     "'%s', 'inbox', %s, '%s', '%s', %d, 1)", rows[k][0], rows[k][1],
                                      rows[k][2], rows[k][3], k == 3));
         }
     }

@@ -160,9 +160,13 @@ START_TEST(load_and_sign)
     ck_assert_int_eq(mso_cert_assertion(pool, c, MSO_ASSERTION_RS256, "client-1",
                                         "https://login.example/t/oauth2/v2.0/token", 1000, 300,
                                         &jwt2), APR_SUCCESS);
-    ck_assert_str_ne(json_string_value(json_object_get(part(jwt2, 1), "jti")),
+    json_decref(h);
+    h = part(jwt2, 1);
+    ck_assert_str_ne(json_string_value(json_object_get(h, "jti")),
                      json_string_value(json_object_get(b, "jti")));
-    ck_assert_str_eq(json_string_value(json_object_get(part(jwt2, 0), "alg")), "RS256");
+    json_decref(h);
+    h = part(jwt2, 0);
+    ck_assert_str_eq(json_string_value(json_object_get(h, "alg")), "RS256");
     ck_assert(signature_ok(jwt2, key, 0));
     json_decref(h);
     json_decref(b);

@@ -724,6 +724,54 @@ START_TEST(open_hostile)
 }
 END_TEST
 
+/* ---- form tokens and key ids --------------------------------------------- */
+
+START_TEST(csrf_tokens)
+{
+    mso_keyring_t *old = ring_of(1, 0), *rotated = ring_of(2, 1), *other = ring_of(3, 0);
+    const char *t = mso_csrf_token(pool, old, "session-a");
+
+    ck_assert_ptr_nonnull(t);
+    ck_assert_uint_eq(strlen(t), 43);                   /* 32 bytes, base64url */
+    ck_assert_str_eq(t, mso_csrf_token(pool, old, "session-a"));
+    ck_assert_str_ne(t, mso_csrf_token(pool, old, "session-b"));
+    ck_assert(mso_csrf_check(pool, old, "session-a", t));
+    ck_assert(!mso_csrf_check(pool, old, "session-b", t));
+    ck_assert(!mso_csrf_check(pool, other, "session-a", t));
+    /* A page opened before the new key was put first still posts. */
+    ck_assert(mso_csrf_check(pool, rotated, "session-a", t));
+    ck_assert_str_ne(mso_csrf_token(pool, rotated, "session-a"), t);
+    /* Not the token key's MAC, nor anything without a session or token. */
+    ck_assert(!mso_csrf_check(pool, old, "session-a", ""));
+    ck_assert(!mso_csrf_check(pool, old, "", t));
+    ck_assert(!mso_csrf_check(pool, old, NULL, t));
+    ck_assert(!mso_csrf_check(pool, old, "session-a", NULL));
+    ck_assert_ptr_null(mso_csrf_token(pool, old, ""));
+    ck_assert_ptr_null(mso_csrf_token(pool, mso_keyring_create(pool), "session-a"));
+    {
+        char *bad = apr_pstrdup(pool, t);
+
+        bad[5] = bad[5] == 'A' ? 'B' : 'A';
+        ck_assert(!mso_csrf_check(pool, old, "session-a", bad));
+    }
+}
+END_TEST
+
+START_TEST(sealed_kid)
+{
+    mso_keyring_t *kr = ring_of(2, 1);
+    const char *sealed = NULL;
+
+    ck_assert_int_eq(mso_seal(pool, kr, MSO_PURPOSE_TOKEN, "aad", "x", 1, &sealed),
+                     APR_SUCCESS);
+    ck_assert_str_eq(mso_sealed_kid(pool, sealed), mso_keyring_kid(kr, 0));
+    ck_assert_str_eq(mso_sealed_kid(pool, sealed), mso_keyring_kid(ring_of(2, 0), 0));
+    ck_assert_ptr_null(mso_sealed_kid(pool, "not a blob"));
+    ck_assert_ptr_null(mso_sealed_kid(pool, "AAAA"));
+    ck_assert_ptr_null(mso_sealed_kid(pool, NULL));
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("crypto");
@@ -761,6 +809,8 @@ int main(void)
     tcase_add_test(tc_seal, seal_context);
     tcase_add_test(tc_seal, key_rotation);
     tcase_add_test(tc_seal, open_hostile);
+    tcase_add_test(tc_seal, csrf_tokens);
+    tcase_add_test(tc_seal, sealed_kid);
     suite_add_tcase(s, tc_seal);
 
     failed = mso_check_run(s);

@@ -122,7 +122,14 @@ static int respond(int fd, const char *req, size_t req_len)
         sscanf(sp + 1, "%127s", path);
     }
     memset(big, 'x', sizeof(big));
-    if (strcmp(path, "/ok") == 0) {
+    if (strncmp(path, "http://", 7) == 0) {
+        /* The absolute form: a client that takes this server for its proxy. */
+        snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %lu\r\n"
+                 "Connection: close\r\n\r\nproxied %s", (unsigned long)(8 + strlen(path)),
+                 path);
+        send_str(fd, head);
+    }
+    else if (strcmp(path, "/ok") == 0) {
         send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Test: yes\r\n"
                      "X-Multi: a\r\nX-Multi: b\r\nX-Spaces:   padded  \r\n"
                      "Content-Length: 5\r\nConnection: close\r\n\r\nhello");
@@ -448,6 +455,41 @@ START_TEST(ok_with_headers)
 }
 END_TEST
 
+/* MSOAuthHTTPProxy: every call goes through the configured proxy, whatever
+ * no_proxy says; without one, never through a proxy of the environment. */
+START_TEST(proxy_from_the_configuration_only)
+{
+    static const char *const vars[] = {"http_proxy", "HTTP_PROXY", "https_proxy",
+                                       "HTTPS_PROXY", "all_proxy", "ALL_PROXY", NULL};
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    int i;
+
+    o.proxy = url("");
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", "http://login.example.invalid/tenant/x",
+                                      NULL, NULL, 0, &r), APR_SUCCESS);
+    ck_assert_int_eq(r->status, 200);
+    ck_assert_str_eq(r->body, "proxied http://login.example.invalid/tenant/x");
+
+    /* A dead proxy in every variable curl would read: not used. */
+    for (i = 0; vars[i]; i++) {
+        setenv(vars[i], "http://127.0.0.1:1", 1);
+    }
+    setenv("no_proxy", "*", 1);
+    r = get("/ok", APR_SUCCESS);
+    ck_assert_int_eq(r->status, 200);
+    ck_assert_str_eq(r->body, "hello");
+    /* and no_proxy exempts nothing from the configured one */
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url("/ok"), NULL, NULL, 0, &r),
+                     APR_SUCCESS);
+    ck_assert_str_eq(r->body, apr_pstrcat(pool, "proxied ", url("/ok"), NULL));
+    for (i = 0; vars[i]; i++) {
+        unsetenv(vars[i]);
+    }
+    unsetenv("no_proxy");
+}
+END_TEST
+
 START_TEST(last_header_block)
 {
     mso_http_response_t *r = get("/continue", APR_SUCCESS);
@@ -759,6 +801,42 @@ static apr_interval_time_t run_gets(mso_http_multi_t *m, const char *path, resul
     ck_assert_int_eq(mso_http_multi_run(m, apr_time_from_sec(10)), want);
     return apr_time_now() - start;
 }
+
+/* The outcomes a multi handle counts for the metrics, and counts afresh. */
+START_TEST(multi_counts_outcomes)
+{
+    static const char *const paths[] = {"/ok", "/empty", "/retry/5", "/retry/date+5",
+                                        "/nothing-here", "/stall", NULL};
+    mso_http_opts_t o = fast_opts();
+    mso_http_multi_t *m;
+    mso_http_counts_t n;
+    result_t res[8];
+    int i;
+
+    o.stall_seconds = 1;
+    o.timeout_ms = 1500;
+    m = multi(&o, 8, 8);
+    memset(res, 0, sizeof(res));
+    for (i = 0; paths[i]; i++) {
+        ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", url(paths[i]), NULL, NULL, 0,
+                                            on_done, &res[i]), APR_SUCCESS);
+    }
+    ck_assert_int_eq(mso_http_multi_add(m, pool, "GET", "http://127.0.0.1:1/", NULL, NULL, 0,
+                                        on_done, &res[i]), APR_SUCCESS);
+    mso_http_multi_run(m, apr_time_from_sec(10));
+    memset(&n, 0, sizeof(n));
+    mso_http_multi_counts(m, &n);
+    ck_assert_int_eq(n.ok, 2);
+    ck_assert_int_eq(n.throttled, 2);          /* 429 and 503 */
+    ck_assert_int_eq(n.client_error, 1);       /* 404 */
+    ck_assert_int_eq(n.server_error, 0);
+    ck_assert_int_eq(n.failed, 2);             /* a stall and a refused connection */
+    mso_http_multi_counts(m, &n);
+    ck_assert_int_eq(n.ok + n.throttled + n.client_error + n.failed, 7);
+    mso_http_multi_counts(NULL, &n);
+    mso_http_multi_destroy(m);
+}
+END_TEST
 
 START_TEST(multi_concurrent)
 {
@@ -1348,6 +1426,7 @@ int main(void)
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, ok_with_headers);
     tcase_add_test(tc, last_header_block);
+    tcase_add_test(tc, proxy_from_the_configuration_only);
     tcase_add_test(tc, no_redirects);
     tcase_add_test(tc, retry_after);
     tcase_add_test(tc, max_body);
@@ -1360,6 +1439,7 @@ int main(void)
     tcase_add_test(tc, encoding);
     tcase_add_test(tc, defaults);
     tcase_add_test(tc, multi_concurrent);
+    tcase_add_test(tc, multi_counts_outcomes);
     tcase_add_test(tc, multi_max_in_flight);
     tcase_add_test(tc, multi_max_host_connections);
     tcase_add_test(tc, multi_stall_times_out_alone);

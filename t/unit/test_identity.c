@@ -94,6 +94,10 @@ START_TEST(reasons_for_errors)
     ck_assert_str_eq(mso_reason_for_error("invalid_client", 7000222, 1), "client_secret_expired");
     ck_assert_str_eq(mso_reason_for_error("invalid_client", 0, 1), "invalid_client_secret");
     ck_assert_str_eq(mso_reason_for_error("unauthorized_client", 700016, 0), "app_not_found");
+    /* Client credentials on /common or /organizations; no service principal (consent). */
+    ck_assert_str_eq(mso_reason_for_error("invalid_request", 9001023, 0), "wrong_tenant");
+    ck_assert_str_eq(mso_reason_for_error("unauthorized_client", 7000229, 0),
+                     "admin_consent_required");
     ck_assert_str_eq(mso_reason_for_error("invalid_request", 50194, 0), "wrong_tenant");
     ck_assert_str_eq(mso_reason_for_error("consent_required", 65001, 0), "consent_required");
     ck_assert_str_eq(mso_reason_for_error("access_denied", 90094, 0), "admin_consent_required");
@@ -182,7 +186,11 @@ START_TEST(every_reason_has_text)
         /* version 2 */
         "certificate_invalid", "certificate_expired", "mailbox_not_found",
         "access_denied_by_policy", "send_not_permitted", "not_found", "forbidden",
-        "cross_site", NULL
+        "cross_site",
+        /* shared mailboxes */
+        "shared_access_denied",
+        /* the attachment handler */
+        "account_not_found", "message_not_found", "attachment_not_found", NULL
     };
     const mso_reason_t *r;
     int i, n = 0;
