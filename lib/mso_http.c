@@ -19,7 +19,7 @@
 #include "mso_log.h"
 
 #ifndef MSO_VERSION
-#define MSO_VERSION "0.1.0"
+#define MSO_VERSION "0.2.0"
 #endif
 
 #define MSO_HTTP_UA "mod_msoauth/" MSO_VERSION

@@ -35,7 +35,7 @@
 #include "mso_sync.h"
 
 #ifndef MSO_VERSION
-#define MSO_VERSION "0.1.0"
+#define MSO_VERSION "0.2.0"
 #endif
 
 #define EXIT_USAGE 2
