@@ -44,7 +44,7 @@ APLOG_USE_MODULE(msoauth);
 #define WAIT_FOR_OTHER apr_time_from_sec(15)
 #define ADD_BODY_MAX 4096               /* POST accounts: {company, mailbox} */
 
-static int send_json(request_rec *r, int status, json_t *j)
+int msoauth_send_json(request_rec *r, int status, json_t *j)
 {
     char *text = json_dumps(j, JSON_COMPACT);
 
@@ -61,7 +61,7 @@ static int send_json(request_rec *r, int status, json_t *j)
     return OK;
 }
 
-static int json_error(request_rec *r, int status, const char *reason, const char *detail)
+int msoauth_json_error(request_rec *r, int status, const char *reason, const char *detail)
 {
     const mso_reason_t *rs = mso_reason_get(reason);
     json_t *j = json_pack("{s:b, s:s}", "ok", 0, "reason", reason);
@@ -73,10 +73,10 @@ static int json_error(request_rec *r, int status, const char *reason, const char
     if (detail) {
         json_object_set_new(j, "detail", json_string(detail));
     }
-    return send_json(r, status, j);
+    return msoauth_send_json(r, status, j);
 }
 
-static int parse_id(const char *s, apr_int64_t *id)
+int msoauth_parse_id(const char *s, apr_int64_t *id)
 {
     char *end;
 
@@ -282,10 +282,10 @@ int msoauth_token_handler(request_rec *r)
         return HTTP_METHOD_NOT_ALLOWED;
     }
     if ((why = mso_query_parse(r->pool, r->args, &args)) != NULL) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", why);
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", why);
     }
-    if (!parse_id(apr_table_get(args, "account"), &id)) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "account must be an account ID");
+    if (!msoauth_parse_id(apr_table_get(args, "account"), &id)) {
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", "account must be an account ID");
     }
     res = apr_table_get(args, "resource");
     if (!res || !strcmp(res, "graph")) {
@@ -295,17 +295,17 @@ int msoauth_token_handler(request_rec *r)
         resource = "outlook";
     }
     else {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "resource must be graph, imap or "
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", "resource must be graph, imap or "
                           "smtp");
     }
     if (!(db = msoauth_request_db(r))) {
-        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
+        return msoauth_json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
     if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS) {
-        return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
+        return msoauth_json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
     if (!(c = msoauth_account_company(r->server, a->company, a->client_id))) {
-        return json_error(r, HTTP_NOT_FOUND, "not_configured", "the account's company is not "
+        return msoauth_json_error(r, HTTP_NOT_FOUND, "not_configured", "the account's company is not "
                           "configured on this virtual host");
     }
     if (!strcmp(resource, "outlook")) {
@@ -313,26 +313,26 @@ int msoauth_token_handler(request_rec *r)
         resource = c->set.outlook_url.value;
     }
     if (strcmp(a->state, "connected")) {
-        return send_json(r, HTTP_CONFLICT, account_state_json(a));
+        return msoauth_send_json(r, HTTP_CONFLICT, account_state_json(a));
     }
     msoauth_account_token(r, db, a, resource, &f);
     if (!f.token) {
         if (mso_account_get(db, r->pool, id, &a) == APR_SUCCESS
             && strcmp(a->state, "connected")) {
-            return send_json(r, HTTP_CONFLICT, account_state_json(a));
+            return msoauth_send_json(r, HTTP_CONFLICT, account_state_json(a));
         }
         ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(301) "token for account %"
                       APR_INT64_T_FMT " not available: %s%s%s", id, f.reason,
                       f.aadsts ? apr_psprintf(r->pool, " AADSTS%ld", f.aadsts) : "",
                       f.detail ? apr_pstrcat(r->pool, " (", f.detail, ")", NULL) : "");
-        return json_error(r, !strcmp(f.reason, "not_configured") ? HTTP_NOT_FOUND
+        return msoauth_json_error(r, !strcmp(f.reason, "not_configured") ? HTTP_NOT_FOUND
                           : HTTP_SERVICE_UNAVAILABLE, f.reason, f.detail);
     }
     j = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s}", "access_token", f.token,
                   "token_type", "Bearer", "expires_at", (json_int_t)f.expires_at,
                   "scope", f.scope ? f.scope : "", "mailbox", a->mailbox,
                   "xoauth2", xoauth2(r, a->mailbox, f.token));
-    return send_json(r, HTTP_OK, j);
+    return msoauth_send_json(r, HTTP_OK, j);
 }
 
 /* --- admin --- */
@@ -1177,7 +1177,7 @@ static int action_answer(request_rec *r, const char *base, int form, int status,
     const char *text, *fix;
 
     if (!form) {
-        return send_json(r, status, j);
+        return msoauth_send_json(r, status, j);
     }
     if (json_is_true(json_object_get(j, "ok"))) {
         apr_int64_t total = 0, unread = 0;
@@ -1250,39 +1250,39 @@ static int add_account(request_rec *r, mso_db_t *db)
 
     /* A form or text/plain is what another site's page could send. */
     if (!ctype || strncasecmp(ctype, "application/json", 16)) {
-        return json_error(r, HTTP_UNSUPPORTED_MEDIA_TYPE, "bad_request", "send "
+        return msoauth_json_error(r, HTTP_UNSUPPORTED_MEDIA_TYPE, "bad_request", "send "
                           "Content-Type: application/json");
     }
     if (!(body = read_body(r, ADD_BODY_MAX, &len, &why))) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", why);
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", why);
     }
     j = mso_json_parse(r->pool, body, len, NULL);
     name = mso_json_str(j, "company");
     mailbox = mso_json_str(j, "mailbox");
     if (!j || !json_is_object(j) || !name || !mailbox) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "the body must be a JSON object "
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", "the body must be a JSON object "
                           "with company and mailbox");
     }
     if (mso_check_company_name(r->pool, name)) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "company is not a valid name");
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", "company is not a valid name");
     }
     if ((why = mso_check_mailbox(mailbox)) != NULL
         || (why = mso_check_text_param(mailbox)) != NULL) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", apr_pstrcat(r->pool, "mailbox: ",
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", apr_pstrcat(r->pool, "mailbox: ",
                                                                           why, NULL));
     }
     c = msoauth_company(r->server, name);
     if (!msoauth_company_has_credentials(c)) {
-        return json_error(r, HTTP_NOT_FOUND, "not_configured", apr_psprintf(r->pool, "no "
+        return msoauth_json_error(r, HTTP_NOT_FOUND, "not_configured", apr_psprintf(r->pool, "no "
                           "company %s with credentials is configured here", name));
     }
     if (!c->set.app_only.value) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", apr_psprintf(r->pool, "company "
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", apr_psprintf(r->pool, "company "
                           "%s is not app-only (MSOAuthAppOnly on): its mailboxes are connected "
                           "by the people who own them, through the Connect link", c->name));
     }
     if (!db) {
-        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
+        return msoauth_json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
     memset(&in, 0, sizeof(in));
     in.company = c->name;
@@ -1293,13 +1293,13 @@ static int add_account(request_rec *r, mso_db_t *db)
     rv = mso_account_add_app(db, r->pool, &in, mso_lower(r->pool, mailbox),
                              apr_time_sec(apr_time_now()), &a, &created, &err);
     if (rv == MSO_ACCOUNT_OTHER_OBJECT) {
-        return json_error(r, HTTP_CONFLICT, "mailbox_mismatch", err);
+        return msoauth_json_error(r, HTTP_CONFLICT, "mailbox_mismatch", err);
     }
     if (rv != APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r, MSOLOGNO(308) "adding mailbox %s to "
                       "company %s failed: %s", ap_escape_logitem(r->pool, mailbox), c->name,
                       err ? ap_escape_logitem(r->pool, err) : "");
-        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write failed");
+        return msoauth_json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database write failed");
     }
     ap_log_rerror(APLOG_MARK, APLOG_NOTICE, 0, r, MSOLOGNO(306) "mailbox %s added to app-only "
                   "company %s as account %" APR_INT64_T_FMT " by %s%s",
@@ -1309,7 +1309,7 @@ static int add_account(request_rec *r, mso_db_t *db)
     o = account_json(r, a, NULL, NULL, NULL);
     json_object_set_new(o, "ok", json_true());
     json_object_set_new(o, "created", json_boolean(created));
-    return send_json(r, created ? HTTP_CREATED : HTTP_OK, o);
+    return msoauth_send_json(r, created ? HTTP_CREATED : HTTP_OK, o);
 }
 
 int msoauth_admin_handler(request_rec *r)
@@ -1333,16 +1333,16 @@ int msoauth_admin_handler(request_rec *r)
     }
     if (*tail && strcmp(tail, "accounts")) {
         if (strncmp(tail, "accounts/", 9)) {
-            return json_error(r, HTTP_NOT_FOUND, "not_found", "unknown admin path: use /, "
+            return msoauth_json_error(r, HTTP_NOT_FOUND, "not_found", "unknown admin path: use /, "
                               "/accounts, /accounts/ID or /accounts/ID/test|sync|disconnect");
         }
         rest = apr_pstrdup(r->pool, tail + 9);
         id_part = apr_strtok(rest, "/", &last);
         action = apr_strtok(NULL, "/", &last);
-        if (!parse_id(id_part, &id) || apr_strtok(NULL, "/", &last)
+        if (!msoauth_parse_id(id_part, &id) || apr_strtok(NULL, "/", &last)
             || (action && strcmp(action, "test") && strcmp(action, "sync")
                 && strcmp(action, "disconnect"))) {
-            return json_error(r, HTTP_NOT_FOUND, "not_found", "unknown admin path: use /, "
+            return msoauth_json_error(r, HTTP_NOT_FOUND, "not_found", "unknown admin path: use /, "
                               "/accounts, /accounts/ID or /accounts/ID/test|sync|disconnect");
         }
     }
@@ -1350,14 +1350,14 @@ int msoauth_admin_handler(request_rec *r)
         if (!same_origin(r, sc)) {
             ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(302) "refused a "
                           "cross-origin admin POST");
-            return json_error(r, HTTP_FORBIDDEN, "forbidden", "cross-origin POST refused");
+            return msoauth_json_error(r, HTTP_FORBIDDEN, "forbidden", "cross-origin POST refused");
         }
         /* A program's call (no form adds mailboxes): the API key when one is set. */
         if (sc->api_key && !keyed) {
             ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(307) "refused an admin "
                           "POST to add a mailbox without the API key");
             apr_table_setn(r->err_headers_out, "WWW-Authenticate", "Bearer realm=\"mod_msoauth\"");
-            return json_error(r, HTTP_UNAUTHORIZED, "forbidden", "adding a mailbox needs the "
+            return msoauth_json_error(r, HTTP_UNAUTHORIZED, "forbidden", "adding a mailbox needs the "
                               "API key ('Authorization: Bearer KEY')");
         }
         return add_account(r, msoauth_request_db(r));
@@ -1372,7 +1372,7 @@ int msoauth_admin_handler(request_rec *r)
         if (!same_origin(r, sc)) {
             ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(302) "refused a "
                           "cross-origin admin POST");
-            return json_error(r, HTTP_FORBIDDEN, "forbidden", "cross-origin POST refused");
+            return msoauth_json_error(r, HTTP_FORBIDDEN, "forbidden", "cross-origin POST refused");
         }
         /* A program has the API key; a person's browser posts a form of the
          * page, whose token belongs to the session in its cookie (a forged
@@ -1386,7 +1386,7 @@ int msoauth_admin_handler(request_rec *r)
                                    apr_table_get(fields, "csrf"))) {
                 ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r, MSOLOGNO(305) "refused an "
                               "admin POST without the API key or a valid form token");
-                return json_error(r, HTTP_FORBIDDEN, "forbidden", "an admin action needs the "
+                return msoauth_json_error(r, HTTP_FORBIDDEN, "forbidden", "an admin action needs the "
                                   "API key ('Authorization: Bearer KEY') or a form of the "
                                   "status page: reload the page and try again");
             }
@@ -1405,27 +1405,27 @@ int msoauth_admin_handler(request_rec *r)
 
         if (!m) {
             /* Never an empty list that looks like "no accounts". */
-            return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "the database is "
+            return msoauth_json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "the database is "
                               "unavailable: see the error log (DBDriver/DBDParams)");
         }
         if (!strcmp(tail, "accounts")) {
             json_t *accs = json_incref(json_object_get(m, "accounts"));
             json_decref(m);
-            return send_json(r, HTTP_OK, accs);
+            return msoauth_send_json(r, HTTP_OK, accs);
         }
         if (wants_json(r)) {
-            return send_json(r, HTTP_OK, m);
+            return msoauth_send_json(r, HTTP_OK, m);
         }
         return status_page(r, m, base, sc->keyring ? mso_csrf_token(r->pool, sc->keyring,
                                                                     page_session(r, sc, base))
                                                    : NULL);
     }
     if (!db) {
-        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
+        return msoauth_json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
     if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS
         || !msoauth_account_company(r->server, a->company, a->client_id)) {
-        return json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
+        return msoauth_json_error(r, HTTP_NOT_FOUND, "not_found", "no such account");
     }
     if (!action) {
         apr_hash_t *stats = NULL, *astats = NULL;
@@ -1440,7 +1440,7 @@ int msoauth_admin_handler(request_rec *r)
         if (mso_events_list(db, r->pool, a->id, &events) != APR_SUCCESS) {
             events = NULL;
         }
-        return send_json(r, HTTP_OK, account_json(r, a, stats, astats, events));
+        return msoauth_send_json(r, HTTP_OK, account_json(r, a, stats, astats, events));
     }
     title = apr_psprintf(r->pool, "%s: account %" APR_INT64_T_FMT " (%s)",
                          !strcmp(action, "test") ? "Test" : !strcmp(action, "sync")

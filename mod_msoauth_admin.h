@@ -4,12 +4,22 @@
 #define MOD_MSOAUTH_ADMIN_H
 
 #include <httpd.h>
+#include <jansson.h>
 
 #include "mso_account.h"
 #include "mso_db.h"
 
 int msoauth_token_handler(request_rec *r);
 int msoauth_admin_handler(request_rec *r);
+
+/* The local API's JSON answers, shared by its handlers: j (consumed) with
+ * no-store and nosniff; an error {"ok":false, reason, message and fix of a
+ * known reason, detail}. */
+int msoauth_send_json(request_rec *r, int status, json_t *j);
+int msoauth_json_error(request_rec *r, int status, const char *reason, const char *detail);
+
+/* A positive decimal ID of at most 18 digits (*id), or 0. */
+int msoauth_parse_id(const char *s, apr_int64_t *id);
 
 /* An access token for account a, for other handlers that call Graph. */
 typedef struct {

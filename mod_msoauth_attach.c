@@ -36,51 +36,6 @@ APLOG_USE_MODULE(msoauth);
 #define GRAPH_TIMEOUT_MS (10 * 60 * 1000)
 #define GRAPH_MAX_DOWNLOAD ((apr_size_t)160 * 1024 * 1024)  /* above Exchange's 150 MB */
 
-static int send_json(request_rec *r, int status, json_t *j)
-{
-    char *text = json_dumps(j, JSON_COMPACT);
-
-    json_decref(j);
-    apr_table_setn(r->err_headers_out, "Cache-Control", "no-store");
-    apr_table_setn(r->err_headers_out, "X-Content-Type-Options", "nosniff");
-    r->status = status;
-    ap_set_content_type(r, "application/json");
-    if (text) {
-        ap_rputs(text, r);
-        ap_rputc('\n', r);
-        free(text);
-    }
-    return OK;
-}
-
-/* {"ok":false,"reason":...,"detail":...}, with the message and fix of a
- * known reason. */
-static int json_error(request_rec *r, int status, const char *reason, const char *detail)
-{
-    const mso_reason_t *rs = mso_reason_get(reason);
-    json_t *j = json_pack("{s:b, s:s}", "ok", 0, "reason", reason);
-
-    if (rs) {
-        json_object_set_new(j, "message", json_string(rs->message));
-        json_object_set_new(j, "fix", json_string(rs->fix));
-    }
-    if (detail) {
-        json_object_set_new(j, "detail", json_string(detail));
-    }
-    return send_json(r, status, j);
-}
-
-static int parse_id(const char *s, apr_int64_t *id)
-{
-    char *end;
-
-    if (!s || !*s || strlen(s) > 18) {
-        return 0;
-    }
-    *id = apr_strtoi64(s, &end, 10);
-    return !*end && *id > 0;
-}
-
 /* The headers of an attachment answer (before any byte of it). */
 static void attachment_headers(request_rec *r, const mso_attach_t *t, const char *source)
 {
@@ -216,16 +171,16 @@ static int graph_refused(request_rec *r, const mso_graph_result_t *g)
 
     switch (g->cls) {
     case MSO_GRAPH_NOT_FOUND:
-        return json_error(r, HTTP_NOT_FOUND, "attachment_not_found",
+        return msoauth_json_error(r, HTTP_NOT_FOUND, "attachment_not_found",
                           apr_pstrcat(r->pool, "Graph no longer has it (", text, ")", NULL));
     case MSO_GRAPH_THROTTLED:
         if (g->retry_after >= 0) {
             apr_table_setn(r->err_headers_out, "Retry-After",
                            apr_psprintf(r->pool, "%ld", g->retry_after));
         }
-        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "throttled", text);
+        return msoauth_json_error(r, HTTP_SERVICE_UNAVAILABLE, "throttled", text);
     default:
-        return json_error(r, HTTP_BAD_GATEWAY, "graph_error", text);
+        return msoauth_json_error(r, HTTP_BAD_GATEWAY, "graph_error", text);
     }
 }
 
@@ -267,7 +222,7 @@ static int serve_from_graph(request_rec *r, mso_db_t *db, mso_account_t *a,
     }
     msoauth_account_token(r, db, a, "graph", &f);
     if (!f.token) {
-        return json_error(r, !strcmp(f.reason, "not_configured") ? HTTP_NOT_FOUND
+        return msoauth_json_error(r, !strcmp(f.reason, "not_configured") ? HTTP_NOT_FOUND
                           : HTTP_SERVICE_UNAVAILABLE, f.reason, f.detail);
     }
     h = mso_graph_headers(r->pool, f.token, 0);
@@ -288,7 +243,7 @@ static int serve_from_graph(request_rec *r, mso_db_t *db, mso_account_t *a,
         }
         if (mso_graph_parse_link(r->pool, resp->body, resp->body_len, &url, &err)
             != APR_SUCCESS) {
-            return json_error(r, HTTP_BAD_GATEWAY, "graph_error", err);
+            return msoauth_json_error(r, HTTP_BAD_GATEWAY, "graph_error", err);
         }
         if (cap > 0 && (apr_int64_t)strlen(url) <= cap) {
             store_fetched(r, db, t, url, strlen(url));
@@ -357,46 +312,46 @@ int msoauth_attachment_handler(request_rec *r)
         return HTTP_METHOD_NOT_ALLOWED;
     }
     if ((why = mso_query_parse(r->pool, r->args, &args)) != NULL) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", why);
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", why);
     }
     graph_id = apr_table_get(args, "message");
     attachment_id = apr_table_get(args, "attachment");
-    if (!parse_id(apr_table_get(args, "account"), &id)) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "account must be an account ID");
+    if (!msoauth_parse_id(apr_table_get(args, "account"), &id)) {
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", "account must be an account ID");
     }
     if (!mso_graph_id_ok(graph_id) || !mso_graph_id_ok(attachment_id)) {
-        return json_error(r, HTTP_BAD_REQUEST, "bad_request", "message and attachment must be "
+        return msoauth_json_error(r, HTTP_BAD_REQUEST, "bad_request", "message and attachment must be "
                           "Graph ids (letters, digits and +/=_- only, at most 512)");
     }
     if (!(db = msoauth_request_db(r))) {
-        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
+        return msoauth_json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
     if (mso_account_get(db, r->pool, id, &a) != APR_SUCCESS
         || !msoauth_account_company(r->server, a->company, a->client_id)) {
-        return json_error(r, HTTP_NOT_FOUND, "account_not_found", "no such account on this "
+        return msoauth_json_error(r, HTTP_NOT_FOUND, "account_not_found", "no such account on this "
                           "virtual host");
     }
     if (mso_attach_message(db, r->pool, id, graph_id, &mirrored, &due) != APR_SUCCESS) {
-        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
+        return msoauth_json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
     if (!mirrored) {
-        return json_error(r, HTTP_NOT_FOUND, "message_not_found", "the account has no such "
+        return msoauth_json_error(r, HTTP_NOT_FOUND, "message_not_found", "the account has no such "
                           "message in the mirror (never mirrored, or removed)");
     }
     rv = mso_attach_get(db, r->pool, id, graph_id, attachment_id, &t);
     if (rv == APR_NOTFOUND) {
-        return json_error(r, HTTP_NOT_FOUND, "attachment_not_found", due
+        return msoauth_json_error(r, HTTP_NOT_FOUND, "attachment_not_found", due
                           ? "the message's attachments are being listed: try again in a few "
                             "seconds" : "the message has no such attachment");
     }
     if (rv != APR_SUCCESS) {
-        return json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
+        return msoauth_json_error(r, HTTP_SERVICE_UNAVAILABLE, "graph_error", "database unavailable");
     }
     if (t->length >= 0) {
         return serve_stored(r, db, t);
     }
     if (strcmp(a->state, "connected")) {
-        return json_error(r, HTTP_CONFLICT, a->reason ? a->reason : "reconnect_required",
+        return msoauth_json_error(r, HTTP_CONFLICT, a->reason ? a->reason : "reconnect_required",
                           "the attachment is not stored and the mailbox is not connected");
     }
     return serve_from_graph(r, db, a, t);
