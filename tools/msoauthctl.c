@@ -52,6 +52,8 @@ typedef struct {
     const char *authority, *tenant, *graph, *cloud, *proxy, *ca_file;
     mso_keyring_t *keyring;
     mso_db_t *db;
+    const apr_dbd_driver_t *drv;      /* the open connection, closed with the pool */
+    apr_dbd_t *handle;
 } ctl_t;
 
 static void usage(FILE *f)
@@ -129,6 +131,17 @@ static int parse_id(const char *s, apr_int64_t *id)
 
 /* ---- set-up -------------------------------------------------------------- */
 
+static apr_status_t close_db(void *data)
+{
+    ctl_t *c = data;
+
+    if (c->handle) {
+        apr_dbd_close(c->drv, c->handle);
+        c->handle = NULL;
+    }
+    return APR_SUCCESS;
+}
+
 static int open_db(ctl_t *c)
 {
     const apr_dbd_driver_t *drv = NULL;
@@ -151,6 +164,11 @@ static int open_db(ctl_t *c)
         return fail("cannot open the %s database: %s", c->driver,
                     err ? err : "check --params");
     }
+    c->drv = drv;
+    c->handle = handle;
+    /* apr_dbd leaves closing to its caller (mod_dbd does it in httpd): here
+     * the pool does it, before the driver's library is unloaded. */
+    apr_pool_cleanup_register(c->p, c, close_db, apr_pool_cleanup_null);
     if (mso_db_wrap(c->p, drv, handle, &c->db) != APR_SUCCESS) {
         return fail("the database driver '%s' is not supported: use sqlite3 or pgsql",
                     c->driver);
