@@ -33,7 +33,9 @@
 #define WORK_COLUMNS MSO_ACCOUNT_COLUMNS ", sync_due_at, sync_retry_at, " \
     "sync_phase, sync_error, sync_error_runs, auth_retry, " \
     "(SELECT COUNT(*) FROM msoauth_actions q WHERE q.account_id = msoauth_accounts.id " \
-    "AND q.state = 'queued') AS queued_actions"
+    "AND q.state = 'queued') AS queued_actions, " \
+    "(SELECT COUNT(*) FROM msoauth_outbox o WHERE o.account_id = msoauth_accounts.id " \
+    "AND o.state = 'queued') AS queued_sends"
 
 static const mso_stmt_t ST_WORK_DUE = {
     "look for mailboxes with Graph work", "now:int token_floor:int max:int",
@@ -41,7 +43,9 @@ static const mso_stmt_t ST_WORK_DUE = {
     "AND (work_until IS NULL OR work_until < :now) AND COALESCE(sync_retry_at, 0) <= :now "
     "AND COALESCE(access_expires_at, 0) > :token_floor AND COALESCE(refresh_due_at, 0) > :now "
     "AND (COALESCE(sync_due_at, 0) <= :now OR EXISTS (SELECT 1 FROM msoauth_actions q "
-    "WHERE q.state = 'queued' AND q.account_id = a.id)) "
+    "WHERE q.state = 'queued' AND q.account_id = a.id) OR EXISTS (SELECT 1 FROM "
+    "msoauth_outbox o WHERE o.state = 'queued' AND o.account_id = a.id "
+    "AND COALESCE(o.retry_at, 0) <= :now)) "
     "ORDER BY COALESCE(sync_due_at, 0), id LIMIT :max", NULL
 };
 static const mso_stmt_t ST_WORK_CLAIM = {
@@ -294,6 +298,7 @@ static mso_work_t *work_from_row(mso_rows_t *r, apr_pool_t *p)
     w->sync_error_runs = (int)mso_col_int(r, "sync_error_runs");
     w->auth_retry = (int)mso_col_int(r, "auth_retry");
     w->queued_actions = (int)mso_col_int(r, "queued_actions");
+    w->queued_sends = (int)mso_col_int(r, "queued_sends");
     return w;
 }
 
@@ -312,6 +317,11 @@ static apr_status_t fence(mso_tx_t *tx, apr_int64_t account_id, const char *owne
         rv = APR_EBUSY;             /* not an error: whoever holds it now does the work */
     }
     return rv;
+}
+
+apr_status_t mso_mirror_fence(mso_tx_t *tx, apr_int64_t account_id, const char *owner)
+{
+    return fence(tx, account_id, owner);
 }
 
 apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, apr_int64_t now,

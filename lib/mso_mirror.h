@@ -29,15 +29,22 @@ typedef struct {
     int sync_error_runs;
     int auth_retry;                 /* 1: a 401 asked for a refresh; the next one is an error */
     int queued_actions;             /* claimed because actions wait */
+    int queued_sends;               /* rows of msoauth_outbox queued */
 } mso_work_t;
 
 /* Claims up to max connected mailboxes with Graph work to do: a sync due or
- * an action queued, not throttled (sync_retry_at), with an access token good
+ * an action or a row of the outbox queued (and not held back by its
+ * retry_at), not throttled (sync_retry_at), with an access token good
  * for at least a minute whose refresh is not due, and no live work lease of
  * another owner. Each gets a lease until now + lease_seconds. *works:
  * mso_work_t* in p. */
 apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, apr_int64_t now,
                               int lease_seconds, int max, apr_array_header_t **works);
+
+/* Inside a transaction of the mailbox's Graph work (other tables' files
+ * too): extends the work lease and proves it is still owner's; APR_EBUSY
+ * when another owner holds it now (nothing may be written). */
+apr_status_t mso_mirror_fence(mso_tx_t *tx, apr_int64_t account_id, const char *owner);
 
 /* What one pass of work leaves on the account; releases the lease (only if
  * still ours). last_sync_at 0: unchanged. */

@@ -13,7 +13,7 @@
 
 #include "mso_crypto.h"
 
-static const char *const schema_columns[][20] = {
+static const char *const schema_columns[][32] = {
     {"msoauth_schema", "version", "applied_at", NULL},
     {"msoauth_accounts", "id", "company", "mailbox", "display_name", "tenant_id", "object_id",
      "scopes", "state", "authority", "access_expires_at", "last_sync_at", "last_error",
@@ -41,6 +41,13 @@ static const char *const schema_columns[][20] = {
     {"msoauth_accounts", "client_id", "kind", NULL},
     {"msoauth_tokens", "binding", NULL},
     {"msoauth_messages", "body_truncated", NULL},
+    /* schema v5 */
+    {"msoauth_outbox", "id", "account_id", "to_json", "cc_json", "bcc_json", "subject",
+     "body_type", "body", "reply_to_graph_id", "state", "attempts", "reason", "last_error",
+     "internet_message_id", "created_at", "updated_at", "sent_at", "marker", "phase",
+     "draft_id", "sending_since", "retry_at", NULL},
+    {"msoauth_outbox_attachments", "id", "outbox_id", "name", "content_type", "content",
+     "is_inline", "content_id", "phase", "graph_id", NULL},
 };
 
 static int index_count(mso_db_t *db, int backend, const char *names)
@@ -67,7 +74,7 @@ START_TEST(migrate_creates_schema)
     ck_assert_ptr_null(err);
     ck_assert_int_eq(from, 0);
     ck_assert_int_eq(to, mso_schema_latest());
-    ck_assert_int_eq(mso_schema_latest(), 4);
+    ck_assert_int_eq(mso_schema_latest(), 5);
     ck_assert_int_eq(mso_schema_version(db, pool, &version, &err), APR_SUCCESS);
     ck_assert_int_eq(version, mso_schema_latest());
 
@@ -389,7 +396,7 @@ START_TEST(migrate_v3_to_v4_and_rebind)
     db = connect_db(_i, pool);
     ck_assert_int_eq(mso_schema_migrate(db, pool, &from, &to, &err), APR_SUCCESS);
     ck_assert_int_eq(from, 3);
-    ck_assert_int_eq(to, 4);
+    ck_assert_int_eq(to, mso_schema_latest());
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_tokens WHERE binding = 1"), 4);
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_accounts WHERE kind = 'delegated' "
                              "AND client_id IS NULL"), 4);
