@@ -437,6 +437,9 @@ static void graph_pass(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *bp, 
         a->actions_done += b->actions_done;
         a->actions_failed += b->actions_failed;
         a->actions_waiting += b->actions_waiting;
+        a->sends_done += b->sends_done;
+        a->sends_failed += b->sends_failed;
+        a->sends_waiting += b->sends_waiting;
         a->throttled += b->throttled;
         a->errors += b->errors;
     }
@@ -485,6 +488,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
         boxes[n].folders = c->set.folders.value;
         boxes[n].interval = c->set.sync_interval.value;
         boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);
+        boxes[n].can_send = mso_sync_scopes_can_send(w->acct->scopes);
         n++;
     }
     if (n && !*gm) {
@@ -602,10 +606,12 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         if (st.sync.mailboxes) {
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(213) "job: Graph work on %d "
                          "mailboxes: %d pages, %d messages, %d resyncs, %d actions done, %d "
-                         "failed, %d waiting, %d throttled, %d errors", st.sync.mailboxes,
+                         "failed, %d waiting, %d mails sent, %d failed, %d waiting, %d "
+                         "throttled, %d errors", st.sync.mailboxes,
                          st.sync.pages, st.sync.messages, st.sync.resyncs,
                          st.sync.actions_done, st.sync.actions_failed,
-                         st.sync.actions_waiting, st.sync.throttled, st.sync.errors);
+                         st.sync.actions_waiting, st.sync.sends_done, st.sync.sends_failed,
+                         st.sync.sends_waiting, st.sync.throttled, st.sync.errors);
         }
         run.node = job->owner;
         run.last_cycle_at = apr_time_sec(apr_time_now());

@@ -16,6 +16,7 @@
 #define MSO_SYNC_PER_MAILBOX 4      /* Outlook's concurrency limit per app and mailbox */
 #define MSO_SYNC_PAGE_SIZE 100      /* Prefer: odata.maxpagesize */
 #define MSO_SYNC_ACTIONS 100        /* queued actions read per mailbox and pass */
+#define MSO_SYNC_SENDS 40           /* queued outgoing mail read per mailbox and pass */
 
 typedef struct {
     mso_work_t *work;               /* from mso_mirror_claim: the lease is held */
@@ -26,11 +27,13 @@ typedef struct {
     const apr_array_header_t *folders;  /* well-known names to mirror (const char *) */
     int interval;                   /* seconds between incremental rounds */
     int can_write;                  /* the grant has Mail.ReadWrite */
+    int can_send;                   /* the grant has Mail.Send */
 } mso_sync_box_t;
 
 typedef struct {
     int mailboxes, pages, messages, resyncs;
     int actions_done, actions_failed, actions_waiting;
+    int sends_done, sends_failed, sends_waiting;
     int throttled, errors;
 } mso_sync_stats_t;
 
@@ -46,5 +49,10 @@ apr_status_t mso_sync_run(mso_db_t *db, apr_pool_t *p, const char *owner,
 /* True when a granted scope list allows write-back (Mail.ReadWrite, short or
  * with the Graph prefix). */
 int mso_sync_scopes_can_write(const char *scopes);
+
+/* True when a granted scope list allows sending as the mailbox (Mail.Send,
+ * short or with the Graph prefix; not Mail.Send.Shared, which is for other
+ * mailboxes). */
+int mso_sync_scopes_can_send(const char *scopes);
 
 #endif

@@ -25,6 +25,7 @@ typedef struct {
  * application waits for first, then the mirror's pages. */
 typedef enum {
     MSO_KIND_ACTIONS = 0,
+    MSO_KIND_SEND,
     MSO_KIND_FOLDERS,
     MSO_KIND_MAX
 } mso_kind_e;
@@ -60,6 +61,7 @@ typedef struct {
 } mso_sync_kind_t;
 
 extern const mso_sync_kind_t mso_sync_actions;
+extern const mso_sync_kind_t mso_sync_outbox;
 extern const mso_sync_kind_t mso_sync_folders;
 
 /* One request of a mailbox: its own pool (the answer lives in it), the item
@@ -90,6 +92,14 @@ mso_req_t *mso_sync_req(mso_box_t *b, void *item, int step);
  * error returned. */
 apr_status_t mso_sync_send(mso_req_t *rq, const char *method, const char *url,
                            const char *body, int page_size, mso_http_done_fn *done);
+/* The same with the request's own headers and a body of len bytes, without
+ * the mailbox's token (a pre-authenticated upload URL). */
+apr_status_t mso_sync_send_raw(mso_req_t *rq, const char *method, const char *url,
+                               const apr_array_header_t *headers, const char *body,
+                               apr_size_t len, mso_http_done_fn *done);
+/* Offers the mailbox's room to its kinds again (a kind that waited for
+ * something another mailbox released). */
+void mso_sync_pump(mso_box_t *b);
 /* First thing in a done callback: the mailbox has one request less. */
 void mso_sync_answered(mso_req_t *rq);
 /* Last thing in a done callback: the request's pool goes, and the mailbox
