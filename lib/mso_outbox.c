@@ -54,8 +54,13 @@ static const mso_stmt_t ST_ATT_CHUNK = {
 static const mso_stmt_t ST_CREATING = {
     "record outgoing mail as having its draft made", "id:int marker:text retry_at:int now:int",
     "UPDATE msoauth_outbox SET phase = 'creating', marker = COALESCE(marker, :marker), "
-    "attempts = attempts + 1, retry_at = :retry_at, updated_at = :now "
-    "WHERE id = :id AND state = 'queued'", NULL
+    "retry_at = :retry_at, updated_at = :now WHERE id = :id AND state = 'queued'", NULL
+};
+/* Only a row whose create call never went out. */
+static const mso_stmt_t ST_UNMARK = {
+    "record outgoing mail as not started", "id:int now:int",
+    "UPDATE msoauth_outbox SET phase = NULL, retry_at = NULL, updated_at = :now "
+    "WHERE id = :id AND state = 'queued' AND phase = 'creating'", NULL
 };
 static const mso_stmt_t ST_DRAFT = {
     "record the draft of outgoing mail", "id:int draft_id:text imid:text now:int",
@@ -65,10 +70,10 @@ static const mso_stmt_t ST_DRAFT = {
 };
 static const mso_stmt_t ST_SENDING = {
     "record outgoing mail as being sent",
-    "id:int draft_id:text imid:text retry_at:int resend:int now:int",
+    "id:int draft_id:text imid:text retry_at:int now:int",
     "UPDATE msoauth_outbox SET phase = 'sending', draft_id = :draft_id, "
     "internet_message_id = COALESCE(:imid, internet_message_id), sending_since = :now, "
-    "attempts = attempts + :resend, retry_at = :retry_at, updated_at = :now "
+    "attempts = attempts + 1, retry_at = :retry_at, updated_at = :now "
     "WHERE id = :id AND state = 'queued'", NULL
 };
 static const mso_stmt_t ST_SENT = {
@@ -272,18 +277,13 @@ apr_status_t mso_outbox_att_bytes(mso_db_t *db, apr_pool_t *p, apr_int64_t att_i
 /* ------------------------------------------------------------------------- */
 /* Steps */
 
-typedef struct {
-    const char *owner;
-    mso_outbox_t *o;
-    const mso_outbox_step_t *s;
-    apr_int64_t now;
-} record_t;
-
 static const mso_stmt_t *row_statement(mso_outbox_step_e step)
 {
     switch (step) {
     case MSO_OUTBOX_CREATING:
         return &ST_CREATING;
+    case MSO_OUTBOX_UNMARK:
+        return &ST_UNMARK;
     case MSO_OUTBOX_DRAFT:
         return &ST_DRAFT;
     case MSO_OUTBOX_SENDING:
@@ -301,21 +301,16 @@ static const mso_stmt_t *row_statement(mso_outbox_step_e step)
     }
 }
 
-static apr_status_t record_tx(mso_tx_t *tx, void *baton)
+/* One write; APR_NOTFOUND when the row (or attachment) is no longer queued. */
+static apr_status_t write_one(mso_tx_t *tx, mso_outbox_write_t *w, apr_int64_t now)
 {
-    record_t *r = baton;
-    const mso_outbox_step_t *s = r->s;
-    const mso_stmt_t *st = row_statement(s->step);
-    mso_args_t *a;
+    const mso_outbox_step_t *s = &w->s;
+    mso_args_t *a = mso_tx_args(tx, row_statement(s->step));
     apr_status_t rv;
     int n = 0;
 
-    if (!MSO_OK(mso_mirror_fence(tx, r->o->account_id, r->owner))) {
-        goto leave;
-    }
-    a = mso_tx_args(tx, st);
-    mso_arg_int(a, "id", r->o->id);
-    mso_arg_int(a, "now", r->now);
+    mso_arg_int(a, "id", w->o->id);
+    mso_arg_int(a, "now", now);
     switch (s->step) {
     case MSO_OUTBOX_CREATING:
         mso_arg_text(a, "marker", s->marker);
@@ -329,7 +324,6 @@ static apr_status_t record_tx(mso_tx_t *tx, void *baton)
         mso_arg_text(a, "draft_id", s->draft_id);
         mso_arg_text(a, "imid", s->internet_message_id);
         mso_arg_opt(a, "retry_at", s->retry_at);
-        mso_arg_int(a, "resend", s->resend ? 1 : 0);
         break;
     case MSO_OUTBOX_SENT:
         mso_arg_text(a, "imid", s->internet_message_id);
@@ -346,25 +340,26 @@ static apr_status_t record_tx(mso_tx_t *tx, void *baton)
     case MSO_OUTBOX_RESTART:
         mso_arg_text(a, "last_error", s->last_error);
         break;
+    case MSO_OUTBOX_UNMARK:
+        break;
     default:
         mso_arg_opt(a, "retry_at", s->retry_at);
         break;
     }
     if (!MSO_OK(mso_tx_exec(tx, a, &n))) {
-        goto leave;
+        return rv;
     }
     if (n != 1) {
-        rv = APR_NOTFOUND;          /* no longer queued: not ours to touch */
-        goto leave;
+        return APR_NOTFOUND;        /* no longer queued: not ours to touch */
     }
     if (s->step == MSO_OUTBOX_RESTART) {
         a = mso_tx_args(tx, &ST_ATTS_RESET);
-        mso_arg_int(a, "id", r->o->id);
-        rv = mso_tx_exec(tx, a, NULL);
+        mso_arg_int(a, "id", w->o->id);
+        return mso_tx_exec(tx, a, NULL);
     }
-    else if (s->step == MSO_OUTBOX_ATT_ADDING || s->step == MSO_OUTBOX_ATT_ADDED) {
+    if (s->step == MSO_OUTBOX_ATT_ADDING || s->step == MSO_OUTBOX_ATT_ADDED) {
         a = mso_tx_args(tx, &ST_ATT_SET);
-        mso_arg_int(a, "id", r->o->id);
+        mso_arg_int(a, "id", w->o->id);
         mso_arg_int(a, "att", s->att->id);
         mso_arg_text(a, "phase", s->step == MSO_OUTBOX_ATT_ADDING ? "adding" : "added");
         mso_arg_text(a, "graph_id", s->step == MSO_OUTBOX_ATT_ADDED ? s->graph_id : NULL);
@@ -372,13 +367,79 @@ static apr_status_t record_tx(mso_tx_t *tx, void *baton)
             rv = APR_NOTFOUND;      /* the application took the attachment back */
         }
     }
-
-leave:
     return rv;
 }
 
-/* o (and the attachment) as the database now has them. */
-static void apply(apr_pool_t *p, mso_outbox_t *o, const mso_outbox_step_t *s, apr_int64_t now)
+typedef struct {
+    const char *owner;
+    mso_outbox_write_t *w;
+    int n;
+    apr_int64_t now;
+} commit_t;
+
+static apr_status_t commit_tx(mso_tx_t *tx, void *baton)
+{
+    commit_t *c = baton;
+    apr_hash_t *fenced = apr_hash_make(tx->ptemp);
+    apr_status_t rv = APR_SUCCESS;
+    int i;
+
+    for (i = 0; i < c->n; i++) {
+        mso_outbox_write_t *w = &c->w[i];
+        apr_int64_t acct = w->o->account_id;
+        apr_status_t *f = apr_hash_get(fenced, &acct, sizeof(acct));
+
+        if (!f) {
+            /* Once per mailbox and transaction: its lease, extended. */
+            f = apr_palloc(tx->ptemp, sizeof(*f));
+            *f = mso_mirror_fence(tx, acct, c->owner);
+            if (*f != APR_SUCCESS && *f != APR_EBUSY) {
+                return *f;
+            }
+            apr_hash_set(fenced, apr_pmemdup(tx->ptemp, &acct, sizeof(acct)), sizeof(acct), f);
+        }
+        if (*f != APR_SUCCESS) {
+            w->rv = APR_EBUSY;
+            continue;
+        }
+        w->rv = write_one(tx, w, c->now);
+        if (w->rv != APR_SUCCESS && w->rv != APR_NOTFOUND) {
+            return w->rv;
+        }
+    }
+    return rv;
+}
+
+apr_status_t mso_outbox_commit(mso_db_t *db, apr_pool_t *p, const char *owner,
+                               mso_outbox_write_t *w, int n, apr_int64_t now)
+{
+    commit_t c;
+    apr_pool_t *tmp;
+    apr_status_t rv;
+    int i;
+
+    if (n <= 0) {
+        return APR_SUCCESS;
+    }
+    c.owner = owner;
+    c.w = w;
+    c.n = n;
+    c.now = now;
+    apr_pool_create(&tmp, p);
+    rv = mso_db_tx(db, tmp, n == 1 ? apr_psprintf(tmp, "(outgoing mail %" APR_INT64_T_FMT ")",
+                                                  w[0].o->id)
+                                   : "(outgoing mail)", commit_tx, &c, NULL);
+    apr_pool_destroy(tmp);
+    if (rv != APR_SUCCESS) {
+        for (i = 0; i < n; i++) {
+            w[i].rv = rv;           /* rolled back: nothing of it is written */
+        }
+    }
+    return rv;
+}
+
+void mso_outbox_apply(apr_pool_t *p, mso_outbox_t *o, const mso_outbox_step_t *s,
+                      apr_int64_t now)
 {
     int i;
 
@@ -388,7 +449,9 @@ static void apply(apr_pool_t *p, mso_outbox_t *o, const mso_outbox_step_t *s, ap
         if (!o->marker) {
             o->marker = apr_pstrdup(p, s->marker);
         }
-        o->attempts++;
+        break;
+    case MSO_OUTBOX_UNMARK:
+        o->phase = NULL;
         break;
     case MSO_OUTBOX_DRAFT:
     case MSO_OUTBOX_SENDING:
@@ -401,7 +464,7 @@ static void apply(apr_pool_t *p, mso_outbox_t *o, const mso_outbox_step_t *s, ap
         }
         if (s->step == MSO_OUTBOX_SENDING) {
             o->sending_since = now;
-            o->attempts += s->resend ? 1 : 0;
+            o->attempts++;
         }
         break;
     case MSO_OUTBOX_SENT:
@@ -436,22 +499,17 @@ static void apply(apr_pool_t *p, mso_outbox_t *o, const mso_outbox_step_t *s, ap
 apr_status_t mso_outbox_record(mso_db_t *db, apr_pool_t *p, const char *owner,
                                mso_outbox_t *o, const mso_outbox_step_t *s, apr_int64_t now)
 {
-    record_t r;
-    apr_pool_t *tmp;
+    mso_outbox_write_t w;
     apr_status_t rv;
 
-    r.owner = owner;
-    r.o = o;
-    r.s = s;
-    r.now = now;
-    apr_pool_create(&tmp, p);
-    rv = mso_db_tx(db, tmp, apr_psprintf(tmp, "(outgoing mail %" APR_INT64_T_FMT ")", o->id),
-                   record_tx, &r, NULL);
-    apr_pool_destroy(tmp);
-    if (rv == APR_SUCCESS) {
-        apply(p, o, s, now);
+    w.o = o;
+    w.s = *s;
+    w.rv = APR_SUCCESS;
+    rv = mso_outbox_commit(db, p, owner, &w, 1, now);
+    if (rv == APR_SUCCESS && w.rv == APR_SUCCESS) {
+        mso_outbox_apply(p, o, s, now);
     }
-    return rv;
+    return rv == APR_SUCCESS ? w.rv : rv;
 }
 
 /* ------------------------------------------------------------------------- */

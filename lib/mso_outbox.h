@@ -73,10 +73,11 @@ apr_status_t mso_outbox_att_bytes(mso_db_t *db, apr_pool_t *p, apr_int64_t att_i
 
 /* One committed step of a row. */
 typedef enum {
-    MSO_OUTBOX_CREATING,            /* marker (kept if set), attempts + 1, retry_at */
+    MSO_OUTBOX_CREATING,            /* marker (kept if set), retry_at */
+    MSO_OUTBOX_UNMARK,              /* creating, but its call never went out: phase NULL */
     MSO_OUTBOX_DRAFT,               /* draft_id, internet_message_id; retry_at cleared */
-    MSO_OUTBOX_SENDING,             /* draft_id, sending_since now, retry_at; resend:
-                                     * attempts + 1 */
+    MSO_OUTBOX_SENDING,             /* draft_id, sending_since now, retry_at, attempts + 1
+                                     * (attempts counts the send calls) */
     MSO_OUTBOX_SENT,                /* state sent, sent_at now, internet_message_id */
     MSO_OUTBOX_FAILED,              /* state failed, reason, last_error */
     MSO_OUTBOX_LATER,               /* stays queued: phase, last_error, retry_at */
@@ -95,15 +96,31 @@ typedef struct {
     const char *reason;
     const char *last_error;
     apr_int64_t retry_at;               /* 0: none */
-    int resend;
     mso_outbox_att_t *att;
     const char *graph_id;
 } mso_outbox_step_t;
 
-/* Commits step s for row o, fenced by owner's work lease on o's mailbox, and
- * on success updates o (and s->att) to match. Nothing is written and
- * APR_EBUSY returned when the lease is gone, APR_NOTFOUND when the row (or
- * the attachment) is no longer queued. */
+typedef struct {
+    mso_outbox_t *o;
+    mso_outbox_step_t s;
+    apr_status_t rv;                    /* out */
+} mso_outbox_write_t;
+
+/* Commits n steps in order in one transaction (group commit: one sync to
+ * disk for all), each fenced by owner's work lease on its row's mailbox.
+ * Per write, rv: APR_SUCCESS, APR_EBUSY (the lease is gone: nothing of it
+ * written) or APR_NOTFOUND (the row or attachment is no longer queued:
+ * left alone). Returns the database's failure (then nothing is committed
+ * and every rv is it), else APR_SUCCESS. The rows in memory are not
+ * touched: see mso_outbox_apply. */
+apr_status_t mso_outbox_commit(mso_db_t *db, apr_pool_t *p, const char *owner,
+                               mso_outbox_write_t *w, int n, apr_int64_t now);
+
+/* o (and s->att) as the database holds them once s is committed. */
+void mso_outbox_apply(apr_pool_t *p, mso_outbox_t *o, const mso_outbox_step_t *s,
+                      apr_int64_t now);
+
+/* One step: committed, then applied to o. */
 apr_status_t mso_outbox_record(mso_db_t *db, apr_pool_t *p, const char *owner,
                                mso_outbox_t *o, const mso_outbox_step_t *s, apr_int64_t now);
 

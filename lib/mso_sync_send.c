@@ -57,7 +57,8 @@
 #define SETTLE 10                   /* seconds before an unknown outcome is looked at */
 #define BUDGET (32 * 1024 * 1024)
 #define SMALL_BODY 65536
-#define BUDGET_KEY "mso_sync_send:budget"
+#define SHARED_KEY "mso_sync_send:shared"
+#define PENDING_MAX 256             /* deferred steps before they are written anyway */
 
 typedef enum { SR_PENDING, SR_BUSY, SR_WAITING, SR_FINISHED } sr_state_e;
 typedef enum {
@@ -72,7 +73,9 @@ typedef struct {
     int resolve;                    /* an earlier call's outcome is unknown: look first */
     int att_resolve;                /* the attachment being added: list the draft's first */
     int lost_draft;                 /* the draft's id is gone: look up the marker */
-    int resend;                     /* the look found the draft unsent: send it again */
+    int premark;                    /* its creating step waits in the pending writes */
+    int fresh;                      /* creating is committed, the create call not made */
+    apr_status_t commit_rv;         /* the outcome of its last write */
     int need_folder;                /* the look needs the Drafts folder's id */
     int verified;                   /* the draft's attachments were listed before the send */
     int draft_uncommitted;          /* the draft's id is known, committed with the send */
@@ -92,38 +95,49 @@ typedef struct {
     int sent;
 } outbox_t;
 
-/* Shared by the pass's mailboxes (one thread). */
+/* A step waiting to be written with the next transaction. */
+typedef struct {
+    mso_box_t *b;
+    sr_t *sr;
+    mso_outbox_step_t s;
+    int applied;                    /* already in memory; else applied once committed */
+} pend_t;
+
+/* Shared by the pass's mailboxes (one thread): the memory budget and the
+ * steps waiting to be written. */
 typedef struct {
     apr_size_t held;
     apr_array_header_t *waiting;    /* mso_box_t* */
-} budget_t;
+    apr_array_header_t *pending;    /* pend_t */
+} shared_t;
 
-static budget_t *budget_of(mso_box_t *b)
+static shared_t *shared_of(mso_box_t *b)
 {
     void *v = NULL;
-    budget_t *bu;
+    shared_t *sh;
 
-    apr_pool_userdata_get(&v, BUDGET_KEY, b->pass->pool);
+    apr_pool_userdata_get(&v, SHARED_KEY, b->pass->pool);
     if (v) {
         return v;
     }
-    bu = apr_pcalloc(b->pass->pool, sizeof(*bu));
-    bu->waiting = apr_array_make(b->pass->pool, 8, sizeof(mso_box_t *));
-    apr_pool_userdata_setn(bu, BUDGET_KEY, NULL, b->pass->pool);
-    return bu;
+    sh = apr_pcalloc(b->pass->pool, sizeof(*sh));
+    sh->waiting = apr_array_make(b->pass->pool, 8, sizeof(mso_box_t *));
+    sh->pending = apr_array_make(b->pass->pool, 64, sizeof(pend_t));
+    apr_pool_userdata_setn(sh, SHARED_KEY, NULL, b->pass->pool);
+    return sh;
 }
 
 /* 1 when n bytes may be held now (small ones always); else the mailbox is
  * woken when bytes are given back. */
 static int budget_take(mso_box_t *b, sr_t *sr, apr_size_t n)
 {
-    budget_t *bu;
+    shared_t *bu;
     int i;
 
     if (n <= SMALL_BODY) {
         return 1;
     }
-    bu = budget_of(b);
+    bu = shared_of(b);
     if (bu->held == 0 || bu->held + n <= BUDGET) {
         bu->held += n;
         sr->held = n;
@@ -142,14 +156,14 @@ static int budget_take(mso_box_t *b, sr_t *sr, apr_size_t n)
  * a done callback only). */
 static void budget_give(mso_box_t *b, sr_t *sr, int wake)
 {
-    budget_t *bu;
+    shared_t *bu;
     apr_array_header_t *w;
     int i;
 
     if (!sr->held) {
         return;
     }
-    bu = budget_of(b);
+    bu = shared_of(b);
     bu->held -= sr->held;
     sr->held = 0;
     if (!wake || !bu->waiting->nelts) {
@@ -252,25 +266,116 @@ static const char *mailbox_of(mso_box_t *b)
     return m ? m : "?";
 }
 
-/* Commits a step; APR_EBUSY (the lease is gone) stops the mailbox. */
-static apr_status_t sr_record(mso_box_t *b, sr_t *sr, mso_outbox_step_t *s)
-{
-    apr_status_t rv = mso_outbox_record(b->pass->db, b->pool, b->pass->owner, sr->o, s,
-                                        mso_sync_now());
+/* Group commit. A step that a call depends on (creating, sending, an
+ * attachment adding) is written before the call, together with every step
+ * that waits (sent, failed, a draft's id, an attachment added, ...): steps
+ * whose loss a crash only costs a look at Graph wait for the next such
+ * write, or the end of the pass. On SQLite, where each commit waits for the
+ * disk, that is about one commit per message instead of three. */
 
-    if (rv == APR_EBUSY) {
-        b->lost = b->stop = 1;      /* another node holds the mailbox now */
-        sr->state = SR_FINISHED;
+static const char *opt_dup(apr_pool_t *p, const char *s)
+{
+    return s ? apr_pstrdup(p, s) : NULL;
+}
+
+static void pend(mso_box_t *b, sr_t *sr, const mso_outbox_step_t *s, int applied)
+{
+    shared_t *sh = shared_of(b);
+    pend_t *pe = &APR_ARRAY_PUSH(sh->pending, pend_t);
+
+    pe->b = b;
+    pe->sr = sr;
+    pe->s = *s;
+    pe->applied = applied;
+    pe->s.marker = opt_dup(b->pool, s->marker);
+    pe->s.draft_id = opt_dup(b->pool, s->draft_id);
+    pe->s.internet_message_id = opt_dup(b->pool, s->internet_message_id);
+    pe->s.phase = opt_dup(b->pool, s->phase);
+    pe->s.reason = opt_dup(b->pool, s->reason);
+    pe->s.last_error = opt_dup(b->pool, s->last_error);
+    pe->s.graph_id = opt_dup(b->pool, s->graph_id);
+}
+
+/* Writes what waits in one transaction; drop: leave out the steps that are
+ * not in memory yet (a creating whose call never came: nothing depends on
+ * it). A write that failed ends its row's pass: the lease is gone (the
+ * mailbox stops), the row is no longer queued, or the database failed. */
+static apr_status_t flush(mso_box_t *b, int drop)
+{
+    shared_t *sh = shared_of(b);
+    mso_outbox_write_t *w;
+    apr_pool_t *tmp;
+    apr_int64_t now = mso_sync_now();
+    apr_status_t rv;
+    int i, n = 0;
+
+    if (!sh->pending->nelts) {
+        return APR_SUCCESS;
     }
-    else if (rv == APR_NOTFOUND) {
-        sr->state = SR_FINISHED;    /* the application took the row back */
+    apr_pool_create(&tmp, b->pass->pool);
+    w = apr_palloc(tmp, sizeof(*w) * sh->pending->nelts);
+    for (i = 0; i < sh->pending->nelts; i++) {
+        pend_t *pe = &APR_ARRAY_IDX(sh->pending, i, pend_t);
+
+        if (drop && !pe->applied) {
+            pe->sr->premark = 0;
+            continue;
+        }
+        w[n].o = pe->sr->o;
+        w[n].s = pe->s;
+        w[n].rv = APR_SUCCESS;
+        APR_ARRAY_IDX(sh->pending, n, pend_t) = *pe;
+        n++;
     }
-    else if (rv != APR_SUCCESS) {
-        sr->state = SR_WAITING;
-        mso_sync_error(b, "cannot record a step of outgoing mail in the database (see the "
-                          "error log)");
+    rv = mso_outbox_commit(b->pass->db, tmp, b->pass->owner, w, n, now);
+    for (i = 0; i < n; i++) {
+        pend_t *pe = &APR_ARRAY_IDX(sh->pending, i, pend_t);
+        sr_t *sr = pe->sr;
+
+        sr->commit_rv = w[i].rv;
+        if (pe->s.step == MSO_OUTBOX_CREATING) {
+            sr->premark = 0;
+        }
+        if (w[i].rv == APR_SUCCESS) {
+            if (!pe->applied) {
+                mso_outbox_apply(pe->b->pool, sr->o, &pe->s, now);
+            }
+            sr->fresh |= pe->s.step == MSO_OUTBOX_CREATING;
+        }
+        else if (w[i].rv == APR_EBUSY) {
+            pe->b->lost = pe->b->stop = 1;     /* another node holds the mailbox now */
+            sr->state = SR_FINISHED;
+        }
+        else if (w[i].rv == APR_NOTFOUND) {
+            sr->state = SR_FINISHED;           /* the application took the row back */
+        }
+        else {
+            sr->state = SR_WAITING;
+            mso_sync_error(pe->b, "cannot record a step of outgoing mail in the database "
+                                  "(see the error log)");
+        }
     }
+    apr_array_clear(sh->pending);
+    apr_pool_destroy(tmp);
     return rv;
+}
+
+/* A step a call depends on: written now, with what waits. */
+static apr_status_t sr_commit(mso_box_t *b, sr_t *sr, const mso_outbox_step_t *s)
+{
+    pend(b, sr, s, 0);
+    flush(b, 0);
+    return sr->commit_rv;
+}
+
+/* A step nothing depends on yet: in memory now, written with the next. */
+static void sr_defer(mso_box_t *b, sr_t *sr, const mso_outbox_step_t *s)
+{
+    mso_outbox_apply(b->pool, sr->o, s, mso_sync_now());
+    pend(b, sr, s, 1);
+    if (shared_of(b)->pending->nelts >= PENDING_MAX) {
+        flush(b, 0);
+    }
 }
 
 static void sr_finish(mso_box_t *b, sr_t *sr)
@@ -297,9 +402,7 @@ static void sr_fail(mso_box_t *b, sr_t *sr, const char *reason, const char *text
     s.step = MSO_OUTBOX_FAILED;
     s.reason = reason;
     s.last_error = text;
-    if (sr_record(b, sr, &s) != APR_SUCCESS) {
-        return;
-    }
+    sr_defer(b, sr, &s);
     b->pass->st->sends_failed++;
     mso_log_perror(MSO_LOG_MARK, MSO_LOG_WARNING, APR_SUCCESS, "mod_msoauth: outgoing mail %"
                    APR_INT64_T_FMT " of account %" APR_INT64_T_FMT " (%s) failed: %s: %s",
@@ -319,9 +422,7 @@ static void sr_sent(mso_box_t *b, sr_t *sr, const char *imid)
     memset(&s, 0, sizeof(s));
     s.step = MSO_OUTBOX_SENT;
     s.internet_message_id = imid;
-    if (sr_record(b, sr, &s) != APR_SUCCESS) {
-        return;
-    }
+    sr_defer(b, sr, &s);
     b->pass->st->sends_done++;
     q->sent = 1;
     sr_finish(b, sr);
@@ -338,10 +439,9 @@ static void sr_later(mso_box_t *b, sr_t *sr, const char *phase, const char *text
     s.phase = phase;
     s.last_error = text;
     s.retry_at = retry_at;
-    if (sr_record(b, sr, &s) == APR_SUCCESS) {
-        sr->state = SR_WAITING;
-        b->pass->st->sends_waiting++;
-    }
+    sr_defer(b, sr, &s);
+    sr->state = SR_WAITING;
+    b->pass->st->sends_waiting++;
 }
 
 /* A Graph failure that is not this message's fault: throttled, a refused
@@ -502,25 +602,52 @@ static const char *new_marker(apr_pool_t *p)
     return hex;
 }
 
-/* Makes the draft: the body read, the request built, the marker committed
- * with phase creating, then the call. */
+/* The row's creating step: the marker and phase creating committed before
+ * the create call (with setup's pre-marks of the whole pass when it is
+ * one of them). */
+static int sr_creating(mso_box_t *b, sr_t *sr)
+{
+    mso_outbox_step_t s;
+    const char *marker = sr->o->marker;
+
+    if (sr->fresh) {
+        return 1;
+    }
+    if (sr->premark) {
+        flush(b, 0);
+        return sr->fresh;
+    }
+    if (!marker && !(marker = new_marker(b->pool))) {
+        sr->state = SR_WAITING;
+        mso_sync_error(b, "no random bytes for the marker of outgoing mail");
+        return 0;
+    }
+    memset(&s, 0, sizeof(s));
+    s.step = MSO_OUTBOX_CREATING;
+    s.marker = marker;
+    s.retry_at = mso_sync_now() + SETTLE;
+    return sr_commit(b, sr, &s) == APR_SUCCESS && sr->fresh;
+}
+
+/* Makes the draft: creating committed, the body read, the request built,
+ * then the call. */
 static int sr_create(mso_box_t *b, sr_t *sr)
 {
     mso_outbox_t *o = sr->o;
     apr_size_t charge = (apr_size_t)o->body_len * 2 + 4096;
     mso_graph_request_t req;
-    mso_outbox_step_t s;
     mso_graph_mail_t m;
-    const char *body = NULL, *err = NULL, *marker = o->marker;
+    const char *body = NULL, *err = NULL;
     mso_req_t *rq;
 
     if (!budget_take(b, sr, charge)) {
         return 0;
     }
-    rq = mso_sync_req(b, sr, S_CREATE);
-    if (!marker && !(marker = new_marker(b->pool))) {
-        goto not_now;
+    if (!sr_creating(b, sr)) {
+        budget_give(b, sr, 0);
+        return 0;
     }
+    rq = mso_sync_req(b, sr, S_CREATE);
     if (mso_outbox_body(b->pass->db, rq->pool, o->id, &body) != APR_SUCCESS) {
         goto not_now;
     }
@@ -532,30 +659,23 @@ static int sr_create(mso_box_t *b, sr_t *sr)
     m.body_type = o->body_type;
     m.body = body;
     m.reply_to = o->reply_to_graph_id;
-    m.marker = marker;
+    m.marker = o->marker;
     if (mso_graph_mail_create(rq->pool, b->in->mailbox_url, &m, &req, &err) != APR_SUCCESS) {
         err = apr_pstrdup(b->pool, err);
         apr_pool_destroy(rq->pool);
         budget_give(b, sr, 0);
+        sr->fresh = 0;
         sr_fail(b, sr, "bad_request", err, 0);
         return 0;
     }
-    memset(&s, 0, sizeof(s));
-    s.step = MSO_OUTBOX_CREATING;
-    s.marker = marker;
-    s.retry_at = mso_sync_now() + SETTLE;
-    if (sr_record(b, sr, &s) != APR_SUCCESS) {
-        apr_pool_destroy(rq->pool);
-        budget_give(b, sr, 0);
-        return 0;
-    }
+    sr->fresh = 0;                  /* from here on a draft may exist */
     return sr_call(b, sr, rq, req.method, req.url, req.body, NULL, 0, create_done);
 
 not_now:
     apr_pool_destroy(rq->pool);
     budget_give(b, sr, 0);
     sr->state = SR_WAITING;
-    mso_sync_error(b, "cannot read outgoing mail from the database, or no random bytes");
+    mso_sync_error(b, "cannot read outgoing mail from the database");
     return 0;
 }
 
@@ -576,11 +696,9 @@ static int sr_send(mso_box_t *b, sr_t *sr)
     s.draft_id = sr->o->draft_id;
     s.internet_message_id = sr->o->internet_message_id;
     s.retry_at = mso_sync_now() + SETTLE;
-    s.resend = sr->resend;
-    if (sr_record(b, sr, &s) != APR_SUCCESS) {
+    if (sr_commit(b, sr, &s) != APR_SUCCESS) {
         return 0;
     }
-    sr->resend = 0;
     sr->draft_uncommitted = 0;
     rq = mso_sync_req(b, sr, S_SEND);
     return sr_call(b, sr, rq, "POST", mso_graph_send_url(rq->pool, b->in->mailbox_url,
@@ -679,7 +797,7 @@ static int sr_attach(mso_box_t *b, sr_t *sr, mso_outbox_att_t *at)
     s.step = MSO_OUTBOX_ATT_ADDING;
     s.att = at;
     s.retry_at = mso_sync_now() + SETTLE;
-    if (sr_record(b, sr, &s) != APR_SUCCESS) {
+    if (sr_commit(b, sr, &s) != APR_SUCCESS) {
         apr_pool_destroy(rq->pool);
         budget_give(b, sr, 0);
         return 0;
@@ -705,7 +823,7 @@ static int sr_go(mso_box_t *b, sr_t *sr)
         sr->state = SR_FINISHED;
         return 0;
     }
-    if (!o->phase) {
+    if (!o->phase || sr->fresh) {
         if (!sr->checked && !sr_check(b, sr)) {
             return 0;
         }
@@ -831,7 +949,7 @@ static void create_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
         s.step = MSO_OUTBOX_DRAFT;
         s.draft_id = it.id;
         s.internet_message_id = it.internet_message_id;
-        sr_record(b, sr, &s);
+        sr_defer(b, sr, &s);
         break;
     case MSO_GRAPH_NOT_FOUND:
         if (sr->o->reply_to_graph_id) {
@@ -929,7 +1047,7 @@ static void lookup_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
         s.step = MSO_OUTBOX_DRAFT;
         s.draft_id = keep->id;
         s.internet_message_id = keep->internet_message_id;
-        sr_record(b, sr, &s);
+        sr_defer(b, sr, &s);
     }
     else {
         /* The create never took effect: make the draft (again). */
@@ -951,7 +1069,6 @@ static void state_decide(mso_box_t *b, sr_t *sr, int is_draft, const char *imid)
         return;
     }
     sr->resolve = 0;
-    sr->resend = 1;
 }
 
 static void state_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
@@ -1080,9 +1197,7 @@ static void att_failure(mso_box_t *b, sr_t *sr, const mso_graph_result_t *g, int
                                    NULL);
         sr->att_resolve = 0;
         sr->upload_url = NULL;
-        if (sr_record(b, sr, &s) == APR_SUCCESS) {
-            sr->state = SR_PENDING;
-        }
+        sr_defer(b, sr, &s);
         break;
     case MSO_GRAPH_FORBIDDEN:
         sr_fail(b, sr, "send_not_permitted", not_permitted_text(b->pool, "Graph refused the "
@@ -1114,9 +1229,7 @@ static void att_added(mso_box_t *b, sr_t *sr, const char *graph_id)
     s.graph_id = graph_id;
     sr->upload_url = NULL;
     sr->att_resolve = 0;
-    if (sr_record(b, sr, &s) == APR_SUCCESS) {
-        sr->state = SR_PENDING;
-    }
+    sr_defer(b, sr, &s);
 }
 
 static void att_list_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
@@ -1350,6 +1463,20 @@ static void outbox_setup(mso_box_t *b)
             sr->att_resolve |= at->phase && !strcmp(at->phase, "adding");
         }
         APR_ARRAY_PUSH(q->rows, sr_t *) = sr;
+        if (!sr->o->phase && sr_check(b, sr)) {
+            /* Pre-marked: the first create call of the pass writes the
+             * creating steps of every mailbox's new rows in one go. */
+            mso_outbox_step_t s;
+
+            memset(&s, 0, sizeof(s));
+            s.step = MSO_OUTBOX_CREATING;
+            s.marker = new_marker(b->pool);
+            s.retry_at = mso_sync_now() + SETTLE;
+            if (s.marker) {
+                pend(b, sr, &s, 0);
+                sr->premark = 1;
+            }
+        }
     }
 }
 
@@ -1381,10 +1508,12 @@ static int outbox_pump(mso_box_t *b)
     return started;
 }
 
-/* What the pass learnt but did not need to commit yet is committed, so the
- * next pass goes on at once: a draft made (its id), an upload between two
- * fragments (no call's outcome is unknown: the row is not held back). Mail
- * just sent shows in a mirrored Sent Items at the next pass. */
+/* What waits is written (every mailbox's: the first release of the pass
+ * does it), and what the next pass needs to go on at once: a draft made
+ * (its id), an upload between two fragments (no call's outcome is unknown:
+ * the row is not held back), a row marked creating whose call never came
+ * (no look-up needed). Mail just sent shows in a mirrored Sent Items at the
+ * next pass. */
 static void outbox_release(mso_box_t *b, mso_work_done_t *d, apr_int64_t now)
 {
     outbox_t *q = b->kind[MSO_KIND_SEND];
@@ -1394,11 +1523,17 @@ static void outbox_release(mso_box_t *b, mso_work_done_t *d, apr_int64_t now)
     for (i = 0; q && !b->lost && i < q->rows->nelts; i++) {
         sr_t *sr = APR_ARRAY_IDX(q->rows, i, sr_t *);
 
-        if (sr->state == SR_FINISHED || sr->state == SR_WAITING) {
+        if (sr->state == SR_FINISHED || (sr->state == SR_WAITING && !sr->fresh)) {
             continue;
         }
         memset(&s, 0, sizeof(s));
-        if (sr->draft_uncommitted) {
+        if (sr->fresh) {
+            /* Marked creating, then waiting before its call (the body not
+             * read, say): nothing to look up next time. */
+            s.step = MSO_OUTBOX_UNMARK;
+            sr->fresh = 0;
+        }
+        else if (sr->draft_uncommitted) {
             s.step = MSO_OUTBOX_DRAFT;
             s.draft_id = sr->o->draft_id;
             s.internet_message_id = sr->o->internet_message_id;
@@ -1410,10 +1545,10 @@ static void outbox_release(mso_box_t *b, mso_work_done_t *d, apr_int64_t now)
         else {
             continue;
         }
-        if (sr_record(b, sr, &s) == APR_SUCCESS) {
-            sr->draft_uncommitted = 0;
-        }
+        sr->draft_uncommitted = 0;
+        sr_defer(b, sr, &s);
     }
+    flush(b, 1);
     if (q && q->sent && !b->sync_due && mso_sync_in_folders(b, "sentitems")) {
         d->sync_due_at = now;
     }

@@ -56,8 +56,9 @@ static void app_att(mso_db_t *db, apr_int64_t outbox, const char *name, const vo
     ck_assert_msg(mso_exec(a, NULL, &err) == APR_SUCCESS, "attach: %s", err ? err : "");
 }
 
-/* A connected account leased for Graph work by "me". */
-static mso_work_t *leased(mso_db_t *db, const char *mailbox, apr_int64_t now)
+/* A connected account leased for Graph work by owner. */
+static mso_work_t *leased_by(mso_db_t *db, const char *mailbox, const char *owner,
+                             apr_int64_t now)
 {
     apr_array_header_t *works = NULL;
     mso_connect_t c = sample("default", mailbox, apr_pstrcat(pool, "oid-", mailbox, NULL));
@@ -65,9 +66,14 @@ static mso_work_t *leased(mso_db_t *db, const char *mailbox, apr_int64_t now)
     c.access_expires_at = now + 3600;
     c.refresh_due_at = now + 3000;
     connect_ok(db, &c, "sealed-r", "sealed-a", now);
-    ck_assert_int_eq(mso_mirror_claim(db, pool, "me", now, 45, 10, &works), APR_SUCCESS);
+    ck_assert_int_eq(mso_mirror_claim(db, pool, owner, now, 45, 10, &works), APR_SUCCESS);
     ck_assert_int_eq(works->nelts, 1);
     return APR_ARRAY_IDX(works, 0, mso_work_t *);
+}
+
+static mso_work_t *leased(mso_db_t *db, const char *mailbox, apr_int64_t now)
+{
+    return leased_by(db, mailbox, "me", now);
 }
 
 static mso_outbox_t *queued_one(mso_db_t *db, apr_int64_t account, apr_int64_t now)
@@ -139,7 +145,8 @@ START_TEST(outbox_steps)
     ck_assert_int_eq(APR_ARRAY_IDX(rows, 1, mso_outbox_t *)->atts->nelts, 0);
     ck_assert_int_eq(APR_ARRAY_IDX(rows, 1, mso_outbox_t *)->body_len, 0);
 
-    /* creating: the marker is committed once and kept; attempts count. */
+    /* creating: the marker is committed once and kept; attempts count send
+     * calls only. */
     memset(&s, 0, sizeof(s));
     s.step = MSO_OUTBOX_CREATING;
     s.marker = "m1";
@@ -150,8 +157,8 @@ START_TEST(outbox_steps)
     ck_assert_str_eq(o->marker, "m1");
     ck_assert_str_eq(col(db, id, "marker"), "m1");
     ck_assert_str_eq(col(db, id, "phase"), "creating");
-    ck_assert_str_eq(col(db, id, "attempts"), "2");
-    ck_assert_int_eq(o->attempts, 2);
+    ck_assert_str_eq(col(db, id, "attempts"), "0");
+    ck_assert_int_eq(o->attempts, 0);
     /* Held back until retry_at: the queue and the claim both wait. */
     ck_assert_int_eq(mso_outbox_queue(db, pool, w->acct->id, now, 10, &rows), APR_SUCCESS);
     ck_assert_int_eq(rows->nelts, 1);
@@ -197,11 +204,17 @@ START_TEST(outbox_steps)
     s.step = MSO_OUTBOX_SENDING;
     s.draft_id = "D2";
     s.retry_at = now + 10;
-    s.resend = 1;
     ck_assert_int_eq(mso_outbox_record(db, pool, "me", o, &s, now), APR_SUCCESS);
     ck_assert_str_eq(col(db, id, "phase"), "sending");
     ck_assert_str_eq(col(db, id, "draft_id"), "D2");
-    ck_assert_str_eq(col(db, id, "attempts"), "3");
+    ck_assert_str_eq(col(db, id, "attempts"), "1");
+    ck_assert_int_eq(o->attempts, 1);
+    /* Sending again (a look found the draft unsent): attempts + 1. */
+    ck_assert_int_eq(mso_outbox_record(db, pool, "me", o, &s, now), APR_SUCCESS);
+    ck_assert_str_eq(col(db, id, "attempts"), "2");
+    /* Unmark touches only a row in phase creating. */
+    ck_assert_int_eq(step(db, "me", o, MSO_OUTBOX_UNMARK, now), APR_NOTFOUND);
+    ck_assert_str_eq(col(db, id, "phase"), "sending");
     ck_assert_int_eq(num(db, apr_psprintf(pool, "SELECT sending_since FROM msoauth_outbox "
                                           "WHERE id = %" APR_INT64_T_FMT, id)), now);
     memset(&s, 0, sizeof(s));
@@ -254,6 +267,84 @@ START_TEST(outbox_steps)
     ck_assert_int_eq(mso_mirror_claim(db, pool, "me", now + 20, 45, 10, &works), APR_SUCCESS);
     ck_assert_int_eq(works->nelts, 1);
     ck_assert_int_eq(APR_ARRAY_IDX(works, 0, mso_work_t *)->queued_sends, 1);
+}
+END_TEST
+
+/* Group commit: several rows' steps in one transaction, each judged on its
+ * own (written, lease gone, no longer queued); the rows in memory untouched
+ * until applied. */
+START_TEST(outbox_group_commit)
+{
+    mso_db_t *db = fresh_db(_i);
+    apr_int64_t now = apr_time_sec(apr_time_now()), a1, a2, b1;
+    mso_outbox_write_t wr[4];
+    mso_outbox_t *o1, *o2, *ob;
+    apr_array_header_t *rows = NULL;
+    mso_work_t *wa, *wb;
+
+    migrate_ok(db);
+    wa = leased_by(db, "group-a@example.com", "me", now);
+    wb = leased_by(db, "group-b@example.com", "other", now);
+    a1 = app_row(db, wa->acct->id, "a1", "x");
+    a2 = app_row(db, wa->acct->id, "a2", "y");
+    b1 = app_row(db, wb->acct->id, "b1", "z");
+    ck_assert_int_eq(mso_outbox_queue(db, pool, wa->acct->id, now, 10, &rows), APR_SUCCESS);
+    ck_assert_int_eq(rows->nelts, 2);
+    o1 = APR_ARRAY_IDX(rows, 0, mso_outbox_t *);
+    o2 = APR_ARRAY_IDX(rows, 1, mso_outbox_t *);
+    ob = queued_one(db, wb->acct->id, now);
+    /* The application takes a2 back. */
+    exec_ok(db, apr_psprintf(pool, "UPDATE msoauth_outbox SET state = 'failed' WHERE id = %"
+                             APR_INT64_T_FMT, a2));
+
+    memset(wr, 0, sizeof(wr));
+    wr[0].o = o1;
+    wr[0].s.step = MSO_OUTBOX_CREATING;
+    wr[0].s.marker = "ma1";
+    wr[0].s.retry_at = now + 10;
+    wr[1].o = ob;
+    wr[1].s.step = MSO_OUTBOX_CREATING;
+    wr[1].s.marker = "mb1";
+    wr[2].o = o2;
+    wr[2].s.step = MSO_OUTBOX_CREATING;
+    wr[2].s.marker = "ma2";
+    wr[3].o = o1;                       /* a second step of a row, in order */
+    wr[3].s.step = MSO_OUTBOX_DRAFT;
+    wr[3].s.draft_id = "DA1";
+    ck_assert_int_eq(mso_outbox_commit(db, pool, "me", wr, 4, now), APR_SUCCESS);
+    ck_assert_int_eq(wr[0].rv, APR_SUCCESS);
+    ck_assert_int_eq(wr[1].rv, APR_EBUSY);
+    ck_assert_int_eq(wr[2].rv, APR_NOTFOUND);
+    ck_assert_int_eq(wr[3].rv, APR_SUCCESS);
+    ck_assert_str_eq(col(db, a1, "marker"), "ma1");
+    ck_assert_str_eq(col(db, a1, "phase"), "draft");
+    ck_assert_str_eq(col(db, a1, "draft_id"), "DA1");
+    ck_assert_ptr_null(col(db, b1, "marker"));
+    ck_assert_ptr_null(col(db, b1, "phase"));
+    ck_assert_ptr_null(col(db, a2, "marker"));
+    ck_assert_str_eq(col(db, a2, "state"), "failed");
+    /* Not applied to the rows in memory... */
+    ck_assert_ptr_null(o1->marker);
+    ck_assert_ptr_null(o1->phase);
+    /* ...until the caller does. */
+    mso_outbox_apply(pool, o1, &wr[0].s, now);
+    mso_outbox_apply(pool, o1, &wr[3].s, now);
+    ck_assert_str_eq(o1->marker, "ma1");
+    ck_assert_str_eq(o1->phase, "draft");
+    ck_assert_str_eq(o1->draft_id, "DA1");
+
+    /* Marked creating, its call never made: back to no phase, the marker
+     * kept for the next create. */
+    exec_ok(db, apr_psprintf(pool, "UPDATE msoauth_outbox SET phase = 'creating', draft_id = "
+                             "NULL WHERE id = %" APR_INT64_T_FMT, a1));
+    o1->phase = "creating";
+    ck_assert_int_eq(step(db, "me", o1, MSO_OUTBOX_UNMARK, now), APR_SUCCESS);
+    ck_assert_ptr_null(o1->phase);
+    ck_assert_ptr_null(col(db, a1, "phase"));
+    ck_assert_ptr_null(col(db, a1, "retry_at"));
+    ck_assert_str_eq(col(db, a1, "marker"), "ma1");
+    ck_assert_str_eq(col(db, a1, "attempts"), "0");
+    ck_assert_int_eq(mso_outbox_commit(db, pool, "me", wr, 0, now), APR_SUCCESS);
 }
 END_TEST
 
@@ -360,6 +451,7 @@ END_TEST
 static void add_tests(TCase *tc, int backend)
 {
     ADD_BOTH(tc, outbox_steps, backend);
+    ADD_BOTH(tc, outbox_group_commit, backend);
     ADD_BOTH(tc, outbox_bytes, backend);
     ADD_BOTH(tc, outbox_stats_and_purge, backend);
 }
