@@ -37,6 +37,7 @@
 #include "mso_events.h"
 #include "mso_cert.h"
 #include "mso_crypto.h"
+#include "mso_outbox.h"
 
 APLOG_USE_MODULE(msoauth);
 
@@ -511,6 +512,45 @@ static void mirror_json(json_t *o, const mso_mirror_stats_t *ms, apr_int64_t now
     json_object_set_new(o, "actions", q);
 }
 
+#define OUTBOX_STATS_KEY "msoauth:outbox-stats"
+
+/* The outbox figures of every account, read once per request. */
+static void outbox_stats_load(request_rec *r, mso_db_t *db)
+{
+    apr_hash_t *h = NULL;
+
+    if (mso_outbox_stats(db, r->pool, &h) == APR_SUCCESS) {
+        apr_pool_userdata_setn(h, OUTBOX_STATS_KEY, NULL, r->pool);
+    }
+}
+
+/* Queued and failed outgoing mail of one account, the newest failure with
+ * its fix. */
+static void outbox_json(request_rec *r, json_t *o, apr_int64_t id, apr_int64_t now)
+{
+    void *h = NULL;
+    const mso_outbox_stats_t *os;
+    const mso_reason_t *rs;
+    json_t *q = json_object(), *f = json_null();
+
+    apr_pool_userdata_get(&h, OUTBOX_STATS_KEY, r->pool);
+    os = h ? apr_hash_get(h, apr_psprintf(r->pool, "%" APR_INT64_T_FMT, id),
+                          APR_HASH_KEY_STRING) : NULL;
+    json_object_set_new(q, "queued", json_integer(os ? os->queued : 0));
+    json_object_set_new(q, "oldest_queued_age", json_integer(os && os->oldest_queued_at
+                                                             ? now - os->oldest_queued_at : 0));
+    json_object_set_new(q, "failed", json_integer(os ? os->failed : 0));
+    json_object_set_new(q, "sent", json_integer(os ? os->sent : 0));
+    if (os && os->last_failed_id) {
+        rs = mso_reason_get(os->last_failed_reason);
+        f = json_pack("{s:I, s:s?, s:s?, s:s?}", "id", (json_int_t)os->last_failed_id,
+                      "reason", os->last_failed_reason, "last_error", os->last_failed_error,
+                      "fix", rs ? rs->fix : NULL);
+    }
+    json_object_set_new(q, "last_failure", f);
+    json_object_set_new(o, "outbox", q);
+}
+
 static const mso_mirror_stats_t *stats_of(request_rec *r, apr_hash_t *stats, apr_int64_t id)
 {
     return stats ? apr_hash_get(stats, apr_psprintf(r->pool, "%" APR_INT64_T_FMT, id),
@@ -573,6 +613,7 @@ static json_t *account_json(request_rec *r, mso_account_t *a, apr_hash_t *stats,
     mirror_json(o, stats_of(r, stats, a->id), apr_time_sec(apr_time_now()));
     attach_json(r, o, astats, a->id);
     json_object_set_new(o, "history", history_json(events, a->id));
+    outbox_json(r, o, a->id, apr_time_sec(apr_time_now()));
     return o;
 }
 
@@ -586,6 +627,7 @@ static json_t *status_model(request_rec *r, msoauth_srv_conf_t *sc, mso_db_t *db
     apr_int64_t now = apr_time_sec(apr_time_now());
     int i, due = 0, overdue = 0;
 
+    outbox_stats_load(r, db);
     if (mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS
         || mso_account_list(db, r->pool, &accounts) != APR_SUCCESS
         || mso_job_runs_list(db, r->pool, &runs) != APR_SUCCESS
@@ -657,6 +699,24 @@ static const char *when(request_rec *r, json_int_t t)
 }
 
 /* --- the HTML page: rendered from the status model, section by section --- */
+
+/* The Outbox column: queued (with the oldest's age) and failed outgoing
+ * mail, and the newest failure's reason. */
+static const char *outbox_cell(request_rec *r, const json_t *ob)
+{
+    apr_int64_t queued = 0, age = 0, failed = 0;
+    const json_t *lf = mso_json_obj(ob, "last_failure");
+
+    mso_json_int(ob, "queued", &queued);
+    mso_json_int(ob, "oldest_queued_age", &age);
+    mso_json_int(ob, "failed", &failed);
+    return apr_psprintf(r->pool, "<td%s>%" APR_INT64_T_FMT " queued%s, %" APR_INT64_T_FMT
+                        " failed%s%s%s</td>", failed ? " class=bad" : "", queued,
+                        queued ? apr_psprintf(r->pool, " (oldest %" APR_INT64_T_FMT " s)", age)
+                               : "", failed,
+                        lf ? " (last: " : "", lf ? esc(r, mso_json_str(lf, "reason")) : "",
+                        lf ? ")" : "");
+}
 
 typedef struct {
     request_rec *r;
@@ -783,13 +843,14 @@ static void page_accounts(page_t *pg, json_t *m)
 
     ap_rputs("<h2>Accounts</h2>\n<table><tr><th>ID</th><th>Company</th><th>Mailbox</th>"
              "<th>State</th><th>Token expires</th><th>Last refresh</th><th>Last sync</th>"
-             "<th>Messages</th><th>Sync</th><th>Write-back queue</th>"
+             "<th>Messages</th><th>Sync</th><th>Write-back queue</th><th>Outbox</th>"
              "<th>Last error and fix</th><th>Actions</th></tr>\n", r);
     json_array_foreach(mso_json_arr(m, "accounts"), i, a) {
         apr_int64_t id = 0, exp = 0, ref = 0, sync = 0, msgs = 0, queued = 0, age = 0;
         apr_int64_t failed = 0;
         const char *err = mso_json_str(a, "last_error"), *fix = mso_json_str(a, "fix");
         const json_t *sy = mso_json_obj(a, "sync"), *q = mso_json_obj(a, "actions");
+        const json_t *ob = mso_json_obj(a, "outbox");
         const char *serr = mso_json_str(sy, "last_error");
 
         mso_json_int(a, "id", &id);
@@ -804,14 +865,14 @@ static void page_accounts(page_t *pg, json_t *m)
                    "<td>%s</td><td>%s</td><td class=\"state%s\">%s</td>"
                    "<td>%s</td><td>%s</td><td>%s</td><td>%" APR_INT64_T_FMT "</td>"
                    "<td%s>%s%s%s</td><td%s>%" APR_INT64_T_FMT " queued%s, %" APR_INT64_T_FMT
-                   " failed</td><td>%s%s%s</td><td>%s</td></tr>\n", id, id,
+                   " failed</td>%s<td>%s%s%s</td><td>%s</td></tr>\n", id, id,
                    esc(r, mso_json_str(a, "company")), esc(r, mso_json_str(a, "mailbox")),
                    strcmp(mso_json_str(a, "state"), "connected") ? " bad" : "",
                    esc(r, mso_json_str(a, "state")), when(r, exp), when(r, ref), when(r, sync),
                    msgs, serr ? " class=bad" : "", esc(r, mso_json_str(sy, "phase")),
                    serr ? ": " : "", esc(r, serr), failed ? " class=bad" : "", queued,
                    queued ? apr_psprintf(r->pool, " (oldest %" APR_INT64_T_FMT " s)", age) : "",
-                   failed, esc(r, err), err && fix ? "<br>Fix: " : "",
+                   failed, outbox_cell(r, ob), esc(r, err), err && fix ? "<br>Fix: " : "",
                    err && fix ? esc(r, fix) : "", account_actions(pg, a, id));
     }
     ap_rputs("</table>\n", r);
@@ -1434,6 +1495,7 @@ int msoauth_admin_handler(request_rec *r)
         if (mso_mirror_stats(db, r->pool, &stats) != APR_SUCCESS) {
             stats = NULL;
         }
+        outbox_stats_load(r, db);
         if (mso_attach_stats(db, r->pool, &astats) != APR_SUCCESS) {
             astats = NULL;
         }

@@ -600,6 +600,9 @@ static void graph_pass(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *bp, 
         a->actions_done += b->actions_done;
         a->actions_failed += b->actions_failed;
         a->actions_waiting += b->actions_waiting;
+        a->sends_done += b->sends_done;
+        a->sends_failed += b->sends_failed;
+        a->sends_waiting += b->sends_waiting;
         a->throttled += b->throttled;
         a->errors += b->errors;
         a->attach_lists += b->attach_lists;
@@ -683,7 +686,7 @@ static int graph_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
             boxes[n].access_token = access_token(bp, msoauth_srv_conf(cs), db, w->acct);
             boxes[n].mailbox_url = mso_graph_mailbox(bp, c->set.graph_url.value, NULL);
             boxes[n].can_write = mso_sync_scopes_can_write(w->acct->scopes);
-            boxes[n].can_send = mso_sync_scope_has(w->acct->scopes, "Mail.Send");
+            boxes[n].can_send = mso_sync_scopes_can_send(w->acct->scopes);
         }
         boxes[n].attach_max_bytes = c->set.attachment_max_bytes.value;
         n++;
@@ -872,11 +875,13 @@ static void refresh_due(job_t *job, server_rec *s, apr_pool_t *p, apr_time_t dea
         if (st.sync.mailboxes) {
             ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(213) "job: Graph work on %d "
                          "mailboxes: %d pages, %d messages, %d resyncs, %d actions done, %d "
-                         "failed, %d waiting, %d throttled, %d errors, %d attachment lists, "
-                         "%d attachments stored (%" APR_INT64_T_FMT " bytes)",
+                         "failed, %d waiting, %d mails sent, %d failed, %d waiting, %d "
+                         "throttled, %d errors, %d attachment lists, %d attachments stored "
+                         "(%" APR_INT64_T_FMT " bytes)",
                          st.sync.mailboxes, st.sync.pages, st.sync.messages, st.sync.resyncs,
                          st.sync.actions_done, st.sync.actions_failed,
-                         st.sync.actions_waiting, st.sync.throttled, st.sync.errors,
+                         st.sync.actions_waiting, st.sync.sends_done, st.sync.sends_failed,
+                         st.sync.sends_waiting, st.sync.throttled, st.sync.errors,
                          st.sync.attach_lists, st.sync.attach_stored, st.sync.attach_bytes);
         }
         run.node = job->owner;

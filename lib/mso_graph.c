@@ -5,9 +5,11 @@
 
 #include <apr_strings.h>
 #include <apr_lib.h>
+#include <apr_base64.h>
 
 #include "mso_config.h"
 #include "mso_crypto.h"
+#include "mso_flow.h"
 #include "mso_graph.h"
 #include "mso_json.h"
 
@@ -794,4 +796,582 @@ int mso_graph_me_is_object(const mso_graph_me_t *me, const char *tid, const char
     return tid && !strcasecmp(tid, MSA_TENANT) && n == 16 && strlen(oid) == 36
            && !strncmp(oid, "00000000-0000-0000-", 19) && oid[23] == '-'
            && !strncasecmp(oid + 19, me->id, 4) && !strcasecmp(oid + 24, me->id + 4);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Sending mail (the outbox) */
+
+#define NAME_MAX_CHARS 255
+#define RECIPIENT_NAME_MAX 256
+
+const char *mso_graph_message_url(apr_pool_t *p, const char *mailbox, const char *id)
+{
+    return message_url(p, mailbox, id);
+}
+
+/* True when s is valid UTF-8 (shortest forms, no surrogates, at most
+ * U+10FFFF): jansson refuses anything else. */
+static int utf8_ok(const char *s)
+{
+    const unsigned char *c = (const unsigned char *)s;
+
+    while (*c) {
+        apr_uint32_t cp;
+        int n, i;
+
+        if (*c < 0x80) {
+            c++;
+            continue;
+        }
+        if (*c >= 0xc2 && *c <= 0xdf) {
+            n = 1, cp = *c & 0x1f;
+        }
+        else if (*c >= 0xe0 && *c <= 0xef) {
+            n = 2, cp = *c & 0x0f;
+        }
+        else if (*c >= 0xf0 && *c <= 0xf4) {
+            n = 3, cp = *c & 0x07;
+        }
+        else {
+            return 0;
+        }
+        for (i = 1; i <= n; i++) {
+            if ((c[i] & 0xc0) != 0x80) {
+                return 0;
+            }
+            cp = (cp << 6) | (c[i] & 0x3f);
+        }
+        if ((n == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff)))
+            || (n == 3 && (cp < 0x10000 || cp > 0x10ffff))) {
+            return 0;
+        }
+        c += n + 1;
+    }
+    return 1;
+}
+
+/* True when s is valid UTF-8 without C0 controls (tab allowed when tab) or DEL. */
+static int text_ok(const char *s, int tab)
+{
+    const unsigned char *c;
+
+    if (!s) {
+        return 1;
+    }
+    for (c = (const unsigned char *)s; *c; c++) {
+        if ((*c < 0x20 && !(tab && *c == '\t')) || *c == 0x7f) {
+            return 0;
+        }
+    }
+    return utf8_ok(s);
+}
+
+/* The recipients of one field as Graph's [{"emailAddress":{...}}]; *n grows. */
+static apr_status_t recipients_of(apr_pool_t *p, const char *text, const char *field,
+                                  json_t **out, int *n, const char **err)
+{
+    const char *perr = NULL;
+    json_t *j, *r;
+    size_t i;
+
+    *out = NULL;
+    if (!text || !*text) {
+        return APR_SUCCESS;
+    }
+    j = mso_json_parse(p, text, strlen(text), &perr);
+    if (!j || !json_is_array(j)) {
+        *err = apr_psprintf(p, "%s is not a JSON array of {\"address\", \"name\"} objects%s%s",
+                            field, perr ? ": " : "", perr ? perr : "");
+        return APR_EINVAL;
+    }
+    *out = json_array();
+    json_array_foreach(j, i, r) {
+        const char *addr = json_is_string(r) ? json_string_value(r) : mso_json_str(r, "address");
+        const json_t *jn = json_is_object(r) ? json_object_get(r, "name") : NULL;
+        const char *name = json_is_string(jn) ? json_string_value(jn) : NULL;
+        const char *why;
+        json_t *ea;
+
+        if (!json_is_string(r) && !json_is_object(r)) {
+            why = "is neither an object nor a string";
+        }
+        else if (!addr) {
+            why = "has no \"address\"";
+        }
+        else if ((why = mso_check_mailbox(addr)) != NULL) {
+            why = apr_pstrcat(p, "has the address \"", clean_text(p, addr), "\", which is not "
+                              "valid: an address must be a plain e-mail address such as "
+                              "someone@example.com", NULL);
+        }
+        else if (jn && !json_is_null(jn) && !name) {
+            why = "has a \"name\" that is not a string";
+        }
+        else if (name && (strlen(name) > RECIPIENT_NAME_MAX || !text_ok(name, 0))) {
+            why = "has a \"name\" longer than 256 bytes or with control characters";
+        }
+        if (why) {
+            *err = apr_psprintf(p, "%s: recipient %d %s", field, (int)i + 1, why);
+            json_decref(*out);
+            *out = NULL;
+            return APR_EINVAL;
+        }
+        ea = json_pack("{s:s}", "address", addr);
+        if (name && *name) {
+            json_object_set_new(ea, "name", json_string(name));
+        }
+        json_array_append_new(*out, json_pack("{s:o}", "emailAddress", ea));
+        ++*n;
+    }
+    return APR_SUCCESS;
+}
+
+static const char *body_type_of(const char *t)
+{
+    if (!t || !*t || !strcasecmp(t, "text")) {
+        return "text";
+    }
+    return !strcasecmp(t, "html") ? "html" : NULL;
+}
+
+typedef struct {
+    json_t *to, *cc, *bcc;
+    int n;
+} recipients_t;
+
+static apr_status_t mail_recipients(apr_pool_t *p, const mso_graph_mail_t *m, recipients_t *r,
+                                    const char **err)
+{
+    apr_status_t rv;
+
+    memset(r, 0, sizeof(*r));
+    if ((rv = recipients_of(p, m->to_json, "to_json", &r->to, &r->n, err)) != APR_SUCCESS
+        || (rv = recipients_of(p, m->cc_json, "cc_json", &r->cc, &r->n, err)) != APR_SUCCESS
+        || (rv = recipients_of(p, m->bcc_json, "bcc_json", &r->bcc, &r->n, err))
+           != APR_SUCCESS) {
+        goto fail;
+    }
+    if (r->n == 0 && !m->reply_to) {
+        *err = "the message has no recipient: to_json, cc_json and bcc_json are all empty";
+        rv = APR_EINVAL;
+        goto fail;
+    }
+    if (r->n > MSO_GRAPH_MAX_RECIPIENTS) {
+        *err = apr_psprintf(p, "the message has %d recipients; Graph takes at most %d over "
+                            "to, cc and bcc", r->n, MSO_GRAPH_MAX_RECIPIENTS);
+        rv = APR_EINVAL;
+        goto fail;
+    }
+    return APR_SUCCESS;
+
+fail:
+    json_decref(r->to);
+    json_decref(r->cc);
+    json_decref(r->bcc);
+    memset(r, 0, sizeof(*r));
+    return rv;
+}
+
+static apr_status_t mail_check(apr_pool_t *p, const mso_graph_mail_t *m, recipients_t *r,
+                               const char **err)
+{
+    *err = NULL;
+    if (!body_type_of(m->body_type)) {
+        *err = "body_type must be text or html";
+        return APR_EINVAL;
+    }
+    if (m->reply_to && !id_ok(m->reply_to)) {
+        *err = "reply_to_graph_id is not a Graph message id (letters, digits and +/=_- only, at "
+               "most 512)";
+        return APR_EINVAL;
+    }
+    if (!text_ok(m->subject, 1)) {
+        *err = "subject holds a line break or another control character, or is not UTF-8";
+        return APR_EINVAL;
+    }
+    if (m->body && !utf8_ok(m->body)) {
+        *err = "body is not valid UTF-8";
+        return APR_EINVAL;
+    }
+    return mail_recipients(p, m, r, err);
+}
+
+apr_status_t mso_graph_mail_check(apr_pool_t *p, const mso_graph_mail_t *m, const char **err)
+{
+    recipients_t r;
+    apr_status_t rv = mail_check(p, m, &r, err);
+
+    if (rv == APR_SUCCESS) {
+        json_decref(r.to);
+        json_decref(r.cc);
+        json_decref(r.bcc);
+    }
+    return rv;
+}
+
+apr_status_t mso_graph_mail_create(apr_pool_t *p, const char *mailbox, const mso_graph_mail_t *m,
+                                   mso_graph_request_t *req, const char **err)
+{
+    recipients_t r;
+    json_t *msg, *ext;
+    const char *body;
+    apr_status_t rv;
+    int reply = m->reply_to != NULL;
+
+    memset(req, 0, sizeof(*req));
+    if ((rv = mail_check(p, m, &r, err)) != APR_SUCCESS) {
+        return rv;
+    }
+    msg = json_object();
+    if (m->subject && (*m->subject || !reply)) {
+        json_object_set_new(msg, "subject", json_string(m->subject));
+    }
+    /* A reply without a body of its own keeps Outlook's quote of the original. */
+    if (!reply || (m->body && *m->body)) {
+        json_object_set_new(msg, "body", json_pack("{s:s, s:s}", "contentType",
+                                                   body_type_of(m->body_type), "content",
+                                                   m->body ? m->body : ""));
+    }
+    if (r.to) {
+        json_object_set_new(msg, "toRecipients", r.to);
+    }
+    if (r.cc) {
+        json_object_set_new(msg, "ccRecipients", r.cc);
+    }
+    if (r.bcc) {
+        json_object_set_new(msg, "bccRecipients", r.bcc);
+    }
+    ext = json_pack("[{s:s, s:s}]", "id", MSO_GRAPH_MARKER_PROPERTY, "value",
+                    m->marker ? m->marker : "");
+    json_object_set_new(msg, "singleValueExtendedProperties", ext);
+    if (reply) {
+        msg = json_pack("{s:o}", "message", msg);
+    }
+    body = mso_json_dump(p, msg);
+    json_decref(msg);
+    if (!body) {
+        *err = "the message cannot be written as JSON";
+        return APR_EINVAL;
+    }
+    if (strlen(body) > MSO_GRAPH_MAX_REQUEST) {
+        *err = apr_psprintf(p, "the message's body and recipients take %" APR_SIZE_T_FMT
+                            " bytes of JSON; Graph takes at most 4 MB in one request: send "
+                            "large content as an attachment", strlen(body));
+        return APR_EINVAL;
+    }
+    req->method = "POST";
+    req->url = reply ? apr_pstrcat(p, message_url(p, mailbox, m->reply_to), "/createReply", NULL)
+                     : apr_pstrcat(p, mailbox, "/messages", NULL);
+    req->body = body;
+    return APR_SUCCESS;
+}
+
+#define ITEM_SELECT "$select=id,isDraft,internetMessageId,parentFolderId"
+
+static void item_of(apr_pool_t *p, const json_t *e, mso_graph_item_t *it)
+{
+    const char *imid = mso_json_str(e, "internetMessageId");
+
+    memset(it, 0, sizeof(*it));
+    it->id = exact_str(e, "id");
+    it->is_draft = flag_of(e, "isDraft");
+    it->internet_message_id = imid && strlen(imid) <= 998 ? clean_text(p, imid) : NULL;
+    it->parent_folder_id = exact_str(e, "parentFolderId");
+    it->id = it->id ? apr_pstrdup(p, it->id) : NULL;
+    it->parent_folder_id = it->parent_folder_id ? apr_pstrdup(p, it->parent_folder_id) : NULL;
+}
+
+apr_status_t mso_graph_parse_items(apr_pool_t *p, const char *body, apr_size_t len,
+                                   apr_array_header_t **items, const char **err)
+{
+    const char *perr = NULL;
+    const json_t *value;
+    json_t *j, *e;
+    size_t i;
+
+    *items = apr_array_make(p, 2, sizeof(mso_graph_item_t));
+    j = mso_json_parse(p, body, len, &perr);
+    if (!j || !json_is_object(j)) {
+        *err = perr ? apr_pstrcat(p, "Graph's answer is not JSON: ", perr, NULL)
+                    : "Graph's answer is not a JSON object";
+        return APR_EINVAL;
+    }
+    value = mso_json_arr(j, "value");
+    if (!value) {
+        mso_graph_item_t it;
+
+        item_of(p, j, &it);
+        if (!id_ok(it.id)) {
+            *err = "Graph's answer about a message has no usable id";
+            return APR_EINVAL;
+        }
+        APR_ARRAY_PUSH(*items, mso_graph_item_t) = it;
+        return APR_SUCCESS;
+    }
+    json_array_foreach(value, i, e) {
+        mso_graph_item_t it;
+
+        item_of(p, e, &it);
+        if (id_ok(it.id)) {
+            APR_ARRAY_PUSH(*items, mso_graph_item_t) = it;
+        }
+    }
+    return APR_SUCCESS;
+}
+
+const char *mso_graph_marker_url(apr_pool_t *p, const char *mailbox, const char *marker)
+{
+    const char *filter = apr_pstrcat(p, "singleValueExtendedProperties/Any(ep: ep/id eq '",
+                                     MSO_GRAPH_MARKER_PROPERTY, "' and ep/value eq '",
+                                     marker ? marker : "", "')", NULL);
+
+    return apr_pstrcat(p, mailbox, "/messages?$filter=", mso_url_encode(p, filter),
+                       "&" ITEM_SELECT "&$top=50", NULL);
+}
+
+const char *mso_graph_item_url(apr_pool_t *p, const char *mailbox, const char *id)
+{
+    return apr_pstrcat(p, message_url(p, mailbox, id), "?" ITEM_SELECT, NULL);
+}
+
+const char *mso_graph_send_url(apr_pool_t *p, const char *mailbox, const char *draft_id)
+{
+    return apr_pstrcat(p, message_url(p, mailbox, draft_id), "/send", NULL);
+}
+
+static int token_char(char c)
+{
+    return c && (apr_isalnum(c) || strchr("!#$&^_.+-", c) != NULL);
+}
+
+const char *mso_graph_attachment_check(apr_pool_t *p, const char *name,
+                                       const char *content_type, const char *content_id,
+                                       apr_int64_t size)
+{
+    const char *c;
+
+    (void)p;
+    if (!name || !*name) {
+        return "it has no name";
+    }
+    if (!utf8_ok(name) || strlen(name) > 4 * NAME_MAX_CHARS) {
+        return "its name is not valid UTF-8 or is too long";
+    }
+    if (!text_ok(name, 0) || strchr(name, '/') || strchr(name, '\\') || !strcmp(name, ".")
+        || !strcmp(name, "..")) {
+        return "its name holds a path separator (/ or \\) or a control character";
+    }
+    if (content_type) {
+        for (c = content_type; token_char(*c); c++) {
+        }
+        if (c == content_type || *c++ != '/' || !token_char(*c)) {
+            return "its content_type is not a media type such as image/png";
+        }
+        for (; token_char(*c); c++) {
+        }
+        if (*c && *c != ';' && *c != ' ') {
+            return "its content_type is not a media type such as image/png";
+        }
+        for (; *c; c++) {
+            if (*c < 0x20 || *c >= 0x7f) {
+                return "its content_type holds characters other than printable ASCII";
+            }
+        }
+        if (strlen(content_type) > 255) {
+            return "its content_type is longer than 255 characters";
+        }
+    }
+    if (content_id) {
+        if (!*content_id || strlen(content_id) > 255) {
+            return "its content_id is empty or longer than 255 characters";
+        }
+        for (c = content_id; *c; c++) {
+            if (*c <= 0x20 || *c >= 0x7f || *c == '<' || *c == '>') {
+                return "its content_id holds a space, a control character or < > (give it "
+                       "without the angle brackets, as cid: URLs name it)";
+            }
+        }
+    }
+    if (size < 0 || size > MSO_GRAPH_MAX_MESSAGE) {
+        return "it is larger than 150 MB, the largest message Graph takes";
+    }
+    return NULL;
+}
+
+/* The JSON before and after the base64 of a fileAttachment. */
+static void attachment_json_parts(apr_pool_t *p, const char *name, const char *content_type,
+                                  int is_inline, const char *content_id, const char **head,
+                                  const char **tail)
+{
+    json_t *o = json_pack("{s:s, s:s, s:s, s:b}", "@odata.type",
+                          "#microsoft.graph.fileAttachment", "name", name, "contentType",
+                          content_type ? content_type : "application/octet-stream",
+                          "isInline", is_inline);
+    const char *s;
+
+    if (content_id) {
+        json_object_set_new(o, "contentId", json_string(content_id));
+    }
+    json_object_set_new(o, "contentBytes", json_string(""));
+    s = mso_json_dump(p, o);
+    json_decref(o);
+    /* jansson keeps insertion order: contentBytes is last, "" just before }. */
+    *head = apr_pstrndup(p, s, strlen(s) - 2);
+    *tail = "\"}";
+}
+
+apr_size_t mso_graph_attachment_post_len(apr_pool_t *p, const char *name,
+                                         const char *content_type, int is_inline,
+                                         const char *content_id, apr_int64_t size)
+{
+    const char *head, *tail;
+
+    attachment_json_parts(p, name, content_type, is_inline, content_id, &head, &tail);
+    return strlen(head) + (apr_size_t)(4 * ((size + 2) / 3)) + strlen(tail);
+}
+
+apr_status_t mso_graph_attachment_post(apr_pool_t *p, const char *mailbox,
+                                       const char *draft_id, const char *name,
+                                       const char *content_type, int is_inline,
+                                       const char *content_id, const unsigned char *data,
+                                       apr_size_t n, mso_graph_request_t *req, apr_size_t *len)
+{
+    const char *head, *tail;
+    apr_size_t hl, b64;
+    char *body;
+
+    memset(req, 0, sizeof(*req));
+    attachment_json_parts(p, name, content_type, is_inline, content_id, &head, &tail);
+    hl = strlen(head);
+    b64 = 4 * ((n + 2) / 3);
+    *len = hl + b64 + strlen(tail);
+    if (*len > MSO_GRAPH_MAX_REQUEST) {
+        return APR_ENOSPC;
+    }
+    body = apr_palloc(p, *len + 1);
+    memcpy(body, head, hl);
+    /* apr_base64 writes a NUL after the text: the tail goes over it. */
+    apr_base64_encode_binary(body + hl, data, (int)n);
+    memcpy(body + hl + b64, tail, strlen(tail) + 1);
+    req->method = "POST";
+    req->url = apr_pstrcat(p, message_url(p, mailbox, draft_id), "/attachments", NULL);
+    req->body = body;
+    return APR_SUCCESS;
+}
+
+void mso_graph_upload_session(apr_pool_t *p, const char *mailbox, const char *draft_id,
+                              const char *name, const char *content_type, int is_inline,
+                              const char *content_id, apr_int64_t size,
+                              mso_graph_request_t *req)
+{
+    json_t *item = json_pack("{s:s, s:s, s:I, s:b, s:s}", "attachmentType", "file", "name", name,
+                             "size", (json_int_t)size, "isInline", is_inline, "contentType",
+                             content_type ? content_type : "application/octet-stream");
+    json_t *o;
+
+    if (content_id) {
+        json_object_set_new(item, "contentId", json_string(content_id));
+    }
+    o = json_pack("{s:o}", "AttachmentItem", item);
+    req->method = "POST";
+    req->url = apr_pstrcat(p, message_url(p, mailbox, draft_id),
+                           "/attachments/createUploadSession", NULL);
+    req->body = mso_json_dump(p, o);
+    json_decref(o);
+}
+
+const char *mso_graph_parse_upload_url(apr_pool_t *p, const char *graph_root, const char *body,
+                                       apr_size_t len, const char **err)
+{
+    const char *perr = NULL, *url, *c;
+    json_t *j = mso_json_parse(p, body, len, &perr);
+    apr_size_t rl = graph_root ? strlen(graph_root) : 0;
+
+    url = j ? exact_str(j, "uploadUrl") : NULL;
+    if (!url) {
+        *err = "Graph's upload session has no uploadUrl";
+        return NULL;
+    }
+    for (c = url; *c; c++) {
+        if (*c <= 0x20 || *c >= 0x7f) {
+            break;
+        }
+    }
+    if (*c || c - url > 8192
+        || (strncmp(url, "https://", 8) != 0
+            && !(rl && !strncmp(url, graph_root, rl) && url[rl] == '/'))) {
+        *err = "Graph's upload session names an upload URL that is not https (nor under "
+               "MSOAuthGraphURL); it is not used";
+        return NULL;
+    }
+    return apr_pstrdup(p, url);
+}
+
+const char *mso_graph_location_attachment_id(apr_pool_t *p, const char *location)
+{
+    const char *at, *end;
+    const char *id;
+
+    if (!location) {
+        return NULL;
+    }
+    at = strstr(location, "Attachments('");
+    if (!at) {
+        at = strstr(location, "attachments('");
+    }
+    if (!at) {
+        return NULL;
+    }
+    at += 13;
+    end = strstr(at, "')");
+    if (!end) {
+        return NULL;
+    }
+    id = apr_pstrndup(p, at, end - at);
+    return id_ok(id) ? id : NULL;
+}
+
+const char *mso_graph_draft_attachments_url(apr_pool_t *p, const char *mailbox,
+                                            const char *draft_id)
+{
+    return apr_pstrcat(p, message_url(p, mailbox, draft_id),
+                       "/attachments?$select=id,name,isInline,contentId", NULL);
+}
+
+const char *mso_graph_draft_attachment_url(apr_pool_t *p, const char *mailbox,
+                                           const char *draft_id, const char *att_id)
+{
+    return apr_pstrcat(p, message_url(p, mailbox, draft_id), "/attachments/",
+                       mso_url_encode(p, att_id), NULL);
+}
+
+apr_status_t mso_graph_parse_draft_attachments(apr_pool_t *p, const char *body, apr_size_t len,
+                                               apr_array_header_t **items, const char **err)
+{
+    const char *perr = NULL;
+    const json_t *value;
+    json_t *j, *e;
+    size_t i;
+
+    *items = apr_array_make(p, 4, sizeof(mso_graph_att_item_t));
+    j = mso_json_parse(p, body, len, &perr);
+    value = j ? mso_json_arr(j, "value") : NULL;
+    if (!value) {
+        *err = "Graph's list of attachments is not a JSON object with a \"value\" array";
+        return APR_EINVAL;
+    }
+    json_array_foreach(value, i, e) {
+        mso_graph_att_item_t it;
+        const char *id = exact_str(e, "id"), *name = exact_str(e, "name");
+        const char *cid = exact_str(e, "contentId");
+
+        if (!id_ok(id)) {
+            continue;
+        }
+        it.id = apr_pstrdup(p, id);
+        it.name = name ? apr_pstrdup(p, name) : NULL;
+        it.is_inline = flag_of(e, "isInline") == 1;
+        it.content_id = cid ? apr_pstrdup(p, cid) : NULL;
+        APR_ARRAY_PUSH(*items, mso_graph_att_item_t) = it;
+    }
+    return APR_SUCCESS;
 }

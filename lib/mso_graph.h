@@ -217,6 +217,125 @@ apr_status_t mso_graph_parse_attachments(apr_pool_t *p, const char *body, apr_si
  * most 8192 bytes), copied into p. APR_EINVAL (and *err) otherwise. */
 apr_status_t mso_graph_parse_link(apr_pool_t *p, const char *body, apr_size_t len,
                                   const char **url, const char **err);
+/* ---- Sending mail (the outbox) ------------------------------------------ */
+
+/* Graph's request body limit (4 MB), createUploadSession's least size (3
+ * MB: smaller attachments go in one POST), one upload fragment (up to 4 MB;
+ * a multiple of 320 KiB), the largest message with attachments (150 MB),
+ * recipients over to, cc and bcc (500), attachments per message (250). */
+#define MSO_GRAPH_MAX_REQUEST (4 * 1024 * 1024)
+#define MSO_GRAPH_UPLOAD_MIN (3 * 1024 * 1024)
+#define MSO_GRAPH_UPLOAD_CHUNK (12 * 327680)
+#define MSO_GRAPH_MAX_MESSAGE ((apr_int64_t)150 * 1024 * 1024)
+#define MSO_GRAPH_MAX_RECIPIENTS 500
+#define MSO_GRAPH_MAX_ATTACHMENTS 250
+
+/* The single-value extended property that marks an outbox row's draft
+ * (value: the row's random marker), in a property set of our own. */
+#define MSO_GRAPH_MARKER_PROPERTY \
+    "String {4959df50-ab1e-42e5-b03d-ae7b7693af59} Name msoauth-outbox-marker"
+
+/* A message as the application queued it. */
+typedef struct {
+    const char *to_json, *cc_json, *bcc_json;   /* [{"address","name"}] or NULL */
+    const char *subject;
+    const char *body_type;                      /* text | html; NULL: text */
+    const char *body;
+    const char *reply_to;                       /* a message's Graph id, or NULL */
+    const char *marker;
+} mso_graph_mail_t;
+
+/* What can be checked before Graph: recipients are JSON arrays of objects
+ * {"address", "name"} (or plain address strings), each address a plain
+ * e-mail address, names without control characters; at least one recipient
+ * (a reply may have none: it goes to the original sender) and at most
+ * MSO_GRAPH_MAX_RECIPIENTS; body_type text or html; reply_to a Graph id.
+ * APR_EINVAL and *err naming the field. */
+apr_status_t mso_graph_mail_check(apr_pool_t *p, const mso_graph_mail_t *m, const char **err);
+
+/* The request that makes the draft with the marker: POST {mailbox}/messages,
+ * or for a reply POST {mailbox}/messages/{reply_to}/createReply with the
+ * application's fields as its message (its body replaces the quote, its
+ * subject and recipients replace the reply's when given). APR_EINVAL (and
+ * *err) when the check fails or the request would exceed
+ * MSO_GRAPH_MAX_REQUEST. */
+apr_status_t mso_graph_mail_create(apr_pool_t *p, const char *mailbox, const mso_graph_mail_t *m,
+                                   mso_graph_request_t *req, const char **err);
+
+/* A message as the outbox looks at it. */
+typedef struct {
+    const char *id;
+    int is_draft;                   /* -1: not said */
+    const char *internet_message_id;
+    const char *parent_folder_id;
+} mso_graph_item_t;
+
+/* One message ({"id", ...}) or a list ({"value": [...]}) into items
+ * (mso_graph_item_t, those without a usable id left out). */
+apr_status_t mso_graph_parse_items(apr_pool_t *p, const char *body, apr_size_t len,
+                                   apr_array_header_t **items, const char **err);
+
+/* GET: the messages anywhere in the mailbox carrying marker. */
+const char *mso_graph_marker_url(apr_pool_t *p, const char *mailbox, const char *marker);
+/* GET: a message's id, isDraft, internetMessageId, parentFolderId. */
+const char *mso_graph_item_url(apr_pool_t *p, const char *mailbox, const char *id);
+/* POST: sends a draft. DELETE on mso_graph_message_url: removes one. */
+const char *mso_graph_send_url(apr_pool_t *p, const char *mailbox, const char *draft_id);
+const char *mso_graph_message_url(apr_pool_t *p, const char *mailbox, const char *id);
+
+/* Checks an attachment as queued: a name of 1..255 characters without path
+ * separators or control characters, content_type type/subtype (parameters
+ * allowed, printable ASCII), a content_id without spaces, controls or <>,
+ * size at most MSO_GRAPH_MAX_MESSAGE. NULL when good, else why. */
+const char *mso_graph_attachment_check(apr_pool_t *p, const char *name,
+                                       const char *content_type, const char *content_id,
+                                       apr_int64_t size);
+
+/* The POST of a whole attachment (fileAttachment with contentBytes) to a
+ * draft; *len: the body's bytes. APR_ENOSPC when it exceeds
+ * MSO_GRAPH_MAX_REQUEST (then it needs an upload session). */
+apr_status_t mso_graph_attachment_post(apr_pool_t *p, const char *mailbox,
+                                       const char *draft_id, const char *name,
+                                       const char *content_type, int is_inline,
+                                       const char *content_id, const unsigned char *data,
+                                       apr_size_t n, mso_graph_request_t *req, apr_size_t *len);
+/* The body bytes that POST would have for an attachment of size bytes. */
+apr_size_t mso_graph_attachment_post_len(apr_pool_t *p, const char *name,
+                                         const char *content_type, int is_inline,
+                                         const char *content_id, apr_int64_t size);
+
+/* createUploadSession for an attachment of size bytes. */
+void mso_graph_upload_session(apr_pool_t *p, const char *mailbox, const char *draft_id,
+                              const char *name, const char *content_type, int is_inline,
+                              const char *content_id, apr_int64_t size,
+                              mso_graph_request_t *req);
+
+/* The uploadUrl of createUploadSession's answer, when it may be used: https,
+ * or the scheme and host of graph_root (a simulator); printable, at most 8
+ * KiB. It is pre-authenticated: never send the token with it. */
+const char *mso_graph_parse_upload_url(apr_pool_t *p, const char *graph_root, const char *body,
+                                       apr_size_t len, const char **err);
+
+/* The attachment id in the Location of the last fragment's answer
+ * (".../Attachments('ID')"), or NULL. */
+const char *mso_graph_location_attachment_id(apr_pool_t *p, const char *location);
+
+/* GET: a draft's attachments (id, name, isInline, contentId, no bytes);
+ * DELETE on mso_graph_attachment_url: removes one. */
+const char *mso_graph_draft_attachments_url(apr_pool_t *p, const char *mailbox,
+                                            const char *draft_id);
+const char *mso_graph_draft_attachment_url(apr_pool_t *p, const char *mailbox,
+                                           const char *draft_id, const char *att_id);
+
+typedef struct {
+    const char *id;
+    const char *name;
+    int is_inline;
+    const char *content_id;
+} mso_graph_att_item_t;
+
+apr_status_t mso_graph_parse_draft_attachments(apr_pool_t *p, const char *body, apr_size_t len,
+                                               apr_array_header_t **items, const char **err);
 
 /* --- who a token belongs to --- */
 

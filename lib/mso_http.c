@@ -456,7 +456,7 @@ static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
         r->error = "body length without a body";
         return APR_EINVAL;
     }
-    if (strcmp(method, "POST") == 0) {
+    if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0) {
         with_body = 1;
     }
     else if (strcmp(method, "PATCH") == 0 || strcmp(method, "DELETE") == 0) {
@@ -577,7 +577,8 @@ static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
     else {
         curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
     }
-    if (strcmp(method, "PATCH") == 0 || strcmp(method, "DELETE") == 0) {
+    if (strcmp(method, "PATCH") == 0 || strcmp(method, "DELETE") == 0
+        || strcmp(method, "PUT") == 0) {
         curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
     }
     return APR_SUCCESS;

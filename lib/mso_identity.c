@@ -1,5 +1,6 @@
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <apr_strings.h>
 #include <apr_lib.h>
@@ -15,15 +16,38 @@ const char *mso_authority(apr_pool_t *p, const char *authority_base, const char 
     return apr_pstrcat(p, authority_base, "/", tenant, NULL);
 }
 
+/* True when the edition's scopes already hold extra, short or with the
+ * Graph prefix (an MSOAuthScope Mail.Send under pro). */
+static int edition_has(const char *graph_resource, int pro, const char *extra)
+{
+    const char *name = extra;
+    apr_size_t rlen = strlen(graph_resource);
+
+    if (!strncasecmp(extra, graph_resource, rlen) && extra[rlen] == '/') {
+        name = extra + rlen + 1;
+    }
+    else if (strchr(extra, '/')) {
+        return 0;
+    }
+    return (pro && (!strcasecmp(name, "Mail.ReadWrite") || !strcasecmp(name, "Mail.Send")))
+           || (!pro && !strcasecmp(name, "Mail.Read"));
+}
+
 const char *mso_signin_scopes(apr_pool_t *p, const char *graph_resource, int pro,
                               const apr_array_header_t *extra)
 {
-    const char *s = apr_pstrcat(p, OIDC_SCOPES, " ", graph_resource,
-                                pro ? "/Mail.ReadWrite" : "/Mail.Read", NULL);
+    /* pro sends mail too: drafts need Mail.ReadWrite, sending Mail.Send. */
+    const char *s = pro ? apr_pstrcat(p, OIDC_SCOPES, " ", graph_resource, "/Mail.ReadWrite ",
+                                      graph_resource, "/Mail.Send", NULL)
+                        : apr_pstrcat(p, OIDC_SCOPES, " ", graph_resource, "/Mail.Read", NULL);
     int i;
 
     for (i = 0; extra && i < extra->nelts; i++) {
-        s = apr_pstrcat(p, s, " ", APR_ARRAY_IDX(extra, i, const char *), NULL);
+        const char *x = APR_ARRAY_IDX(extra, i, const char *);
+
+        if (!edition_has(graph_resource, pro, x)) {
+            s = apr_pstrcat(p, s, " ", x, NULL);
+        }
     }
     return s;
 }

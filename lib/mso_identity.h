@@ -26,7 +26,9 @@ typedef struct {
 const char *mso_authority(apr_pool_t *p, const char *authority_base, const char *tenant);
 
 /* Scopes of the sign-in: OIDC scopes, offline_access, the edition's mail
- * scope on the cloud's Graph resource, then extras. Space separated. */
+ * scopes on the cloud's Graph resource (basic: Mail.Read; pro: Mail.ReadWrite
+ * and Mail.Send), then the extras it does not hold already. Space
+ * separated. */
 const char *mso_signin_scopes(apr_pool_t *p, const char *graph_resource, int pro,
                               const apr_array_header_t *extra);
 /* Scopes of a token request for one resource (Microsoft refuses two in one

@@ -42,7 +42,9 @@
     "m.account_id = msoauth_accounts.id AND m.attach_due > 0 AND m.removed = 0) OR EXISTS " \
     "(SELECT 1 FROM msoauth_attachments t JOIN msoauth_messages m ON m.account_id = " \
     "t.account_id AND m.graph_id = t.graph_id WHERE t.account_id = msoauth_accounts.id " \
-    "AND t.state = 'pending' AND m.removed = 0) THEN 1 ELSE 0 END AS attach_work"
+    "AND t.state = 'pending' AND m.removed = 0) THEN 1 ELSE 0 END AS attach_work, " \
+    "(SELECT COUNT(*) FROM msoauth_outbox o WHERE o.account_id = msoauth_accounts.id " \
+    "AND o.state = 'queued') AS queued_sends"
 
 /* A delegated account works with its own token; an app account with its
  * company's application token (mso_apptoken.h), so it waits while that one
@@ -58,6 +60,9 @@ static const mso_stmt_t ST_WORK_DUE = {
     "AND (t.reason IS NULL OR t.reason = 'token_endpoint_unreachable')))) "
     "AND (COALESCE(sync_due_at, 0) <= :now OR EXISTS (SELECT 1 FROM msoauth_actions q "
     "WHERE q.state = 'queued' AND q.account_id = a.id) "
+    /* outgoing mail queued and not held back */
+    "OR EXISTS (SELECT 1 FROM msoauth_outbox o WHERE o.state = 'queued' "
+    "AND o.account_id = a.id AND COALESCE(o.retry_at, 0) <= :now) "
     /* attachment work pending: a list to read or a content to download */
     "OR EXISTS (SELECT 1 FROM msoauth_messages m WHERE m.account_id = a.id "
     "AND m.attach_due > 0 AND m.removed = 0) OR EXISTS (SELECT 1 FROM msoauth_attachments t "
@@ -329,6 +334,7 @@ static mso_work_t *work_from_row(mso_rows_t *r, apr_pool_t *p)
     w->auth_retry = (int)mso_col_int(r, "auth_retry");
     w->queued_actions = (int)mso_col_int(r, "queued_actions");
     w->attach_work = (int)mso_col_int(r, "attach_work");
+    w->queued_sends = (int)mso_col_int(r, "queued_sends");
     return w;
 }
 

@@ -30,20 +30,24 @@ typedef struct {
     int auth_retry;                 /* 1: a 401 asked for a refresh; the next one is an error */
     int queued_actions;             /* claimed because actions wait */
     int attach_work;                /* attachments to list or download */
+    int queued_sends;               /* rows of msoauth_outbox queued */
 } mso_work_t;
 
-/* Claims up to max connected mailboxes with Graph work to do: a sync due or
- * an action queued, not throttled (sync_retry_at), with an access token good
- * for at least a minute whose refresh is not due (an app account: its
- * company's Graph application token good for a minute), and no live work
- * lease of another owner. Each gets a lease until now + lease_seconds. *works:
+/* Claims up to max connected mailboxes with Graph work to do: a sync due,
+ * an action or a row of the outbox queued (and not held back by its
+ * retry_at), attachments to fetch, not throttled (sync_retry_at), with an
+ * access token good for at least a minute whose refresh is not due (an app
+ * account: its company's Graph application token good for a minute), and
+ * no live work lease of another owner. Each gets a lease until now +
+ * lease_seconds. *works:
  * mso_work_t* in p. */
 apr_status_t mso_mirror_claim(mso_db_t *db, apr_pool_t *p, const char *owner, apr_int64_t now,
                               int lease_seconds, int max, apr_array_header_t **works);
 
 /* The first statement of every transaction that writes for a mailbox's
- * Graph work (here and in mso_attach): extends the work lease and proves it
- * is still owner's. APR_EBUSY when it is not: nothing may be written. */
+ * Graph work (here, in mso_attach and mso_outbox): extends the work lease
+ * and proves it is still owner's. APR_EBUSY when it is not: nothing may be
+ * written. */
 apr_status_t mso_mirror_fence(mso_tx_t *tx, apr_int64_t account_id, const char *owner);
 
 /* What one pass of work leaves on the account; releases the lease (only if

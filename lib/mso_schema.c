@@ -229,6 +229,62 @@ static const mso_ddl_t schema_v4[] = {
     {NULL, NULL, NULL}
 };
 
+/* Version 5: the outbox. The application inserts a row (and its attachments,
+ * bytes as BLOB / bytea) in state queued; the job sends it through Graph as a
+ * draft marked with the row's random marker and records each step before the
+ * call that depends on it: phase NULL (nothing at Graph), creating (a draft
+ * may exist: look it up by marker), draft (draft_id known; attachments each
+ * with their own phase), sending (the send may have gone out since
+ * sending_since: check the draft before sending again). retry_at holds a row
+ * back, e.g. while Graph may still be carrying out an earlier call. */
+#define V5_OUTBOX(ID, NOW) \
+    "CREATE TABLE msoauth_outbox (" ID ", " \
+    "account_id BIGINT NOT NULL REFERENCES msoauth_accounts (id) ON DELETE CASCADE, " \
+    "to_json TEXT, " \
+    "cc_json TEXT, " \
+    "bcc_json TEXT, " \
+    "subject TEXT, " \
+    "body_type TEXT DEFAULT 'text', " \
+    "body TEXT, " \
+    "reply_to_graph_id TEXT, " \
+    "state TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'sent', 'failed')), " \
+    "attempts INTEGER NOT NULL DEFAULT 0, " \
+    "reason TEXT, " \
+    "last_error TEXT, " \
+    "internet_message_id TEXT, " \
+    "created_at BIGINT NOT NULL DEFAULT " NOW ", " \
+    "updated_at BIGINT NOT NULL DEFAULT " NOW ", " \
+    "sent_at BIGINT, " \
+    "marker TEXT, " \
+    "phase TEXT, " \
+    "draft_id TEXT, " \
+    "sending_since BIGINT, " \
+    "retry_at BIGINT)"
+
+#define V5_OUTBOX_ATTACHMENTS(ID, BYTES) \
+    "CREATE TABLE msoauth_outbox_attachments (" ID ", " \
+    "outbox_id BIGINT NOT NULL REFERENCES msoauth_outbox (id) ON DELETE CASCADE, " \
+    "name TEXT, " \
+    "content_type TEXT, " \
+    "content " BYTES ", " \
+    "is_inline INTEGER NOT NULL DEFAULT 0, " \
+    "content_id TEXT, " \
+    "phase TEXT, " \
+    "graph_id TEXT)"
+
+static const mso_ddl_t schema_v5[] = {
+    {"create table msoauth_outbox", V5_OUTBOX(ID_SQLITE, NOW_SQLITE),
+     V5_OUTBOX(ID_PGSQL, NOW_PGSQL)},
+    {"create index msoauth_outbox_queue",
+     "CREATE INDEX msoauth_outbox_queue ON msoauth_outbox (state, account_id, id)", NULL},
+    {"create table msoauth_outbox_attachments", V5_OUTBOX_ATTACHMENTS(ID_SQLITE, "BLOB"),
+     V5_OUTBOX_ATTACHMENTS(ID_PGSQL, "BYTEA")},
+    {"create index msoauth_outbox_attachments_row",
+     "CREATE INDEX msoauth_outbox_attachments_row ON msoauth_outbox_attachments "
+     "(outbox_id, id)", NULL},
+    {NULL, NULL, NULL}
+};
+
 /* Version 6: attachments (lib/mso_attach.h). One row per attachment of a
  * mirrored message, keyed by the message's immutable id, so a move keeps
  * them. content is the last column: SQLite reads a column stored after a
@@ -338,6 +394,7 @@ static const mso_migration_t migrations[] = {
     {2, schema_v2},
     {3, schema_v3},
     {4, schema_v4},
+    {5, schema_v5},
     {6, schema_v6},
     {7, schema_v7},
     {8, schema_v8},

@@ -27,28 +27,13 @@
 
 static const mso_sync_kind_t *const kinds[MSO_KIND_MAX] = {
     &mso_sync_actions,
+    &mso_sync_outbox,
     &mso_sync_folders,
     &mso_sync_attach,
 };
 
-int mso_sync_scopes_can_write(const char *scopes)
-{
-    const char *c = scopes;
-
-    while (c && (c = strstr(c, "Mail.ReadWrite")) != NULL) {
-        char before = c == scopes ? ' ' : c[-1];
-        char after = c[14];
-
-        /* A whole word, "Mail.ReadWrite" or ".../Mail.ReadWrite"; not
-         * Mail.ReadWrite.Shared (someone else's mailbox). */
-        if ((before == ' ' || before == '/') && (after == '\0' || after == ' ')) {
-            return 1;
-        }
-        c += 14;
-    }
-    return 0;
-}
-
+/* A whole word, "NAME" or ".../NAME": Mail.Send does not match
+ * Mail.Send.Shared (someone else's mailbox). */
 int mso_sync_scope_has(const char *scopes, const char *scope)
 {
     apr_size_t n = scope ? strlen(scope) : 0;
@@ -63,6 +48,16 @@ int mso_sync_scope_has(const char *scopes, const char *scope)
         c += n;
     }
     return 0;
+}
+
+int mso_sync_scopes_can_write(const char *scopes)
+{
+    return mso_sync_scope_has(scopes, "Mail.ReadWrite");
+}
+
+int mso_sync_scopes_can_send(const char *scopes)
+{
+    return mso_sync_scope_has(scopes, "Mail.Send");
 }
 
 apr_int64_t mso_sync_now(void)
@@ -209,12 +204,29 @@ apr_status_t mso_sync_send_raw(mso_req_t *rq, apr_pool_t *pool, const char *url,
     return rv;
 }
 
+apr_status_t mso_sync_send_upload(mso_req_t *rq, const char *method, const char *url,
+                                  const apr_array_header_t *headers, const char *body,
+                                  apr_size_t len, mso_http_done_fn *done)
+{
+    mso_box_t *b = rq->box;
+    apr_status_t rv;
+
+    rv = mso_http_multi_add(b->pass->m, rq->pool, method, url, headers, body, len, done, rq);
+    if (rv == APR_SUCCESS) {
+        b->inflight++;
+    }
+    else {
+        apr_pool_destroy(rq->pool);
+    }
+    return rv;
+}
+
 void mso_sync_answered(mso_req_t *rq)
 {
     rq->box->inflight--;
 }
 
-static void pump(mso_box_t *b)
+void mso_sync_pump(mso_box_t *b)
 {
     int k, progress = 1;
 
@@ -231,7 +243,7 @@ void mso_sync_finished(mso_req_t *rq)
     mso_box_t *b = rq->box;
 
     apr_pool_destroy(rq->pool);
-    pump(b);
+    mso_sync_pump(b);
 }
 
 /* The mailbox's schedule after the pass; releases its lease. */
@@ -385,7 +397,7 @@ apr_status_t mso_sync_run(mso_db_t *db, apr_pool_t *p, const char *owner,
         st->mailboxes++;
     }
     for (i = 0; i < n; i++) {
-        pump(rts[i]);
+        mso_sync_pump(rts[i]);
     }
     mso_http_multi_run(m, deadline - apr_time_now());
     for (i = 0; i < n; i++) {

@@ -20,6 +20,7 @@
  * mailboxes: with the multi handle's download budget, what bounds the
  * memory they take (see mod_msoauth_job.c). */
 #define MSO_SYNC_DOWNLOADS 8
+#define MSO_SYNC_SENDS 40           /* queued outgoing mail read per mailbox and pass */
 
 typedef struct {
     mso_work_t *work;               /* from mso_mirror_claim: the lease is held */
@@ -44,6 +45,7 @@ typedef struct {
 typedef struct {
     int mailboxes, pages, messages, resyncs;
     int actions_done, actions_failed, actions_waiting;
+    int sends_done, sends_failed, sends_waiting;
     int throttled, errors;
     int attach_lists, attach_stored;    /* attachment lists read, contents stored */
     apr_int64_t attach_bytes;
@@ -65,5 +67,9 @@ int mso_sync_scopes_can_write(const char *scopes);
 /* True when a granted scope list holds scope (a whole word, short or with a
  * resource prefix): "Mail.ReadWrite.Shared", "Mail.Send". */
 int mso_sync_scope_has(const char *scopes, const char *scope);
+/* True when a granted scope list allows sending as the mailbox (Mail.Send,
+ * short or with the Graph prefix; not Mail.Send.Shared, which is for other
+ * mailboxes). */
+int mso_sync_scopes_can_send(const char *scopes);
 
 #endif

@@ -26,6 +26,7 @@ typedef struct {
  * application waits for first, then the mirror's pages. */
 typedef enum {
     MSO_KIND_ACTIONS = 0,
+    MSO_KIND_SEND,
     MSO_KIND_FOLDERS,
     MSO_KIND_ATTACH,                /* attachments: after the text, in the room left */
     MSO_KIND_MAX
@@ -65,6 +66,7 @@ typedef struct {
 } mso_sync_kind_t;
 
 extern const mso_sync_kind_t mso_sync_actions;
+extern const mso_sync_kind_t mso_sync_outbox;
 extern const mso_sync_kind_t mso_sync_folders;
 extern const mso_sync_kind_t mso_sync_attach;
 
@@ -106,6 +108,15 @@ apr_status_t mso_sync_send(mso_req_t *rq, const char *method, const char *url,
  * the request when pool is not rq's); otherwise as mso_sync_send. */
 apr_status_t mso_sync_send_raw(mso_req_t *rq, apr_pool_t *pool, const char *url,
                                apr_size_t max_body, mso_http_done_fn *done);
+/* A request with its own headers and a body of len bytes, without the
+ * mailbox's token (a pre-authenticated upload URL); otherwise as
+ * mso_sync_send. */
+apr_status_t mso_sync_send_upload(mso_req_t *rq, const char *method, const char *url,
+                                  const apr_array_header_t *headers, const char *body,
+                                  apr_size_t len, mso_http_done_fn *done);
+/* Offers the mailbox's room to its kinds again (a kind that waited for
+ * something another mailbox released). */
+void mso_sync_pump(mso_box_t *b);
 /* First thing in a done callback: the mailbox has one request less. */
 void mso_sync_answered(mso_req_t *rq);
 /* Last thing in a done callback: the request's pool goes, and the mailbox

@@ -16,6 +16,7 @@ from test_job import ADMIN, get_json
 from test_nodes import pg_schema, poll  # noqa: F401 (fixture)
 from test_signin import ADELE, MEGAN, SECRET, TENANT, Setup
 from test_sync import Env
+from test_send import Outbox
 
 SUPPORT, INFO = "support@contoso.com", "info@contoso.com"
 API_KEY = secrets.token_hex(32)
@@ -212,17 +213,43 @@ def test_app_only_company_by_secret(httpd, simulator, db):
     no_secrets(e)
 
 
-@pytest.mark.skip(reason="enable after merging issue 'Send mail' (branch send): sending is "
-                         "built there; mso_sync_box_t already carries the app-only token, the "
-                         "/users/{address} URL and can_send for it")
 def test_app_only_company_sends(httpd, simulator):
-    """An app account sends through /users/{address}/sendMail with the company's
-    token (Mail.Send role): exactly one delivery, from the shared mailbox."""
-    e = start(httpd, simulator, extra=company())
+    """An outbox row of an app account is sent through /users/{address} with the
+    company's application token (Mail.Send role): exactly one delivery, from
+    that mailbox, by the company's app; nobody signed in."""
+    e = start(httpd, simulator, extra=company(extra="  MSOAuthEdition pro\n"))
     accs = app_accounts(e)
-    marker = "app-send-1"
-    # The outbox of the sending issue: queue one message for accs[SUPPORT] with marker.
-    raise NotImplementedError(accs, marker)
+    ob = Outbox(e.s)
+    oid = ob.queue(accs[SUPPORT], to=[("chris@fabrikam.com", "Chris Customer")],
+                   subject="Your ticket", body="We are on it.")
+    row = ob.wait_state(oid, timeout=60)
+    assert row["state"] == "sent", (row["reason"], row["last_error"])
+    _, d = ob.delivered_once(oid)
+    assert d["mailbox"].lower() == SUPPORT and d["client_id"] == e.s.client_id, d
+    assert d["to"] == ["chris@fabrikam.com"] and d["subject"] == "Your ticket", d
+    sends = [r for r in sim_call(e.sim, "GET", "/_sim/log")["requests"]
+             if r["path"].endswith("/send")]
+    assert sends and all(f"/users/{SUPPORT}/" in r["path"] for r in sends), sends
+    assert ob.deliveries(mailbox=INFO)["count"] == 0
+    no_secrets(e)
+
+
+def test_app_only_company_without_the_send_role(httpd, simulator):
+    """Without the Mail.Send application permission the row fails with
+    send_not_permitted and its fix; nothing reaches Graph's send."""
+    e = start(httpd, simulator, extra=company(extra="  MSOAuthEdition pro\n"),
+              roles=("Mail.ReadWrite",))
+    accs = app_accounts(e)
+    ob = Outbox(e.s)
+    oid = ob.queue(accs[INFO], to=["dana@fabrikam.com"], subject="No", body="x")
+    row = ob.wait_state(oid, timeout=60)
+    assert row["state"] == "failed" and row["reason"] == "send_not_permitted", (
+        row["reason"], row["last_error"])
+    assert ob.deliveries()["count"] == 0
+    status, a = api(e, f"/microsoft_outlook/admin/accounts/{accs[INFO]}")
+    assert status == 200 and a["outbox"]["failed"] == 1, a
+    assert a["outbox"]["last_failure"]["reason"] == "send_not_permitted", a
+    assert a["outbox"]["last_failure"]["fix"], a
 
 
 def test_admin_page_adds_mailboxes(httpd, simulator):

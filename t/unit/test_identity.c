@@ -28,13 +28,22 @@ START_TEST(scopes)
     ck_assert_str_eq(s, "openid profile email offline_access https://graph.microsoft.com/Mail.Read");
     APR_ARRAY_PUSH(extra, const char *) = "Mail.Send";
     APR_ARRAY_PUSH(extra, const char *) = "https://outlook.office.com/IMAP.AccessAsUser.All";
+    /* pro asks for Mail.Send itself: an MSOAuthScope Mail.Send is not doubled. */
     s = mso_signin_scopes(pool, GRAPH, 1, extra);
     ck_assert_str_eq(s, "openid profile email offline_access https://graph.microsoft.com/"
-                     "Mail.ReadWrite Mail.Send https://outlook.office.com/IMAP.AccessAsUser.All");
+                     "Mail.ReadWrite https://graph.microsoft.com/Mail.Send "
+                     "https://outlook.office.com/IMAP.AccessAsUser.All");
+    ck_assert_str_eq(mso_signin_scopes(pool, GRAPH, 1, NULL),
+                     "openid profile email offline_access https://graph.microsoft.com/"
+                     "Mail.ReadWrite https://graph.microsoft.com/Mail.Send");
+    /* basic keeps an extra Mail.Send (an administrator's choice), once. */
+    ck_assert_str_eq(mso_signin_scopes(pool, GRAPH, 0, extra),
+                     "openid profile email offline_access https://graph.microsoft.com/"
+                     "Mail.Read Mail.Send https://outlook.office.com/IMAP.AccessAsUser.All");
     /* One resource per token request. */
     ck_assert_str_eq(mso_token_scopes(pool, s, GRAPH, "graph"),
                      "openid profile email offline_access https://graph.microsoft.com/"
-                     "Mail.ReadWrite Mail.Send");
+                     "Mail.ReadWrite https://graph.microsoft.com/Mail.Send");
     ck_assert_str_eq(mso_token_scopes(pool, s, GRAPH, "https://outlook.office.com"),
                      "openid profile email offline_access "
                      "https://outlook.office.com/IMAP.AccessAsUser.All");

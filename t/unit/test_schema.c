@@ -13,7 +13,7 @@
 
 #include "mso_crypto.h"
 
-static const char *const schema_columns[][20] = {
+static const char *const schema_columns[][32] = {
     {"msoauth_schema", "version", "applied_at", NULL},
     {"msoauth_accounts", "id", "company", "mailbox", "display_name", "tenant_id", "object_id",
      "scopes", "state", "authority", "access_expires_at", "last_sync_at", "last_error",
@@ -41,6 +41,13 @@ static const char *const schema_columns[][20] = {
     {"msoauth_accounts", "client_id", "kind", NULL},
     {"msoauth_tokens", "binding", NULL},
     {"msoauth_messages", "body_truncated", NULL},
+    /* schema v5 */
+    {"msoauth_outbox", "id", "account_id", "to_json", "cc_json", "bcc_json", "subject",
+     "body_type", "body", "reply_to_graph_id", "state", "attempts", "reason", "last_error",
+     "internet_message_id", "created_at", "updated_at", "sent_at", "marker", "phase",
+     "draft_id", "sending_since", "retry_at", NULL},
+    {"msoauth_outbox_attachments", "id", "outbox_id", "name", "content_type", "content",
+     "is_inline", "content_id", "phase", "graph_id", NULL},
     /* schema v6 */
     {"msoauth_attachments", "account_id", "graph_id", "attachment_id", "name", "content_type",
      "size", "is_inline", "content_id", "kind", "content", "fetched_at", "state",
