@@ -51,6 +51,9 @@ APLOG_USE_MODULE(msoauth);
  * connections, not a burst of new TLS handshakes Microsoft would throttle. */
 #define JOB_HTTP_IN_FLIGHT 32
 #define JOB_HTTP_PER_HOST 16
+/* After the tick's budget, token calls in flight get this long to finish
+ * (none starts): TICK_BUDGET plus this stays inside job_child_stop's wait. */
+#define JOB_REFRESH_GRACE_MS 10000
 /* Graph work: mailboxes leased at once, each with up to 4 requests in
  * flight. A pass starts new requests during GRAPH_SLICE, then releases its
  * mailboxes (a round in progress stays due); passes follow each other within
@@ -271,6 +274,10 @@ static int refresh_batch(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t *p,
 
         msoauth_http_opts(msoauth_srv_conf(s), &http);
         http.timeout_ms = ctxs[0]->http->timeout_ms;
+        /* A token call already sent when the tick's budget runs out may
+         * finish: cut, Microsoft has issued (and rotated) the tokens while
+         * the answer is dropped and the account waits a transient backoff. */
+        http.grace_ms = JOB_REFRESH_GRACE_MS;
         rv = mso_http_multi_create(p, &http, JOB_HTTP_IN_FLIGHT, JOB_HTTP_PER_HOST, m);
 
         if (rv != APR_SUCCESS) {
