@@ -818,6 +818,8 @@ static void add_counters(mso_db_t *db, apr_pool_t *p, const tick_stats_t *st)
     COUNT("graph_errors", NULL, st->sync.errors);
     COUNT("actions", "done", st->sync.actions_done);
     COUNT("actions", "failed", st->sync.actions_failed);
+    COUNT("sends", "sent", st->sync.sends_done);
+    COUNT("sends", "failed", st->sync.sends_failed);
     for (i = 0; list[i].what && n < (int)(sizeof(c) / sizeof(c[0])); i++) {
         COUNT("retention_deleted", list[i].name, st->purged[i]);
     }

@@ -48,6 +48,7 @@ static const struct {
     {"graph_throttled", NULL, "Passes of a mailbox's Graph work that Microsoft throttled"},
     {"graph_errors", NULL, "Passes of a mailbox's Graph work that ended in an error"},
     {"actions", "outcome", "Write-back actions applied (done) or failed for good"},
+    {"sends", "outcome", "Outgoing mail sent or failed for good"},
     {"retention_deleted", "table", "Rows the retention sweep deleted"},
     {NULL, NULL, NULL}
 };
@@ -243,6 +244,13 @@ static const mso_stmt_t ST_ACTIONS = {
     "JOIN msoauth_accounts a ON a.id = q.account_id WHERE q.state <> 'done' "
     "GROUP BY a.company, a.client_id, q.state", NULL
 };
+static const mso_stmt_t ST_OUTBOX = {
+    "count the waiting and failed outgoing mail per company", NULL,
+    "SELECT a.company AS company, a.client_id AS client_id, o.state AS state, "
+    "COUNT(*) AS n, MIN(o.created_at) AS oldest FROM msoauth_outbox o "
+    "JOIN msoauth_accounts a ON a.id = o.account_id WHERE o.state <> 'sent' "
+    "GROUP BY a.company, a.client_id, o.state", NULL
+};
 static const mso_stmt_t ST_SYNC_LAG = {
     "read the oldest sync per company", NULL,
     "SELECT company, client_id, MIN(COALESCE(last_sync_at, created_at)) AS oldest "
@@ -255,49 +263,33 @@ static int is_mine(mso_metrics_mine_fn *mine, void *baton, const char *company,
     return company && (!mine || mine(baton, company, client_id));
 }
 
-static apr_status_t collect_accounts(mso_db_t *db, apr_pool_t *p, apr_int64_t now,
-                                     mso_metrics_mine_fn *mine, void *baton,
-                                     const apr_array_header_t *companies, mso_metrics_t *m)
+/* A queue of work rows (write-back actions, outgoing mail): how many wait
+ * and failed per company, and the age of the oldest waiting. st gives
+ * company, client_id, state, n and oldest (created_at) per state. */
+static apr_status_t collect_queue(mso_db_t *db, apr_pool_t *p, apr_int64_t now,
+                                  mso_metrics_mine_fn *mine, void *baton,
+                                  const apr_array_header_t *companies, mso_metrics_t *m,
+                                  const mso_stmt_t *st, const char *name, const char *help,
+                                  const char *age_help)
 {
-    mso_metric_family_t *acc, *act, *age, *lag;
-    apr_hash_t *oldest = apr_hash_make(p), *lags = apr_hash_make(p);
+    mso_metric_family_t *n, *age;
+    apr_hash_t *oldest = apr_hash_make(p);
     apr_hash_index_t *hi;
     mso_rows_t *rows = NULL;
     apr_status_t rv;
-    int i, k;
+    int i;
 
-    acc = mso_metrics_family(m, "msoauth_accounts", MSO_METRIC_GAUGE,
-                             "Mailbox accounts per company and state");
-    act = mso_metrics_family(m, "msoauth_actions", MSO_METRIC_GAUGE,
-                             "Write-back actions waiting (queued) or failed, per company");
-    age = mso_metrics_family(m, "msoauth_actions_oldest_queued_seconds", MSO_METRIC_GAUGE,
-                             "Age of the oldest queued write-back action per company "
-                             "(0: none queued)");
-    lag = mso_metrics_family(m, "msoauth_sync_lag_seconds", MSO_METRIC_GAUGE,
-                             "Seconds since the least recently synced connected mailbox of "
-                             "the company was last synced");
+    n = mso_metrics_family(m, name, MSO_METRIC_GAUGE, help);
+    age = mso_metrics_family(m, apr_pstrcat(p, name, "_oldest_queued_seconds", NULL),
+                             MSO_METRIC_GAUGE, age_help);
     for (i = 0; companies && i < companies->nelts; i++) {
         const char *c = APR_ARRAY_IDX(companies, i, const char *);
 
-        for (k = 0; states[k]; k++) {
-            mso_metrics_set(acc, 0, "company", c, "state", states[k], NULL);
-        }
-        mso_metrics_set(act, 0, "company", c, "state", "queued", NULL);
-        mso_metrics_set(act, 0, "company", c, "state", "failed", NULL);
+        mso_metrics_set(n, 0, "company", c, "state", "queued", NULL);
+        mso_metrics_set(n, 0, "company", c, "state", "failed", NULL);
         mso_metrics_set(age, 0, "company", c, NULL);
     }
-    if (!MSO_OK(mso_select(mso_args(db, p, &ST_ACCOUNTS), &rows, NULL))) {
-        return rv;
-    }
-    while (mso_rows_next(rows)) {
-        const char *c = mso_col_text(rows, p, "company");
-
-        if (is_mine(mine, baton, c, mso_col_text(rows, p, "client_id"))) {
-            mso_metrics_add(acc, (double)mso_col_int(rows, "n"), "company", c, "state",
-                            mso_col_text(rows, p, "state"), NULL);
-        }
-    }
-    if (!MSO_OK(mso_select(mso_args(db, p, &ST_ACTIONS), &rows, NULL))) {
+    if (!MSO_OK(mso_select(mso_args(db, p, st), &rows, NULL))) {
         return rv;
     }
     while (mso_rows_next(rows)) {
@@ -307,8 +299,7 @@ static apr_status_t collect_accounts(mso_db_t *db, apr_pool_t *p, apr_int64_t no
         if (!is_mine(mine, baton, c, mso_col_text(rows, p, "client_id")) || !state) {
             continue;
         }
-        mso_metrics_add(act, (double)mso_col_int(rows, "n"), "company", c, "state", state,
-                        NULL);
+        mso_metrics_add(n, (double)mso_col_int(rows, "n"), "company", c, "state", state, NULL);
         if (!strcmp(state, "queued")) {
             apr_int64_t t = mso_col_int(rows, "oldest");
             apr_int64_t *o = apr_hash_get(oldest, c, APR_HASH_KEY_STRING);
@@ -326,6 +317,56 @@ static apr_status_t collect_accounts(mso_db_t *db, apr_pool_t *p, apr_int64_t no
 
         mso_metrics_set(age, (double)(now > *o ? now - *o : 0), "company",
                         (const char *)apr_hash_this_key(hi), NULL);
+    }
+    return APR_SUCCESS;
+}
+
+static apr_status_t collect_accounts(mso_db_t *db, apr_pool_t *p, apr_int64_t now,
+                                     mso_metrics_mine_fn *mine, void *baton,
+                                     const apr_array_header_t *companies, mso_metrics_t *m)
+{
+    mso_metric_family_t *acc, *lag;
+    apr_hash_t *lags = apr_hash_make(p);
+    apr_hash_index_t *hi;
+    mso_rows_t *rows = NULL;
+    apr_status_t rv;
+    int i, k;
+
+    acc = mso_metrics_family(m, "msoauth_accounts", MSO_METRIC_GAUGE,
+                             "Mailbox accounts per company and state");
+    lag = mso_metrics_family(m, "msoauth_sync_lag_seconds", MSO_METRIC_GAUGE,
+                             "Seconds since the least recently synced connected mailbox of "
+                             "the company was last synced");
+    for (i = 0; companies && i < companies->nelts; i++) {
+        const char *c = APR_ARRAY_IDX(companies, i, const char *);
+
+        for (k = 0; states[k]; k++) {
+            mso_metrics_set(acc, 0, "company", c, "state", states[k], NULL);
+        }
+    }
+    if (!MSO_OK(mso_select(mso_args(db, p, &ST_ACCOUNTS), &rows, NULL))) {
+        return rv;
+    }
+    while (mso_rows_next(rows)) {
+        const char *c = mso_col_text(rows, p, "company");
+
+        if (is_mine(mine, baton, c, mso_col_text(rows, p, "client_id"))) {
+            mso_metrics_add(acc, (double)mso_col_int(rows, "n"), "company", c, "state",
+                            mso_col_text(rows, p, "state"), NULL);
+        }
+    }
+    rv = collect_queue(db, p, now, mine, baton, companies, m, &ST_ACTIONS, "msoauth_actions",
+                       "Write-back actions waiting (queued) or failed, per company",
+                       "Age of the oldest queued write-back action per company "
+                       "(0: none queued)");
+    if (rv == APR_SUCCESS) {
+        rv = collect_queue(db, p, now, mine, baton, companies, m, &ST_OUTBOX, "msoauth_outbox",
+                           "Outgoing mail waiting (queued) or failed, per company",
+                           "Age of the oldest queued outgoing mail per company "
+                           "(0: none queued)");
+    }
+    if (rv != APR_SUCCESS) {
+        return rv;
     }
     if (!MSO_OK(mso_select(mso_args(db, p, &ST_SYNC_LAG), &rows, NULL))) {
         return rv;

@@ -130,14 +130,16 @@ static const mso_stmt_t ST_STATS_FAILED = {
     "(SELECT MAX(id) FROM msoauth_outbox WHERE state = 'failed' GROUP BY account_id)", NULL
 };
 
+/* The same batch twice in one transaction: the oldest max rows by id. */
+#define PURGE_BATCH "SELECT id FROM msoauth_outbox WHERE state = 'sent' " \
+    "AND sent_at < :before ORDER BY id LIMIT :max"
 static const mso_stmt_t ST_PURGE_ATTS = {
-    "delete the attachments of old sent mail", "before:int",
-    "DELETE FROM msoauth_outbox_attachments WHERE outbox_id IN (SELECT id FROM msoauth_outbox "
-    "WHERE state = 'sent' AND sent_at < :before)", NULL
+    "delete the attachments of sent mail past the retention", "before:int max:int",
+    "DELETE FROM msoauth_outbox_attachments WHERE outbox_id IN (" PURGE_BATCH ")", NULL
 };
 static const mso_stmt_t ST_PURGE = {
-    "delete old sent mail", "before:int",
-    "DELETE FROM msoauth_outbox WHERE state = 'sent' AND sent_at < :before", NULL
+    "delete sent mail past the retention", "before:int max:int",
+    "DELETE FROM msoauth_outbox WHERE id IN (" PURGE_BATCH ")", NULL
 };
 
 /* ------------------------------------------------------------------------- */
@@ -559,7 +561,7 @@ apr_status_t mso_outbox_stats(mso_db_t *db, apr_pool_t *p, apr_hash_t **stats)
 
 typedef struct {
     apr_int64_t before;
-    int n;
+    int max, n;
 } purge_t;
 
 static apr_status_t purge_tx(mso_tx_t *tx, void *baton)
@@ -571,23 +573,26 @@ static apr_status_t purge_tx(mso_tx_t *tx, void *baton)
     /* The attachments first: also without SQLite's foreign_keys. */
     a = mso_tx_args(tx, &ST_PURGE_ATTS);
     mso_arg_int(a, "before", pg->before);
+    mso_arg_int(a, "max", pg->max);
     if (MSO_OK(mso_tx_exec(tx, a, NULL))) {
         a = mso_tx_args(tx, &ST_PURGE);
         mso_arg_int(a, "before", pg->before);
+        mso_arg_int(a, "max", pg->max);
         rv = mso_tx_exec(tx, a, &pg->n);
     }
     return rv;
 }
 
-apr_status_t mso_outbox_purge(mso_db_t *db, apr_pool_t *p, apr_int64_t before, int *n,
-                              const char **err)
+apr_status_t mso_outbox_purge(mso_db_t *db, apr_pool_t *p, apr_int64_t before, int max,
+                              int *deleted)
 {
     purge_t pg;
     apr_status_t rv;
 
     pg.before = before;
+    pg.max = max;
     pg.n = 0;
-    rv = mso_db_tx(db, p, NULL, purge_tx, &pg, err);
-    *n = rv == APR_SUCCESS ? pg.n : 0;
+    rv = mso_db_tx(db, p, NULL, purge_tx, &pg, NULL);     /* a failure is logged */
+    *deleted = rv == APR_SUCCESS ? pg.n : 0;
     return rv;
 }

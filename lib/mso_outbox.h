@@ -138,9 +138,10 @@ typedef struct {
 /* Per account (apr_hash keyed by the account id as a decimal string). */
 apr_status_t mso_outbox_stats(mso_db_t *db, apr_pool_t *p, apr_hash_t **stats);
 
-/* Retention: deletes the sent rows whose sent_at is before `before`, with
- * their attachments, in one transaction; *n: rows deleted. */
-apr_status_t mso_outbox_purge(mso_db_t *db, apr_pool_t *p, apr_int64_t before, int *n,
-                              const char **err);
+/* Retention (an mso_purge_fn): deletes up to max sent rows whose sent_at
+ * is before `before`, with their attachments, in one transaction; *deleted:
+ * rows deleted. Failed rows stay until the application deletes them. */
+apr_status_t mso_outbox_purge(mso_db_t *db, apr_pool_t *p, apr_int64_t before, int max,
+                              int *deleted);
 
 #endif

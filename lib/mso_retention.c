@@ -2,12 +2,14 @@
 #include <apr_strings.h>
 
 #include "mso_mirror.h"
+#include "mso_outbox.h"
 #include "mso_retention.h"
 
 /* A new table with rows to let go adds one line here. */
 static const mso_purge_t purges[] = {
     {"done actions", "actions", mso_mirror_purge_actions},
     {"removed messages", "messages", mso_mirror_purge_messages},
+    {"sent mail", "outbox", mso_outbox_purge},
     {NULL, NULL, NULL}
 };
 

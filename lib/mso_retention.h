@@ -1,6 +1,6 @@
 /* Retention (MSOAuthRetentionDays): what the application no longer needs is
  * deleted once it is older than the retention, by the job, at most once an
- * hour per node: done actions and removed messages. Each table's purge
+ * hour per node: done actions, removed messages and sent mail. Each table's purge
  * lives with its statements and is one line of the list in
  * mso_retention.c. */
 #ifndef MSO_RETENTION_H

@@ -80,6 +80,8 @@ def test_metrics(httpd, simulator):
     assert v['msoauth_accounts{company="default",state="reconnect_required"}'] == 0
     assert v['msoauth_secret_expiry_days{company="default"}'] > 20000
     assert v['msoauth_actions{company="default",state="queued"}'] == 0
+    assert v['msoauth_outbox{company="default",state="failed"}'] == 0
+    assert v['msoauth_outbox_oldest_queued_seconds{company="default"}'] == 0
     assert v['msoauth_sync_lag_seconds{company="default"}'] < 120
     assert any(k.startswith('msoauth_info{version="') for k in v)
     nodes = {m.group(1) for m in re.finditer(r'node="([^"]+)"', text)}

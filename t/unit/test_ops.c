@@ -209,11 +209,20 @@ static void add_action(mso_db_t *db, apr_int64_t account, const char *state,
                              APR_INT64_T_FMT ")", account, state, updated, updated));
 }
 
+static void add_outbox(mso_db_t *db, apr_int64_t account, const char *state,
+                       apr_int64_t sent_at)
+{
+    exec_ok(db, apr_psprintf(pool, "INSERT INTO msoauth_outbox (account_id, to_json, subject, "
+                             "state, sent_at, created_at, updated_at) VALUES (%" APR_INT64_T_FMT
+                             ", '[\"x@example.com\"]', 's', '%s', %" APR_INT64_T_FMT ", 1, 1)",
+                             account, state, sent_at));
+}
+
 START_TEST(retention_sweep)
 {
     mso_db_t *db = fresh_db(_i);
     apr_int64_t now = 100 * 86400, old = now - 31 * 86400, recent = now - 29 * 86400;
-    apr_int64_t deleted[3] = {-1, -1, -1};
+    apr_int64_t deleted[4] = {-1, -1, -1, -1};
     const mso_purge_t *list = mso_retention_list();
     const char *err = NULL;
     mso_account_t *a;
@@ -222,15 +231,23 @@ START_TEST(retention_sweep)
     migrate_ok(db);
     ck_assert_str_eq(list[0].name, "actions");
     ck_assert_str_eq(list[1].name, "messages");
-    ck_assert_ptr_null(list[2].what);
+    ck_assert_str_eq(list[2].name, "outbox");
+    ck_assert_ptr_null(list[3].what);
     a = account(db, "default", "dave@example.com", now);
     /* More than two batches of old done actions and removed messages. */
     exec_ok(db, "BEGIN");
     for (k = 0; k < 2 * MSO_RETENTION_BATCH + 7; k++) {
         add_action(db, a->id, "done", old - k);
         add_message(db, a->id, k, 1, old - k);
+        add_outbox(db, a->id, "sent", old - k);
     }
+    exec_ok(db, "INSERT INTO msoauth_outbox_attachments (outbox_id, name, content_type) "
+                "VALUES ((SELECT MIN(id) FROM msoauth_outbox), 'a.txt', 'text/plain')");
     exec_ok(db, "COMMIT");
+    /* Sent mail that stays: recent; failed and queued rows however old. */
+    add_outbox(db, a->id, "sent", recent);
+    add_outbox(db, a->id, "failed", old);
+    add_outbox(db, a->id, "queued", 0);
     /* What stays: recent ones, queued and failed actions however old,
      * messages not removed however old. */
     add_action(db, a->id, "done", recent);
@@ -260,6 +277,10 @@ START_TEST(retention_sweep)
     ck_assert_int_eq(finished, 1);
     ck_assert_int_eq(deleted[0], 2 * MSO_RETENTION_BATCH + 7);
     ck_assert_int_eq(deleted[1], 2 * MSO_RETENTION_BATCH + 7);
+    ck_assert_int_eq(deleted[2], 2 * MSO_RETENTION_BATCH + 7);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_outbox"), 3);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_outbox WHERE state = 'sent'"), 1);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_outbox_attachments"), 0);
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_actions"), 3);
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_actions WHERE state = 'done'"), 1);
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_messages"), 2);
@@ -268,7 +289,7 @@ START_TEST(retention_sweep)
     ck_assert_int_eq(mso_retention_sweep(db, pool, 30, now,
                                          apr_time_now() + apr_time_from_sec(60), deleted,
                                          &finished, &err), APR_SUCCESS);
-    ck_assert_int_eq(deleted[0] + deleted[1], 0);
+    ck_assert_int_eq(deleted[0] + deleted[1] + deleted[2], 0);
 }
 END_TEST
 
@@ -432,6 +453,12 @@ START_TEST(metrics_from_the_tables)
     add_action(db, b->id, "queued", now - 20);
     add_action(db, a->id, "failed", now - 20);
     add_action(db, a->id, "done", now - 20);
+    add_outbox(db, a->id, "queued", 0);
+    add_outbox(db, b->id, "queued", 0);
+    add_outbox(db, a->id, "failed", 0);
+    add_outbox(db, a->id, "sent", now - 5);
+    exec_ok(db, apr_psprintf(pool, "UPDATE msoauth_outbox SET created_at = %" APR_INT64_T_FMT
+                             " - 10 * id", now));
     ck_assert_int_eq(mso_counters_add(db, pool, "nodeA", c, 4, now), APR_SUCCESS);
     memset(&run, 0, sizeof(run));
     run.node = "nodeA:123:old";
@@ -457,6 +484,14 @@ START_TEST(metrics_from_the_tables)
     has_line(text, "msoauth_actions{company=\"acme\",state=\"queued\"} 0");
     has_line(text, "msoauth_actions_oldest_queued_seconds{company=\"default\"} 50");
     has_line(text, "msoauth_actions_oldest_queued_seconds{company=\"acme\"} 0");
+    has_line(text, "msoauth_outbox{company=\"default\",state=\"queued\"} 2");
+    has_line(text, "msoauth_outbox{company=\"default\",state=\"failed\"} 1");
+    has_line(text, "msoauth_outbox{company=\"acme\",state=\"failed\"} 0");
+    ck_assert_ptr_null(strstr(text, "state=\"sent\""));
+    /* created 10 s x id ago: the older queued row is id 2, the failed one
+     * (id 3, older still) does not count */
+    has_line(text, "msoauth_outbox_oldest_queued_seconds{company=\"default\"} 20");
+    has_line(text, "msoauth_outbox_oldest_queued_seconds{company=\"acme\"} 0");
     /* erin synced 90 s ago, frank 30 s ago; hank is not connected */
     has_line(text, "msoauth_sync_lag_seconds{company=\"default\"} 90");
     has_line(text, "# TYPE msoauth_refreshes_total counter");

@@ -394,7 +394,6 @@ START_TEST(outbox_stats_and_purge)
     apr_int64_t now = apr_time_sec(apr_time_now()), a, old, recent, failed;
     apr_hash_t *stats = NULL;
     const mso_outbox_stats_t *st;
-    const char *err = NULL;
     mso_work_t *w;
     int n = -1;
 
@@ -429,15 +428,19 @@ START_TEST(outbox_stats_and_purge)
 
     /* Retention: sent rows older than the cut go, with their attachments;
      * failed and queued rows stay, whatever their age. */
-    ck_assert_int_eq(mso_outbox_purge(db, pool, now - 30 * 86400, &n, &err), APR_SUCCESS);
+    ck_assert_int_eq(mso_outbox_purge(db, pool, now - 30 * 86400, 500, &n), APR_SUCCESS);
     ck_assert_int_eq(n, 1);
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_outbox"), 3);
     ck_assert_int_eq(num(db, apr_psprintf(pool, "SELECT COUNT(*) FROM msoauth_outbox WHERE "
                                           "id = %" APR_INT64_T_FMT, old)), 0);
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_outbox_attachments"), 1);
-    ck_assert_int_eq(mso_outbox_purge(db, pool, now - 30 * 86400, &n, &err), APR_SUCCESS);
+    ck_assert_int_eq(mso_outbox_purge(db, pool, now - 30 * 86400, 500, &n), APR_SUCCESS);
     ck_assert_int_eq(n, 0);
-    ck_assert_int_eq(mso_outbox_purge(db, pool, now, &n, &err), APR_SUCCESS);
+    /* In batches of max rows. */
+    ck_assert_int_eq(mso_outbox_purge(db, pool, now, 0, &n), APR_SUCCESS);
+    ck_assert_int_eq(n, 0);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_outbox_attachments"), 1);
+    ck_assert_int_eq(mso_outbox_purge(db, pool, now, 1, &n), APR_SUCCESS);
     ck_assert_int_eq(n, 1);
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_outbox_attachments"), 0);
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_outbox"), 2);
