@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <apr_atomic.h>
 #include <apr_optional.h>
 #include <apr_strings.h>
 #include <apr_dbd.h>
@@ -112,6 +113,7 @@ static APR_OPTIONAL_FN_TYPE(ap_watchdog_register_callback) *wd_register_callback
 typedef struct {
     server_rec *main_s;
     const char *owner;          /* lease owner: node, pid and a random part */
+    int announced;              /* "job started" logged in this child */
     apr_time_t secrets_checked;
     apr_time_t owners_checked;
     apr_time_t rebound;         /* tokens of an older version sealed again */
@@ -974,17 +976,25 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
 
     switch (state) {
     case AP_WATCHDOG_STATE_STARTING:
-        job->owner = msoauth_lease_owner(job->main_s->process->pool);
-        ap_log_error(APLOG_MARK, APLOG_INFO, 0, job->main_s, MSOLOGNO(203) "job started in "
-                     "pid %" APR_PID_T_FMT " (lease owner %s)", getpid(), job->owner);
+        /* Nothing here: a singleton's thread may start in a child that is
+         * already exiting (the holder before it went away), and OpenSSL or
+         * the process pool touched then race with exit()'s clean-up. */
         break;
     case AP_WATCHDOG_STATE_RUNNING:
-        if (!job->lock) {
+        if (!apr_atomic_casptr((volatile void **)&job->lock, NULL, NULL)) {
             break;              /* child_init has not run in this process */
         }
         apr_thread_mutex_lock(job->lock);
         if (job->stopping) {
             apr_thread_mutex_unlock(job->lock);
+            break;
+        }
+        if (!job->announced) {
+            /* The first tick only says so: work starts with the next. */
+            job->announced = 1;
+            apr_thread_mutex_unlock(job->lock);
+            ap_log_error(APLOG_MARK, APLOG_INFO, 0, job->main_s, MSOLOGNO(203) "job started "
+                         "in pid %" APR_PID_T_FMT " (lease owner %s)", getpid(), job->owner);
             break;
         }
         job->busy = 1;
@@ -1085,15 +1095,17 @@ static apr_status_t job_child_stop(void *data)
 void msoauth_job_child_init(apr_pool_t *pchild)
 {
     job_t *job = the_job;
+    apr_thread_mutex_t *lock;
 
-    if (!job || apr_thread_mutex_create(&job->lock, APR_THREAD_MUTEX_DEFAULT, pchild)
-                != APR_SUCCESS
+    if (!job || apr_thread_mutex_create(&lock, APR_THREAD_MUTEX_DEFAULT, pchild) != APR_SUCCESS
         || apr_thread_cond_create(&job->idle, pchild) != APR_SUCCESS) {
-        if (job) {
-            job->lock = NULL;
-        }
-        return;
+        return;                     /* job->lock stays NULL: no tick runs here */
     }
-    job->busy = job->stopping = 0;
+    job->busy = job->stopping = job->announced = 0;
+    /* Made here, on the main thread: RAND_bytes and pchild are not for the
+     * job's thread, which may run while exit() cleans OpenSSL up. */
+    job->owner = msoauth_lease_owner(pchild);
     apr_pool_pre_cleanup_register(pchild, job, job_child_stop);
+    /* Last: a tick runs once it sees the lock, and then needs the owner. */
+    apr_atomic_xchgptr((volatile void **)&job->lock, lock);
 }
