@@ -36,6 +36,7 @@
 #include "mso_db.h"
 #include "mso_job_runs.h"
 #include "mso_counters.h"
+#include "mso_crypto.h"
 #include "mso_retention.h"
 #include "mso_sync.h"
 
@@ -1029,6 +1030,10 @@ static apr_status_t job_tick(int state, void *data, apr_pool_t *pool)
             job->secrets_checked = apr_time_now();
             check_secrets(job, pool);
         }
+        /* This thread lives on into exit() (only pchild's clean-up waits for
+         * the tick): nothing of OpenSSL's may stay with it for its own exit
+         * to free after OpenSSL's atexit clean-up did. */
+        mso_crypto_thread_done();
         apr_thread_mutex_lock(job->lock);
         job->busy = 0;
         apr_thread_cond_broadcast(job->idle);

@@ -75,6 +75,11 @@ apr_status_t mso_random_bytes(unsigned char *buf, apr_size_t len)
     return RAND_bytes(buf, (int)len) == 1 ? APR_SUCCESS : APR_EGENERAL;
 }
 
+void mso_crypto_thread_done(void)
+{
+    OPENSSL_thread_stop();
+}
+
 /* ------------------------------------------------------------------------ */
 /* base64 / base64url                                                        */
 

@@ -22,6 +22,12 @@ typedef struct mso_keyring_t mso_keyring_t;
 /* Cryptographically secure random bytes (RAND_bytes). */
 apr_status_t mso_random_bytes(unsigned char *buf, apr_size_t len);
 
+/* Frees OpenSSL's state of the calling thread (its random generators); the
+ * next call makes it again. For a long-lived thread that may still be alive
+ * when exit() runs OpenSSL's clean-up, which its own exit would then free a
+ * second time. */
+void mso_crypto_thread_done(void);
+
 /* base64url without padding; decode accepts input with or without padding and
  * rejects anything outside the alphabet. */
 char *mso_b64url_encode(apr_pool_t *p, const unsigned char *data, apr_size_t len);

@@ -13,6 +13,7 @@
 
 #include <apr_general.h>
 #include <apr_strings.h>
+#include <apr_thread_proc.h>
 
 #include <openssl/evp.h>
 
@@ -199,6 +200,41 @@ START_TEST(random_tokens)
     ck_assert_int_eq(mso_random_bytes(b, sizeof(b)), APR_SUCCESS);
     ck_assert_int_ne(memcmp(a, b, sizeof(a)), 0);
     ck_assert_int_ne(memcmp(a, zero, sizeof(a)), 0);
+}
+END_TEST
+
+/* A thread that draws random bytes, lets OpenSSL's state of it go, and
+ * draws again (the state is made anew); under ASan nothing is freed twice
+ * or left behind when the thread then exits. */
+static void *APR_THREAD_FUNC draw_twice(apr_thread_t *t, void *data)
+{
+    unsigned char *out = data;
+    apr_status_t rv = mso_random_bytes(out, 16);
+
+    mso_crypto_thread_done();
+    if (rv == APR_SUCCESS) {
+        rv = mso_random_bytes(out + 16, 16);
+    }
+    mso_crypto_thread_done();
+    apr_thread_exit(t, rv);
+    return NULL;
+}
+
+START_TEST(random_after_thread_done)
+{
+    unsigned char out[32], zero[16] = {0};
+    apr_thread_t *t;
+    apr_status_t rv = APR_EGENERAL;
+
+    memset(out, 0, sizeof(out));
+    ck_assert_int_eq(apr_thread_create(&t, NULL, draw_twice, out, pool), APR_SUCCESS);
+    ck_assert_int_eq(apr_thread_join(&rv, t), APR_SUCCESS);
+    ck_assert_int_eq(rv, APR_SUCCESS);
+    ck_assert_int_ne(memcmp(out, zero, 16), 0);
+    ck_assert_int_ne(memcmp(out + 16, zero, 16), 0);
+    ck_assert_int_ne(memcmp(out, out + 16, 16), 0);
+    /* And in this thread, after the other one's went. */
+    ck_assert_int_eq(mso_random_bytes(out, 16), APR_SUCCESS);
 }
 END_TEST
 
@@ -791,6 +827,7 @@ int main(void)
 
     tcase_add_checked_fixture(tc_rand, setup, teardown);
     tcase_add_test(tc_rand, random_tokens);
+    tcase_add_test(tc_rand, random_after_thread_done);
     tcase_add_test(tc_rand, pkce);
     tcase_add_test(tc_rand, str_equal_ct);
     suite_add_tcase(s, tc_rand);
