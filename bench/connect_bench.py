@@ -161,7 +161,7 @@ OIDCPKCEMethod S256
             print(f"{name:22} {med[name][0]:15.0f} {rps[0]:9.0f} {rps[-1]:9.0f} "
                   f"{med[name][1]:17.1f}")
         m, a, o = med["msoauth-connect"][0], med["mod_alias Redirect"][0], med["mod_auth_openidc"][0]
-        print(f"\nmsoauth-connect / mod_alias        = {m / a:.2f}x   (goal >= 0.5x)")
+        print(f"\nmsoauth-connect / mod_alias        = {m / a:.2f}x   (goal >= 0.6x)")
         print(f"msoauth-connect / mod_auth_openidc = {m / o:.2f}x   (goal >= 2x)")
     finally:
         h.stop()
