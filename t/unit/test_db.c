@@ -582,6 +582,108 @@ START_TEST(binder_blobs)
 }
 END_TEST
 
+/* ---- PostgreSQL: named server-side statements ----------------------------- */
+
+static const mso_stmt_t ST_ALL = {
+    "read a whole test row", "id:int",
+    "SELECT * FROM msoauth_test WHERE id = :id", NULL
+};
+
+/* The server's prepared statements of this session named as mso_db names them. */
+static long long pg_prepared(mso_db_t *db, const char *like)
+{
+    return num(db, apr_psprintf(pool, "SELECT COUNT(*) FROM pg_prepared_statements "
+                                "WHERE left(name, 4) = 'mso_' AND statement LIKE '%s'", like));
+}
+
+static int read_all_ok(mso_db_t *db, apr_int64_t id)
+{
+    mso_args_t *a = mso_args(db, pool, &ST_ALL);
+    mso_rows_t *rows = NULL;
+    const char *err = NULL;
+    int n = 0;
+
+    mso_arg_int(a, "id", id);
+    ck_assert_msg(mso_select(a, &rows, &err) == APR_SUCCESS, "select: %s", err ? err : "");
+    while (mso_rows_next(rows)) {
+        ck_assert_int_eq(mso_col_int(rows, "id"), id);
+        n++;
+    }
+    return n;
+}
+
+/* Each statement is prepared once per session and run by name; a second
+ * wrapper of the same session never collides with the first one's names; a
+ * plan that no longer gives the same columns is prepared again. A statement
+ * the server lost (a pooler in transaction mode, DISCARD ALL) turns the
+ * connection to unnamed statements: at once outside a transaction, after
+ * one failed transaction inside one; so does a name taken already. */
+START_TEST(pgsql_named_statements)
+{
+    mso_db_t *db = test_db(BACKEND_PGSQL), *other = NULL, *third = NULL, *fourth = NULL;
+    apr_pool_t *sub, *sub2, *sub3;
+    const char *name;
+    long pid = 0;
+    unsigned number = 0, k = 0;
+    tx_plan_t plan;
+    const char *err = NULL;
+
+    put_ok(db, 1, "one", 1);
+    put_ok(db, 2, "two", 2);
+    ck_assert_int_eq(pg_prepared(db, "%AS INSERT INTO msoauth_test%"), 1);
+
+    apr_pool_create(&sub, pool);
+    ck_assert_int_eq(mso_db_wrap(sub, db->driver, db->handle, &other), APR_SUCCESS);
+    ck_assert_ptr_ne(other, db);
+    put_ok(other, 3, "three", 3);
+    ck_assert_int_eq(pg_prepared(db, "%AS INSERT INTO msoauth_test%"), 2);
+
+    /* SELECT * after a column is added: the old plan cannot answer. */
+    ck_assert_int_eq(read_all_ok(db, 1), 1);
+    exec_ok(db, "ALTER TABLE msoauth_test ADD COLUMN extra TEXT");
+    ck_assert_int_eq(read_all_ok(db, 1), 1);
+    ck_assert_int_eq(read_all_ok(db, 2), 1);
+    ck_assert_int_eq(pg_prepared(db, "%AS SELECT * FROM msoauth_test%"), 2);
+
+    /* Lost inside a transaction: that one rolls back, the next one runs. */
+    exec_ok(db, "DEALLOCATE ALL");
+    memset(&plan, 0, sizeof(plan));
+    ck_assert_int_eq(mso_db_tx(db, pool, NULL, two_rows, &plan, &err), APR_EGENERAL);
+    ck_assert_msg(err && strstr(err, "does not exist"), "message: %s", err ? err : "");
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 3);
+    err = NULL;
+    ck_assert_int_eq(mso_db_tx(db, pool, NULL, two_rows, &plan, &err), APR_SUCCESS);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 5);
+    ck_assert_int_eq(read_all_ok(db, 2), 1);
+    put_ok(db, 4, "four", 4);
+    ck_assert_int_eq(pg_prepared(db, "%"), 0);
+
+    /* Lost outside one: the run is repeated at once. */
+    apr_pool_create(&sub2, pool);
+    apr_pool_create(&sub3, pool);
+    ck_assert_int_eq(mso_db_wrap(sub2, db->driver, db->handle, &third), APR_SUCCESS);
+    put_ok(third, 5, "five", 5);
+    ck_assert_int_eq(pg_prepared(db, "%AS INSERT INTO msoauth_test%"), 1);
+    name = text_of(db, "SELECT name FROM pg_prepared_statements WHERE left(name, 4) = 'mso_'");
+    ck_assert_int_eq(sscanf(name ? name : "", "mso_%ld_%u_%u", &pid, &number, &k), 3);
+    exec_ok(db, "DEALLOCATE ALL");
+    put_ok(third, 6, "six", 6);
+    put_ok(other, 7, "seven", 7);
+    ck_assert_int_eq(pg_prepared(db, "%"), 0);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 9);
+
+    /* The next wrapper's first name is taken on the server already (another
+     * client behind a pooler): unnamed at once. */
+    exec_ok(db, apr_psprintf(pool, "PREPARE mso_%ld_%u_1 AS SELECT 1", pid, number + 1));
+    ck_assert_int_eq(mso_db_wrap(sub3, db->driver, db->handle, &fourth), APR_SUCCESS);
+    put_ok(fourth, 8, "eight", 8);
+    ck_assert_int_eq(pg_prepared(db, "%AS INSERT INTO msoauth_test%"), 0);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 10);
+    apr_pool_destroy(sub2);
+    apr_pool_destroy(sub);
+}
+END_TEST
+
 static void add_tests(TCase *tc, int backend)
 {
     ADD_BOTH(tc, binder_runs_named_arguments, backend);
@@ -593,6 +695,9 @@ static void add_tests(TCase *tc, int backend)
     ADD_BOTH(tc, wrap_reuses_wrapper, backend);
     if (backend == BACKEND_SQLITE) {
         tcase_add_test(tc, sqlite_stale_statement);
+    }
+    else {
+        tcase_add_test(tc, pgsql_named_statements);
     }
 }
 
