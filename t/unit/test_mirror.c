@@ -350,10 +350,50 @@ START_TEST(mirror_body_truncated)
 }
 END_TEST
 
+/* Pages of every size from 1 to 100 new messages: every row stored, and on
+ * PostgreSQL the connection holds at most eight upserts (100 and the powers
+ * of two below it), not one per size. */
+START_TEST(mirror_pages_of_every_size)
+{
+    mso_db_t *db = fresh_db(_i);
+    apr_int64_t now = apr_time_sec(apr_time_now());
+    mso_work_t *w;
+    mso_folder_t *f;
+    int size, i, id = 0;
+
+    migrate_ok(db);
+    w = leased(db, "sizes@example.com", now);
+    f = inbox_of(db, w->acct->id);
+    for (size = 1; size <= 100; size++) {
+        apr_array_header_t *parts = apr_array_make(pool, size, sizeof(const char *));
+
+        for (i = 0; i < size; i++, id++) {
+            APR_ARRAY_PUSH(parts, const char *) = apr_psprintf(pool,
+                "{\"id\":\"S%d\",\"subject\":\"%d of %d\",\"isRead\":true,"
+                "\"receivedDateTime\":\"2026-11-23T10:00:00Z\"}", id, i, size);
+        }
+        apply_ok(db, w->acct->id, f, apr_pstrcat(pool, "{\"value\":[",
+                                                 apr_array_pstrcat(pool, parts, ','),
+                                                 "],\"@odata.nextLink\":\"" LINK "?n=1\"}", NULL),
+                 size);
+    }
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_messages"), 5050);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_messages WHERE subject = '63 of 64'"), 1);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_messages WHERE subject = '98 of 99'"), 1);
+    if (_i == BACKEND_PGSQL) {
+        long long upserts = num(db, "SELECT COUNT(*) FROM pg_prepared_statements WHERE "
+                                    "statement LIKE '%INSERT INTO msoauth_messages%'");
+
+        ck_assert_msg(upserts >= 7 && upserts <= 8, "%lld upserts prepared", upserts);
+    }
+}
+END_TEST
+
 static void add_tests(TCase *tc, int backend)
 {
     ADD_BOTH(tc, mirror_pages, backend);
     ADD_BOTH(tc, mirror_big_page, backend);
+    ADD_BOTH(tc, mirror_pages_of_every_size, backend);
     ADD_BOTH(tc, mirror_claims_and_actions, backend);
     ADD_BOTH(tc, mirror_body_truncated, backend);
 }
