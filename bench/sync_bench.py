@@ -22,7 +22,8 @@ a) Ingest: --mailboxes simulator accounts holding --messages messages between
    - for diagnosis: the module's storage path alone (lib's
      mso_mirror_apply_page on the same pages, no HTTP), the module's SQL shape
      (two 50-row upserts per transaction) prepared and, on PostgreSQL, unnamed
-     as the module prepares it, the simulator's own serving rate (a Python
+     (sent with its SQL every time, as the module ran it before it prepared
+     named statements), the simulator's own serving rate (a Python
      client fetching the mailboxes at once), and from the simulator's log how
      much of the window had a page in flight (the job's pauses between passes).
    ratio = ingest / min(parse ceiling, insert ceiling); the goal: >= 0.7.
@@ -422,7 +423,7 @@ def report(args, dbs, results, parse, serve, page_info):
         [results[c]["ceilings"]["apply"]["rows_per_s"] for c in cols])
     row("  module's SQL: 2 x 50-row upsert per tx, prepared (rows/s)",
         [results[c]["ceilings"]["upsert50"]["rows_per_s"] for c in cols])
-    row("  ... the same unnamed, as the module prepares it (rows/s)",
+    row("  ... the same unnamed, SQL sent with every run (rows/s)",
         [results[c]["ceilings"].get("upsert50-unnamed", {}).get("rows_per_s") for c in cols])
     row("  simulator serving, Python client, all mailboxes (msg/s)", [serve] * len(cols))
     row("  delta requests during ingest", [results[c]["ingest"]["requests"] for c in cols])
