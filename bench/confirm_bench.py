@@ -30,12 +30,16 @@ from connect_bench import httpd_cpu_seconds  # noqa: E402
 import test_signin  # noqa: E402
 
 
+def children(h):
+    """The pids of httpd's children."""
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(h.pid())],
+                                           capture_output=True, text=True).stdout.split()]
+
+
 def thread_ticks(h):
     """{(pid, tid): utime+stime ticks} of every thread of httpd's children."""
     out = {}
-    pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(h.pid())],
-                                           capture_output=True, text=True).stdout.split()]
-    for pid in pids:
+    for pid in children(h):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
@@ -90,12 +94,11 @@ def main():
         # child's start-up falls into a measured window.
         for u in users[:4]:
             s.sign_in(mailbox=u)
-        children, stable_since, limit = None, time.time(), time.time() + 30
+        nchildren, stable_since, limit = None, time.time(), time.time() + 30
         while time.time() < limit and time.time() - stable_since < 3:
-            now = len(subprocess.run(["pgrep", "-P", str(h.pid())], capture_output=True,
-                                     text=True).stdout.split())
-            if now != children:
-                children, stable_since = now, time.time()
+            now = len(children(h))
+            if now != nchildren:
+                nchildren, stable_since = now, time.time()
             time.sleep(0.25)
         for u in users[:4]:
             s.sign_in(mailbox=u)
@@ -145,7 +148,7 @@ def main():
         conn_rest = delta(c0, c1, rest) - idle_rest * connect_wall
         confirm_own = loop_rest - idle_rest * wall - conn_rest
         print(f"\nconfirm benchmark: {n} sign-ins (new and re-connects), SQLite, one httpd "
-              f"({children} children), LogLevel {args.loglevel}")
+              f"({nchildren} children), LogLevel {args.loglevel}")
         print(f"httpd CPU per connect                     {per_connect:8.0f} us")
         print(f"httpd CPU per confirm (connect subtracted) {per_confirm:8.0f} us")
         print(f"wall time per full sign-in incl. simulator {wall / n * 1e3:8.1f} ms")
@@ -165,4 +168,3 @@ def main():
 
 if __name__ == "__main__":
     main()
-

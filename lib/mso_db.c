@@ -248,6 +248,13 @@ static int prepare_again(mso_db_t *db, int rc)
     return !msg || !strcmp(msg, "database schema has changed") || !strcmp(msg, "not an error");
 }
 
+/* Whether a run that failed for a statement to prepare again may be repeated
+ * at once: not inside a pgsql transaction, which the failure has aborted. */
+static int may_run_again(mso_db_t *db)
+{
+    return !(db->kind == MSO_DB_PGSQL && priv(db)->in_tx);
+}
+
 /* The apr_dbd label of a new prepare: NULL on SQLite (the driver has no use
  * for one), a name not used before on this session on pgsql. */
 static const char *prepare_label(mso_db_t *db)
@@ -647,7 +654,7 @@ static apr_status_t run(mso_args_t *a, apr_pool_t *pool, int *nrows, mso_rows_t 
                                  prepare_label(db), &e->prepared);
             if (rc != 0) {
                 e->prepared = NULL;
-                if (prepare_again(db, rc) && !(db->kind == MSO_DB_PGSQL && priv(db)->in_tx)) {
+                if (prepare_again(db, rc) && may_run_again(db)) {
                     continue;
                 }
                 break;
@@ -665,7 +672,7 @@ static apr_status_t run(mso_args_t *a, apr_pool_t *pool, int *nrows, mso_rows_t 
         }
         /* The driver keeps the dead one until the connection closes. */
         e->prepared = NULL;
-        if (db->kind == MSO_DB_PGSQL && priv(db)->in_tx) {
+        if (!may_run_again(db)) {
             break;
         }
     }
