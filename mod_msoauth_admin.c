@@ -136,6 +136,7 @@ static void app_token(request_rec *r, mso_db_t *db, msoauth_srv_conf_t *sc,
             mso_http_opts_t http;
 
             msoauth_app_ctx(r->pool, sc, c, msoauth_process_owner(), &http, &ctx);
+            http.keep_connection = 1;       /* a request thread, see msoauth_request_http_opts */
             mso_apptoken_fetch(db, r->pool, &ctx, &k, now, &out);
             if (out.access_token) {
                 f->token = out.access_token;
@@ -205,6 +206,7 @@ void msoauth_account_token(request_rec *r, mso_db_t *db, mso_account_t *a,
             mso_http_opts_t http;
 
             msoauth_refresh_ctx(r->pool, sc, c, msoauth_process_owner(), &http, &ctx);
+            http.keep_connection = 1;       /* a request thread, see msoauth_request_http_opts */
             mso_refresh_account(db, r->pool, &ctx, a, resource, now, &out);
             if (out.result == MSO_REFRESHED) {
                 f->token = out.access_token;
@@ -1069,7 +1071,7 @@ static json_t *graph_test(request_rec *r, mso_db_t *db, mso_account_t *a)
     if (!f.token) {
         return result_error(f.reason, f.detail);
     }
-    msoauth_http_opts(msoauth_srv_conf(r->server), &o);
+    msoauth_request_http_opts(msoauth_srv_conf(r->server), &o);
     o.timeout_ms = 30000;
     /* An app or shared account's mailbox is /users/{address}. */
     url = apr_pstrcat(r->pool, mso_graph_mailbox(r->pool, c->set.graph_url.value,

@@ -226,7 +226,7 @@ static int serve_from_graph(request_rec *r, mso_db_t *db, mso_account_t *a,
                           : HTTP_SERVICE_UNAVAILABLE, f.reason, f.detail);
     }
     h = mso_graph_headers(r->pool, f.token, 0);
-    msoauth_http_opts(msoauth_srv_conf(r->server), &o);
+    msoauth_request_http_opts(msoauth_srv_conf(r->server), &o);
     o.timeout_ms = GRAPH_TIMEOUT_MS;
     o.stall_seconds = 30;
     o.max_body = 1024 * 1024;       /* an error, or a reference's description */

@@ -71,6 +71,14 @@ void msoauth_http_opts(const msoauth_srv_conf_t *sc, mso_http_opts_t *o)
     o->ca_file = sc->ca_file;
 }
 
+void msoauth_request_http_opts(const msoauth_srv_conf_t *sc, mso_http_opts_t *o)
+{
+    msoauth_http_opts(sc, o);
+    /* A worker thread is joined before its child exits, so it may keep its
+     * connections to Microsoft for the next request it serves. */
+    o->keep_connection = 1;
+}
+
 void *msoauth_create_srv_conf(apr_pool_t *p, server_rec *s)
 {
     msoauth_srv_conf_t *sc = apr_pcalloc(p, sizeof(*sc));

@@ -99,5 +99,7 @@ int msoauth_retention_days(const msoauth_srv_conf_t *sc);
  * MSOAuthHTTPProxy and MSOAuthCACertificateFile. Every call to Microsoft
  * (sign-in, refreshes, Graph, the admin test) starts from here. */
 void msoauth_http_opts(const msoauth_srv_conf_t *sc, mso_http_opts_t *o);
+/* The same, for a request handler's calls: the thread keeps its connections. */
+void msoauth_request_http_opts(const msoauth_srv_conf_t *sc, mso_http_opts_t *o);
 
 #endif

@@ -337,7 +337,7 @@ int msoauth_connect_handler(request_rec *r)
 
 static void http_opts(request_rec *r, mso_http_opts_t *o)
 {
-    msoauth_http_opts(msoauth_srv_conf(r->server), o);
+    msoauth_request_http_opts(msoauth_srv_conf(r->server), o);
     o->timeout_ms = TOKEN_TIMEOUT_MS;
 }
 

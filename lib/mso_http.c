@@ -1,11 +1,14 @@
-/* HTTP client over libcurl. mso_http_request: one easy handle per call, for
- * the rare calls of request handlers (no state shared between httpd
- * threads). mso_http_multi_*: the job's many token refreshes at once over one
- * multi handle, on one thread, with a bound on connections and their reuse.
- * Both set up their handles with the same code (call_setup, call_end). */
+/* HTTP client over libcurl. mso_http_request: one call at a time on the
+ * calling thread, over an easy handle of its own or (keep_connection) one the
+ * thread keeps, whose connections the thread's next call reuses (nothing is
+ * shared between threads). mso_http_multi_*: the job's many token refreshes
+ * at once over one multi handle, on one thread, with a bound on connections
+ * and their reuse. Both set up their handles with the same code (call_setup,
+ * call_end). */
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 
@@ -17,6 +20,10 @@
 #include "mso_http.h"
 #include "mso_json.h"
 #include "mso_log.h"
+
+#if APR_HAS_THREADS
+#include <pthread.h>
+#endif
 
 #ifndef MSO_VERSION
 #define MSO_VERSION "0.2.0"
@@ -46,6 +53,123 @@ typedef struct {
 
 static int curl_ready;
 
+/* The easy handle a thread keeps for its blocking calls. An easy handle holds
+ * its connections, TLS sessions and (curl 7.87 and later) the parsed CA
+ * bundle: a new handle per call meant a new TCP connection and TLS handshake
+ * to Microsoft for every call. curl does not support sharing connections
+ * between threads, so each thread has its own. */
+typedef struct {
+    CURL *h;
+    pid_t pid;                  /* the process that made it */
+    int busy;                   /* a call on this thread uses it now */
+} thread_handle_t;
+
+#if APR_HAS_THREADS
+static pthread_key_t thread_key;
+static int thread_key_ok;
+
+static void thread_handle_free(void *data)
+{
+    thread_handle_t *t = data;
+
+    if (t->h && t->pid == getpid()) {
+        curl_easy_cleanup(t->h);
+    }
+    free(t);
+}
+
+static thread_handle_t *thread_handle_get(int make)
+{
+    thread_handle_t *t;
+
+    if (!thread_key_ok) {
+        return NULL;
+    }
+    t = pthread_getspecific(thread_key);
+    if (!t && make && (t = calloc(1, sizeof(*t))) != NULL
+        && pthread_setspecific(thread_key, t) != 0) {
+        free(t);
+        t = NULL;
+    }
+    return t;
+}
+#else
+static thread_handle_t the_thread_handle;
+
+static thread_handle_t *thread_handle_get(int make)
+{
+    (void)make;
+    return &the_thread_handle;
+}
+#endif
+
+/* An inherited handle is never used: its sockets are the parent's too, and a
+ * request on them would mix two processes' answers. It is left alone (not
+ * cleaned up: a TLS close would end the parent's session). */
+static CURL *inherited;         /* keeps it reachable for leak checkers */
+
+static void thread_handle_forked(thread_handle_t *t)
+{
+    if (t->h && t->pid != getpid()) {
+        inherited = t->h;
+        t->h = NULL;
+        t->busy = 0;
+    }
+}
+
+/* The thread's handle, or a new one when a call on this thread holds it
+ * already (a sink that makes a call of its own). *kept says which. */
+static CURL *thread_handle_take(int *kept)
+{
+    thread_handle_t *t = thread_handle_get(1);
+
+    *kept = 0;
+    if (!t) {
+        return curl_easy_init();
+    }
+    thread_handle_forked(t);
+    if (t->busy) {
+        return curl_easy_init();
+    }
+    if (!t->h) {
+        if (!(t->h = curl_easy_init())) {
+            return NULL;
+        }
+        t->pid = getpid();
+    }
+    t->busy = 1;
+    *kept = 1;
+    return t->h;
+}
+
+/* The call is over: options back to defaults (they point into the call's
+ * pool), connections and caches kept. */
+static void thread_handle_give_back(CURL *h)
+{
+    thread_handle_t *t = thread_handle_get(0);
+
+    curl_easy_reset(h);
+    if (t && t->h == h) {
+        t->busy = 0;
+    }
+    else {
+        curl_easy_cleanup(h);
+    }
+}
+
+void mso_http_thread_done(void)
+{
+    thread_handle_t *t = thread_handle_get(0);
+
+    if (t && !t->busy) {
+        thread_handle_forked(t);
+        if (t->h) {
+            curl_easy_cleanup(t->h);
+            t->h = NULL;
+        }
+    }
+}
+
 apr_status_t mso_http_global_init(void)
 {
     /* curl_global_init is not thread-safe; callers run this before threads. */
@@ -55,6 +179,10 @@ apr_status_t mso_http_global_init(void)
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         return APR_EGENERAL;
     }
+#if APR_HAS_THREADS
+    /* Without the key every call makes its own handle, as before. */
+    thread_key_ok = pthread_key_create(&thread_key, thread_handle_free) == 0;
+#endif
     curl_ready = 1;
     return APR_SUCCESS;
 }
@@ -208,6 +336,8 @@ struct mso_http_call_t {
     mso_http_ctx_t ctx;
     struct curl_slist *slist;
     CURL *h;
+    int blocking;                   /* mso_http_request / get_stream */
+    int kept;                       /* h is the thread's own (thread_handle_take) */
     char errbuf[CURL_ERROR_SIZE];
     apr_time_t start;
     /* multi only */
@@ -507,7 +637,8 @@ static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
     }
     c->slist = tmp;
 
-    h = c->h = curl_easy_init();
+    h = c->h = c->blocking && o->keep_connection ? thread_handle_take(&c->kept)
+                                                 : curl_easy_init();
     if (!h) {
         curl_slist_free_all(c->slist);
         c->slist = NULL;
@@ -593,7 +724,11 @@ nomem:
 /* Frees the handle without looking at the outcome (cancelled requests). */
 static void call_release(mso_http_call_t *c)
 {
-    if (c->h) {
+    if (c->h && c->kept) {
+        thread_handle_give_back(c->h);
+        c->h = NULL;
+    }
+    else if (c->h) {
         curl_easy_cleanup(c->h);
         c->h = NULL;
     }
@@ -691,6 +826,7 @@ apr_status_t mso_http_request(apr_pool_t *p, const mso_http_opts_t *o, const cha
     CURLcode rc;
 
     *resp = c->r;
+    c->blocking = 1;
     rv = call_setup(c, o, headers, body, body_len);
     if (rv != APR_SUCCESS) {
         return rv;
@@ -718,6 +854,7 @@ apr_status_t mso_http_get_stream(apr_pool_t *p, const mso_http_opts_t *o, const 
     }
     raw.max_string = 0;             /* not JSON: bytes as they are */
     raw.capture = NULL;
+    c->blocking = 1;
     rv = call_setup(c, &raw, headers, NULL, 0);
     if (rv != APR_SUCCESS) {
         return rv;

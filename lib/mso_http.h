@@ -54,6 +54,13 @@ typedef struct {
      *     download's max_body + 2 x MSO_HTTP_GROW_SLACK.
      * 0: raw downloads count against buffer_budget with the rest. */
     apr_size_t download_budget;
+    /* mso_http_request and mso_http_get_stream only. 1: the call runs on
+     * the curl handle its thread keeps, and its connection stays open for
+     * the thread's next call (request threads). 0: a handle of its own,
+     * closed at the end. A thread that may still run while the process
+     * exits (the job's) must not keep one: freeing it at the thread's end
+     * would come after OpenSSL's clean-up at exit. */
+    int keep_connection;
 } mso_http_opts_t;
 
 /* What one write of curl may add to a buffer beyond max_body before the cap
@@ -80,6 +87,11 @@ typedef struct {
 apr_status_t mso_http_global_init(void);
 
 void mso_http_opts_default(mso_http_opts_t *o);
+
+/* With keep_connection, mso_http_request and mso_http_get_stream keep one
+ * curl handle per thread, with its open connections, for the thread's next
+ * call; a thread's exit frees it. This frees the calling thread's now. */
+void mso_http_thread_done(void);
 
 /* One request. headers: "Name: value" strings (may be NULL). Returns
  * APR_SUCCESS whenever a response arrived (whatever its status), APR_TIMEUP

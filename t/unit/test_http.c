@@ -18,6 +18,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 
 #include <apr_date.h>
 #include <apr_general.h>
@@ -342,7 +343,9 @@ static void teardown(void)
 {
     int i;
 
-    /* First the pool: it closes the connections a multi handle keeps open. */
+    /* First the connections: the thread's kept handle, and the pool's
+     * (a multi handle keeps its own open). */
+    mso_http_thread_done();
     apr_pool_destroy(pool);
     ck_assert_int_eq(write(srv.wake[1], "x", 1), 1);
     pthread_join(srv.thread, NULL);
@@ -402,6 +405,27 @@ static mso_http_response_t *get(const char *path, apr_status_t want)
     ck_assert_ptr_nonnull(r->body);
     ck_assert_ptr_nonnull(r->headers);
     return r;
+}
+
+/* A call on the thread's kept handle (keep_connection). */
+static mso_http_response_t *get_kept(const char *path, apr_array_header_t *h)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+
+    o.keep_connection = 1;
+    ck_assert_int_eq(mso_http_request(pool, &o, "GET", url(path), h, NULL, 0, &r),
+                     APR_SUCCESS);
+    return r;
+}
+
+/* The request's header block as the server saw it (/echo). */
+static const char *echoed_header_block(const mso_http_response_t *r)
+{
+    const char *end = strstr(r->body, "\r\n\r\n");
+
+    ck_assert_ptr_nonnull(end);
+    return apr_pstrndup(pool, r->body, (apr_size_t)(end - r->body));
 }
 
 /* The request body as the server saw it, after the header block. */
@@ -1318,6 +1342,8 @@ typedef struct {
     int status;
     int stop_after;             /* > 0: refuse the call after this many */
     const char *type;
+    int nested;                 /* 1: the first call makes a request of its own */
+    int nested_status;
 } sink_t;
 
 static apr_status_t sink(void *baton, const mso_http_response_t *resp, const char *data,
@@ -1328,6 +1354,10 @@ static apr_status_t sink(void *baton, const mso_http_response_t *resp, const cha
 
     k->calls++;
     k->status = resp->status;
+    if (k->nested && k->calls == 1) {
+        /* The thread's handle is busy with the stream: this one gets its own. */
+        k->nested_status = get_kept("/ka", NULL)->status;
+    }
     k->type = apr_table_get(resp->headers, "Content-Type");
     for (i = 0; i < len; i++) {
         if (data[i] != 'y' && data[i] != 'x') {
@@ -1378,6 +1408,114 @@ START_TEST(stream_get)
     ck_assert_int_eq(mso_http_get_stream(pool, &o, url("/big-close"), NULL, sink, &k, &r),
                      APR_ENOSPC);
     ck_assert_uint_le(k.got, 1000);
+}
+END_TEST
+
+START_TEST(stream_with_a_call_inside)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    sink_t k;
+
+    int n;
+
+    memset(&k, 0, sizeof(k));
+    k.nested = 1;
+    o.keep_connection = 1;
+    ck_assert_int_eq(mso_http_get_stream(pool, &o, url("/bytes/300000"), NULL, sink, &k, &r),
+                     APR_SUCCESS);
+    ck_assert_uint_eq(k.got, 300000);
+    ck_assert_int_eq(k.nested_status, 200);
+    /* The nested call's handle was closed; the thread's own is free again,
+     * and the next two calls share its connection. */
+    n = conns();
+    ck_assert_str_eq(get_kept("/ka", NULL)->body, "ka");
+    ck_assert_str_eq(get_kept("/ka", NULL)->body, "ka");
+    ck_assert_int_eq(conns() - n, 1);
+}
+END_TEST
+
+static void *get_ka_elsewhere(void *arg)
+{
+    apr_pool_t *p;
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    int *status = arg;
+
+    o.keep_connection = 1;
+    apr_pool_create(&p, NULL);
+    if (mso_http_request(p, &o, "GET", apr_psprintf(p, "http://127.0.0.1:%d/ka", srv.port),
+                         NULL, NULL, 0, &r) == APR_SUCCESS) {
+        *status = r->status;
+    }
+    apr_pool_destroy(p);
+    return NULL;
+}
+
+START_TEST(blocking_calls_keep_their_connection)
+{
+    mso_http_opts_t o = fast_opts();
+    mso_http_response_t *r = NULL;
+    pthread_t t;
+    pid_t child;
+    int n, status = 0, wstatus = 0;
+    const char *echo;
+
+    /* Without keep_connection each call has its own connection. */
+    n = conns();
+    ck_assert_str_eq(get("/ka", APR_SUCCESS)->body, "ka");
+    ck_assert_str_eq(get("/ka", APR_SUCCESS)->body, "ka");
+    ck_assert_int_eq(conns() - n, 2);
+
+    /* With it, one thread's calls one after another share one. */
+    n = conns();
+    ck_assert_str_eq(get_kept("/ka", NULL)->body, "ka");
+    ck_assert_str_eq(get_kept("/ka", NULL)->body, "ka");
+    ck_assert_str_eq(get_kept("/ka", NULL)->body, "ka");
+    ck_assert_int_eq(conns() - n, 1);
+
+    /* Another thread has its own handle, so its own connection. */
+    ck_assert_int_eq(pthread_create(&t, NULL, get_ka_elsewhere, &status), 0);
+    pthread_join(t, NULL);
+    ck_assert_int_eq(status, 200);
+    ck_assert_int_eq(conns() - n, 2);
+
+    /* A child process never sends on the parent's socket: it connects anew,
+     * and the parent's connection still works for the parent. */
+    child = fork();
+    ck_assert_int_ge(child, 0);
+    if (child == 0) {
+        r = get_kept("/ka", NULL);
+        _exit(r->status == 200 && strcmp(r->body, "ka") == 0 ? 0 : 1);
+    }
+    ck_assert_int_eq(waitpid(child, &wstatus, 0), child);
+    ck_assert(WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0);
+    ck_assert_int_eq(conns() - n, 3);
+    ck_assert_str_eq(get_kept("/ka", NULL)->body, "ka");
+    ck_assert_int_eq(conns() - n, 3);
+
+    /* Nothing of one call's options stays for the next: a header or a body
+     * sent once is not sent again. */
+    o.keep_connection = 1;
+    ck_assert_int_eq(mso_http_request(pool, &o, "POST", url("/echo"), hdrs("X-Once: 1", NULL),
+                                      "a=1", 3, &r), APR_SUCCESS);
+    echo = echoed_header_block(r);
+    ck_assert_ptr_nonnull(strstr(echo, "POST /echo "));
+    ck_assert_ptr_nonnull(strstr(echo, "X-Once: 1"));
+    ck_assert_str_eq(echoed_body(r), "a=1");
+    echo = echoed_header_block(get_kept("/echo", NULL));
+    ck_assert_ptr_nonnull(strstr(echo, "GET /echo "));
+    ck_assert_ptr_null(strstr(echo, "X-Once"));
+    ck_assert_ptr_null(strstr(echo, "Content-Length"));
+
+    /* Done: the connection is closed, the next call connects again. */
+    n = conns();
+    ck_assert_str_eq(get_kept("/ka", NULL)->body, "ka");
+    ck_assert_str_eq(get_kept("/ka", NULL)->body, "ka");
+    ck_assert_int_eq(conns() - n, 1);
+    mso_http_thread_done();
+    ck_assert_str_eq(get_kept("/ka", NULL)->body, "ka");
+    ck_assert_int_eq(conns() - n, 2);
 }
 END_TEST
 
@@ -1464,6 +1602,8 @@ int main(void)
     tcase_add_test(tc, multi_raw_downloads);
     tcase_add_test(tc, multi_download_budget);
     tcase_add_test(tc, stream_get);
+    tcase_add_test(tc, stream_with_a_call_inside);
+    tcase_add_test(tc, blocking_calls_keep_their_connection);
     suite_add_tcase(s, tc);
     failed = mso_check_run(s);
     apr_terminate();
