@@ -37,6 +37,7 @@
 #include "mso_job_runs.h"
 #include "mso_counters.h"
 #include "mso_crypto.h"
+#include "mso_flows_used.h"
 #include "mso_retention.h"
 #include "mso_sync.h"
 
@@ -766,20 +767,31 @@ static void drop_dead_owners(job_t *job, server_rec *s, mso_db_t *db, apr_pool_t
 }
 
 /* Retention: what MSOAuthRetentionDays lets go, in small batches, for at
- * most SWEEP_BUDGET of the tick; what is left waits for the next sweep. */
+ * most SWEEP_BUDGET of the tick; what is left waits for the next sweep.
+ * Spent sign-in states go once expired, whatever the retention. */
 static void sweep(server_rec *s, mso_db_t *db, apr_pool_t *p, apr_time_t deadline,
                   tick_stats_t *st)
 {
     const mso_purge_t *list = mso_retention_list();
-    int days = msoauth_retention_days(msoauth_srv_conf(s)), i, finished = 1;
+    int days = msoauth_retention_days(msoauth_srv_conf(s)), i, finished = 1, states = 0;
     apr_time_t until = apr_time_now() + SWEEP_BUDGET;
     const char *err = NULL;
     apr_pool_t *sp;
 
+    apr_pool_create(&sp, p);
+    if (mso_flows_used_purge(db, sp, apr_time_sec(apr_time_now()), &states, &err)
+        != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_ERR, 0, s, MSOLOGNO(220) "job: purging the expired "
+                     "sign-in states: %s", err ? err : "failed");
+    }
+    else if (states) {
+        ap_log_error(APLOG_MARK, APLOG_DEBUG, 0, s, MSOLOGNO(221) "job: %d expired sign-in "
+                     "states deleted", states);
+    }
     if (days == 0) {
+        apr_pool_destroy(sp);
         return;
     }
-    apr_pool_create(&sp, p);
     if (mso_retention_sweep(db, sp, days, apr_time_sec(apr_time_now()),
                             until < deadline ? until : deadline, st->purged, &finished, &err)
         != APR_SUCCESS) {

@@ -130,6 +130,7 @@ typedef struct {
     apr_uint32_t number;    /* this wrapper's among the process's, for pgsql labels */
     apr_uint32_t prepares;  /* prepares so far, for pgsql labels */
     int unnamed;            /* pgsql: the server lost a named statement; no labels */
+    char sync_level;        /* sqlite: PRAGMA synchronous as found ('0'-'3'); 0: not read */
 } db_priv_t;
 
 /* Wrappers made by this process, for pgsql labels. */
@@ -956,10 +957,34 @@ static apr_status_t tx_failed(mso_tx_t *tx, int rc, const char *what)
     return APR_EGENERAL;
 }
 
-apr_status_t mso_db_tx(mso_db_t *db, apr_pool_t *p, const char *about, mso_tx_fn *fn,
-                       void *baton, const char **err)
+/* mso_db_tx_lazy on SQLite: the statement that puts the connection's
+ * synchronous setting back after the transaction. "" when there is nothing
+ * to change: it syncs no more than NORMAL already, the setting cannot be
+ * read, or the journal is not WAL (where NORMAL may, rarely, corrupt the
+ * file at a power cut instead of only losing the last commits). */
+static const char *sqlite_sync_level(mso_db_t *db, apr_pool_t *p)
 {
     db_priv_t *d = priv(db);
+    const char *v = NULL, *mode = NULL, *err = NULL;
+
+    if (!d->sync_level) {
+        d->sync_level = '1';
+        if (mso_db_pragma(db, p, "PRAGMA journal_mode", &mode, &err) == APR_SUCCESS && mode
+            && !strcmp(mode, "wal")
+            && mso_db_pragma(db, p, "PRAGMA synchronous", &v, &err) == APR_SUCCESS && v
+            && v[0] >= '0' && v[0] <= '3' && !v[1]) {
+            d->sync_level = v[0];
+        }
+    }
+    return d->sync_level > '1' ? apr_psprintf(p, "PRAGMA synchronous = %c", d->sync_level)
+                               : "";
+}
+
+static apr_status_t tx_do(mso_db_t *db, apr_pool_t *p, const char *about, int lazy,
+                          mso_tx_fn *fn, void *baton, const char **err)
+{
+    db_priv_t *d = priv(db);
+    const char *restore = "";
     mso_tx_t tx;
     apr_status_t rv;
     int rc;
@@ -978,13 +1003,27 @@ apr_status_t mso_db_tx(mso_db_t *db, apr_pool_t *p, const char *about, mso_tx_fn
                          "on this connection already (a bug in mod_msoauth)", mso_db_name(db));
         goto leave;
     }
+    if (lazy && db->kind == MSO_DB_SQLITE) {
+        /* Outside the transaction: SQLite refuses the change inside one. */
+        restore = sqlite_sync_level(db, tx.ptemp);
+        if (*restore && raw(db, "PRAGMA synchronous = NORMAL") != 0) {
+            restore = "";
+        }
+    }
     rc = raw(db, db->kind == MSO_DB_SQLITE ? "BEGIN IMMEDIATE" : "BEGIN");
     if (rc != 0) {
         rv = tx_failed(&tx, rc, "start a transaction");
         goto leave;
     }
     d->in_tx = 1;
-    rv = fn(&tx, baton);
+    if (lazy && db->kind == MSO_DB_PGSQL
+        && (rc = raw(db, "SET LOCAL synchronous_commit = off")) != 0) {
+        /* Ends with the transaction; a failure has aborted it. */
+        rv = tx_failed(&tx, rc, "turn off synchronous_commit for a transaction");
+    }
+    else {
+        rv = fn(&tx, baton);
+    }
     if (rv == APR_SUCCESS) {
         rc = raw(db, "COMMIT");
         if (rc != 0) {
@@ -1002,6 +1041,11 @@ apr_status_t mso_db_tx(mso_db_t *db, apr_pool_t *p, const char *about, mso_tx_fn
     d->in_tx = 0;
 
 leave:
+    if (*restore && raw(db, restore) != 0) {
+        mso_log_perror(MSO_LOG_MARK, MSO_LOG_ERR, APR_EGENERAL,
+                       "mod_msoauth: \"%s\" failed on %s: this connection's commits no "
+                       "longer wait for the disk", restore, mso_db_name(db));
+    }
     if (err) {
         *err = tx.err;
     }
@@ -1010,6 +1054,18 @@ leave:
     }
     apr_pool_destroy(tx.ptemp);
     return rv;
+}
+
+apr_status_t mso_db_tx(mso_db_t *db, apr_pool_t *p, const char *about, mso_tx_fn *fn,
+                       void *baton, const char **err)
+{
+    return tx_do(db, p, about, 0, fn, baton, err);
+}
+
+apr_status_t mso_db_tx_lazy(mso_db_t *db, apr_pool_t *p, const char *about, mso_tx_fn *fn,
+                            void *baton, const char **err)
+{
+    return tx_do(db, p, about, 1, fn, baton, err);
 }
 
 /* ------------------------------------------------------------------------- */

@@ -153,6 +153,14 @@ typedef apr_status_t mso_tx_fn(mso_tx_t *tx, void *baton);
 apr_status_t mso_db_tx(mso_db_t *db, apr_pool_t *p, const char *about, mso_tx_fn *fn,
                        void *baton, const char **err);
 
+/* The same, but the commit does not wait for the disk (SQLite: synchronous
+ * NORMAL for this transaction; PostgreSQL: synchronous_commit off). A crash
+ * or power cut may undo it, and nothing else: the database stays whole, and
+ * the next durable commit on the database makes it durable too. Only for
+ * writes whose loss is harmless (a spent sign-in state); never for tokens. */
+apr_status_t mso_db_tx_lazy(mso_db_t *db, apr_pool_t *p, const char *about, mso_tx_fn *fn,
+                            void *baton, const char **err);
+
 /* Inside fn: the arguments live in ptemp; a failure sets tx->err (and
  * returns APR_EGENERAL, or APR_EINVAL for a binding bug). Rows are read in
  * ptemp: copy what must outlive the transaction into tx->p. */

@@ -991,17 +991,27 @@ END_TEST
 START_TEST(flow_states_are_single_use)
 {
     mso_db_t *db = fresh_db(_i);
+    const char *err = NULL;
+    int n = -1;
 
     migrate_ok(db);
     ck_assert_int_eq(mso_flows_used_spend(db, pool, "digest-one", 2000, 1000), APR_SUCCESS);
     ck_assert_int_eq(mso_flows_used_spend(db, pool, "digest-one", 2000, 1001), APR_EEXIST);
     ck_assert_int_eq(mso_flows_used_spend(db, pool, "digest-two", 2000, 1001), APR_SUCCESS);
-    /* Once expired the digest is purged, so the table does not grow forever;
-     * the cookie's own expiry already refuses such a late replay. */
+    /* An expired digest not purged yet is taken over (the cookie's own
+     * expiry already refuses such a late replay), and spent again. */
     ck_assert_int_eq(mso_flows_used_spend(db, pool, "digest-three", 3000, 2500), APR_SUCCESS);
     ck_assert_int_eq(mso_flows_used_spend(db, pool, "digest-one", 3000, 2501), APR_SUCCESS);
+    ck_assert_int_eq(mso_flows_used_spend(db, pool, "digest-one", 3000, 2502), APR_EEXIST);
     ck_assert_int_eq(mso_flows_used_spend(db, pool, "", 3000, 2501), APR_EINVAL);
+    ck_assert_int_eq(count_of(db, "msoauth_flows_used"), 3);
+    /* The job's purge, so the table does not grow forever: only the expired. */
+    ck_assert_int_eq(mso_flows_used_purge(db, pool, 2501, &n, &err), APR_SUCCESS);
+    ck_assert_int_eq(n, 1);
     ck_assert_int_eq(count_of(db, "msoauth_flows_used"), 2);
+    ck_assert_int_eq(mso_flows_used_spend(db, pool, "digest-two", 3000, 2502), APR_SUCCESS);
+    ck_assert_int_eq(mso_flows_used_purge(db, pool, 2502, &n, &err), APR_SUCCESS);
+    ck_assert_int_eq(n, 0);
 }
 END_TEST
 

@@ -291,6 +291,82 @@ START_TEST(tx_commits_or_rolls_back)
 }
 END_TEST
 
+/* What the connection says of waiting for the disk at commit: SQLite's
+ * synchronous ("2" FULL, "1" NORMAL), PostgreSQL's synchronous_commit. */
+static const char *commit_wait(mso_db_t *db)
+{
+    const char *v = NULL, *err = NULL;
+
+    ck_assert_int_eq(mso_db_pragma(db, pool, db->kind == MSO_DB_SQLITE ? "PRAGMA synchronous"
+                                   : "SHOW synchronous_commit", &v, &err), APR_SUCCESS);
+    ck_assert_ptr_nonnull(v);
+    return v;
+}
+
+typedef struct {
+    tx_plan_t plan;
+    const char *inside;
+} lazy_t;
+
+static apr_status_t lazy_rows(mso_tx_t *tx, void *baton)
+{
+    lazy_t *l = baton;
+
+    l->inside = commit_wait(tx->db);
+    return two_rows(tx, &l->plan);
+}
+
+START_TEST(lazy_tx_commits_without_waiting)
+{
+    mso_db_t *db = test_db(_i);
+    const char *err = NULL, *durable;
+    lazy_t l;
+
+    if (_i == BACKEND_SQLITE) {
+        /* Only with a write-ahead log (the module's schema sets it). */
+        const char *mode = NULL;
+
+        ck_assert_str_eq(commit_wait(db), "2");
+        ck_assert_int_eq(mso_db_pragma(db, pool, "PRAGMA journal_mode = WAL", &mode, &err),
+                         APR_SUCCESS);
+        ck_assert_str_eq(mode, "wal");
+    }
+    durable = _i == BACKEND_SQLITE ? "2" : "on";
+    ck_assert_str_eq(commit_wait(db), durable);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(mso_db_tx_lazy(db, pool, NULL, lazy_rows, &l, &err), APR_SUCCESS);
+    ck_assert_str_eq(l.inside, _i == BACKEND_SQLITE ? "1" : "off");
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 2);
+    /* Only for that transaction: the next ones wait again. */
+    ck_assert_str_eq(commit_wait(db), durable);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(mso_db_tx(db, pool, NULL, lazy_rows, &l, &err), APR_EGENERAL);
+    ck_assert_str_eq(l.inside, durable);
+    /* A failure rolls back as in mso_db_tx, and puts the setting back too. */
+    exec_ok(db, "DELETE FROM msoauth_test");
+    memset(&l, 0, sizeof(l));
+    l.plan.refuse = APR_EBUSY;
+    ck_assert_int_eq(mso_db_tx_lazy(db, pool, NULL, lazy_rows, &l, &err), APR_EBUSY);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 0);
+    ck_assert_str_eq(commit_wait(db), durable);
+}
+END_TEST
+
+START_TEST(sqlite_lazy_tx_needs_wal)
+{
+    mso_db_t *db = test_db(BACKEND_SQLITE);
+    const char *err = NULL;
+    lazy_t l;
+
+    /* A rollback journal: NORMAL could corrupt the file at a power cut, so
+     * the commit keeps waiting. */
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(mso_db_tx_lazy(db, pool, NULL, lazy_rows, &l, &err), APR_SUCCESS);
+    ck_assert_str_eq(l.inside, "2");
+    ck_assert_str_eq(commit_wait(db), "2");
+}
+END_TEST
+
 /* ---- what a connection keeps --------------------------------------------- */
 
 /* Prepared statements the SQLite connection holds (the driver frees them
@@ -690,11 +766,13 @@ static void add_tests(TCase *tc, int backend)
     ADD_BOTH(tc, binder_refuses_mistakes, backend);
     ADD_BOTH(tc, binder_blobs, backend);
     ADD_BOTH(tc, tx_commits_or_rolls_back, backend);
+    ADD_BOTH(tc, lazy_tx_commits_without_waiting, backend);
     ADD_BOTH(tc, spent_state_replays_keep_the_connection_small, backend);
     ADD_BOTH(tc, failing_calls_keep_the_connection_small, backend);
     ADD_BOTH(tc, wrap_reuses_wrapper, backend);
     if (backend == BACKEND_SQLITE) {
         tcase_add_test(tc, sqlite_stale_statement);
+        tcase_add_test(tc, sqlite_lazy_tx_needs_wal);
     }
     else {
         tcase_add_test(tc, pgsql_named_statements);
