@@ -33,18 +33,20 @@
  *    prepared, in the connection's pool, until the connection closes, so
  *    preparing again on every failure grew the connection by one statement
  *    per failed run.
- *  - sqlite3, per connection: busy_timeout, so a writer waits for another
- *    process's write lock instead of failing at once, and foreign_keys, which
- *    SQLite enforces (ON DELETE CASCADE) only when each connection asks.
+ *  - sqlite3, per connection: a short busy_timeout (see SQLITE_BUSY_MS), so
+ *    a writer waits for another connection's write lock instead of failing
+ *    at once without holding up the rest of the process, and foreign_keys,
+ *    which SQLite enforces (ON DELETE CASCADE) only when each connection
+ *    asks.
  *
  * Transactions. Raw BEGIN/COMMIT/ROLLBACK through apr_dbd_query rather than
  * apr_dbd_transaction_start/end: the sqlite3 driver's start issues a deferred
  * "BEGIN TRANSACTION", and two writers that each read first then deadlock on
  * the upgrade (SQLite answers SQLITE_BUSY at once instead of waiting); BEGIN
- * IMMEDIATE takes the write lock up front and waits through busy_timeout. In
- * the drivers' transaction mode a failed statement also makes every later one
- * silently return the old error, which would hide the real message. Here each
- * statement is checked as it runs and the first failure rolls back.
+ * IMMEDIATE takes the write lock up front and waits for it (SQLITE_WRITE_WAIT).
+ * In the drivers' transaction mode a failed statement also makes every later
+ * one silently return the old error, which would hide the real message. Here
+ * each statement is checked as it runs and the first failure rolls back.
  *
  * Memory. The connection's pool (mod_dbd's, alive as long as the connection)
  * holds the wrapper and one cache entry per statement used, nothing per run:
@@ -64,11 +66,21 @@
 #include "mso_db.h"
 #include "mso_log.h"
 
-/* SQLite waits this long (ms) for another process's write lock. */
-#define SQLITE_BUSY_MS "10000"
+/* How long (ms) one SQLite call waits inside SQLite for another
+ * connection's write lock. Short on purpose: the sqlite3 driver runs every
+ * call under one mutex for the whole process (apr_dbd_mutex_lock), so while
+ * a call waits there, every other thread of the process waits for that
+ * mutex -- the writer holding the lock included, which then cannot commit.
+ * With 10 s here, two threads of one process writing at once stalled both
+ * for the full 10 s. Past this wait the driver releases its mutex, sleeps
+ * 100 ms and tries again (16 times); BEGIN IMMEDIATE goes on up to
+ * SQLITE_WRITE_WAIT. */
+#define SQLITE_BUSY_MS "100"
+#define SQLITE_WRITE_WAIT apr_time_from_sec(10)
 
-/* The sqlite3 driver returns sqlite3_step's code: SQLITE_ERROR. */
+/* The sqlite3 driver returns sqlite3_step's code: SQLITE_ERROR, SQLITE_BUSY. */
 #define SQLITE_ERROR_RC 1
+#define SQLITE_BUSY_RC 5
 
 enum { T_TEXT = 1, T_INT = 2, T_BLOB = 3 };
 
@@ -1011,6 +1023,14 @@ static apr_status_t tx_do(mso_db_t *db, apr_pool_t *p, const char *about, int la
         }
     }
     rc = raw(db, db->kind == MSO_DB_SQLITE ? "BEGIN IMMEDIATE" : "BEGIN");
+    if (rc == SQLITE_BUSY_RC && db->kind == MSO_DB_SQLITE) {
+        apr_time_t until = apr_time_now() + SQLITE_WRITE_WAIT;
+
+        while (rc == SQLITE_BUSY_RC && apr_time_now() < until) {
+            apr_sleep(apr_time_from_msec(10));
+            rc = raw(db, "BEGIN IMMEDIATE");
+        }
+    }
     if (rc != 0) {
         rv = tx_failed(&tx, rc, "start a transaction");
         goto leave;

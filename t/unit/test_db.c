@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include <apr_strings.h>
+#include <apr_thread_proc.h>
 
 #include "mso_flows_used.h"
 
@@ -367,6 +368,95 @@ START_TEST(sqlite_lazy_tx_needs_wal)
 }
 END_TEST
 
+/* Two writers in one process, each on its own SQLite connection: the
+ * sqlite3 driver runs every call under one process-wide mutex, so a call
+ * waiting inside SQLite for the write lock must not wait long there, or the
+ * thread holding the lock cannot run its next statement. */
+typedef struct {
+    mso_db_t *db;
+    volatile int held;              /* the first writer holds the write lock */
+    apr_interval_time_t second_put; /* how long its next statement took */
+    apr_status_t rv;                /* the waiting writer's transaction */
+    const char *err;
+} writers_t;
+
+static apr_status_t hold_and_put(mso_tx_t *tx, void *baton)
+{
+    writers_t *w = baton;
+    mso_args_t *a = mso_tx_args(tx, &ST_PUT);
+    apr_time_t t0;
+    apr_status_t rv;
+
+    mso_arg_int(a, "id", 1);
+    mso_arg_text(a, "name", "first");
+    mso_arg_int(a, "n", 1);
+    if (!MSO_OK(mso_tx_exec(tx, a, NULL))) {
+        return rv;
+    }
+    __atomic_store_n(&w->held, 1, __ATOMIC_SEQ_CST);
+    apr_sleep(apr_time_from_msec(300));     /* the other writer is waiting now */
+    t0 = apr_time_now();
+    mso_arg_int(a, "id", 2);
+    rv = mso_tx_exec(tx, a, NULL);
+    w->second_put = apr_time_now() - t0;
+    return rv;
+}
+
+static apr_status_t put_three(mso_tx_t *tx, void *baton)
+{
+    mso_args_t *a = mso_tx_args(tx, &ST_PUT);
+
+    (void)baton;
+    mso_arg_int(a, "id", 3);
+    mso_arg_text(a, "name", "second");
+    mso_arg_int(a, "n", 3);
+    return mso_tx_exec(tx, a, NULL);
+}
+
+static void *APR_THREAD_FUNC second_writer(apr_thread_t *t, void *data)
+{
+    writers_t *w = data;
+    apr_pool_t *p;
+
+    (void)t;
+    while (!__atomic_load_n(&w->held, __ATOMIC_SEQ_CST)) {
+        apr_sleep(apr_time_from_msec(1));
+    }
+    apr_pool_create(&p, NULL);
+    w->rv = mso_db_tx(w->db, p, NULL, put_three, NULL, &w->err);
+    w->err = w->err ? strdup(w->err) : NULL;
+    apr_pool_destroy(p);
+    return NULL;
+}
+
+START_TEST(sqlite_writers_in_one_process)
+{
+    mso_db_t *db = test_db(BACKEND_SQLITE);
+    const char *mode = NULL, *err = NULL;
+    apr_pool_t *p2;
+    apr_thread_t *t;
+    apr_status_t trv;
+    writers_t w;
+
+    ck_assert_int_eq(mso_db_pragma(db, pool, "PRAGMA journal_mode = WAL", &mode, &err),
+                     APR_SUCCESS);
+    memset(&w, 0, sizeof(w));
+    apr_pool_create(&p2, NULL);
+    w.db = connect_db(BACKEND_SQLITE, p2);      /* the same file, another connection */
+    ck_assert_int_eq(apr_thread_create(&t, NULL, second_writer, &w, pool), APR_SUCCESS);
+    ck_assert_int_eq(mso_db_tx(db, pool, NULL, hold_and_put, &w, &err), APR_SUCCESS);
+    apr_thread_join(&trv, t);
+    /* It took the full busy timeout (10 s) when SQLite waited under the
+     * driver's mutex. */
+    ck_assert_msg(w.second_put < apr_time_from_sec(2), "the lock holder's next statement "
+                  "waited %ld ms for the other writer", (long)(w.second_put / 1000));
+    ck_assert_msg(w.rv == APR_SUCCESS, "the waiting writer failed: %s", w.err ? w.err : "");
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 3);
+    free((void *)w.err);
+    apr_pool_destroy(p2);                       /* closes the second connection */
+}
+END_TEST
+
 /* ---- what a connection keeps --------------------------------------------- */
 
 /* Prepared statements the SQLite connection holds (the driver frees them
@@ -576,7 +666,7 @@ START_TEST(wrap_reuses_wrapper)
     migrate_ok(again);
     if (_i == BACKEND_SQLITE) {
         ck_assert_int_eq(num(db, "PRAGMA foreign_keys"), 1);
-        ck_assert_int_eq(num(db, "PRAGMA busy_timeout"), 10000);
+        ck_assert_int_eq(num(db, "PRAGMA busy_timeout"), 100);
         ck_assert_str_eq(text_of(db, "PRAGMA journal_mode"), "wal");
     }
 }
@@ -773,6 +863,7 @@ static void add_tests(TCase *tc, int backend)
     if (backend == BACKEND_SQLITE) {
         tcase_add_test(tc, sqlite_stale_statement);
         tcase_add_test(tc, sqlite_lazy_tx_needs_wal);
+        tcase_add_test(tc, sqlite_writers_in_one_process);
     }
     else {
         tcase_add_test(tc, pgsql_named_statements);
