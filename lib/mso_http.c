@@ -118,12 +118,13 @@ static void thread_handle_forked(thread_handle_t *t)
 }
 
 /* The thread's handle, or a new one when a call on this thread holds it
- * already (a sink that makes a call of its own). *kept says which. */
-static CURL *thread_handle_take(int *kept)
+ * already (a sink that makes a call of its own). *kept_by: the thread's slot
+ * when it is the thread's handle, else NULL. */
+static CURL *thread_handle_take(thread_handle_t **kept_by)
 {
     thread_handle_t *t = thread_handle_get(1);
 
-    *kept = 0;
+    *kept_by = NULL;
     if (!t) {
         return curl_easy_init();
     }
@@ -138,23 +139,8 @@ static CURL *thread_handle_take(int *kept)
         t->pid = getpid();
     }
     t->busy = 1;
-    *kept = 1;
+    *kept_by = t;
     return t->h;
-}
-
-/* The call is over: options back to defaults (they point into the call's
- * pool), connections and caches kept. */
-static void thread_handle_give_back(CURL *h)
-{
-    thread_handle_t *t = thread_handle_get(0);
-
-    curl_easy_reset(h);
-    if (t && t->h == h) {
-        t->busy = 0;
-    }
-    else {
-        curl_easy_cleanup(h);
-    }
 }
 
 void mso_http_thread_done(void)
@@ -337,7 +323,7 @@ struct mso_http_call_t {
     struct curl_slist *slist;
     CURL *h;
     int blocking;                   /* mso_http_request / get_stream */
-    int kept;                       /* h is the thread's own (thread_handle_take) */
+    thread_handle_t *kept_by;       /* h is this thread's own (thread_handle_take) */
     char errbuf[CURL_ERROR_SIZE];
     apr_time_t start;
     /* multi only */
@@ -637,7 +623,7 @@ static apr_status_t call_setup(mso_http_call_t *c, const mso_http_opts_t *o,
     }
     c->slist = tmp;
 
-    h = c->h = c->blocking && o->keep_connection ? thread_handle_take(&c->kept)
+    h = c->h = c->blocking && o->keep_connection ? thread_handle_take(&c->kept_by)
                                                  : curl_easy_init();
     if (!h) {
         curl_slist_free_all(c->slist);
@@ -724,8 +710,12 @@ nomem:
 /* Frees the handle without looking at the outcome (cancelled requests). */
 static void call_release(mso_http_call_t *c)
 {
-    if (c->h && c->kept) {
-        thread_handle_give_back(c->h);
+    if (c->h && c->kept_by) {
+        /* Options back to defaults (they point into the call's pool);
+         * connections and caches stay for the thread's next call. */
+        curl_easy_reset(c->h);
+        c->kept_by->busy = 0;
+        c->kept_by = NULL;
         c->h = NULL;
     }
     else if (c->h) {
