@@ -73,8 +73,8 @@
  * mutex -- the writer holding the lock included, which then cannot commit.
  * With 10 s here, two threads of one process writing at once stalled both
  * for the full 10 s. Past this wait the driver releases its mutex, sleeps
- * 100 ms and tries again (16 times); BEGIN IMMEDIATE goes on up to
- * SQLITE_WRITE_WAIT. */
+ * 100 ms and tries again (16 times); BEGIN IMMEDIATE, and a statement
+ * outside a transaction, go on up to SQLITE_WRITE_WAIT. */
 #define SQLITE_BUSY_MS "100"
 #define SQLITE_WRITE_WAIT apr_time_from_sec(10)
 
@@ -629,6 +629,8 @@ static apr_status_t run(mso_args_t *a, apr_pool_t *pool, int *nrows, mso_rows_t 
     apr_dbd_results_t *res = NULL;
     const void **vals;
     int i, k, rc = 0, n = 0, attempt;
+    int wait_lock = db->kind == MSO_DB_SQLITE && !priv(db)->in_tx;
+    apr_time_t until = wait_lock ? apr_time_now() + SQLITE_WRITE_WAIT : 0;
 
     memset(f, 0, sizeof(*f));
     if (nrows) {
@@ -661,6 +663,7 @@ static apr_status_t run(mso_args_t *a, apr_pool_t *pool, int *nrows, mso_rows_t 
     if (f->bug) {
         return f->rv = APR_EINVAL;
     }
+again:
     for (attempt = 0; attempt < 2; attempt++) {
         if (!e->prepared) {
             rc = apr_dbd_prepare(db->driver, db->pool, db->handle, e->sql,
@@ -688,6 +691,16 @@ static apr_status_t run(mso_args_t *a, apr_pool_t *pool, int *nrows, mso_rows_t 
         if (!may_run_again(db)) {
             break;
         }
+    }
+    if (rc == SQLITE_BUSY_RC && wait_lock && apr_time_now() < until) {
+        /* Outside a transaction, the driver gives up on another
+         * connection's write lock after its own retries (about 3 s); a
+         * writer in a transaction waits SQLITE_WRITE_WAIT in BEGIN
+         * IMMEDIATE, and so does this one: another process storing batch
+         * after batch (attachments) leaves the lock free only for moments.
+         * Nothing was changed, so running it again is safe. */
+        apr_sleep(apr_time_from_msec(10));
+        goto again;
     }
     if (rc != 0) {
         f->rc = rc;

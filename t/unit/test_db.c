@@ -457,6 +457,88 @@ START_TEST(sqlite_writers_in_one_process)
 }
 END_TEST
 
+/* A write outside a transaction while another connection holds the write
+ * lock longer than the driver's own retries last (about 3 s): it waits, as
+ * a transaction's BEGIN IMMEDIATE does, instead of failing with "database
+ * is locked" (a node's health row and counters were lost so while another
+ * process stored attachments). */
+typedef struct {
+    mso_db_t *db;
+    volatile int held;
+    apr_interval_time_t waited;
+    apr_status_t rv;
+    const char *err;
+} late_writer_t;
+
+static apr_status_t hold_four_seconds(mso_tx_t *tx, void *baton)
+{
+    late_writer_t *w = baton;
+    mso_args_t *a = mso_tx_args(tx, &ST_PUT);
+    apr_status_t rv;
+
+    mso_arg_int(a, "id", 1);
+    mso_arg_text(a, "name", "holder");
+    mso_arg_int(a, "n", 1);
+    if (!MSO_OK(mso_tx_exec(tx, a, NULL))) {
+        return rv;
+    }
+    __atomic_store_n(&w->held, 1, __ATOMIC_SEQ_CST);
+    apr_sleep(apr_time_from_sec(4));
+    return APR_SUCCESS;
+}
+
+static void *APR_THREAD_FUNC autocommit_writer(apr_thread_t *t, void *data)
+{
+    late_writer_t *w = data;
+    apr_pool_t *p;
+    apr_time_t t0;
+    mso_args_t *a;
+
+    (void)t;
+    while (!__atomic_load_n(&w->held, __ATOMIC_SEQ_CST)) {
+        apr_sleep(apr_time_from_msec(1));
+    }
+    apr_pool_create(&p, NULL);
+    t0 = apr_time_now();
+    a = mso_args(w->db, p, &ST_PUT);
+    mso_arg_int(a, "id", 2);
+    mso_arg_text(a, "name", "late");
+    mso_arg_int(a, "n", 2);
+    w->rv = mso_exec(a, NULL, &w->err);
+    w->waited = apr_time_now() - t0;
+    w->err = w->err ? strdup(w->err) : NULL;
+    apr_pool_destroy(p);
+    return NULL;
+}
+
+START_TEST(sqlite_autocommit_write_waits_for_the_lock)
+{
+    mso_db_t *db = test_db(BACKEND_SQLITE);
+    const char *mode = NULL, *err = NULL;
+    apr_pool_t *p2;
+    apr_thread_t *t;
+    apr_status_t trv;
+    late_writer_t w;
+
+    ck_assert_int_eq(mso_db_pragma(db, pool, "PRAGMA journal_mode = WAL", &mode, &err),
+                     APR_SUCCESS);
+    memset(&w, 0, sizeof(w));
+    apr_pool_create(&p2, NULL);
+    w.db = connect_db(BACKEND_SQLITE, p2);
+    ck_assert_int_eq(apr_thread_create(&t, NULL, autocommit_writer, &w, pool), APR_SUCCESS);
+    ck_assert_int_eq(mso_db_tx(db, pool, NULL, hold_four_seconds, &w, &err), APR_SUCCESS);
+    apr_thread_join(&trv, t);
+    ck_assert_msg(w.rv == APR_SUCCESS, "the write failed after %ld ms: %s",
+                  (long)(w.waited / 1000), w.err ? w.err : "");
+    /* It did wait for the holder's commit. */
+    ck_assert_msg(w.waited > apr_time_from_msec(3500), "the write took only %ld ms",
+                  (long)(w.waited / 1000));
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 2);
+    free((void *)w.err);
+    apr_pool_destroy(p2);
+}
+END_TEST
+
 /* ---- what a connection keeps --------------------------------------------- */
 
 /* Prepared statements the SQLite connection holds (the driver frees them
@@ -864,6 +946,7 @@ static void add_tests(TCase *tc, int backend)
         tcase_add_test(tc, sqlite_stale_statement);
         tcase_add_test(tc, sqlite_lazy_tx_needs_wal);
         tcase_add_test(tc, sqlite_writers_in_one_process);
+        tcase_add_test(tc, sqlite_autocommit_write_waits_for_the_lock);
     }
     else {
         tcase_add_test(tc, pgsql_named_statements);
