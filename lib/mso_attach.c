@@ -351,7 +351,8 @@ apr_status_t mso_attach_store_list(mso_db_t *db, apr_pool_t *p, const char *owne
     l.atts = atts;
     l.cap = cap;
     l.now = now;
-    rv = mso_db_tx(db, p, NULL, store_list_tx, &l, err);
+    /* Undone by a crash, the list is due again and read again from Graph. */
+    rv = mso_db_tx_lazy(db, p, NULL, store_list_tx, &l, err);
     *stale = rv == APR_SUCCESS && l.stale;
     return rv;
 }
@@ -500,7 +501,8 @@ apr_status_t mso_attach_store_contents(mso_db_t *db, apr_pool_t *p, const char *
     x.c = c;
     x.n = n;
     x.now = now;
-    rv = mso_db_tx(db, p, NULL, contents_tx, &x, err);
+    /* Undone by a crash, the contents are pending again and downloaded again. */
+    rv = mso_db_tx_lazy(db, p, NULL, contents_tx, &x, err);
     for (i = 0; i < n; i++) {
         c[i].stored = rv == APR_SUCCESS && c[i].stored > 0;
     }

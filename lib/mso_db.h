@@ -157,7 +157,9 @@ apr_status_t mso_db_tx(mso_db_t *db, apr_pool_t *p, const char *about, mso_tx_fn
  * NORMAL for this transaction; PostgreSQL: synchronous_commit off). A crash
  * or power cut may undo it, and nothing else: the database stays whole, and
  * the next durable commit on the database makes it durable too. Only for
- * writes whose loss is harmless (a spent sign-in state); never for tokens. */
+ * writes whose loss is harmless (a spent sign-in state) or that are made
+ * again (mirrored mail with its cursor, attachments); never for tokens or
+ * an application's queued work. */
 apr_status_t mso_db_tx_lazy(mso_db_t *db, apr_pool_t *p, const char *about, mso_tx_fn *fn,
                             void *baton, const char **err);
 
