@@ -86,7 +86,8 @@ class Sim:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(workdir / "sim.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(REPO / "t" / "sim" / "mssim.py"),
-                                      "--port", str(self.port), "--latency-ms", str(latency_ms)],
+                                      "--port", str(self.port), "--latency-ms", str(latency_ms),
+                                      "--log-max", "100000"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.port, proc=self.proc)
         self.local = threading.local()

@@ -241,7 +241,12 @@ class Bench:
         if t_last is None:
             print(f"WARNING: only {n}/{total} rows after {self.args.ingest_timeout:.0f}s")
             t_last = t_conv
-        log = self.sim.call("GET", "/_sim/log")["requests"]
+        got = self.sim.call("GET", "/_sim/log")
+        log = got["requests"]
+        if got.get("dropped"):
+            # The profile below would count the lost start of the window as a pause.
+            print(f"WARNING: the simulator's log dropped its {got['dropped']} oldest entries "
+                  "(--log-max): the in-flight figures cover only the end of the window")
         delta = [e for e in log if e.get("kind") == "graph_delta"]
         prof = busy_profile(delta, t_first or t_inserted, t_last)
         # Attachment lists (messages with hasAttachments) share the mailboxes'

@@ -967,6 +967,8 @@ class Sim:
             self.policy_sets = {}   # policy id -> set of mailbox oids (derived)
             self.inflight = {}      # (client_id, oid) -> in-flight Graph requests
             self.log = []
+            self.log_max = 5000     # entries kept (--log-max); older ones are dropped
+            self.log_dropped = 0
             self.counters = {"calls": {}, "token_grants": {}, "aad_errors": {},
                              "refresh_tokens_issued": 0, "access_tokens_issued": 0,
                              "codes_issued": 0, "graph_writes": {}, "graph_writes_total": 0,
@@ -3812,13 +3814,16 @@ def ctl_counters(sim, req):
 @route("GET", r"/_sim/log", "control")
 def ctl_log(sim, req):
     with sim.lock:
-        return json_response(200, {"requests": list(sim.log)})
+        # "dropped": entries that fell out (--log-max) since the last clear, so a
+        # reader can tell a complete log from the tail of one.
+        return json_response(200, {"requests": list(sim.log), "dropped": sim.log_dropped})
 
 
 @route("DELETE", r"/_sim/log", "control")
 def ctl_clear_log(sim, req):
     with sim.lock:
         sim.log.clear()
+        sim.log_dropped = 0
     return Response(204)
 
 
@@ -4532,7 +4537,9 @@ class Handler(BaseHTTPRequestHandler):
                 if req.header("Origin"):
                     entry["origin"] = req.header("Origin")
                 sim.log.append(entry)
-                del sim.log[:-5000]
+                if len(sim.log) > sim.log_max:
+                    sim.log_dropped += len(sim.log) - sim.log_max
+                    del sim.log[:-sim.log_max]
 
     def send(self, resp):
         """Status line, headers and body in one write (one TCP segment train, no Nagle stall)."""
@@ -4588,6 +4595,8 @@ def main(argv=None):
     ap.add_argument("--demo", action="store_true",
                     help="seed the default mailboxes and print the default app's credentials")
     ap.add_argument("--verbose", action="store_true", help="log each request to stderr")
+    ap.add_argument("--log-max", type=int, default=5000,
+                    help="requests kept in /_sim/log (older ones are dropped and counted)")
     args = ap.parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost"):
         ap.error("mssim listens on loopback only: --host 127.0.0.1")
@@ -4596,6 +4605,7 @@ def main(argv=None):
     port = httpd.server_address[1]
     base = f"http://127.0.0.1:{port}"
     httpd.sim = Sim(base, args.state_file, args.latency_ms, args.demo)
+    httpd.sim.log_max = max(args.log_max, 1)
     httpd.verbose = args.verbose
     if args.state_file:
         threading.Thread(target=save_loop, args=(httpd.sim,), daemon=True).start()
