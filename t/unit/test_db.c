@@ -749,6 +749,7 @@ START_TEST(wrap_reuses_wrapper)
     if (_i == BACKEND_SQLITE) {
         ck_assert_int_eq(num(db, "PRAGMA foreign_keys"), 1);
         ck_assert_int_eq(num(db, "PRAGMA busy_timeout"), 100);
+        ck_assert_int_eq(num(db, "PRAGMA wal_autocheckpoint"), 8192);
         ck_assert_str_eq(text_of(db, "PRAGMA journal_mode"), "wal");
     }
 }
