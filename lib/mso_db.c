@@ -79,6 +79,18 @@
 #define SQLITE_BUSY_MS "100"
 #define SQLITE_WRITE_WAIT apr_time_from_sec(10)
 
+/* SQLite gives its write lock to whichever writer asks at the right moment;
+ * there is no queue. A connection that begins a transaction right after
+ * its last one (the job storing attachments batch after batch, or pages)
+ * could keep another process's writer out past SQLITE_WRITE_WAIT: that
+ * writer tries at most every 125 ms or so (SQLite's busy handler, then the
+ * driver's sleep). So such a run of transactions pauses for SQLITE_YIELD,
+ * longer than that gap, every SQLITE_YIELD_EVERY: the waiter gets its turn
+ * for about 5% of the run's speed. */
+#define SQLITE_BACK_TO_BACK apr_time_from_msec(5)
+#define SQLITE_YIELD apr_time_from_msec(150)
+#define SQLITE_YIELD_EVERY apr_time_from_sec(3)
+
 /* Write-ahead log pages between automatic checkpoints (SQLite's default is
  * 1,000, 4 MB). The mirror rewrites the same index pages page after page;
  * a checkpoint copies each changed page once, so a longer log copies less
@@ -152,6 +164,8 @@ typedef struct {
     apr_uint32_t prepares;  /* prepares so far, for pgsql labels */
     int unnamed;            /* pgsql: the server lost a named statement; no labels */
     char sync_level;        /* sqlite: PRAGMA synchronous as found ('0'-'3'); 0: not read */
+    apr_time_t tx_ended;    /* sqlite: when its last transaction let the lock go */
+    apr_time_t run_since;   /* ... and since when it has begun one right after another */
 } db_priv_t;
 
 /* Wrappers made by this process, for pgsql labels. */
@@ -1044,6 +1058,17 @@ static apr_status_t tx_do(mso_db_t *db, apr_pool_t *p, const char *about, int la
             restore = "";
         }
     }
+    if (db->kind == MSO_DB_SQLITE) {
+        apr_time_t now = apr_time_now();
+
+        if (!d->tx_ended || now - d->tx_ended > SQLITE_BACK_TO_BACK) {
+            d->run_since = now;
+        }
+        else if (now - d->run_since > SQLITE_YIELD_EVERY) {
+            apr_sleep(SQLITE_YIELD);
+            d->run_since = apr_time_now();
+        }
+    }
     rc = raw(db, db->kind == MSO_DB_SQLITE ? "BEGIN IMMEDIATE" : "BEGIN");
     if (rc == SQLITE_BUSY_RC && db->kind == MSO_DB_SQLITE) {
         apr_time_t until = apr_time_now() + SQLITE_WRITE_WAIT;
@@ -1081,6 +1106,7 @@ static apr_status_t tx_do(mso_db_t *db, apr_pool_t *p, const char *about, int la
         }
     }
     d->in_tx = 0;
+    d->tx_ended = apr_time_now();
 
 leave:
     if (*restore && raw(db, restore) != 0) {

@@ -7,6 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <apr_strings.h>
 #include <apr_thread_proc.h>
 
@@ -539,6 +542,77 @@ START_TEST(sqlite_autocommit_write_waits_for_the_lock)
 }
 END_TEST
 
+/* Another process begins a transaction right after each commit, holding
+ * the lock 20 ms each time, for 8 s: a writer here still gets its turn
+ * well inside its 10 s wait (SQLite has no queue; the other run of
+ * transactions pauses now and then). */
+static apr_status_t hold_twenty_ms(mso_tx_t *tx, void *baton)
+{
+    mso_args_t *a = mso_tx_args(tx, &ST_PUT);
+    int *k = baton;
+
+    mso_arg_int(a, "id", 100 + (*k)++);
+    mso_arg_text(a, "name", "busy");
+    mso_arg_int(a, "n", 0);
+    apr_sleep(apr_time_from_msec(20));
+    return mso_tx_exec(tx, a, NULL);
+}
+
+START_TEST(sqlite_back_to_back_writer_lets_others_in)
+{
+    mso_db_t *db = test_db(BACKEND_SQLITE);
+    const char *mode = NULL, *err = NULL;
+    mso_args_t *a;
+    apr_time_t t0;
+    apr_status_t rv;
+    int ready[2], status = 0;
+    pid_t pid;
+    char c;
+
+    ck_assert_int_eq(mso_db_pragma(db, pool, "PRAGMA journal_mode = WAL", &mode, &err),
+                     APR_SUCCESS);
+    ck_assert_int_eq(pipe(ready), 0);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        apr_pool_t *p;
+        mso_db_t *other;
+        apr_time_t until;
+        int k = 0;
+
+        apr_pool_create(&p, NULL);
+        other = connect_db(BACKEND_SQLITE, p);
+        until = apr_time_now() + apr_time_from_sec(8);
+        while (apr_time_now() < until) {
+            if (mso_db_tx(other, p, NULL, hold_twenty_ms, &k, NULL) != APR_SUCCESS) {
+                _exit(2);
+            }
+            if (k == 1 && write(ready[1], "x", 1) != 1) {
+                _exit(3);
+            }
+        }
+        _exit(0);
+    }
+    close(ready[1]);
+    ck_assert_int_eq(read(ready[0], &c, 1), 1);
+    close(ready[0]);
+    apr_sleep(apr_time_from_msec(100));
+    t0 = apr_time_now();
+    a = mso_args(db, pool, &ST_PUT);
+    mso_arg_int(a, "id", 1);
+    mso_arg_text(a, "name", "waiting");
+    mso_arg_int(a, "n", 1);
+    rv = mso_exec(a, NULL, &err);
+    t0 = apr_time_now() - t0;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(rv == APR_SUCCESS, "the write failed after %ld ms: %s",
+                  (long)(t0 / 1000), err ? err : "");
+    ck_assert_msg(t0 < apr_time_from_sec(5), "the write waited %ld ms", (long)(t0 / 1000));
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "the busy process failed (status %d)", status);
+}
+END_TEST
+
 /* ---- what a connection keeps --------------------------------------------- */
 
 /* Prepared statements the SQLite connection holds (the driver frees them
@@ -948,6 +1022,7 @@ static void add_tests(TCase *tc, int backend)
         tcase_add_test(tc, sqlite_lazy_tx_needs_wal);
         tcase_add_test(tc, sqlite_writers_in_one_process);
         tcase_add_test(tc, sqlite_autocommit_write_waits_for_the_lock);
+        tcase_add_test(tc, sqlite_back_to_back_writer_lets_others_in);
     }
     else {
         tcase_add_test(tc, pgsql_named_statements);
