@@ -371,15 +371,16 @@ START_TEST(sqlite_lazy_tx_needs_wal)
 }
 END_TEST
 
-/* Two writers in one process, each on its own SQLite connection: the
- * sqlite3 driver runs every call under one process-wide mutex, so a call
- * waiting inside SQLite for the write lock must not wait long there, or the
- * thread holding the lock cannot run its next statement. */
+/* Two writers on two SQLite connections of one process: the first holds
+ * the write lock (hold), the second waits for it on a thread of its own,
+ * in a transaction or, with autocommit, as one statement outside one. */
 typedef struct {
     mso_db_t *db;
     volatile int held;              /* the first writer holds the write lock */
     apr_interval_time_t second_put; /* how long its next statement took */
-    apr_status_t rv;                /* the waiting writer's transaction */
+    int autocommit;                 /* the waiting writer runs one statement alone */
+    apr_interval_time_t waited;     /* how long the waiting writer took */
+    apr_status_t rv;                /* the waiting writer's outcome */
     const char *err;
 } writers_t;
 
@@ -420,35 +421,60 @@ static void *APR_THREAD_FUNC second_writer(apr_thread_t *t, void *data)
 {
     writers_t *w = data;
     apr_pool_t *p;
+    apr_time_t t0;
 
     (void)t;
     while (!__atomic_load_n(&w->held, __ATOMIC_SEQ_CST)) {
         apr_sleep(apr_time_from_msec(1));
     }
     apr_pool_create(&p, NULL);
-    w->rv = mso_db_tx(w->db, p, NULL, put_three, NULL, &w->err);
+    t0 = apr_time_now();
+    if (w->autocommit) {
+        mso_args_t *a = mso_args(w->db, p, &ST_PUT);
+
+        mso_arg_int(a, "id", 2);
+        mso_arg_text(a, "name", "late");
+        mso_arg_int(a, "n", 2);
+        w->rv = mso_exec(a, NULL, &w->err);
+    }
+    else {
+        w->rv = mso_db_tx(w->db, p, NULL, put_three, NULL, &w->err);
+    }
+    w->waited = apr_time_now() - t0;
     w->err = w->err ? strdup(w->err) : NULL;
     apr_pool_destroy(p);
     return NULL;
 }
 
-START_TEST(sqlite_writers_in_one_process)
+/* Runs hold on db (in WAL mode) while the second writer waits on another
+ * connection to the same file; w->err is the caller's to free. */
+static void two_writers(mso_db_t *db, writers_t *w, mso_tx_fn *hold)
 {
-    mso_db_t *db = test_db(BACKEND_SQLITE);
     const char *mode = NULL, *err = NULL;
     apr_pool_t *p2;
     apr_thread_t *t;
     apr_status_t trv;
-    writers_t w;
 
     ck_assert_int_eq(mso_db_pragma(db, pool, "PRAGMA journal_mode = WAL", &mode, &err),
                      APR_SUCCESS);
-    memset(&w, 0, sizeof(w));
     apr_pool_create(&p2, NULL);
-    w.db = connect_db(BACKEND_SQLITE, p2);      /* the same file, another connection */
-    ck_assert_int_eq(apr_thread_create(&t, NULL, second_writer, &w, pool), APR_SUCCESS);
-    ck_assert_int_eq(mso_db_tx(db, pool, NULL, hold_and_put, &w, &err), APR_SUCCESS);
+    w->db = connect_db(BACKEND_SQLITE, p2);
+    ck_assert_int_eq(apr_thread_create(&t, NULL, second_writer, w, pool), APR_SUCCESS);
+    ck_assert_int_eq(mso_db_tx(db, pool, NULL, hold, w, &err), APR_SUCCESS);
     apr_thread_join(&trv, t);
+    apr_pool_destroy(p2);                       /* closes the second connection */
+}
+
+/* The sqlite3 driver runs every call under one process-wide mutex, so a
+ * call waiting inside SQLite for the write lock must not wait long there,
+ * or the thread holding the lock cannot run its next statement. */
+START_TEST(sqlite_writers_in_one_process)
+{
+    mso_db_t *db = test_db(BACKEND_SQLITE);
+    writers_t w;
+
+    memset(&w, 0, sizeof(w));
+    two_writers(db, &w, hold_and_put);
     /* It took the full busy timeout (10 s) when SQLite waited under the
      * driver's mutex. */
     ck_assert_msg(w.second_put < apr_time_from_sec(2), "the lock holder's next statement "
@@ -456,26 +482,17 @@ START_TEST(sqlite_writers_in_one_process)
     ck_assert_msg(w.rv == APR_SUCCESS, "the waiting writer failed: %s", w.err ? w.err : "");
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 3);
     free((void *)w.err);
-    apr_pool_destroy(p2);                       /* closes the second connection */
 }
 END_TEST
 
 /* A write outside a transaction while another connection holds the write
  * lock longer than the driver's own retries last (about 3 s): it waits, as
  * a transaction's BEGIN IMMEDIATE does, instead of failing with "database
- * is locked" (a node's health row and counters were lost so while another
- * process stored attachments). */
-typedef struct {
-    mso_db_t *db;
-    volatile int held;
-    apr_interval_time_t waited;
-    apr_status_t rv;
-    const char *err;
-} late_writer_t;
-
+ * is locked" (the job's health row was lost so during an attachment
+ * benchmark). */
 static apr_status_t hold_four_seconds(mso_tx_t *tx, void *baton)
 {
-    late_writer_t *w = baton;
+    writers_t *w = baton;
     mso_args_t *a = mso_tx_args(tx, &ST_PUT);
     apr_status_t rv;
 
@@ -490,47 +507,14 @@ static apr_status_t hold_four_seconds(mso_tx_t *tx, void *baton)
     return APR_SUCCESS;
 }
 
-static void *APR_THREAD_FUNC autocommit_writer(apr_thread_t *t, void *data)
-{
-    late_writer_t *w = data;
-    apr_pool_t *p;
-    apr_time_t t0;
-    mso_args_t *a;
-
-    (void)t;
-    while (!__atomic_load_n(&w->held, __ATOMIC_SEQ_CST)) {
-        apr_sleep(apr_time_from_msec(1));
-    }
-    apr_pool_create(&p, NULL);
-    t0 = apr_time_now();
-    a = mso_args(w->db, p, &ST_PUT);
-    mso_arg_int(a, "id", 2);
-    mso_arg_text(a, "name", "late");
-    mso_arg_int(a, "n", 2);
-    w->rv = mso_exec(a, NULL, &w->err);
-    w->waited = apr_time_now() - t0;
-    w->err = w->err ? strdup(w->err) : NULL;
-    apr_pool_destroy(p);
-    return NULL;
-}
-
 START_TEST(sqlite_autocommit_write_waits_for_the_lock)
 {
     mso_db_t *db = test_db(BACKEND_SQLITE);
-    const char *mode = NULL, *err = NULL;
-    apr_pool_t *p2;
-    apr_thread_t *t;
-    apr_status_t trv;
-    late_writer_t w;
+    writers_t w;
 
-    ck_assert_int_eq(mso_db_pragma(db, pool, "PRAGMA journal_mode = WAL", &mode, &err),
-                     APR_SUCCESS);
     memset(&w, 0, sizeof(w));
-    apr_pool_create(&p2, NULL);
-    w.db = connect_db(BACKEND_SQLITE, p2);
-    ck_assert_int_eq(apr_thread_create(&t, NULL, autocommit_writer, &w, pool), APR_SUCCESS);
-    ck_assert_int_eq(mso_db_tx(db, pool, NULL, hold_four_seconds, &w, &err), APR_SUCCESS);
-    apr_thread_join(&trv, t);
+    w.autocommit = 1;
+    two_writers(db, &w, hold_four_seconds);
     ck_assert_msg(w.rv == APR_SUCCESS, "the write failed after %ld ms: %s",
                   (long)(w.waited / 1000), w.err ? w.err : "");
     /* It did wait for the holder's commit. */
@@ -538,7 +522,6 @@ START_TEST(sqlite_autocommit_write_waits_for_the_lock)
                   (long)(w.waited / 1000));
     ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 2);
     free((void *)w.err);
-    apr_pool_destroy(p2);
 }
 END_TEST
 
