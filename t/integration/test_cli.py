@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD, IS_ROOT, RUN_USER, pg_reset, sim_call
+from conftest import BUILD, IS_ROOT, RUN_USER, pg_reset, sim_call, token_leaks
 from test_job import ADMIN, connect, get_json, graph_me, wait_for
 from test_signin import ADELE, MEGAN, SECRET, Setup
 
@@ -56,7 +56,7 @@ class Ctl:
         if ok is not None:
             assert (r.returncode == 0) == ok, f"{cmd}: {r.returncode}\n{out}"
         # never a secret, a token or a key
-        assert SECRET not in out and "EwA" not in out and "0.AX" not in out
+        assert not token_leaks(out, SECRET)
         for t in self.s.rows("SELECT sealed FROM msoauth_tokens", "sealed"):
             assert t["sealed"] not in out
         return r
