@@ -95,9 +95,10 @@ APLOG_USE_MODULE(msoauth);
  * download never pauses a delta page; at most MSO_SYNC_DOWNLOADS (8) are in
  * flight per lane. Bodies in flight stay below GRAPH_DOWNLOAD_BUDGET + C;
  * completed ones wait in a batch of less than 8 MiB + C (lib/mso_sync_attach.c)
- * stored in one transaction, during which the database driver copies one of
- * them at a time (C). Per lane 40 MiB + 3 C on top of the pages' bound above
- * (70 MiB with the default 10 MiB; 490 MiB at 150 MiB), whatever the
+ * stored in one transaction on the lane's writer thread while the next batch
+ * fills (two batches), during which the database driver copies one of them
+ * at a time (C). Per lane 48 MiB + 4 C on top of the pages' bound above
+ * (88 MiB with the default 10 MiB; 648 MiB at 150 MiB), whatever the
  * mailboxes hold. Larger attachments are never downloaded by the job. */
 #define GRAPH_DOWNLOAD_BUDGET (32 * 1024 * 1024)
 #define GRAPH_TIMEOUT (10 * 60 * 1000)

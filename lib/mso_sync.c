@@ -310,13 +310,13 @@ static void box_release(mso_box_t *b)
                 wait *= 2;
             }
             d.sync_retry_at = now + (wait < MAILBOX_WAIT_MAX ? wait : MAILBOX_WAIT_MAX);
-            mso_account_mailbox_reason(b->pass->db, b->pool, b->id, b->mailbox_reason,
+            mso_account_mailbox_reason(mso_sync_db(b->pass), b->pool, b->id, b->mailbox_reason,
                                        b->error, now);
         }
         if (b->company_reason) {
             /* Every mailbox of the company waits for a new token (the claim
              * takes none while the token is refused), and only for it. */
-            mso_apptoken_refused(b->pass->db, b->pool, b->id, b->company_reason, b->error,
+            mso_apptoken_refused(mso_sync_db(b->pass), b->pool, b->id, b->company_reason, b->error,
                                  now + COMPANY_WAIT, now);
             d.sync_retry_at = 0;
             d.sync_error_runs = w->sync_error_runs;
@@ -339,9 +339,9 @@ static void box_release(mso_box_t *b)
              && (!strcmp(w->acct->reason, "mailbox_not_found")
                  || !strcmp(w->acct->reason, "access_denied_by_policy"))) {
         /* Reachable again. */
-        mso_account_mailbox_reason(b->pass->db, b->pool, b->id, NULL, NULL, now);
+        mso_account_mailbox_reason(mso_sync_db(b->pass), b->pool, b->id, NULL, NULL, now);
     }
-    mso_mirror_release(b->pass->db, b->pool, b->id, b->pass->owner, &d, now);
+    mso_mirror_release(mso_sync_db(b->pass), b->pool, b->id, b->pass->owner, &d, now);
 }
 
 static mso_box_t *box_setup(mso_pass_t *pass, mso_sync_box_t *in)
@@ -385,7 +385,8 @@ apr_status_t mso_sync_run(mso_db_t *db, apr_pool_t *p, const char *owner,
     }
     apr_pool_create(&pp, p);
     pass.pool = pp;
-    pass.db = db;
+    pass.db_ = db;
+    pass.writer = NULL;
     pass.owner = owner;
     pass.m = m;
     pass.slice_end = slice_end;
@@ -404,6 +405,7 @@ apr_status_t mso_sync_run(mso_db_t *db, apr_pool_t *p, const char *owner,
         /* Work read but not reached stays queued as it is. */
         box_release(rts[i]);
     }
+    mso_sync_writer_stop(&pass);
     apr_pool_destroy(pp);
     return APR_SUCCESS;
 }

@@ -44,7 +44,7 @@ static void act_finish(mso_box_t *b, act_rt_t *ar, apr_status_t rv)
 
 static void act_fail(mso_box_t *b, act_rt_t *ar, const char *reason, const char *text)
 {
-    apr_status_t rv = mso_mirror_action_failed(b->pass->db, b->pool, b->pass->owner, ar->a,
+    apr_status_t rv = mso_mirror_action_failed(mso_sync_db(b->pass), b->pool, b->pass->owner, ar->a,
                                                reason, text, mso_sync_now());
 
     if (rv == APR_SUCCESS) {
@@ -59,7 +59,7 @@ static void act_fail(mso_box_t *b, act_rt_t *ar, const char *reason, const char 
 
 static void act_wait(mso_box_t *b, act_rt_t *ar, const char *text, int maybe_applied)
 {
-    mso_mirror_action_later(b->pass->db, b->pool, b->pass->owner, ar->a, text,
+    mso_mirror_action_later(mso_sync_db(b->pass), b->pool, b->pass->owner, ar->a, text,
                             maybe_applied, mso_sync_now());
     if (maybe_applied && !ar->a->sent_at) {
         ar->a->sent_at = mso_sync_now();
@@ -80,8 +80,8 @@ static void act_done(mso_box_t *b, act_rt_t *ar)
         folder = ar->dest;
         removed = !mso_sync_in_folders(b, folder);
     }
-    rv = mso_mirror_action_done(b->pass->db, b->pool, b->pass->owner, ar->a, folder, removed,
-                                mso_sync_now());
+    rv = mso_mirror_action_done(mso_sync_db(b->pass), b->pool, b->pass->owner, ar->a, folder,
+                                removed, mso_sync_now());
     if (rv == APR_SUCCESS) {
         b->pass->st->actions_done++;
     }
@@ -163,7 +163,8 @@ static void act_write(mso_box_t *b, act_rt_t *ar)
     apr_status_t rv;
     mso_req_t *rq;
 
-    rv = mso_mirror_action_sending(b->pass->db, b->pool, b->pass->owner, ar->a, mso_sync_now());
+    rv = mso_mirror_action_sending(mso_sync_db(b->pass), b->pool, b->pass->owner, ar->a,
+                                   mso_sync_now());
     if (rv != APR_SUCCESS) {
         if (rv == APR_EBUSY) {
             act_finish(b, ar, rv);
@@ -312,7 +313,7 @@ static void acts_setup(mso_box_t *b)
     q->seen = apr_hash_make(b->pool);
     b->kind[MSO_KIND_ACTIONS] = q;
     if (b->in->work->queued_actions <= 0
-        || mso_mirror_actions(b->pass->db, b->pool, b->id, MSO_SYNC_ACTIONS, &rows)
+        || mso_mirror_actions(mso_sync_db(b->pass), b->pool, b->id, MSO_SYNC_ACTIONS, &rows)
            != APR_SUCCESS) {
         return;
     }

@@ -12,7 +12,9 @@
  * budget (never pausing a delta page), at most MSO_SYNC_DOWNLOADS of them in
  * flight per pass. Completed ones wait in a batch of at most STORE_BATCH
  * bytes (plus the one that filled it), stored in one transaction and freed:
- * a commit per attachment would cost PostgreSQL more than the writes. The
+ * a commit per attachment would cost PostgreSQL more than the writes. A full
+ * batch is written on the pass's writer thread (mso_sync_writer.c) while the
+ * next one downloads, so two batches may be held at once. The
  * work is read at the start of a pass and again when it runs out after new
  * pages or lists were stored. */
 #include <string.h>
@@ -85,8 +87,10 @@ static int att_read(mso_box_t *b, att_t *t)
     t->lists = apr_array_make(b->pool, 8, sizeof(list_rt_t *));
     t->items = apr_array_make(b->pool, 8, sizeof(mso_attach_item_t *));
     t->next_list = t->next_item = 0;
-    if (mso_attach_due_messages(b->pass->db, b->pool, b->id, READ_LISTS, &ms) != APR_SUCCESS
-        || mso_attach_pending(b->pass->db, b->pool, b->id, READ_ITEMS, &its) != APR_SUCCESS) {
+    if (mso_attach_due_messages(mso_sync_db(b->pass), b->pool, b->id, READ_LISTS, &ms)
+            != APR_SUCCESS
+        || mso_attach_pending(mso_sync_db(b->pass), b->pool, b->id, READ_ITEMS, &its)
+            != APR_SUCCESS) {
         return 0;
     }
     for (i = 0; i < ms->nelts; i++) {
@@ -141,7 +145,7 @@ static void list_start(mso_box_t *b, list_rt_t *lr)
     if (!mso_graph_id_ok(lr->m->graph_id)) {
         int gave_up = 0;
 
-        mso_attach_list_failed(b->pass->db, b->pool, b->pass->owner, b->id, lr->m, 1,
+        mso_attach_list_failed(mso_sync_db(b->pass), b->pool, b->pass->owner, b->id, lr->m, 1,
                                &gave_up);
         return;
     }
@@ -156,7 +160,7 @@ static void list_give_up(mso_box_t *b, list_rt_t *lr, int at_once, const char *w
 {
     int gave_up = 0;
 
-    if (mso_attach_list_failed(b->pass->db, b->pool, b->pass->owner, b->id, lr->m, at_once,
+    if (mso_attach_list_failed(mso_sync_db(b->pass), b->pool, b->pass->owner, b->id, lr->m, at_once,
                                &gave_up) == APR_EBUSY) {
         b->lost = b->stop = 1;
     }
@@ -173,8 +177,8 @@ static void list_store(mso_box_t *b, list_rt_t *lr, mso_req_t *rq)
     int stale = 0;
     apr_status_t rv;
 
-    rv = mso_attach_store_list(b->pass->db, rq->pool, b->pass->owner, b->id, lr->m, lr->atts,
-                               b->in->attach_max_bytes, mso_sync_now(), &stale, &err);
+    rv = mso_attach_store_list(mso_sync_db(b->pass), rq->pool, b->pass->owner, b->id, lr->m,
+                               lr->atts, b->in->attach_max_bytes, mso_sync_now(), &stale, &err);
     if (rv == APR_EBUSY) {
         b->lost = b->stop = 1;
     }
@@ -256,53 +260,92 @@ static void list_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
 static void item_state(mso_box_t *b, mso_attach_item_t *it, const char *state,
                        const char *error)
 {
-    if (mso_attach_set_state(b->pass->db, b->pool, b->pass->owner, b->id, it->graph_id,
+    if (mso_attach_set_state(mso_sync_db(b->pass), b->pool, b->pass->owner, b->id, it->graph_id,
                              it->attachment_id, state, error, mso_sync_now()) == APR_EBUSY) {
         b->lost = b->stop = 1;
     }
 }
 
-/* Stores the batch in one transaction and frees it. */
-static void att_flush(mso_box_t *b, att_t *t)
-{
+/* A batch on its way to the database: its contents, and the pools that
+ * hold their bytes until it is written. */
+typedef struct {
+    mso_box_t *b;                   /* the pass's thread's: written only */
+    const char *owner;
+    apr_int64_t id;
+    apr_pool_t *pool;               /* this, c and pools */
     mso_attach_content_t *c;
-    apr_pool_t *tmp;
-    const char *err = NULL;
-    apr_status_t rv;
-    int i, n = t->batch->nelts;
+    apr_pool_t **pools;
+    int n;
+    apr_int64_t now;
+} flush_t;
 
-    if (!n) {
-        return;
-    }
-    apr_pool_create(&tmp, b->pool);
-    c = apr_pcalloc(tmp, sizeof(*c) * n);
-    for (i = 0; i < n; i++) {
-        fetched_t *f = &APR_ARRAY_IDX(t->batch, i, fetched_t);
+static apr_status_t flush_write(mso_db_t *db, apr_pool_t *p, void *baton, const char **err)
+{
+    flush_t *f = baton;
 
-        c[i].graph_id = f->it->graph_id;
-        c[i].attachment_id = f->it->attachment_id;
-        c[i].last_modified = f->it->last_modified;
-        c[i].data = f->data;
-        c[i].len = f->len;
-    }
-    rv = b->lost ? APR_EBUSY : mso_attach_store_contents(b->pass->db, tmp, b->pass->owner,
-                                                         b->id, c, n, mso_sync_now(), &err);
+    return mso_attach_store_contents(db, p, f->owner, f->id, f->c, f->n, f->now, err);
+}
+
+static void flush_written(void *baton, apr_status_t rv, const char *err)
+{
+    flush_t *f = baton;
+    mso_box_t *b = f->b;
+    int i;
+
     if (rv == APR_EBUSY) {
         b->lost = b->stop = 1;
     }
     else if (rv != APR_SUCCESS) {
         mso_sync_error(b, err ? err : "cannot store attachments");
     }
-    for (i = 0; i < n; i++) {
-        if (rv == APR_SUCCESS && c[i].stored) {
+    for (i = 0; i < f->n; i++) {
+        if (rv == APR_SUCCESS && f->c[i].stored) {
             b->pass->st->attach_stored++;
-            b->pass->st->attach_bytes += (apr_int64_t)c[i].len;
+            b->pass->st->attach_bytes += (apr_int64_t)f->c[i].len;
         }
-        apr_pool_destroy(APR_ARRAY_IDX(t->batch, i, fetched_t).pool);
+        apr_pool_destroy(f->pools[i]);
     }
-    apr_pool_destroy(tmp);
+    apr_pool_destroy(f->pool);
+}
+
+/* Stores the batch in one transaction, on the pass's writer thread while
+ * the next downloads go on; its bytes are freed once written. */
+static void att_flush(mso_box_t *b, att_t *t)
+{
+    apr_pool_t *fp;
+    flush_t *f;
+    int i, n = t->batch->nelts;
+
+    if (!n) {
+        return;
+    }
+    apr_pool_create(&fp, b->pool);
+    f = apr_pcalloc(fp, sizeof(*f));
+    f->b = b;
+    f->owner = b->pass->owner;
+    f->id = b->id;
+    f->pool = fp;
+    f->n = n;
+    f->now = mso_sync_now();
+    f->c = apr_pcalloc(fp, sizeof(*f->c) * n);
+    f->pools = apr_pcalloc(fp, sizeof(*f->pools) * n);
+    for (i = 0; i < n; i++) {
+        fetched_t *g = &APR_ARRAY_IDX(t->batch, i, fetched_t);
+
+        f->c[i].graph_id = g->it->graph_id;
+        f->c[i].attachment_id = g->it->attachment_id;
+        f->c[i].last_modified = g->it->last_modified;
+        f->c[i].data = g->data;
+        f->c[i].len = g->len;
+        f->pools[i] = g->pool;
+    }
     apr_array_clear(t->batch);
     t->batch_bytes = 0;
+    if (b->lost) {
+        flush_written(f, APR_EBUSY, NULL);
+        return;
+    }
+    mso_sync_write(b->pass, flush_write, flush_written, f);
 }
 
 /* A content in: stored with others once the batch is full, or when nothing
@@ -436,8 +479,9 @@ static void content_done(void *baton, apr_status_t rv, mso_http_response_t *resp
         item_state(b, it, "failed", mso_graph_result_text(rq->pool, &g));
         break;
     default:
-        if (mso_attach_fetch_failed(b->pass->db, b->pool, b->pass->owner, b->id, it->graph_id,
-                                    it->attachment_id, mso_graph_result_text(rq->pool, &g),
+        if (mso_attach_fetch_failed(mso_sync_db(b->pass), b->pool, b->pass->owner, b->id,
+                                    it->graph_id, it->attachment_id,
+                                    mso_graph_result_text(rq->pool, &g),
                                     mso_sync_now(), &gave_up) == APR_EBUSY) {
             b->lost = b->stop = 1;
             break;
@@ -508,12 +552,14 @@ static int att_pump(mso_box_t *b)
     return started;
 }
 
-/* Whatever still waits is stored before the lease goes. */
+/* Whatever still waits is stored before the lease goes, and its outcome
+ * (a lost lease, an error) is the mailbox's before its schedule is made. */
 static void att_release(mso_box_t *b, mso_work_done_t *d, apr_int64_t now)
 {
     (void)d;
     (void)now;
     att_flush(b, b->kind[MSO_KIND_ATTACH]);
+    mso_sync_settle(b->pass);
 }
 
 const mso_sync_kind_t mso_sync_attach = {"attachments", att_setup, att_pump, att_release};

@@ -104,7 +104,7 @@ static void folder_fetch(mso_box_t *b, folder_rt_t *fr)
          * since): a full round, newest first. */
         url = mso_graph_delta_url(b->pool, b->in->mailbox_url, f->folder);
         if (f->next_link || f->delta_link) {
-            if (mso_mirror_restart_folder(b->pass->db, b->pool, b->pass->owner, b->id, f,
+            if (mso_mirror_restart_folder(mso_sync_db(b->pass), b->pool, b->pass->owner, b->id, f,
                                           url, mso_sync_now()) != APR_SUCCESS) {
                 fr->finished = 1;
                 mso_sync_error(b, "cannot restart a folder's sync in the database");
@@ -138,7 +138,7 @@ static void page_store(mso_box_t *b, folder_rt_t *fr, mso_req_t *rq,
                                  "token would go with it)", NULL));
         return;
     }
-    rv = mso_mirror_apply_page(b->pass->db, rq->pool, b->pass->owner, b->id, fr->f, page,
+    rv = mso_mirror_apply_page(mso_sync_db(b->pass), rq->pool, b->pass->owner, b->id, fr->f, page,
                                mso_sync_now(), &applied, &err);
     if (rv == APR_EBUSY) {
         fr->finished = 1;
@@ -277,7 +277,7 @@ static void page_done(void *baton, apr_status_t rv, mso_http_response_t *resp)
                        "mod_msoauth: account %" APR_INT64_T_FMT ": folder %s starts a full "
                        "sync again (%s)", b->id, fr->f->folder,
                        mso_graph_result_text(rq->pool, &g));
-        if (mso_mirror_restart_folder(b->pass->db, b->pool, b->pass->owner, b->id, fr->f,
+        if (mso_mirror_restart_folder(mso_sync_db(b->pass), b->pool, b->pass->owner, b->id, fr->f,
                                       g.location && mso_graph_link_ok(b->in->graph_root,
                                                                       g.location)
                                       ? apr_pstrdup(b->pool, g.location)
@@ -329,7 +329,8 @@ static void folders_setup(mso_box_t *b)
     if (!b->sync_due) {
         return;
     }
-    if (mso_mirror_folders(b->pass->db, b->pool, b->id, b->in->folders, &rows) != APR_SUCCESS) {
+    if (mso_mirror_folders(mso_sync_db(b->pass), b->pool, b->id, b->in->folders, &rows)
+        != APR_SUCCESS) {
         mso_sync_error(b, "cannot read the folders' sync state from the database");
         return;
     }

@@ -12,9 +12,12 @@
 #include "mso_http.h"
 #include "mso_sync.h"
 
+typedef struct mso_sync_writer_t mso_sync_writer_t;
+
 typedef struct {
     apr_pool_t *pool;
-    mso_db_t *db;
+    mso_db_t *db_;                  /* only through mso_sync_db() */
+    mso_sync_writer_t *writer;      /* NULL until the first mso_sync_write */
     const char *owner;
     mso_http_multi_t *m;
     apr_time_t slice_end;
@@ -122,5 +125,29 @@ void mso_sync_answered(mso_req_t *rq);
 /* Last thing in a done callback: the request's pool goes, and the mailbox
  * is offered room again. */
 void mso_sync_finished(mso_req_t *rq);
+
+/* ---- the pass's writer thread (mso_sync_writer.c) ------------------------ */
+
+/* A write to run beside the pass: err and whatever it allocates in p
+ * (cleared before the next write). */
+typedef apr_status_t mso_sync_write_fn(mso_db_t *db, apr_pool_t *p, void *baton,
+                                       const char **err);
+/* Its result, back on the pass's thread; err goes with the next write. */
+typedef void mso_sync_written_fn(void *baton, apr_status_t rv, const char *err);
+
+/* The pass's connection, once no write is in flight (whose written runs
+ * first). Every use of the database in a pass goes through it. */
+mso_db_t *mso_sync_db(mso_pass_t *pass);
+/* Runs write on the pass's writer thread and returns; written runs later on
+ * the pass's thread, at the next mso_sync_db, mso_sync_write or
+ * mso_sync_settle. One write at a time: this waits for the one before. The
+ * caller leaves baton and what it points to alone until written. Without a
+ * thread (no threads, an allocator without a mutex) both run here now. */
+void mso_sync_write(mso_pass_t *pass, mso_sync_write_fn *write, mso_sync_written_fn *written,
+                    void *baton);
+/* Waits for the write in flight, if any, and runs its written. */
+void mso_sync_settle(mso_pass_t *pass);
+/* Settles and ends the writer thread: the end of the pass. */
+void mso_sync_writer_stop(mso_pass_t *pass);
 
 #endif

@@ -327,7 +327,7 @@ static apr_status_t flush(mso_box_t *b, int drop)
         APR_ARRAY_IDX(sh->pending, n, pend_t) = *pe;
         n++;
     }
-    rv = mso_outbox_commit(b->pass->db, tmp, b->pass->owner, w, n, now);
+    rv = mso_outbox_commit(mso_sync_db(b->pass), tmp, b->pass->owner, w, n, now);
     for (i = 0; i < n; i++) {
         pend_t *pe = &APR_ARRAY_IDX(sh->pending, i, pend_t);
         sr_t *sr = pe->sr;
@@ -648,7 +648,7 @@ static int sr_create(mso_box_t *b, sr_t *sr)
         return 0;
     }
     rq = mso_sync_req(b, sr, S_CREATE);
-    if (mso_outbox_body(b->pass->db, rq->pool, o->id, &body) != APR_SUCCESS) {
+    if (mso_outbox_body(mso_sync_db(b->pass), rq->pool, o->id, &body) != APR_SUCCESS) {
         goto not_now;
     }
     memset(&m, 0, sizeof(m));
@@ -726,7 +726,7 @@ static int sr_put(mso_box_t *b, sr_t *sr)
         upload_keep(at->id, NULL, 0);   /* the last one: its outcome decides, not a resume */
     }
     rq = mso_sync_req(b, sr, S_ATT_PUT);
-    if (mso_outbox_att_bytes(b->pass->db, rq->pool, at->id, sr->upload_off, n, &data, &got)
+    if (mso_outbox_att_bytes(mso_sync_db(b->pass), rq->pool, at->id, sr->upload_off, n, &data, &got)
         != APR_SUCCESS || (apr_int64_t)got != n) {
         apr_pool_destroy(rq->pool);
         budget_give(b, sr, 0);
@@ -771,7 +771,7 @@ static int sr_attach(mso_box_t *b, sr_t *sr, mso_outbox_att_t *at)
 
         /* The raw bytes only while they are encoded. */
         apr_pool_create(&raw, rq->pool);
-        rv = mso_outbox_att_bytes(b->pass->db, raw, at->id, 0, at->size, &data, &got);
+        rv = mso_outbox_att_bytes(mso_sync_db(b->pass), raw, at->id, 0, at->size, &data, &got);
         if (rv == APR_SUCCESS && (apr_int64_t)got == at->size) {
             rv = mso_graph_attachment_post(rq->pool, b->in->mailbox_url, o->draft_id, at->name,
                                            at->content_type, at->is_inline, at->content_id,
@@ -1445,8 +1445,8 @@ static void outbox_setup(mso_box_t *b)
     q->seen = apr_hash_make(b->pool);
     b->kind[MSO_KIND_SEND] = q;
     if (b->in->work->queued_sends <= 0
-        || mso_outbox_queue(b->pass->db, b->pool, b->id, mso_sync_now(), MSO_SYNC_SENDS, &rows)
-           != APR_SUCCESS) {
+        || mso_outbox_queue(mso_sync_db(b->pass), b->pool, b->id, mso_sync_now(), MSO_SYNC_SENDS,
+                            &rows) != APR_SUCCESS) {
         return;
     }
     for (i = 0; i < rows->nelts; i++) {
