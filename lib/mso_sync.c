@@ -251,9 +251,11 @@ static void box_release(mso_box_t *b)
 {
     mso_work_t *w = b->in->work;
     mso_work_done_t d;
-    apr_int64_t now = mso_sync_now();
+    apr_int64_t now;
     int k;
 
+    mso_sync_settle(b->pass);       /* a write in flight may find the lease gone */
+    now = mso_sync_now();
     if (b->lost) {
         return;                     /* another node holds it now */
     }
