@@ -121,13 +121,21 @@ static mso_db_t *probe_db(int backend, apr_pool_t *p)
     return db;
 }
 
+/* A probe database on a connection a writer thread may use, and a pass on it. */
+static mso_db_t *threaded_pass(int backend, mso_pass_t *pass)
+{
+    mso_db_t *db = probe_db(backend, threaded_pool());
+
+    pass_on(pass, db, pool);
+    return db;
+}
+
 START_TEST(a_write_runs_beside_the_caller)
 {
-    mso_db_t *db = probe_db(_i, threaded_pool());
     mso_pass_t pass;
+    mso_db_t *db = threaded_pass(_i, &pass);
     probe_t *x = probe(pool, 1);
 
-    pass_on(&pass, db, pool);
     x->wait_for_go = 1;
     mso_sync_write(&pass, probe_write, probe_written, x);
     /* Back here while the write still waits for us: it runs elsewhere. */
@@ -146,11 +154,10 @@ END_TEST
 
 START_TEST(the_connection_waits_for_the_write)
 {
-    mso_db_t *db = probe_db(_i, threaded_pool());
     mso_pass_t pass;
+    mso_db_t *db = threaded_pass(_i, &pass);
     probe_t *x = probe(pool, 2), *y = probe(pool, 3);
 
-    pass_on(&pass, db, pool);
     mso_sync_write(&pass, probe_write, probe_written, x);
     /* The connection comes back only after the write and its written. */
     ck_assert_ptr_eq(mso_sync_db(&pass), db);
@@ -170,11 +177,10 @@ END_TEST
 
 START_TEST(a_failed_write_says_why)
 {
-    mso_db_t *db = probe_db(_i, threaded_pool());
     mso_pass_t pass;
+    mso_db_t *db = threaded_pass(_i, &pass);
     probe_t *x = probe(pool, 4);
 
-    pass_on(&pass, db, pool);
     x->fail = 1;
     mso_sync_write(&pass, probe_write, probe_written, x);
     mso_sync_writer_stop(&pass);
