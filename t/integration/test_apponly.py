@@ -90,6 +90,9 @@ def api(e, path, method="GET", body=None, headers=None):
 
 
 def app_accounts(e, company_name="helpdesk", n=2):
+    # httpd answers on its port before its children have created the tables
+    e.s.wait_schema()
+
     def ready():
         rows = e.rows(f"SELECT id, mailbox, kind, state FROM msoauth_accounts WHERE company = "
                       f"'{company_name}' ORDER BY mailbox", "id, mailbox, kind, state")

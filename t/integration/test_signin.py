@@ -118,7 +118,7 @@ MSOAuthGraphURL {simulator.url}
         return [dict(zip(names, l)) for l in lines]
 
     def wait_schema(self):
-        end = time.time() + 10
+        end = time.time() + 20
         while time.time() < end:
             try:
                 self.accounts()
