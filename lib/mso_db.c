@@ -205,8 +205,15 @@ static const char *driver_error(mso_db_t *db, apr_pool_t *p, int rc)
 }
 
 /* What an administrator should look at when a statement fails. */
-static const char *hint(const mso_db_t *db, int write)
+static const char *hint(const mso_db_t *db, int rc, int write)
 {
+    if (db->kind == MSO_DB_SQLITE && rc == SQLITE_BUSY_RC) {
+        /* Not a permission problem: someone else had the lock all along. */
+        return "another connection to the same file kept its write lock for longer than "
+               "mod_msoauth waits (10 s), so nothing of this was stored: look for a long "
+               "transaction by another program (a large DELETE, a backup, an open sqlite3 "
+               "shell)";
+    }
     if (write) {
         return db->kind == MSO_DB_SQLITE
             ? "check that the httpd user can write the database file and its directory"
@@ -224,7 +231,7 @@ static const char *sentence(mso_db_t *db, apr_pool_t *p, int rc, const char *wha
 {
     return apr_psprintf(p, "cannot %s%s%s in %s: %s; %s", what, about ? " " : "",
                         about ? about : "", mso_db_name(db), driver_error(db, p, rc),
-                        hint(db, write));
+                        hint(db, rc, write));
 }
 
 /* A statement without values: transaction control, DDL. */

@@ -525,6 +525,46 @@ START_TEST(sqlite_autocommit_write_waits_for_the_lock)
 }
 END_TEST
 
+/* The holder keeps the lock past the 10 s a writer waits (and the driver's
+ * own retries of the last try, about 3 s more): the write fails, and its
+ * sentence says who held the lock instead of blaming permissions. */
+static apr_status_t hold_fifteen_seconds(mso_tx_t *tx, void *baton)
+{
+    writers_t *w = baton;
+    mso_args_t *a = mso_tx_args(tx, &ST_PUT);
+    apr_status_t rv;
+
+    mso_arg_int(a, "id", 1);
+    mso_arg_text(a, "name", "holder");
+    mso_arg_int(a, "n", 1);
+    if (!MSO_OK(mso_tx_exec(tx, a, NULL))) {
+        return rv;
+    }
+    __atomic_store_n(&w->held, 1, __ATOMIC_SEQ_CST);
+    apr_sleep(apr_time_from_sec(15));
+    return APR_SUCCESS;
+}
+
+START_TEST(sqlite_lock_held_too_long_is_named)
+{
+    mso_db_t *db = test_db(BACKEND_SQLITE);
+    writers_t w;
+
+    memset(&w, 0, sizeof(w));
+    w.autocommit = 1;
+    two_writers(db, &w, hold_fifteen_seconds);
+    ck_assert_msg(w.rv != APR_SUCCESS, "the write went through after %ld ms",
+                  (long)(w.waited / 1000));
+    ck_assert_msg(w.waited > apr_time_from_msec(9500), "it gave up after %ld ms",
+                  (long)(w.waited / 1000));
+    ck_assert_ptr_nonnull(w.err);
+    ck_assert_msg(strstr(w.err, "kept its write lock") && strstr(w.err, "nothing of this")
+                  && !strstr(w.err, "can write the database file"), "%s", w.err);
+    ck_assert_int_eq(num(db, "SELECT COUNT(*) FROM msoauth_test"), 1);
+    free((void *)w.err);
+}
+END_TEST
+
 /* Another process begins a transaction right after each commit, holding
  * the lock 20 ms each time, for 8 s: a writer here still gets its turn
  * well inside its 10 s wait (SQLite has no queue; the other run of
@@ -1005,6 +1045,7 @@ static void add_tests(TCase *tc, int backend)
         tcase_add_test(tc, sqlite_lazy_tx_needs_wal);
         tcase_add_test(tc, sqlite_writers_in_one_process);
         tcase_add_test(tc, sqlite_autocommit_write_waits_for_the_lock);
+        tcase_add_test(tc, sqlite_lock_held_too_long_is_named);
         tcase_add_test(tc, sqlite_back_to_back_writer_lets_others_in);
     }
     else {
