@@ -379,6 +379,7 @@ typedef struct {
     volatile int held;              /* the first writer holds the write lock */
     apr_interval_time_t second_put; /* how long its next statement took */
     int autocommit;                 /* the waiting writer runs one statement alone */
+    int hold_s;                     /* hold_lock: seconds the lock is held */
     apr_interval_time_t waited;     /* how long the waiting writer took */
     apr_status_t rv;                /* the waiting writer's outcome */
     const char *err;
@@ -485,12 +486,8 @@ START_TEST(sqlite_writers_in_one_process)
 }
 END_TEST
 
-/* A write outside a transaction while another connection holds the write
- * lock longer than the driver's own retries last (about 3 s): it waits, as
- * a transaction's BEGIN IMMEDIATE does, instead of failing with "database
- * is locked" (the job's health row was lost so during an attachment
- * benchmark). */
-static apr_status_t hold_four_seconds(mso_tx_t *tx, void *baton)
+/* Puts row 1, then keeps the write lock w->hold_s seconds. */
+static apr_status_t hold_lock(mso_tx_t *tx, void *baton)
 {
     writers_t *w = baton;
     mso_args_t *a = mso_tx_args(tx, &ST_PUT);
@@ -503,10 +500,15 @@ static apr_status_t hold_four_seconds(mso_tx_t *tx, void *baton)
         return rv;
     }
     __atomic_store_n(&w->held, 1, __ATOMIC_SEQ_CST);
-    apr_sleep(apr_time_from_sec(4));
+    apr_sleep(apr_time_from_sec(w->hold_s));
     return APR_SUCCESS;
 }
 
+/* A write outside a transaction while another connection holds the write
+ * lock longer than the driver's own retries last (about 3 s): it waits, as
+ * a transaction's BEGIN IMMEDIATE does, instead of failing with "database
+ * is locked" (the job's health row was lost so during an attachment
+ * benchmark). */
 START_TEST(sqlite_autocommit_write_waits_for_the_lock)
 {
     mso_db_t *db = test_db(BACKEND_SQLITE);
@@ -514,7 +516,8 @@ START_TEST(sqlite_autocommit_write_waits_for_the_lock)
 
     memset(&w, 0, sizeof(w));
     w.autocommit = 1;
-    two_writers(db, &w, hold_four_seconds);
+    w.hold_s = 4;
+    two_writers(db, &w, hold_lock);
     ck_assert_msg(w.rv == APR_SUCCESS, "the write failed after %ld ms: %s",
                   (long)(w.waited / 1000), w.err ? w.err : "");
     /* It did wait for the holder's commit. */
@@ -528,23 +531,6 @@ END_TEST
 /* The holder keeps the lock past the 10 s a writer waits (and the driver's
  * own retries of the last try, about 3 s more): the write fails, and its
  * sentence says who held the lock instead of blaming permissions. */
-static apr_status_t hold_fifteen_seconds(mso_tx_t *tx, void *baton)
-{
-    writers_t *w = baton;
-    mso_args_t *a = mso_tx_args(tx, &ST_PUT);
-    apr_status_t rv;
-
-    mso_arg_int(a, "id", 1);
-    mso_arg_text(a, "name", "holder");
-    mso_arg_int(a, "n", 1);
-    if (!MSO_OK(mso_tx_exec(tx, a, NULL))) {
-        return rv;
-    }
-    __atomic_store_n(&w->held, 1, __ATOMIC_SEQ_CST);
-    apr_sleep(apr_time_from_sec(15));
-    return APR_SUCCESS;
-}
-
 START_TEST(sqlite_lock_held_too_long_is_named)
 {
     mso_db_t *db = test_db(BACKEND_SQLITE);
@@ -552,7 +538,8 @@ START_TEST(sqlite_lock_held_too_long_is_named)
 
     memset(&w, 0, sizeof(w));
     w.autocommit = 1;
-    two_writers(db, &w, hold_fifteen_seconds);
+    w.hold_s = 15;
+    two_writers(db, &w, hold_lock);
     ck_assert_msg(w.rv != APR_SUCCESS, "the write went through after %ld ms",
                   (long)(w.waited / 1000));
     ck_assert_msg(w.waited > apr_time_from_msec(9500), "it gave up after %ld ms",
