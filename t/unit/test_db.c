@@ -504,6 +504,16 @@ static apr_status_t hold_lock(mso_tx_t *tx, void *baton)
     return APR_SUCCESS;
 }
 
+/* One statement outside a transaction while another connection holds the
+ * write lock hold_s seconds; w is filled with the outcome. */
+static void write_while_held(mso_db_t *db, writers_t *w, int hold_s)
+{
+    memset(w, 0, sizeof(*w));
+    w->autocommit = 1;
+    w->hold_s = hold_s;
+    two_writers(db, w, hold_lock);
+}
+
 /* A write outside a transaction while another connection holds the write
  * lock longer than the driver's own retries last (about 3 s): it waits, as
  * a transaction's BEGIN IMMEDIATE does, instead of failing with "database
@@ -514,10 +524,7 @@ START_TEST(sqlite_autocommit_write_waits_for_the_lock)
     mso_db_t *db = test_db(BACKEND_SQLITE);
     writers_t w;
 
-    memset(&w, 0, sizeof(w));
-    w.autocommit = 1;
-    w.hold_s = 4;
-    two_writers(db, &w, hold_lock);
+    write_while_held(db, &w, 4);
     ck_assert_msg(w.rv == APR_SUCCESS, "the write failed after %ld ms: %s",
                   (long)(w.waited / 1000), w.err ? w.err : "");
     /* It did wait for the holder's commit. */
@@ -536,10 +543,7 @@ START_TEST(sqlite_lock_held_too_long_is_named)
     mso_db_t *db = test_db(BACKEND_SQLITE);
     writers_t w;
 
-    memset(&w, 0, sizeof(w));
-    w.autocommit = 1;
-    w.hold_s = 15;
-    two_writers(db, &w, hold_lock);
+    write_while_held(db, &w, 15);
     ck_assert_msg(w.rv != APR_SUCCESS, "the write went through after %ld ms",
                   (long)(w.waited / 1000));
     ck_assert_msg(w.waited > apr_time_from_msec(9500), "it gave up after %ld ms",
