@@ -62,6 +62,7 @@
 #include <apr_hash.h>
 #include <apr_lib.h>
 #include <apr_buckets.h>
+#include <apr_general.h>
 #include <apr_strings.h>
 
 #include "mso_db.h"
@@ -77,7 +78,8 @@
  * 100 ms and tries again (16 times); BEGIN IMMEDIATE, and a statement
  * outside a transaction, go on up to SQLITE_WRITE_WAIT. */
 #define SQLITE_BUSY_MS "100"
-#define SQLITE_WRITE_WAIT apr_time_from_sec(10)
+#define SQLITE_WRITE_WAIT_S 10
+#define SQLITE_WRITE_WAIT apr_time_from_sec(SQLITE_WRITE_WAIT_S)
 
 /* SQLite gives its write lock to whichever writer asks at the right moment;
  * there is no queue. A connection that begins a transaction right after
@@ -210,9 +212,9 @@ static const char *hint(const mso_db_t *db, int rc, int write)
     if (db->kind == MSO_DB_SQLITE && rc == SQLITE_BUSY_RC) {
         /* Not a permission problem: someone else had the lock all along. */
         return "another connection to the same file kept its write lock for longer than "
-               "mod_msoauth waits (10 s), so nothing of this was stored: look for a long "
-               "transaction by another program (a large DELETE, a backup, an open sqlite3 "
-               "shell)";
+               "mod_msoauth waits (" APR_STRINGIFY(SQLITE_WRITE_WAIT_S) " s), so nothing of "
+               "this was stored: look for a long transaction by another program (a large "
+               "DELETE, a backup, an open sqlite3 shell)";
     }
     if (write) {
         return db->kind == MSO_DB_SQLITE
